@@ -1,0 +1,1 @@
+"""Data sources: the synthetic click-event generator and the split rules."""

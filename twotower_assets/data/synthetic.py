@@ -1,0 +1,618 @@
+"""Deterministic synthetic click-event generator.
+
+Produces click events with the production schema of the culture-offer
+recommender (``CLICK_EVENT_SCHEMA``), with learnable structure:
+
+* users prefer 1-3 categories (Dirichlet weights) and, within each preferred
+  category, one favourite subcategory;
+* item popularity is long-tailed (Zipf-like over a random permutation);
+* item text (names, descriptions, shelf labels), authors/performers and the
+  pretrained vectors all correlate with the item category;
+* user-level features (queries, qpi subcategories, counters) are stable per
+  user and reflect the user's preferences.
+
+Everything is derived from ``spec.seed``: the user and item universes depend
+only on the seed and the universe sizes (users, items, categories,
+subcategories, pretrained dimension), never on ``days``/``end_date``/
+``num_events``.  The events of one calendar date depend only on the universe,
+that date and that day's event count (the day's draws use
+``np.random.default_rng([seed, date.toordinal()])``).
+
+Events are generated one day at a time (``generate_click_events`` yields one
+``pa.Table`` per day), so 10M events / 1M users / 200k items fit comfortably
+in a couple of GB.  Only numpy and pyarrow are used.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = [
+    "CLICK_EVENT_SCHEMA",
+    "SyntheticSpec",
+    "Universe",
+    "build_universe",
+    "category_vocabularies",
+    "event_dates",
+    "events_per_day",
+    "generate_click_events",
+    "generate_all",
+]
+
+CLICK_EVENT_SCHEMA: pa.Schema = pa.schema(
+    [
+        ("event_date", pa.date32()),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("event_hour", pa.int64()),
+        ("event_day", pa.int64()),
+        ("event_month", pa.string()),
+        ("consult_offer", pa.int64()),
+        ("booking_cnt", pa.int64()),
+        ("user_theoretical_remaining_credit", pa.float64()),
+        ("has_added_offer_to_favorites", pa.int64()),
+        ("user_queries", pa.string()),
+        ("qpi_subcategory_ids", pa.string()),
+        ("user_engagement", pa.int64()),
+        ("user_age", pa.int64()),
+        ("click_book_offer", pa.int64()),
+        ("offer_category_id", pa.string()),
+        ("offer_subcategory_id", pa.string()),
+        ("item_image_embedding", pa.string()),
+        ("item_semantic_content_hybrid_embedding", pa.string()),
+        ("item_names", pa.string()),
+        ("item_descriptions", pa.string()),
+        ("item_rayons", pa.string()),
+        ("item_author", pa.string()),
+        ("item_performer", pa.string()),
+        ("item_mean_stock_price", pa.float64()),
+        ("item_booking_cnt", pa.int64()),
+        ("item_favourite_cnt", pa.int64()),
+    ]
+)
+
+# --- generation constants -------------------------------------------------
+WORDS_PER_CATEGORY = 30
+AUTHORS_PER_CATEGORY = 40
+PERFORMERS_PER_CATEGORY = 25
+MAX_PREFERRED_CATEGORIES = 3
+PREFERENCE_CONCENTRATION = 0.5  # Dirichlet alpha over a user's preferred categories
+EXPLORATION_RATE = 0.10  # share of events on a uniformly random category
+FAVOURITE_SUBCATEGORY_RATE = 0.65  # within a preferred category, share on the favourite subcategory
+ITEM_POPULARITY_EXPONENT = 1.1
+USER_ACTIVITY_SIGMA = 1.3  # lognormal sigma of user activity weights
+NULL_AUTHOR_RATE = 0.10
+NULL_PERFORMER_RATE = 0.10
+INVALID_VECTOR_RATE = 0.01
+NULL_VECTOR_RATE = 0.01
+NULL_QPI_RATE = 0.20
+INVALID_VECTOR_VALUE = "not-a-vector"
+
+# Hour-of-day profile: quiet nights, lunch bump, evening peak.
+_HOUR_WEIGHTS = np.array(
+    [0.3, 0.2, 0.1, 0.1, 0.1, 0.2, 0.5, 1.0, 1.5, 1.8, 2.0, 2.3,
+     2.8, 2.6, 2.2, 2.2, 2.5, 3.0, 3.6, 4.0, 4.0, 3.4, 2.2, 1.0]
+)
+_HOUR_CUM = np.cumsum(_HOUR_WEIGHTS / _HOUR_WEIGHTS.sum())
+_HOUR_CUM[-1] = 1.0
+
+_CONSONANTS = list("bcdfghjklmnprstvz") + ["ch", "sh", "tr", "br", "gr"]
+_VOWELS = ["a", "e", "i", "o", "u", "ou", "ai", "y"]
+
+# Stream tags (kept far below date ordinals, which are ~7e5).
+_TAG_VOCAB = 1
+_TAG_ITEMS = 2
+_TAG_USERS = 3
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Sizes and seed of a synthetic data set.
+
+    ``end_date`` is the last day that has events; the ``days`` dates ending at
+    ``end_date`` (inclusive) each get ``num_events // days`` events, the
+    remainder going to the first days.
+    """
+
+    end_date: datetime.date
+    num_users: int = 2000
+    num_items: int = 1000
+    num_events: int = 100_000
+    days: int = 120
+    seed: int = 7
+    num_categories: int = 8
+    subcategories_per_category: int = 4
+    pretrained_dim: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.end_date, datetime.datetime):
+            object.__setattr__(self, "end_date", self.end_date.date())
+        if not isinstance(self.end_date, datetime.date):
+            raise ValueError(
+                f"end_date must be a datetime.date, got {type(self.end_date).__name__}"
+            )
+        for name in (
+            "num_users",
+            "num_items",
+            "num_events",
+            "days",
+            "num_categories",
+            "subcategories_per_category",
+            "pretrained_dim",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
+        n_sub = self.num_categories * self.subcategories_per_category
+        if self.num_items < n_sub:
+            raise ValueError(
+                "num_items must be >= num_categories * subcategories_per_category "
+                f"({self.num_categories} * {self.subcategories_per_category} = {n_sub}) "
+                f"so that every subcategory has an item, got num_items={self.num_items}"
+            )
+
+    @property
+    def num_subcategories(self) -> int:
+        return self.num_categories * self.subcategories_per_category
+
+
+# --------------------------------------------------------------------------
+# Dates
+# --------------------------------------------------------------------------
+
+
+def event_dates(spec: SyntheticSpec) -> list[datetime.date]:
+    """The ``spec.days`` dates ending at ``spec.end_date`` inclusive, ascending."""
+    return [
+        spec.end_date - datetime.timedelta(days=spec.days - 1 - i)
+        for i in range(spec.days)
+    ]
+
+
+def events_per_day(spec: SyntheticSpec) -> list[int]:
+    """Event count of each date of :func:`event_dates` (sums to num_events)."""
+    base, rem = divmod(spec.num_events, spec.days)
+    return [base + (1 if i < rem else 0) for i in range(spec.days)]
+
+
+# --------------------------------------------------------------------------
+# Universe (users and items) — depends on the seed and sizes only
+# --------------------------------------------------------------------------
+
+
+def _rng(seed: int, tag: int) -> np.random.Generator:
+    return np.random.default_rng([seed, tag])
+
+
+def category_vocabularies(spec: SyntheticSpec) -> list[list[str]]:
+    """Per-category word lists (disjoint across categories).
+
+    Depends only on ``seed`` and ``num_categories``.
+    """
+    rng = _rng(spec.seed, _TAG_VOCAB)
+    total = spec.num_categories * WORDS_PER_CATEGORY
+    seen: set[str] = set()
+    words: list[str] = []
+    while len(words) < total:
+        n_syll = int(rng.integers(2, 4))
+        cons = rng.integers(0, len(_CONSONANTS), size=n_syll)
+        vows = rng.integers(0, len(_VOWELS), size=n_syll)
+        word = "".join(_CONSONANTS[c] + _VOWELS[v] for c, v in zip(cons, vows))
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return [
+        words[c * WORDS_PER_CATEGORY : (c + 1) * WORDS_PER_CATEGORY]
+        for c in range(spec.num_categories)
+    ]
+
+
+def _prefixed_ints(prefix: str, values: np.ndarray) -> pa.Array:
+    """Vectorised ``f"{prefix}{v}"`` as an arrow string array."""
+    as_str = pc.cast(pa.array(np.asarray(values, dtype=np.int64)), pa.string())
+    return pc.binary_join_element_wise(prefix, as_str, "")
+
+
+def _join_words(vocab: pa.Array, idx: np.ndarray, n_words: np.ndarray) -> pa.Array:
+    """Join ``vocab[idx[:, j]]`` for j < n_words (per row) with spaces."""
+    cols = []
+    for j in range(idx.shape[1]):
+        col = vocab.take(pa.array(idx[:, j]))
+        if j > 0:
+            col = pc.if_else(pa.array(n_words > j), col, pa.scalar(None, pa.string()))
+        cols.append(col)
+    if len(cols) == 1:
+        return cols[0]
+    return pc.binary_join_element_wise(*cols, " ", null_handling="skip")
+
+
+def _vector_strings(values: np.ndarray) -> pa.Array:
+    """JSON list strings like ``"[0.12, -0.5, 1.0]"`` (4 decimals) per row."""
+    values = np.round(values, 4) + 0.0  # + 0.0 turns -0.0 into 0.0
+    parts = []
+    for j in range(values.shape[1]):
+        s = pc.cast(pa.array(values[:, j]), pa.string())
+        # Keep a decimal point so every element parses as a JSON float.
+        has_point = pc.match_substring(s, ".")
+        s = pc.if_else(has_point, s, pc.binary_join_element_wise(s, ".0", ""))
+        parts.append(s)
+    body = pc.binary_join_element_wise(*parts, ", ")
+    return pc.binary_join_element_wise("[", body, "]", "")
+
+
+def _with_corruption(
+    strings: pa.Array, rng: np.random.Generator, invalid_rate: float, null_rate: float
+) -> pa.Array:
+    n = len(strings)
+    r = rng.random(n)
+    invalid = r < invalid_rate
+    null = (r >= invalid_rate) & (r < invalid_rate + null_rate)
+    out = pc.if_else(pa.array(invalid), pa.scalar(INVALID_VECTOR_VALUE), strings)
+    return pc.if_else(pa.array(null), pa.scalar(None, pa.string()), out)
+
+
+def _null_where(arr: pa.Array, mask: np.ndarray) -> pa.Array:
+    return pc.if_else(pa.array(mask), pa.scalar(None, arr.type), arr)
+
+
+@dataclass
+class Universe:
+    """Users and items of a spec, plus the sampling structures."""
+
+    # items
+    item_category: np.ndarray  # (I,) int
+    item_subcategory: np.ndarray  # (I,) global subcategory index
+    item_popularity: np.ndarray  # (I,) positive weights
+    items_by_subcategory: np.ndarray  # item indices sorted by subcategory
+    sub_start: np.ndarray  # (n_sub,) start offsets into items_by_subcategory
+    sub_end: np.ndarray  # (n_sub,) end offsets (exclusive)
+    sub_cum: np.ndarray  # shifted cumulative weights: segment s in (s, s+1]
+    item_columns: dict[str, pa.Array]
+    # users
+    user_activity_cum: np.ndarray  # (U,) cumulative activity, last == 1
+    user_categories: np.ndarray  # (U, K) preferred categories
+    user_category_cum: np.ndarray  # (U, K) cumulative preference weights
+    user_favourite_sub: np.ndarray  # (U, K) favourite local subcategory per slot
+    user_columns: dict[str, pa.Array]
+    user_base: dict[str, np.ndarray]
+
+
+def _build_items(spec: SyntheticSpec, vocab: pa.Array) -> dict:
+    rng = _rng(spec.seed, _TAG_ITEMS)
+    n_items = spec.num_items
+    C = spec.num_categories
+    S = spec.subcategories_per_category
+    n_sub = spec.num_subcategories
+    V = WORDS_PER_CATEGORY
+    D = spec.pretrained_dim
+
+    # Subcategory of each item: every subcategory gets at least one item, the
+    # rest are spread with uneven (Dirichlet) subcategory sizes.
+    sub_sizes = rng.dirichlet(np.full(n_sub, 2.0))
+    extra = rng.choice(n_sub, size=n_items - n_sub, p=sub_sizes)
+    item_sub = rng.permutation(np.concatenate([np.arange(n_sub), extra]))
+    item_cat = item_sub // S
+
+    # Zipf-like popularity over a random permutation of items.
+    rank = rng.permutation(n_items)
+    popularity = 1.0 / np.power(rank + 1.0, ITEM_POPULARITY_EXPONENT)
+
+    # Sampling structure: items grouped by subcategory, cumulative weights
+    # normalised within each group and shifted by the subcategory index, so a
+    # single searchsorted of (sub + u) picks an item inside subcategory sub.
+    order = np.argsort(item_sub, kind="stable")
+    sorted_sub = item_sub[order]
+    counts = np.bincount(item_sub, minlength=n_sub)
+    sub_end = np.cumsum(counts)
+    sub_start = sub_end - counts
+    w = popularity[order]
+    cum = np.cumsum(w)
+    seg_before = np.concatenate([[0.0], cum[sub_end[:-1] - 1]])
+    seg_total = cum[sub_end - 1] - seg_before
+    within = (cum - seg_before[sorted_sub]) / seg_total[sorted_sub]
+    within[sub_end - 1] = 1.0
+    sub_cum = sorted_sub + within
+
+    # --- item attribute columns (arrow arrays) ---
+    cat_ids = _prefixed_ints("CAT_", np.arange(C))
+    sub_ids = pc.binary_join_element_wise(
+        _prefixed_ints("CAT_", np.arange(n_sub) // S),
+        _prefixed_ints("SUB_", np.arange(n_sub) % S),
+        "_",
+    )
+
+    # Names: first word from the subcategory's slice of the category
+    # vocabulary, then 1-2 words from the category vocabulary.
+    slice_len = max(1, V // S)
+    local_sub = item_sub % S
+    first = (local_sub * slice_len + rng.integers(0, slice_len, n_items)) % V
+    name_idx = item_cat[:, None] * V + np.column_stack(
+        [first, rng.integers(0, V, (n_items, 2))]
+    )
+    names = _join_words(vocab, name_idx, rng.integers(2, 4, n_items))
+
+    desc_idx = item_cat[:, None] * V + rng.integers(0, V, (n_items, 8))
+    descriptions = _join_words(vocab, desc_idx, rng.integers(5, 9, n_items))
+
+    # Rayons: a shelf label (1-2 category words) per subcategory.
+    sub_cat = np.arange(n_sub) // S
+    rayon_idx = sub_cat[:, None] * V + rng.integers(0, V, (n_sub, 2))
+    rayon_per_sub = _join_words(vocab, rayon_idx, rng.integers(1, 3, n_sub))
+    rayons = rayon_per_sub.take(pa.array(item_sub))
+
+    # Authors / performers from per-category pools (skewed within the pool).
+    def pool_member(pool_size: int) -> np.ndarray:
+        k = np.minimum(
+            (rng.pareto(1.2, n_items) * pool_size / 4).astype(np.int64), pool_size - 1
+        )
+        return k
+
+    authors = pc.binary_join_element_wise(
+        _prefixed_ints("author_c", item_cat),
+        _prefixed_ints("", pool_member(AUTHORS_PER_CATEGORY)),
+        "_",
+    )
+    authors = _null_where(authors, rng.random(n_items) < NULL_AUTHOR_RATE)
+    performers = pc.binary_join_element_wise(
+        _prefixed_ints("performer_c", item_cat),
+        _prefixed_ints("", pool_member(PERFORMERS_PER_CATEGORY)),
+        "_",
+    )
+    performers = _null_where(performers, rng.random(n_items) < NULL_PERFORMER_RATE)
+
+    # Pretrained vectors: category (+ subcategory) centroid + noise.
+    cat_centroid = rng.normal(0.0, 1.0, (C, D))
+    sub_offset = rng.normal(0.0, 0.35, (n_sub, D))
+    image = cat_centroid[item_cat] + sub_offset[item_sub] + rng.normal(0.0, 0.5, (n_items, D))
+    sem_centroid = rng.normal(0.0, 1.0, (C, D))
+    semantic = sem_centroid[item_cat] + sub_offset[item_sub][:, ::-1] + rng.normal(
+        0.0, 0.4, (n_items, D)
+    )
+    image_s = _with_corruption(_vector_strings(image), rng, INVALID_VECTOR_RATE, NULL_VECTOR_RATE)
+    semantic_s = _with_corruption(
+        _vector_strings(semantic), rng, INVALID_VECTOR_RATE, NULL_VECTOR_RATE
+    )
+    del image, semantic
+
+    # Numbers: price per category level, counts correlated with popularity.
+    cat_price = rng.lognormal(np.log(15.0), 0.6, C)
+    price = np.round(cat_price[item_cat] * rng.lognormal(0.0, 0.4, n_items), 2)
+    price = np.maximum(price, 0.5)
+    pop_scaled = popularity / popularity.max()
+    booking_cnt = rng.poisson(2.0 + 3000.0 * pop_scaled * rng.lognormal(0.0, 0.3, n_items))
+    favourite_cnt = rng.poisson(0.5 + 600.0 * pop_scaled * rng.lognormal(0.0, 0.3, n_items))
+
+    columns = {
+        "item_id": _prefixed_ints("i", np.arange(n_items)),
+        "offer_category_id": cat_ids.take(pa.array(item_cat)),
+        "offer_subcategory_id": sub_ids.take(pa.array(item_sub)),
+        "item_image_embedding": image_s,
+        "item_semantic_content_hybrid_embedding": semantic_s,
+        "item_names": names,
+        "item_descriptions": descriptions,
+        "item_rayons": rayons,
+        "item_author": authors,
+        "item_performer": performers,
+        "item_mean_stock_price": pa.array(price, pa.float64()),
+        "item_booking_cnt": pa.array(booking_cnt.astype(np.int64)),
+        "item_favourite_cnt": pa.array(favourite_cnt.astype(np.int64)),
+    }
+    return dict(
+        item_category=item_cat,
+        item_subcategory=item_sub,
+        item_popularity=popularity,
+        items_by_subcategory=order,
+        sub_start=sub_start,
+        sub_end=sub_end,
+        sub_cum=sub_cum,
+        item_columns=columns,
+        sub_ids=sub_ids,
+    )
+
+
+def _distinct_categories(rng: np.random.Generator, n: int, C: int, k: int) -> np.ndarray:
+    """(n, k) distinct random categories per row (vectorised)."""
+    out = np.empty((n, k), dtype=np.int64)
+    for j in range(k):
+        x = rng.integers(0, C - j, n)
+        # Skip the already chosen values, in ascending order.
+        if j > 0:
+            chosen = np.sort(out[:, :j], axis=1)
+            for t in range(j):
+                x = x + (x >= chosen[:, t])
+        out[:, j] = x
+    return out
+
+
+def _build_users(spec: SyntheticSpec, vocab: pa.Array, sub_ids: pa.Array) -> dict:
+    rng = _rng(spec.seed, _TAG_USERS)
+    U = spec.num_users
+    C = spec.num_categories
+    S = spec.subcategories_per_category
+    V = WORDS_PER_CATEGORY
+    K = min(MAX_PREFERRED_CATEGORIES, C)
+
+    activity = rng.lognormal(0.0, USER_ACTIVITY_SIGMA, U)
+    activity_cum = np.cumsum(activity)
+    activity_cum /= activity_cum[-1]
+    activity_cum[-1] = 1.0
+    del activity
+
+    cats = _distinct_categories(rng, U, C, K)
+    weights = rng.dirichlet(np.full(K, PREFERENCE_CONCENTRATION), U)
+    # Put the strongest preference first (slot 0 = top category).
+    order = np.argsort(-weights, axis=1)
+    weights = np.take_along_axis(weights, order, axis=1)
+    cats = np.take_along_axis(cats, order, axis=1)
+    cat_cum = np.cumsum(weights, axis=1)
+    cat_cum[:, -1] = 1.0
+    fav_sub = rng.integers(0, S, (U, K))
+
+    # user_queries: 2-4 words from the user's preferred categories' vocabularies.
+    n_q = rng.integers(2, 5, U)
+    q_slot_r = rng.random((U, 4))
+    q_slot = np.zeros((U, 4), dtype=np.int64)
+    for s in range(K - 1):
+        q_slot += q_slot_r > cat_cum[:, s : s + 1]
+    q_cat = np.take_along_axis(cats, q_slot, axis=1)
+    queries = _join_words(vocab, q_cat * V + rng.integers(0, V, (U, 4)), n_q)
+    del q_slot_r, q_slot, q_cat
+
+    # qpi_subcategory_ids: favourite subcategory of the top category, plus that
+    # of the second category when it has a real weight; sorted, ~20% null.
+    top_sub = cats[:, 0] * S + fav_sub[:, 0]
+    if K > 1:
+        second_sub = cats[:, 1] * S + fav_sub[:, 1]
+        has_second = weights[:, 1] > 0.2
+    else:
+        second_sub = top_sub
+        has_second = np.zeros(U, dtype=bool)
+    a = sub_ids.take(pa.array(top_sub))
+    b = sub_ids.take(pa.array(second_sub))
+    lo = pc.if_else(pc.less_equal(a, b), a, b)
+    hi = pc.if_else(pc.less_equal(a, b), b, a)
+    pair = pc.binary_join_element_wise(lo, hi, " ")
+    qpi = pc.if_else(pa.array(has_second), pair, a)
+    qpi = _null_where(qpi, rng.random(U) < NULL_QPI_RATE)
+    del a, b, lo, hi, pair
+
+    engagement_level = rng.gamma(1.5, 1.0, U)  # drives all counters jointly
+    base = {
+        "consult_offer": rng.poisson(1.0 + 2.0 * engagement_level).astype(np.int32),
+        "booking_cnt": rng.poisson(0.3 + 0.8 * engagement_level).astype(np.int32),
+        "has_added_offer_to_favorites": rng.poisson(0.2 + 0.5 * engagement_level).astype(
+            np.int32
+        ),
+        "user_engagement": np.minimum(
+            np.round(2.0 * engagement_level), 10
+        ).astype(np.int32),
+        "click_book_offer": rng.poisson(0.1 + 0.4 * engagement_level).astype(np.int32),
+        "credit": rng.uniform(0.0, 500.0, U).astype(np.float32),
+    }
+    columns = {
+        "user_id": _prefixed_ints("u", np.arange(U)),
+        "user_queries": queries,
+        "qpi_subcategory_ids": qpi,
+        "user_age": pa.array(rng.integers(15, 71, U).astype(np.int64)),
+    }
+    return dict(
+        user_activity_cum=activity_cum,
+        user_categories=cats.astype(np.int32),
+        user_category_cum=cat_cum,
+        user_favourite_sub=fav_sub.astype(np.int32),
+        user_columns=columns,
+        user_base=base,
+    )
+
+
+def build_universe(spec: SyntheticSpec) -> Universe:
+    """Build users and items (depends on seed and universe sizes only)."""
+    vocab = pa.array([w for words in category_vocabularies(spec) for w in words])
+    items = _build_items(spec, vocab)
+    sub_ids = items.pop("sub_ids")
+    users = _build_users(spec, vocab, sub_ids)
+    return Universe(**items, **users)
+
+
+# --------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------
+
+
+def _day_table(
+    spec: SyntheticSpec, uni: Universe, date: datetime.date, n: int
+) -> pa.Table:
+    rng = np.random.default_rng([spec.seed, date.toordinal()])
+    C = spec.num_categories
+    S = spec.subcategories_per_category
+    K = uni.user_categories.shape[1]
+
+    user = np.searchsorted(uni.user_activity_cum, rng.random(n), side="right")
+    np.minimum(user, spec.num_users - 1, out=user)
+
+    r = rng.random(n)
+    cum = uni.user_category_cum[user]
+    slot = np.zeros(n, dtype=np.int64)
+    for s in range(K - 1):
+        slot += r > cum[:, s]
+    del cum
+    cat = uni.user_categories[user, slot].astype(np.int64)
+    fav = uni.user_favourite_sub[user, slot].astype(np.int64)
+
+    explore = rng.random(n) < EXPLORATION_RATE
+    random_cat = rng.integers(0, C, n)
+    cat = np.where(explore, random_cat, cat)
+    use_fav = (rng.random(n) < FAVOURITE_SUBCATEGORY_RATE) & ~explore
+    local = np.where(use_fav, fav, rng.integers(0, S, n))
+    sub = cat * S + local
+
+    pos = np.searchsorted(uni.sub_cum, sub + rng.random(n), side="right")
+    pos = np.clip(pos, uni.sub_start[sub], uni.sub_end[sub] - 1)
+    item = uni.items_by_subcategory[pos]
+
+    hour = np.searchsorted(_HOUR_CUM, rng.random(n), side="right")
+    np.minimum(hour, 23, out=hour)
+
+    def noisy_count(base: np.ndarray) -> pa.Array:
+        noise = rng.integers(-1, 2, n) * (rng.random(n) < 0.3)
+        return pa.array(np.maximum(base[user].astype(np.int64) + noise, 0))
+
+    credit = uni.user_base["credit"][user].astype(np.float64) + rng.normal(0.0, 5.0, n)
+    credit = np.round(np.clip(credit, 0.0, 500.0), 2)
+
+    user_idx = pa.array(user)
+    item_idx = pa.array(item)
+    epoch_days = (date - datetime.date(1970, 1, 1)).days
+    uc = uni.user_columns
+    ic = uni.item_columns
+    columns = {
+        "event_date": pa.array(np.full(n, epoch_days, dtype=np.int32), pa.date32()),
+        "user_id": uc["user_id"].take(user_idx),
+        "item_id": ic["item_id"].take(item_idx),
+        "event_hour": pa.array(hour.astype(np.int64)),
+        "event_day": pa.array(np.full(n, date.isoweekday(), dtype=np.int64)),
+        "event_month": pa.repeat(pa.scalar(str(date.month), pa.string()), n),
+        "consult_offer": noisy_count(uni.user_base["consult_offer"]),
+        "booking_cnt": noisy_count(uni.user_base["booking_cnt"]),
+        "user_theoretical_remaining_credit": pa.array(credit, pa.float64()),
+        "has_added_offer_to_favorites": noisy_count(
+            uni.user_base["has_added_offer_to_favorites"]
+        ),
+        "user_queries": uc["user_queries"].take(user_idx),
+        "qpi_subcategory_ids": uc["qpi_subcategory_ids"].take(user_idx),
+        "user_engagement": noisy_count(uni.user_base["user_engagement"]),
+        "user_age": uc["user_age"].take(user_idx),
+        "click_book_offer": noisy_count(uni.user_base["click_book_offer"]),
+    }
+    for name in CLICK_EVENT_SCHEMA.names[15:]:
+        columns[name] = ic[name].take(item_idx)
+    arrays = [columns[name] for name in CLICK_EVENT_SCHEMA.names]
+    return pa.Table.from_arrays(arrays, schema=CLICK_EVENT_SCHEMA)
+
+
+def generate_click_events(spec: SyntheticSpec) -> Iterator[pa.Table]:
+    """Yield one table (schema ``CLICK_EVENT_SCHEMA``) per date, ascending.
+
+    Days whose event count is zero (num_events < days) yield empty tables.
+    """
+    uni = build_universe(spec)
+    for date, n in zip(event_dates(spec), events_per_day(spec)):
+        yield _day_table(spec, uni, date, n)
+
+
+def generate_all(spec: SyntheticSpec) -> pa.Table:
+    """All events as one table (for small sizes and tests)."""
+    tables = list(generate_click_events(spec))
+    return pa.concat_tables(tables).combine_chunks()

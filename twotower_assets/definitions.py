@@ -1,0 +1,34 @@
+"""The code location: every asset of the graph and the resources they share.
+
+Loaded by ``dagster dev`` (workspace.yaml / pyproject ``[tool.dagster]``),
+``dagster definitions validate`` and ``dagster asset materialize -m twotower_assets.definitions``.
+"""
+
+import dagster as dg
+
+from twotower_assets.defs.datasets import tf_datasets
+from twotower_assets.defs.evaluation import evaluation_metrics
+from twotower_assets.defs.publishing import item_embedding_history, match_model, user_embedding_history
+from twotower_assets.defs.resources import default_resources
+from twotower_assets.defs.source import click_events
+from twotower_assets.defs.splits import split_tables
+from twotower_assets.defs.training import two_tower_model
+
+ALL_ASSETS = [
+    click_events,
+    split_tables,
+    tf_datasets,
+    two_tower_model,
+    evaluation_metrics,
+    match_model,
+    user_embedding_history,
+    item_embedding_history,
+]
+
+# One process runs a whole run: TensorFlow loads once, and DuckDB's single-writer file is
+# never opened by two steps of the same run at once (docs/decisions.md).
+defs = dg.Definitions(
+    assets=ALL_ASSETS,
+    resources=default_resources(),
+    executor=dg.in_process_executor,
+)

@@ -1,0 +1,104 @@
+"""The tf.data input of one training date, saved to disk once.
+
+Four datasets: training examples, validation examples, one row per user and one row per
+item (each user's / item's most recent training event), plus the feature statistics the
+input layers are built from. Training and embedding extraction load them from here.
+"""
+
+
+import json
+
+import dagster as dg
+from pydantic import Field
+
+from twotower_assets.defs import tables
+from twotower_assets.defs.artifacts import ArtifactStore
+from twotower_assets.defs.partitions import training_date, training_date_partitions
+from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, save_dataset
+from twotower_assets.model.features import load_feature_config
+from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
+from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
+from twotower_assets.warehouse.sql import USER_COLUMN, latest_row_per_query, training_examples_query
+
+TF_DATASETS = "tf_datasets"
+BATCH_ROWS = 65_536
+
+
+class DatasetConfig(dg.Config):
+    config_name: str = Field(
+        default="default-features", description="Feature config in configs/ (name without .json)."
+    )
+
+
+@dg.asset(
+    key=TF_DATASETS,
+    partitions_def=training_date_partitions,
+    deps=[tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS],
+    group_name="training",
+    kinds={"tensorflow"},
+    description="Saved tf.data datasets (training, validation, users, items) and feature statistics.",
+)
+def tf_datasets(
+    context: dg.AssetExecutionContext,
+    config: DatasetConfig,
+    warehouse: WarehouseResource,
+    artifacts: ArtifactStore,
+) -> dg.MaterializeResult:
+    feature_config = load_feature_config(config.config_name)
+    training_table = warehouse.table_name(tables.TRAINING_EVENTS)
+    validation_table = warehouse.table_name(tables.VALIDATION_EVENTS)
+    feature_config.check_columns(warehouse.table_schema(training_table).names, source=training_table)
+    params = {"train_date": training_date(context)}
+
+    kinds = feature_kinds(feature_config)
+    example_kinds = {**kinds, SAMPLING_PROBABILITY_COLUMN: "number"}
+    read_columns = sorted(set(kinds) | {USER_COLUMN})
+    user_kinds = {c: kinds[c] for c in feature_config.user_columns if c in kinds} | {USER_COLUMN: "string"}
+    item_kinds = {c: kinds[c] for c in feature_config.item_columns if c in kinds}
+    pretrained = feature_config.columns_of_type("pretrained")
+    dialect = warehouse.dialect
+
+    def read(sql: str):
+        return warehouse.query_batches(sql, params, batch_size=BATCH_ROWS)
+
+    stats_builder = FeatureStatsBuilder(feature_config)
+    with artifacts.writing(TF_DATASETS, context.partition_key) as directory:
+        rows = {}
+        rows["training"] = save_dataset(
+            read(training_examples_query(dialect, training_table, read_columns + pretrained)),
+            example_kinds,
+            directory / "training",
+            on_batch=stats_builder.update,
+        )
+        if rows["training"] == 0:
+            raise EmptyTableError(f"{training_table} has no rows for {context.partition_key}")
+        rows["validation"] = save_dataset(
+            read(training_examples_query(dialect, validation_table, read_columns)),
+            example_kinds,
+            directory / "validation",
+        )
+        rows["users"] = save_dataset(
+            read(latest_row_per_query(dialect, training_table, USER_COLUMN, list(user_kinds))),
+            user_kinds,
+            directory / "users",
+        )
+        rows["items"] = save_dataset(
+            read(latest_row_per_query(dialect, training_table, feature_config.item_id_feature, list(item_kinds))),
+            item_kinds,
+            directory / "items",
+        )
+        stats = stats_builder.build()
+        stats.save(directory)
+        (directory / "feature_config.json").write_text(feature_config.model_dump_json(indent=2))
+        (directory / "manifest.json").write_text(
+            json.dumps({"config_name": feature_config.name, "rows": rows, "partition": context.partition_key})
+        )
+
+    return dg.MaterializeResult(
+        metadata={
+            "config_name": feature_config.name,
+            "path": dg.MetadataValue.path(str(artifacts.path(TF_DATASETS, context.partition_key))),
+            **{f"{name}_rows": count for name, count in rows.items()},
+            "vocabulary_sizes": dg.MetadataValue.json({k: len(v) for k, v in stats.vocabularies.items()}),
+        }
+    )

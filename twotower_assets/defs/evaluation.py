@@ -1,0 +1,191 @@
+"""Offline evaluation of one trained model against random, popularity and SVD baselines.
+
+Each sampled test user's items are ranked against the full catalog (every training item),
+with the items the user saw in training removed; relevant items are the user's test items.
+"""
+
+
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+from pydantic import Field
+
+from twotower_assets.defs import tables
+from twotower_assets.defs.artifacts import ArtifactStore
+from twotower_assets.defs.mlflow_tracking import MlflowTracking
+from twotower_assets.defs.partitions import training_date, training_date_partitions
+from twotower_assets.defs.training import TWO_TOWER_MODEL, load_model_summary
+from twotower_assets.model import metrics
+from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
+
+EVALUATION_METRICS = "evaluation_metrics"
+MODEL_NAME = "two_tower"
+
+
+class EvaluationConfig(dg.Config):
+    ks: list[int] = Field(default=[10, 50, 100, 250, 500, 1000], description="Cut-offs, capped at the catalog size.")
+    num_users: int = Field(default=50_000, gt=0, description="Test users sampled for evaluation.")
+    svd_factors: int = Field(default=100, gt=0)
+    cold_user_max_events: int = Field(default=5, ge=0, description="Users with at most this many training events are 'cold'.")
+    seed: int = 0
+
+
+def _pair_counts(warehouse: WarehouseResource, table: str, params: dict) -> pa.Table:
+    return warehouse.query(
+        f"SELECT user_id, item_id, COUNT(*) AS events FROM {warehouse.dialect.table(table)} "
+        f"WHERE train_date = {warehouse.dialect.param('train_date')} GROUP BY user_id, item_id",
+        params,
+    )
+
+
+def _matrix(pairs: pa.Table, users: pa.Array, items: pa.Array) -> sp.csr_matrix:
+    """Binary users x items matrix of the pairs whose user and item are both known."""
+    rows = pc.index_in(pairs["user_id"], value_set=users).to_numpy(zero_copy_only=False)
+    cols = pc.index_in(pairs["item_id"], value_set=items).to_numpy(zero_copy_only=False)
+    rows = np.nan_to_num(rows.astype(float), nan=-1).astype(np.int64)
+    cols = np.nan_to_num(cols.astype(float), nan=-1).astype(np.int64)
+    keep = (rows >= 0) & (cols >= 0)
+    data = np.ones(keep.sum(), dtype=np.float32)
+    matrix = sp.csr_matrix((data, (rows[keep], cols[keep])), shape=(len(users), len(items)))
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def _flat(values) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _vectors(embeddings: pa.Table, rows: np.ndarray) -> np.ndarray:
+    column = _flat(embeddings["embedding"]).take(pa.array(rows))
+    return column.flatten().to_numpy().reshape(len(rows), -1).astype(np.float32)
+
+
+def evaluate(
+    user_embeddings: pa.Table,
+    item_embeddings: pa.Table,
+    training_pairs: pa.Table,
+    test_pairs: pa.Table,
+    config: EvaluationConfig,
+) -> tuple[pd.DataFrame, dict]:
+    """Metrics of the model and the baselines (long table) and a few counts."""
+    items = _flat(item_embeddings["item_id"])
+    train_users = _flat(pc.unique(training_pairs["user_id"]))
+    train = _matrix(training_pairs, train_users, items)
+
+    known_test_users = _flat(pc.unique(test_pairs["user_id"]))
+    known_test_users = known_test_users.filter(pc.is_in(known_test_users, user_embeddings["user_id"]))
+    if len(known_test_users) == 0:
+        raise EmptyTableError("no test user has an embedding: nothing to evaluate")
+    rng = np.random.default_rng(config.seed)
+    sample_size = min(config.num_users, len(known_test_users))
+    sample = np.sort(rng.choice(len(known_test_users), size=sample_size, replace=False))
+    eval_users = known_test_users.take(pa.array(sample))
+
+    user_rows = pc.index_in(eval_users, value_set=user_embeddings["user_id"]).to_numpy()
+    item_rows = pc.index_in(items, value_set=item_embeddings["item_id"]).to_numpy()
+    user_vectors = _vectors(user_embeddings, user_rows)
+    item_vectors = _vectors(item_embeddings, item_rows)
+
+    train_rows_of_eval = pc.index_in(eval_users, value_set=train_users).to_numpy()
+    seen = train[train_rows_of_eval]
+    relevant = _matrix(test_pairs, eval_users, items)
+    k_max = max(metrics.capped_ks(config.ks, len(items)))
+    item_counts = np.asarray(train.sum(axis=0)).ravel()
+    event_counts = _event_counts_per_item(training_pairs, items)
+    popularity = item_counts / max(train.shape[0], 1)
+
+    recommendations = {
+        MODEL_NAME: metrics.top_k_items(user_vectors, item_vectors, k_max, exclude=seen),
+        "random": metrics.random_recommendations(len(eval_users), len(items), k_max, exclude=seen, seed=config.seed),
+        "popularity": metrics.popularity_recommendations(event_counts, len(eval_users), k_max, exclude=seen),
+        "svd": metrics.svd_recommendations(train, train_rows_of_eval, k_max, exclude=seen, n_factors=config.svd_factors, seed=config.seed),
+    }
+    train_events = np.asarray(seen.sum(axis=1)).ravel()
+    segments = np.where(train_events <= config.cold_user_max_events, "cold", "warm")
+    table = metrics.evaluate_recommenders(recommendations, relevant, popularity, config.ks, user_segments=segments)
+    counts = {
+        "evaluated_users": int(len(eval_users)),
+        "catalog_items": int(len(items)),
+        "test_pairs": int(relevant.nnz),
+        "cold_users": int((segments == "cold").sum()),
+    }
+    return table, counts
+
+
+def _event_counts_per_item(training_pairs: pa.Table, items: pa.Array) -> np.ndarray:
+    cols = pc.index_in(training_pairs["item_id"], value_set=items).to_numpy(zero_copy_only=False)
+    valid = ~np.isnan(cols.astype(float))
+    return np.bincount(cols[valid].astype(np.int64), weights=training_pairs["events"].to_numpy()[valid], minlength=len(items))
+
+
+def metrics_markdown(table: pd.DataFrame, segment: str = "all") -> str:
+    wide = table[table["segment"] == segment].pivot(index="k", columns="model", values=["recall", "precision", "ndcg"])
+    lines = ["| k | metric | " + " | ".join(wide["recall"].columns) + " |", "|---|---|" + "---|" * len(wide["recall"].columns)]
+    for k in wide.index:
+        for metric in ("recall", "precision", "ndcg"):
+            values = " | ".join(f"{wide.loc[k, (metric, m)]:.4f}" for m in wide[metric].columns)
+            lines.append(f"| {k} | {metric} | {values} |")
+    return "\n".join(lines)
+
+
+@dg.asset(
+    key=EVALUATION_METRICS,
+    partitions_def=training_date_partitions,
+    deps=[TWO_TOWER_MODEL, tables.TRAINING_EVENTS, tables.TEST_EVENTS],
+    group_name="evaluation",
+    kinds={"python", "mlflow"},
+    description="Precision, recall, NDCG, coverage and novelty at k for the model and baselines.",
+)
+def evaluation_metrics(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    warehouse: WarehouseResource,
+    artifacts: ArtifactStore,
+    mlflow: MlflowTracking,
+) -> dg.MaterializeResult:
+    model_dir = artifacts.require(TWO_TOWER_MODEL, context.partition_key)
+    summary = load_model_summary(model_dir)
+    params = {"train_date": training_date(context)}
+    training_pairs = _pair_counts(warehouse, warehouse.table_name(tables.TRAINING_EVENTS), params)
+    test_pairs = _pair_counts(warehouse, warehouse.table_name(tables.TEST_EVENTS), params)
+    if test_pairs.num_rows == 0:
+        raise EmptyTableError(f"test_events has no rows for {context.partition_key}: nothing to evaluate")
+    table, counts = evaluate(
+        pq.read_table(model_dir / "user_embeddings.parquet"),
+        pq.read_table(model_dir / "item_embeddings.parquet"),
+        training_pairs,
+        test_pairs,
+        config,
+    )
+    markdown = metrics_markdown(table)
+    with mlflow.active(summary["mlflow_run_id"]) as run, artifacts.writing(EVALUATION_METRICS, context.partition_key) as out:
+        table.to_csv(out / "metrics.csv", index=False)
+        (out / "counts.json").write_text(json.dumps(counts))
+        overall = table[table["segment"] == "all"]
+        run.metrics(
+            {
+                f"{row.model}_{name}_at_{row.k}" if row.model != MODEL_NAME else f"{name}_at_{row.k}": getattr(row, name)
+                for row in overall.itertuples()
+                for name in ("precision", "recall", "ndcg", "coverage", "novelty")
+            }
+        )
+        run.artifact(out / "metrics.csv", "evaluation")
+        run.text(markdown, "metrics.md", "evaluation")
+
+    overall = table[table["segment"] == "all"].set_index(["model", "k"])
+    headline_k = 50 if 50 in overall.index.get_level_values("k") else int(overall.index.get_level_values("k").min())
+    return dg.MaterializeResult(
+        metadata={
+            "metrics": dg.MetadataValue.md(markdown),
+            f"recall_at_{headline_k}": float(overall.loc[(MODEL_NAME, headline_k), "recall"]),
+            f"popularity_recall_at_{headline_k}": float(overall.loc[("popularity", headline_k), "recall"]),
+            **counts,
+            "mlflow_run_id": summary["mlflow_run_id"],
+        }
+    )

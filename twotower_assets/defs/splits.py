@@ -1,0 +1,80 @@
+"""Training, validation and test tables, split in the warehouse by SQL.
+
+The rules (docs/decisions.md) are in :func:`twotower_assets.warehouse.sql.split_queries`;
+the three tables of one training date are replaced together, in one transaction.
+"""
+
+
+import datetime as dt
+
+import dagster as dg
+from pydantic import Field
+
+from twotower_assets.defs import tables
+from twotower_assets.defs.partitions import training_date, training_date_partitions
+from twotower_assets.warehouse.base import EmptyTableError, WarehouseError, WarehouseResource
+from twotower_assets.warehouse.sql import split_queries
+
+
+class SplitConfig(dg.Config):
+    train_set_size: float = Field(
+        default=0.95, gt=0.0, lt=1.0, description="Share of each user's events that go to training."
+    )
+    event_day_number: int = Field(default=90, gt=0, description="Days of events before the training date.")
+
+
+SPLIT_SPECS = [
+    dg.AssetSpec(
+        key=table,
+        deps=[tables.CLICK_EVENTS],
+        group_name="splits",
+        kinds={"sql"},
+        description=f"The {split} split of the click events for one training date.",
+    )
+    for split, table in tables.SPLIT_TABLES.items()
+]
+
+
+@dg.multi_asset(specs=SPLIT_SPECS, partitions_def=training_date_partitions, can_subset=False)
+def split_tables(
+    context: dg.AssetExecutionContext, config: SplitConfig, warehouse: WarehouseResource
+):
+    train_date = training_date(context)
+    start_date = train_date - dt.timedelta(days=config.event_day_number)
+    source = warehouse.table_name(tables.CLICK_EVENTS)
+    if not warehouse.table_exists(source):
+        raise WarehouseError(f"source table {source} does not exist; materialise click_events first")
+    columns = warehouse.table_schema(source).names
+    params = {"start_date": start_date, "train_date": train_date}
+    count = warehouse.query(
+        f"SELECT COUNT(*) AS n FROM {warehouse.dialect.table(source)} "
+        f"WHERE event_date >= {warehouse.dialect.param('start_date')} "
+        f"AND event_date < {warehouse.dialect.param('train_date')}",
+        params,
+    )["n"][0].as_py()
+    if count == 0:
+        # Checked before writing: an empty window must not wipe the previous split.
+        raise EmptyTableError(
+            f"{source} has no events in [{start_date}, {train_date}): nothing to split for "
+            f"training date {train_date} (event_day_number={config.event_day_number})"
+        )
+    queries = split_queries(warehouse.dialect, source, columns)
+    counts = warehouse.replace_partition_from_queries(
+        {warehouse.table_name(tables.SPLIT_TABLES[split]): sql for split, sql in queries.items()},
+        tables.PARTITION_COLUMN,
+        train_date,
+        {**params, "train_set_size": config.train_set_size},
+    )
+    context.log.info(f"Split {count} events from {start_date} to {train_date}: {counts}")
+    for split, table in tables.SPLIT_TABLES.items():
+        rows = counts[warehouse.table_name(table)]
+        yield dg.MaterializeResult(
+            asset_key=table,
+            metadata={
+                "dagster/row_count": rows,
+                "source_events": count,
+                "window_start": start_date.isoformat(),
+                "window_end_exclusive": train_date.isoformat(),
+                "train_set_size": config.train_set_size,
+            },
+        )

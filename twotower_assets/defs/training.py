@@ -1,0 +1,178 @@
+"""The trained two-tower model of one training date, tracked in MLflow.
+
+The asset trains the towers on the saved tf datasets, saves both towers as SavedModels and
+their outputs for every training user and item (Parquet), which evaluation, the MatchModel
+and the embedding tables all read, so tower outputs are computed once.
+"""
+
+
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from twotower_assets.defs.artifacts import ArtifactStore
+from twotower_assets.defs.datasets import TF_DATASETS
+from twotower_assets.defs.mlflow_tracking import MlflowTracking
+from twotower_assets.defs.partitions import training_date_partitions
+from twotower_assets.warehouse.sql import USER_COLUMN
+
+TWO_TOWER_MODEL = "two_tower_model"
+
+
+class TrainingConfig(dg.Config):
+    """Hyperparameters; the defaults are production's."""
+
+    embedding_size: int = Field(default=64, gt=0)
+    batch_size: int = Field(default=2048, gt=0)
+    epochs: int = Field(default=100, gt=0, description="Upper bound; early stopping usually ends sooner.")
+    learning_rate: float = Field(default=0.1, gt=0)
+    seed: int = 42
+    temperature: float = Field(default=0.05, gt=0)
+    remove_accidental_hits: bool = True
+    mixed_precision: bool = False
+    experiment_name: str = "two_tower"
+    run_name: str | None = Field(default=None, description="MLflow run name; default two_tower_<date>.")
+
+
+def embeddings_table(ids: dict[str, np.ndarray], vectors: np.ndarray) -> pa.Table:
+    columns = {name: pa.array(values, pa.string()) for name, values in ids.items()}
+    flat = pa.array(vectors.astype(np.float32).ravel())
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+    return pa.table(columns)
+
+
+@dg.asset(
+    key=TWO_TOWER_MODEL,
+    partitions_def=training_date_partitions,
+    deps=[TF_DATASETS],
+    group_name="training",
+    kinds={"tensorflow", "mlflow"},
+    description="TFRS two-tower retrieval model: towers, tower outputs, MLflow run.",
+)
+def two_tower_model(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    artifacts: ArtifactStore,
+    mlflow: MlflowTracking,
+) -> dg.MaterializeResult:
+    import tensorflow as tf
+
+    from twotower_assets.model.datasets import dataset_rows, load_dataset
+    from twotower_assets.model.features import FeatureConfig
+    from twotower_assets.model.layers import FeatureStats
+    from twotower_assets.model.training import TrainingParams, train_two_tower, tower_outputs
+
+    datasets = artifacts.require(TF_DATASETS, context.partition_key)
+    feature_config = FeatureConfig.model_validate_json((datasets / "feature_config.json").read_text())
+    stats = FeatureStats.load(datasets)
+    train_rows = dataset_rows(datasets / "training")
+    validation_rows = dataset_rows(datasets / "validation")
+    params = TrainingParams(
+        embedding_size=config.embedding_size,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        temperature=config.temperature,
+        remove_accidental_hits=config.remove_accidental_hits,
+    )
+    run_name = config.run_name or f"two_tower_{context.partition_key}"
+    experiment_id, run_id = mlflow.find_or_create_run(
+        config.experiment_name,
+        run_name,
+        tags={"dagster_run_id": context.run_id, "train_date": context.partition_key},
+    )
+    with mlflow.active(run_id) as run, artifacts.writing(TWO_TOWER_MODEL, context.partition_key) as out:
+        run.params(
+            {
+                "environment": "local" if "sqlite" in mlflow.tracking_uri else "remote",
+                "config_name": feature_config.name,
+                "learning_rate": params.learning_rate,
+                "epochs": params.epochs,
+                "embedding_size": params.embedding_size,
+                "batch_size": params.batch_size,
+                "seed": params.seed,
+                "temperature": params.temperature,
+                "train_date": context.partition_key,
+                "training_rows": train_rows,
+                "validation_rows": validation_rows,
+                "user_count": dataset_rows(datasets / "users"),
+                "item_count": dataset_rows(datasets / "items"),
+                "user_feature_count": len(feature_config.user_embedding_layers),
+                "item_feature_count": len(feature_config.item_embedding_layers),
+            }
+        )
+        run.artifact(datasets / "feature_config.json")
+        log_epoch = tf.keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: run.metrics(
+                {k: v for k, v in (logs or {}).items() if k in ("loss", "val_loss", "lr")}, step=epoch
+            )
+        )
+        started = time.perf_counter()
+        result = train_two_tower(
+            feature_config,
+            stats,
+            load_dataset(datasets / "training"),
+            train_rows,
+            load_dataset(datasets / "validation") if validation_rows else None,
+            params,
+            callbacks=[log_epoch],
+            mixed_precision=config.mixed_precision,
+        )
+        train_seconds = time.perf_counter() - started
+        context.log.info(f"Trained on {result.device}: {result.epochs_run} epochs in {train_seconds:.1f}s")
+
+        user_key = feature_config.user_id_feature
+        user_ids, user_vectors = tower_outputs(
+            result.model.user_tower, load_dataset(datasets / "users"), sorted({USER_COLUMN, user_key})
+        )
+        item_ids, item_vectors = tower_outputs(
+            result.model.item_tower, load_dataset(datasets / "items"), [feature_config.item_id_feature]
+        )
+        pq.write_table(embeddings_table(user_ids, user_vectors), out / "user_embeddings.parquet")
+        pq.write_table(embeddings_table(item_ids, item_vectors), out / "item_embeddings.parquet")
+        result.model.user_tower.save(str(out / "user_tower"), save_format="tf")
+        result.model.item_tower.save(str(out / "item_tower"), save_format="tf")
+        summary = {
+            "mlflow_run_id": run_id,
+            "mlflow_experiment_id": experiment_id,
+            "mlflow_experiment_name": config.experiment_name,
+            "mlflow_run_name": run_name,
+            "config_name": feature_config.name,
+            "user_key": user_key,
+            "epochs_run": result.epochs_run,
+            "history": result.history,
+            "train_seconds": train_seconds,
+            "examples_per_second": result.examples_seen / train_seconds if train_seconds else 0.0,
+            "device": result.device,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        run.dict(summary, "training_summary.json")
+
+    history = result.history
+    return dg.MaterializeResult(
+        metadata={
+            "mlflow_run_id": run_id,
+            "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(experiment_id, run_id)),
+            "config_name": feature_config.name,
+            "device": result.device,
+            "epochs_run": result.epochs_run,
+            "final_loss": history["loss"][-1],
+            "best_val_loss": min(history["val_loss"]) if "val_loss" in history else float("nan"),
+            "training_seconds": round(train_seconds, 2),
+            "examples_per_second": round(summary["examples_per_second"], 1),
+            "users": len(user_vectors),
+            "items": len(item_vectors),
+            "path": dg.MetadataValue.path(str(artifacts.path(TWO_TOWER_MODEL, context.partition_key))),
+        }
+    )
+
+
+def load_model_summary(path: Path) -> dict:
+    return json.loads((path / "summary.json").read_text())

@@ -1,0 +1,1 @@
+"""TensorFlow model code: feature layers, towers, training, MatchModel, metrics. No Dagster here."""

@@ -1,0 +1,148 @@
+"""Feature configuration: which columns feed each tower, and how.
+
+A config is a JSON file in ``configs/`` (format and the eight production configs: docs/decisions.md)::
+
+    {"user_embedding_layers": {"user_id": {"type": "string", "embedding_size": 64}, ...},
+     "item_embedding_layers": {...},
+     "input_prediction_feature": "user_id"}
+
+Feature order in the file is the concatenation order inside the tower. Everything that can
+be wrong with a config is caught here, before any data is read or any model is built, and
+reported as a :class:`FeatureConfigError` that names the file and the feature.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+FeatureType = Literal["string", "int", "text", "pretrained"]
+
+ITEM_ID_FEATURE = "item_id"
+"""The item tower's key: the column that identifies an item everywhere in the pipeline."""
+
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class FeatureConfigError(ValueError):
+    """A feature config that cannot be used; the message names the file and the feature."""
+
+
+class FeatureSpec(pydantic.BaseModel):
+    """One input feature of a tower."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    type: FeatureType
+    embedding_size: pydantic.PositiveInt
+
+
+class FeatureConfig(pydantic.BaseModel):
+    """Both towers' features, in concatenation order."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "unnamed"
+    user_embedding_layers: dict[str, FeatureSpec]
+    item_embedding_layers: dict[str, FeatureSpec]
+    input_prediction_feature: str = "user_id"
+
+    @pydantic.model_validator(mode="after")
+    def _id_features_present(self) -> FeatureConfig:
+        if not self.user_embedding_layers:
+            raise ValueError("user_embedding_layers is empty")
+        if not self.item_embedding_layers:
+            raise ValueError("item_embedding_layers is empty")
+        user_key = self.input_prediction_feature
+        if user_key not in self.user_embedding_layers:
+            raise ValueError(
+                f"missing id feature {user_key!r} (input_prediction_feature) in user_embedding_layers"
+            )
+        if self.user_embedding_layers[user_key].type != "string":
+            raise ValueError(f"id feature {user_key!r} must have type 'string'")
+        if ITEM_ID_FEATURE not in self.item_embedding_layers:
+            raise ValueError(f"missing id feature {ITEM_ID_FEATURE!r} in item_embedding_layers")
+        if self.item_embedding_layers[ITEM_ID_FEATURE].type != "string":
+            raise ValueError(f"id feature {ITEM_ID_FEATURE!r} must have type 'string'")
+        return self
+
+    @property
+    def user_id_feature(self) -> str:
+        return self.input_prediction_feature
+
+    @property
+    def item_id_feature(self) -> str:
+        return ITEM_ID_FEATURE
+
+    @property
+    def user_columns(self) -> list[str]:
+        return list(self.user_embedding_layers)
+
+    @property
+    def item_columns(self) -> list[str]:
+        return list(self.item_embedding_layers)
+
+    def columns_of_type(self, feature_type: FeatureType) -> list[str]:
+        """Distinct columns of one feature type across both towers, in config order."""
+        layers = {**self.user_embedding_layers, **self.item_embedding_layers}
+        return [name for name, spec in layers.items() if spec.type == feature_type]
+
+    def check_columns(self, available: Iterable[str], source: str = "the data") -> None:
+        """Raise if a configured feature is not a column of the data, before any training."""
+        available = set(available)
+        for tower, layers in (
+            ("user_embedding_layers", self.user_embedding_layers),
+            ("item_embedding_layers", self.item_embedding_layers),
+        ):
+            for feature in layers:
+                if feature not in available:
+                    raise FeatureConfigError(
+                        f"config {self.name!r}: feature {feature!r} in {tower} "
+                        f"is not a column of {source} (columns: {sorted(available)})"
+                    )
+
+
+def _feature_name_of(error: dict) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    for tower in ("user_embedding_layers", "item_embedding_layers"):
+        if tower in loc and loc.index(tower) + 1 < len(loc):
+            return f"feature {loc[loc.index(tower) + 1]!r} in {tower}"
+    return "/".join(loc) or "config"
+
+
+def parse_feature_config(raw: dict, name: str, source: str) -> FeatureConfig:
+    """Validate an already-decoded config; errors name ``source`` and the feature."""
+    try:
+        return FeatureConfig.model_validate({**raw, "name": name})
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{_feature_name_of(err)}: {err['msg']}" for err in exc.errors(include_url=False)
+        )
+        raise FeatureConfigError(f"invalid feature config {source}: {problems}") from None
+
+
+def load_feature_config(name_or_path: str | Path, config_dir: str | Path | None = None) -> FeatureConfig:
+    """Load ``configs/<name>.json`` (or an explicit path) and validate it."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".json" or candidate.is_file():
+        path = candidate
+    else:
+        path = Path(config_dir or DEFAULT_CONFIG_DIR) / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
+        raise FeatureConfigError(f"feature config {path} does not exist (known configs: {known})")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FeatureConfigError(f"invalid feature config {path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise FeatureConfigError(f"invalid feature config {path}: top level must be a JSON object")
+    return parse_feature_config(raw, name=path.stem, source=str(path))
+
+
+def available_configs(config_dir: str | Path | None = None) -> list[str]:
+    return sorted(p.stem for p in Path(config_dir or DEFAULT_CONFIG_DIR).glob("*.json"))

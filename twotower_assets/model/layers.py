@@ -1,0 +1,172 @@
+"""Per-feature input layers, one class per feature type of the config.
+
+Each layer takes one raw column (a batch of scalars: strings or numbers) and returns a
+``(batch, embedding_size)`` float tensor. Their preprocessing state (vocabularies, means,
+pretrained vectors) is computed once from the training table by
+:mod:`twotower_assets.model.datasets` and passed in, so building a model never re-reads data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from twotower_assets.model.features import FeatureConfig, FeatureConfigError, FeatureSpec
+
+TEXT_MAX_TOKENS = 10_000
+
+
+@dataclass
+class FeatureStats:
+    """What the input layers learn from the training table, computed before training.
+
+    ``pretrained`` maps a feature to ``(ids, vectors)``: the id of each row and its vector;
+    unknown ids are looked up as row 0, which is all zeros.
+    """
+
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    moments: dict[str, tuple[float, float]] = field(default_factory=dict)
+    text_vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    pretrained: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "feature_stats.json").write_text(
+            json.dumps(
+                {
+                    "vocabularies": self.vocabularies,
+                    "moments": self.moments,
+                    "text_vocabularies": self.text_vocabularies,
+                    "pretrained_ids": {k: ids for k, (ids, _) in self.pretrained.items()},
+                }
+            )
+        )
+        np.savez(
+            directory / "pretrained_vectors.npz",
+            **{k: vectors for k, (_, vectors) in self.pretrained.items()},
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FeatureStats:
+        directory = Path(directory)
+        raw = json.loads((directory / "feature_stats.json").read_text())
+        with np.load(directory / "pretrained_vectors.npz") as vectors:
+            pretrained = {k: (ids, vectors[k]) for k, ids in raw["pretrained_ids"].items()}
+        return cls(
+            vocabularies=raw["vocabularies"],
+            moments={k: tuple(v) for k, v in raw["moments"].items()},
+            text_vocabularies=raw["text_vocabularies"],
+            pretrained=pretrained,
+        )
+
+
+def parse_vector(text: str | None, dim: int) -> np.ndarray | None:
+    """A JSON list of ``dim`` numbers, or None when it is missing or unusable."""
+    if text is None:
+        return None
+    try:
+        values = np.asarray(json.loads(text), dtype=np.float32)
+    except (ValueError, TypeError):
+        return None
+    if values.shape != (dim,) or not np.all(np.isfinite(values)):
+        return None
+    return values
+
+
+class StringFeature(tf.keras.layers.Layer):
+    """StringLookup over the training vocabulary (one OOV slot) -> Embedding(vocab + 1, size)."""
+
+    def __init__(self, vocabulary: list[str], embedding_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.lookup = tf.keras.layers.StringLookup(vocabulary=list(vocabulary), num_oov_indices=1)
+        self.embedding = tf.keras.layers.Embedding(len(vocabulary) + 1, embedding_size)
+
+    def call(self, inputs):
+        return self.embedding(self.lookup(inputs))
+
+
+class NumericFeature(tf.keras.layers.Layer):
+    """Normalization with the training column's mean and variance -> linear Dense(size)."""
+
+    def __init__(self, mean: float, variance: float, embedding_size: int, **kwargs):
+        super().__init__(**kwargs)
+        # A constant column has variance 0; Normalization would divide by ~0.
+        self.normalization = tf.keras.layers.Normalization(
+            axis=None, mean=mean, variance=max(variance, 1e-12)
+        )
+        self.dense = tf.keras.layers.Dense(embedding_size)
+
+    def call(self, inputs):
+        values = tf.reshape(tf.cast(inputs, tf.float32), (-1, 1))
+        return self.dense(self.normalization(values))
+
+
+class TextFeature(tf.keras.layers.Layer):
+    """TextVectorization (10,000 tokens) -> Embedding(10,000, size) -> average over tokens."""
+
+    def __init__(self, vocabulary: list[str], embedding_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.vectorize = tf.keras.layers.TextVectorization(
+            max_tokens=TEXT_MAX_TOKENS, output_mode="int", vocabulary=list(vocabulary)
+        )
+        self.embedding = tf.keras.layers.Embedding(TEXT_MAX_TOKENS, embedding_size, mask_zero=True)
+        self.pooling = tf.keras.layers.GlobalAveragePooling1D()
+
+    def call(self, inputs):
+        tokens = self.vectorize(tf.reshape(inputs, (-1, 1)))
+        embedded = self.embedding(tokens)
+        mask = self.embedding.compute_mask(tokens)
+        # All-padding rows (empty text) average to zeros instead of NaN.
+        pooled = self.pooling(embedded, mask=mask)
+        return tf.where(tf.math.is_finite(pooled), pooled, tf.zeros_like(pooled))
+
+
+class PretrainedFeature(tf.keras.layers.Layer):
+    """A frozen Embedding filled with given vectors per id; unknown ids get row 0 (zeros).
+
+    Its input is the tower's id column, not the vector column: the vectors are looked up by
+    id, so serving needs only the id.
+    """
+
+    def __init__(self, ids: list[str], vectors: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        self.lookup = tf.keras.layers.StringLookup(vocabulary=list(ids), num_oov_indices=1)
+        table = np.vstack([np.zeros((1, vectors.shape[1]), np.float32), vectors])
+        self.embedding = tf.keras.layers.Embedding(
+            table.shape[0],
+            table.shape[1],
+            embeddings_initializer=tf.keras.initializers.Constant(table),
+            trainable=False,
+        )
+
+    def call(self, inputs):
+        return self.embedding(self.lookup(inputs))
+
+
+def build_feature_layer(
+    name: str, spec: FeatureSpec, stats: FeatureStats, config: FeatureConfig
+) -> tf.keras.layers.Layer:
+    """The input layer for one configured feature, from the statistics of the training table."""
+    layer_name = f"{name}_{spec.type}"
+    if spec.type == "string":
+        return StringFeature(stats.vocabularies[name], spec.embedding_size, name=layer_name)
+    if spec.type == "int":
+        mean, variance = stats.moments[name]
+        return NumericFeature(mean, variance, spec.embedding_size, name=layer_name)
+    if spec.type == "text":
+        return TextFeature(stats.text_vocabularies[name], spec.embedding_size, name=layer_name)
+    if spec.type == "pretrained":
+        ids, vectors = stats.pretrained[name]
+        if vectors.shape[1] != spec.embedding_size:
+            raise FeatureConfigError(
+                f"config {config.name!r}: pretrained feature {name!r} has embedding_size "
+                f"{spec.embedding_size} but its vectors have {vectors.shape[1]} values"
+            )
+        return PretrainedFeature(ids, vectors, name=layer_name)
+    raise FeatureConfigError(f"config {config.name!r}: feature {name!r} has unknown type {spec.type!r}")

@@ -1,0 +1,489 @@
+"""Offline evaluation of a retrieval model against simple baselines.
+
+Each evaluated user gets a ranked list drawn from the FULL catalogue (every item), with
+the items that user already saw in training removed, and that list is compared with the
+user's held-out test items. The baselines are random, popularity, and truncated SVD.
+
+Scale: up to 50,000 evaluated users x 200,000 items. No function builds a dense
+users x items matrix. Scores are computed for ``block_size`` users at a time with one
+float32 product per block (``user_block @ item_vectors.T``). Seen items get ``-inf``, and
+``np.argpartition`` picks the top k before only those k are sorted.
+
+Ranked lists hold item column indices, best first. When a user has fewer than k items
+left after exclusion, the tail of the list holds that user's excluded items (score
+``-inf``), so every row still has k distinct items. At the scale above this never happens
+(k is far smaller than the number of unseen items). Ties in score go to the lower item
+index inside the top k. Which tied item makes it into the top k at the cut-off is not
+fixed.
+
+Metric definitions, as computed by :func:`ranking_metrics`:
+
+* Only *counted* users enter any average. A counted user has at least one relevant (test)
+  item, so rows of ``relevant`` with no non-zero entry are ignored by every metric,
+  coverage and novelty included. Non-zero entries of ``relevant`` count as relevant,
+  whatever their value.
+* ``precision@k`` = hits in the top k / k, averaged over users.
+* ``recall@k`` = hits in the top k / number of relevant items of the user, averaged over
+  users.
+* ``ndcg@k``: binary gains. DCG = sum over hit positions p (1-based) of 1 / log2(p + 1).
+  IDCG is the same sum for min(k, |relevant|) hits at the top. Averaged over users.
+* ``coverage@k`` = number of distinct items in any counted user's top k / n_items, where
+  n_items = ``relevant.shape[1]``.
+* ``novelty@k`` = mean over counted users of the mean over their top-k items of
+  -log2(popularity[i]). ``popularity`` is the fraction of training users who interacted
+  with the item. It is clipped to ``[floor, 1]``, where ``floor`` is the smallest positive
+  value in ``item_popularity``, or 1e-12 if there is none. With popularity given as a
+  fraction of training users, that floor is at least 1/(number of training users), and
+  equals it whenever some item has exactly one training user. So an item never seen in
+  training scores like the rarest seen item instead of infinity.
+
+If no user is counted, the metric columns are NaN.
+
+Pure numpy / scipy / pandas. No TensorFlow, no Dagster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.sparse.linalg import svds
+
+__all__ = [
+    "top_k_items",
+    "random_recommendations",
+    "popularity_recommendations",
+    "svd_recommendations",
+    "ranking_metrics",
+    "evaluate_recommenders",
+    "capped_ks",
+    "METRIC_COLUMNS",
+]
+
+METRIC_COLUMNS = ["k", "precision", "recall", "ndcg", "coverage", "novelty"]
+
+# The most entries argpartition handles in one call. Its int64 index output is 8 bytes an
+# entry, so a 2048 x 200,000 block would need 3.3 GB at once. Each block is therefore
+# partitioned a few rows at a time (about 32 MB of indices).
+_ARGPARTITION_MAX_ELEMENTS = 1 << 22
+
+_NOVELTY_FLOOR_FALLBACK = 1e-12
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_k(k: int) -> int:
+    k = int(k)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return k
+
+
+def _check_block_size(block_size: int) -> int:
+    block_size = int(block_size)
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return block_size
+
+
+def _as_exclude(exclude, n_users: int, n_items: int) -> sp.csr_matrix | None:
+    """Make ``exclude`` a CSR matrix of shape (n_users, n_items), or None."""
+    if exclude is None:
+        return None
+    if not sp.issparse(exclude):
+        raise TypeError("exclude must be a scipy.sparse matrix (CSR) or None")
+    exclude = sp.csr_matrix(exclude)
+    if exclude.shape != (n_users, n_items):
+        raise ValueError(
+            f"exclude has shape {exclude.shape}, expected (n_users, n_items) = {(n_users, n_items)}"
+        )
+    return exclude
+
+
+def _excluded_items(exclude: sp.csr_matrix, row: int) -> np.ndarray:
+    """Item indices with a non-zero exclude entry in one row (explicit zeros do not count)."""
+    lo, hi = exclude.indptr[row], exclude.indptr[row + 1]
+    cols = exclude.indices[lo:hi]
+    data = exclude.data[lo:hi]
+    return np.unique(cols[data != 0])
+
+
+def _mask_excluded(scores: np.ndarray, exclude: sp.csr_matrix, start: int) -> None:
+    """Set ``scores[r, i] = -inf`` where ``exclude[start + r, i] != 0`` (in place)."""
+    block = exclude[start : start + scores.shape[0]]
+    if block.nnz == 0:
+        return
+    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    keep = block.data != 0
+    scores[rows[keep], block.indices[keep]] = -np.inf
+
+
+def _top_k_of_scores(scores: np.ndarray, k: int) -> np.ndarray:
+    """Top k column indices of each row of ``scores``, sorted by descending score.
+
+    Ties inside the top k go to the lower item index.
+    """
+    n_rows, n_items = scores.shape
+    if k >= n_items:
+        top = np.broadcast_to(np.arange(n_items, dtype=np.int64), (n_rows, n_items)).copy()
+    else:
+        top = np.empty((n_rows, k), dtype=np.int64)
+        kth = n_items - k
+        step = max(1, _ARGPARTITION_MAX_ELEMENTS // n_items)
+        for lo in range(0, n_rows, step):
+            hi = min(lo + step, n_rows)
+            top[lo:hi] = np.argpartition(scores[lo:hi], kth, axis=1)[:, kth:]
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    # lexsort: last key is primary -> by descending score, then by ascending item index.
+    order = np.lexsort((top, -top_scores), axis=-1)
+    return np.take_along_axis(top, order, axis=1)
+
+
+# ----------------------------------------------------------------------- ranking
+
+
+def top_k_items(
+    user_vectors: np.ndarray,
+    item_vectors: np.ndarray,
+    k: int,
+    exclude: sp.csr_matrix | None = None,
+    block_size: int = 2048,
+) -> np.ndarray:
+    """(U, k) int64 item indices sorted by descending dot-product score; exclude[u, i] != 0 removes item i for user u. k is capped at the number of items.
+
+    Scores every item in the catalogue for each user, ``block_size`` users at a time with a
+    float32 product, so memory stays at one (block_size, n_items) block. Excluded items
+    score -inf. They show up only in the tail of a user who has fewer than k items left.
+    """
+    user_vectors = np.asarray(user_vectors)
+    item_vectors = np.asarray(item_vectors)
+    if user_vectors.ndim != 2 or item_vectors.ndim != 2:
+        raise ValueError("user_vectors and item_vectors must be 2-D")
+    if user_vectors.shape[1] != item_vectors.shape[1]:
+        raise ValueError(
+            f"dimension mismatch: users have {user_vectors.shape[1]}, items have {item_vectors.shape[1]}"
+        )
+    n_users, n_items = user_vectors.shape[0], item_vectors.shape[0]
+    k = min(_check_k(k), n_items)
+    block_size = _check_block_size(block_size)
+    exclude = _as_exclude(exclude, n_users, n_items)
+    out = np.empty((n_users, k), dtype=np.int64)
+    if k == 0 or n_users == 0:
+        return out
+
+    items32 = np.ascontiguousarray(item_vectors, dtype=np.float32)
+    if not np.isfinite(items32).all():
+        raise ValueError("item_vectors contain NaN or inf")
+    items32_t = items32.T
+    # One score buffer reused by every block: a fresh 1.6 GB array per block costs page faults.
+    buffer = np.empty((min(block_size, n_users), n_items), dtype=np.float32)
+    for start in range(0, n_users, block_size):
+        stop = min(start + block_size, n_users)
+        users32 = np.asarray(user_vectors[start:stop], dtype=np.float32)
+        if not np.isfinite(users32).all():
+            raise ValueError("user_vectors contain NaN or inf")
+        scores = np.matmul(users32, items32_t, out=buffer[: stop - start])
+        if exclude is not None:
+            _mask_excluded(scores, exclude, start)
+        out[start:stop] = _top_k_of_scores(scores, k)
+    return out
+
+
+def random_recommendations(
+    n_users: int,
+    n_items: int,
+    k: int,
+    exclude=None,
+    seed: int = 0,
+    block_size=2048,
+) -> np.ndarray:
+    """(n_users, k) int64 items in uniformly random order, skipping each user's excluded items.
+
+    The random baseline: any ranker worth keeping must beat it. For each user, this
+    samples k + |excluded| distinct items without replacement, drops the excluded ones,
+    and keeps the first k. That costs O(k) per user instead of O(n_items). One generator
+    seeded with ``seed`` walks the users in order, so the result depends only on ``seed``.
+    ``block_size`` is accepted so all recommenders share a signature. It does not change
+    the result.
+    """
+    n_users, n_items = int(n_users), int(n_items)
+    if n_users < 0 or n_items < 0:
+        raise ValueError("n_users and n_items must be >= 0")
+    k = min(_check_k(k), n_items)
+    _check_block_size(block_size)
+    exclude = _as_exclude(exclude, n_users, n_items)
+    out = np.empty((n_users, k), dtype=np.int64)
+    if k == 0 or n_users == 0:
+        return out
+
+    rng = np.random.default_rng(seed)
+    flag = np.zeros(n_items, dtype=bool)
+    for u in range(n_users):
+        seen = _excluded_items(exclude, u) if exclude is not None else None
+        n_seen = 0 if seen is None else seen.size
+        sample = rng.choice(n_items, size=min(n_items, k + n_seen), replace=False, shuffle=True)
+        if n_seen == 0:
+            out[u] = sample[:k]
+            continue
+        flag[seen] = True
+        is_seen = flag[sample]
+        flag[seen] = False
+        # Unseen items first. Seen ones fill the tail only when fewer than k are unseen
+        # (then the sample is the whole catalogue).
+        out[u] = np.concatenate((sample[~is_seen], sample[is_seen]))[:k]
+    return out.astype(np.int64, copy=False)
+
+
+def popularity_recommendations(
+    item_counts: np.ndarray,
+    n_users: int,
+    k: int,
+    exclude=None,
+    block_size=2048,
+) -> np.ndarray:
+    """(n_users, k) int64 items ranked by descending ``item_counts``, skipping each user's excluded items.
+
+    The most-popular baseline. Every user gets the same global ranking, with ties going to
+    the lower item index and excluded items left out. That makes it O(k + |excluded|) per
+    user, with no score matrix. ``block_size`` is accepted so all recommenders share a
+    signature. It does not change the result.
+    """
+    counts = np.asarray(item_counts, dtype=np.float64).ravel()
+    if not np.isfinite(counts).all():
+        raise ValueError("item_counts contain NaN or inf")
+    n_users, n_items = int(n_users), counts.size
+    if n_users < 0:
+        raise ValueError("n_users must be >= 0")
+    k = min(_check_k(k), n_items)
+    _check_block_size(block_size)
+    exclude = _as_exclude(exclude, n_users, n_items)
+    order = np.argsort(-counts, kind="stable").astype(np.int64)
+    out = np.empty((n_users, k), dtype=np.int64)
+    if k == 0 or n_users == 0:
+        return out
+    out[:] = order[:k]
+    if exclude is None:
+        return out
+
+    rank = np.empty(n_items, dtype=np.int64)
+    rank[order] = np.arange(n_items)
+    for u in np.flatnonzero(np.diff(exclude.indptr)):
+        seen = _excluded_items(exclude, u)
+        if seen.size == 0:
+            continue
+        m = min(n_items, k + seen.size)
+        seen_rank = rank[seen]
+        keep = np.ones(m, dtype=bool)
+        keep[seen_rank[seen_rank < m]] = False
+        candidates = order[:m]
+        # Fewer than k unseen items only when m == n_items: seen items fill the tail.
+        out[u] = np.concatenate((candidates[keep], candidates[~keep]))[:k]
+    return out
+
+
+def svd_recommendations(
+    train_matrix: sp.csr_matrix,
+    user_rows: np.ndarray,
+    k: int,
+    exclude=None,
+    n_factors: int = 100,
+    seed: int = 0,
+    block_size=2048,
+) -> np.ndarray:
+    """Truncated SVD (scipy.sparse.linalg.svds, n_factors capped at min(shape)-1) of the binary training user x item matrix (all training users); scores for the users at user_rows are U_s * S @ V^T.
+
+    A classic collaborative-filtering baseline. The factorisation uses every training user,
+    but only the ``user_rows`` users are ranked: user factors U_s * S against item factors
+    V, through :func:`top_k_items`. ``exclude`` is aligned with ``user_rows``: its row j
+    belongs to user ``user_rows[j]``. ``seed`` fixes ARPACK's start vector.
+    """
+    if not sp.issparse(train_matrix):
+        raise TypeError("train_matrix must be a scipy.sparse matrix")
+    binary = sp.csr_matrix(train_matrix, copy=True)
+    binary.eliminate_zeros()
+    binary.data = np.ones_like(binary.data, dtype=np.float64)
+    binary = binary.astype(np.float64)
+    user_rows = np.asarray(user_rows, dtype=np.int64).ravel()
+    n_train_users, n_items = binary.shape
+    if user_rows.size and (user_rows.min() < 0 or user_rows.max() >= n_train_users):
+        raise ValueError("user_rows out of range of train_matrix rows")
+    n_factors = min(int(n_factors), min(binary.shape) - 1)
+    if n_factors < 1:
+        raise ValueError(f"train_matrix of shape {binary.shape} is too small for a truncated SVD")
+
+    # An explicit start vector keeps the result fixed by ``seed`` on every SciPy version.
+    v0 = np.random.default_rng(seed).uniform(-1.0, 1.0, size=min(binary.shape))
+    u, s, vt = svds(binary, k=n_factors, v0=v0)
+    user_factors = (u[user_rows] * s).astype(np.float32)
+    item_factors = np.ascontiguousarray(vt.T, dtype=np.float32)
+    return top_k_items(user_factors, item_factors, k, exclude=exclude, block_size=block_size)
+
+
+# ----------------------------------------------------------------------- metrics
+
+
+def capped_ks(ks: Sequence[int], n_items: int) -> list[int]:
+    """Sorted distinct ks with each k capped at n_items (e.g. [10,50,100] with 60 items -> [10,50,60]).
+
+    A cut-off beyond the list length would just repeat the last row, so it is folded in.
+    """
+    n_items = int(n_items)
+    if n_items < 1:
+        raise ValueError(f"n_items must be >= 1, got {n_items}")
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise ValueError("ks must not be empty")
+    if min(ks) < 1:
+        raise ValueError(f"every k must be >= 1, got {ks}")
+    return sorted({min(k, n_items) for k in ks})
+
+
+def _novelty_information(item_popularity: np.ndarray) -> np.ndarray:
+    """-log2 of popularity clipped to [smallest positive popularity (or 1e-12), 1]."""
+    positive = item_popularity[item_popularity > 0]
+    floor = float(positive.min()) if positive.size else _NOVELTY_FLOOR_FALLBACK
+    return -np.log2(np.clip(item_popularity, floor, 1.0))
+
+
+def ranking_metrics(
+    recommended: np.ndarray,
+    relevant: sp.csr_matrix,
+    item_popularity: np.ndarray,
+    ks: Sequence[int],
+) -> pd.DataFrame:
+    """recommended: (U, K) item indices sorted best first; relevant: (U, I) binary test matrix; item_popularity: (I,) fraction of training users who interacted with each item.
+    Returns one row per k (k capped at K; duplicates after capping dropped), columns: k, precision, recall, ndcg, coverage, novelty.
+
+    See the module docstring for the definitions. Only users with at least one relevant
+    item count. Hits come from one sorted-key membership test over (user, item) pairs,
+    O(U*K + nnz), with no dense matrix.
+    """
+    recommended = np.asarray(recommended)
+    if recommended.ndim != 2:
+        raise ValueError("recommended must be 2-D (users x K)")
+    if recommended.size and not np.issubdtype(recommended.dtype, np.integer):
+        raise TypeError("recommended must hold integer item indices")
+    recommended = recommended.astype(np.int64, copy=False)
+    if not sp.issparse(relevant):
+        raise TypeError("relevant must be a scipy.sparse matrix")
+    relevant = sp.csr_matrix(relevant, copy=True)
+    relevant.eliminate_zeros()
+    relevant.sum_duplicates()
+    n_users, big_k = recommended.shape
+    if relevant.shape[0] != n_users:
+        raise ValueError(f"recommended has {n_users} rows but relevant has {relevant.shape[0]}")
+    n_items = relevant.shape[1]
+    popularity = np.asarray(item_popularity, dtype=np.float64).ravel()
+    if popularity.size != n_items:
+        raise ValueError(f"item_popularity has {popularity.size} entries, expected {n_items}")
+    if np.isnan(popularity).any() or (popularity < 0).any():
+        raise ValueError("item_popularity must be non-negative and not NaN")
+    if big_k == 0:
+        raise ValueError("recommended has no columns")
+    if recommended.size and (recommended.min() < 0 or recommended.max() >= n_items):
+        raise ValueError("recommended holds item indices outside [0, n_items)")
+    sorted_rec = np.sort(recommended, axis=1)
+    if (sorted_rec[:, 1:] == sorted_rec[:, :-1]).any():
+        raise ValueError("a recommended row repeats an item")
+    ks_eff = capped_ks(ks, big_k)
+
+    n_relevant = np.diff(relevant.indptr)
+    counted = n_relevant > 0
+    n_counted = int(counted.sum())
+    if n_counted == 0:
+        rows = [
+            {"k": k, "precision": np.nan, "recall": np.nan, "ndcg": np.nan,
+             "coverage": np.nan, "novelty": np.nan}
+            for k in ks_eff
+        ]
+        return pd.DataFrame(rows, columns=METRIC_COLUMNS)
+
+    # Hits: is (u, recommended[u, j]) a non-zero of relevant? Encode pairs as u * I + i.
+    rel_rows = np.repeat(np.arange(n_users, dtype=np.int64), n_relevant)
+    rel_keys = rel_rows * n_items + relevant.indices.astype(np.int64)
+    rec = recommended[counted]
+    user_ids = np.flatnonzero(counted).astype(np.int64)
+    rec_keys = user_ids[:, None] * n_items + rec
+    hits = np.isin(rec_keys, rel_keys).astype(np.float64)  # (n_counted, K)
+    n_rel = n_relevant[counted].astype(np.float64)
+
+    cum_hits = np.cumsum(hits, axis=1)
+    discounts = 1.0 / np.log2(np.arange(2, big_k + 2, dtype=np.float64))
+    cum_dcg = np.cumsum(hits * discounts, axis=1)
+    cum_discounts = np.cumsum(discounts)
+    information = _novelty_information(popularity)
+    cum_info = np.cumsum(information[rec], axis=1)
+
+    rows = []
+    seen = np.zeros(n_items, dtype=bool)
+    for k in ks_eff:
+        hits_k = cum_hits[:, k - 1]
+        ideal_hits = np.minimum(k, n_rel).astype(np.int64)
+        idcg = cum_discounts[ideal_hits - 1]
+        seen[:] = False
+        seen[rec[:, :k].ravel()] = True
+        rows.append(
+            {
+                "k": k,
+                "precision": float(np.mean(hits_k / k)),
+                "recall": float(np.mean(hits_k / n_rel)),
+                "ndcg": float(np.mean(cum_dcg[:, k - 1] / idcg)),
+                "coverage": float(seen.sum()) / n_items,
+                "novelty": float(np.mean(cum_info[:, k - 1] / k)),
+            }
+        )
+    frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    frame["k"] = frame["k"].astype(np.int64)
+    return frame
+
+
+def evaluate_recommenders(
+    recommendations: Mapping[str, np.ndarray],
+    relevant,
+    item_popularity,
+    ks,
+    user_segments: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Long table: columns model, segment, k, precision, recall, ndcg, coverage, novelty. segment is 'all' plus, when user_segments (one label per user row) is given, one block of rows per distinct label.
+
+    Every model's recommendations must be row-aligned with ``relevant``. Segment labels are
+    written as strings, in sorted order, after 'all'. A label may not be 'all' itself.
+    Inside a segment, coverage is still divided by the whole catalogue (relevant.shape[1]).
+    """
+    if not sp.issparse(relevant):
+        raise TypeError("relevant must be a scipy.sparse matrix")
+    relevant = sp.csr_matrix(relevant)
+    n_users = relevant.shape[0]
+    segments: list[tuple[str, np.ndarray | None]] = [("all", None)]
+    if user_segments is not None:
+        labels = np.asarray(user_segments)
+        if labels.ndim != 1 or labels.shape[0] != n_users:
+            raise ValueError(f"user_segments must hold one label per user row ({n_users})")
+        for label in np.unique(labels):
+            name = str(label)
+            if name == "all":
+                raise ValueError("'all' is reserved and cannot be a segment label")
+            segments.append((name, np.flatnonzero(labels == label)))
+
+    columns = ["model", "segment", *METRIC_COLUMNS]
+    frames = []
+    for model, recommended in recommendations.items():
+        recommended = np.asarray(recommended)
+        if recommended.ndim != 2 or recommended.shape[0] != n_users:
+            raise ValueError(
+                f"recommendations[{model!r}] must have {n_users} rows, got shape {recommended.shape}"
+            )
+        for name, rows in segments:
+            if rows is None:
+                frame = ranking_metrics(recommended, relevant, item_popularity, ks)
+            else:
+                frame = ranking_metrics(recommended[rows], relevant[rows], item_popularity, ks)
+            frame.insert(0, "segment", name)
+            frame.insert(0, "model", str(model))
+            frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True)[columns]

@@ -1,0 +1,127 @@
+"""The warehouse resource: the one way assets read and write tables.
+
+Two implementations share this interface: :class:`~twotower_assets.warehouse.duckdb.DuckDBWarehouse`
+(the embedded default, a local file) and the BigQuery one (production). Data goes in and out
+as Arrow: tables or streams of record batches, never rows as Python objects.
+
+Writes are all-or-nothing. ``write_table`` replaces a whole table and ``replace_partition``
+replaces the rows of one partition value; if the input fails midway the previous contents
+stay as they were.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from abc import abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+
+from twotower_assets.warehouse.sql import Dialect
+
+ArrowData = pa.Table | Iterable[pa.RecordBatch]
+QueryParams = Mapping[str, Any]
+
+
+class WarehouseError(RuntimeError):
+    """A warehouse operation that failed with a message worth showing the user."""
+
+
+class EmptyTableError(WarehouseError):
+    """A table (or partition) that must have rows has none."""
+
+
+def as_batches(data: ArrowData, schema: pa.Schema | None = None) -> pa.RecordBatchReader:
+    """A record-batch stream over a table or an iterable of batches."""
+    if isinstance(data, pa.Table):
+        if schema is not None:
+            data = data.select(schema.names).cast(schema)
+        return pa.RecordBatchReader.from_batches(data.schema, data.to_batches())
+    if isinstance(data, pa.RecordBatchReader):
+        return data
+    batches = iter(data)
+    if schema is None:
+        first = next(batches, None)
+        if first is None:
+            raise WarehouseError("no data and no schema: cannot create the table")
+        schema = first.schema
+
+        def chained() -> Iterator[pa.RecordBatch]:
+            yield first
+            yield from batches
+
+        return pa.RecordBatchReader.from_batches(schema, chained())
+    return pa.RecordBatchReader.from_batches(schema, batches)
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """Read, write and query tables. Subclasses implement one warehouse each."""
+
+    @property
+    @abstractmethod
+    def dialect(self) -> Dialect: ...
+
+    @abstractmethod
+    def table_name(self, name: str) -> str:
+        """The fully qualified name of a pipeline table (adds the dataset/schema)."""
+
+    @abstractmethod
+    def query(self, sql: str, params: QueryParams | None = None) -> pa.Table: ...
+
+    @abstractmethod
+    def query_batches(
+        self, sql: str, params: QueryParams | None = None, batch_size: int = 65_536
+    ) -> Iterator[pa.RecordBatch]: ...
+
+    @abstractmethod
+    def execute(self, sql: str, params: QueryParams | None = None) -> None: ...
+
+    @abstractmethod
+    def table_exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def table_schema(self, name: str) -> pa.Schema: ...
+
+    @abstractmethod
+    def write_table(self, name: str, data: ArrowData, schema: pa.Schema | None = None) -> int:
+        """Create or replace ``name`` with ``data`` in one step; returns the row count."""
+
+    @abstractmethod
+    def replace_partition(
+        self,
+        name: str,
+        partition_column: str,
+        partition_value: dt.date,
+        data: ArrowData,
+        schema: pa.Schema | None = None,
+    ) -> int:
+        """Replace the rows whose ``partition_column`` equals the value, atomically.
+
+        Creates the table when it does not exist. Rows of other partitions are untouched.
+        """
+
+    @abstractmethod
+    def replace_partition_from_queries(
+        self,
+        selects: Mapping[str, str],
+        partition_column: str,
+        partition_value: dt.date,
+        params: QueryParams,
+    ) -> dict[str, int]:
+        """Fill one partition of several tables from SELECTs run in the warehouse, atomically."""
+
+    @abstractmethod
+    def create_latest_view(self, view: str, table: str, partition_column: str) -> None:
+        """A view showing only the newest partition of ``table``."""
+
+    def partition_row_counts(self, name: str, partition_column: str) -> dict[dt.date, int]:
+        from twotower_assets.warehouse.sql import quote_identifier
+
+        column = quote_identifier(partition_column)
+        result = self.query(
+            f"SELECT {column} AS partition_value, COUNT(*) AS row_count "
+            f"FROM {self.dialect.table(self.table_name(name))} GROUP BY {column} ORDER BY {column}"
+        )
+        return dict(zip(result["partition_value"].to_pylist(), result["row_count"].to_pylist()))

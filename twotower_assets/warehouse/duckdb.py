@@ -1,0 +1,166 @@
+"""The embedded default warehouse: one DuckDB file under the local data directory.
+
+DuckDB lets one process write a file at a time. Each operation opens the file, does its
+work in one transaction and closes it, retrying for a while when another process (a second
+Dagster run, a notebook) holds the lock, so runs queue instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+from pydantic import Field
+
+from twotower_assets.warehouse.base import (
+    ArrowData,
+    QueryParams,
+    WarehouseError,
+    WarehouseResource,
+    as_batches,
+)
+from twotower_assets.warehouse.sql import DUCKDB, Dialect, check_table_name, quote_identifier
+
+_LOCK_MESSAGES = ("Could not set lock", "Conflicting lock")
+
+
+class DuckDBWarehouse(WarehouseResource):
+    """Tables in a local DuckDB file (created on first use)."""
+
+    path: str = Field(description="The DuckDB database file.")
+    lock_timeout_s: float = Field(default=120.0, description="How long to wait for another writer.")
+
+    @property
+    def dialect(self) -> Dialect:
+        return DUCKDB
+
+    def table_name(self, name: str) -> str:
+        return check_table_name(name)
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout_s
+        while True:
+            try:
+                connection = duckdb.connect(self.path)
+                break
+            except duckdb.IOException as exc:
+                if not any(m in str(exc) for m in _LOCK_MESSAGES) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    def query(self, sql: str, params: QueryParams | None = None) -> pa.Table:
+        with self.connect() as con:
+            return con.execute(sql, dict(params or {})).to_arrow_table()
+
+    def query_batches(
+        self, sql: str, params: QueryParams | None = None, batch_size: int = 65_536
+    ) -> Iterator[pa.RecordBatch]:
+        with self.connect() as con:
+            reader = con.execute(sql, dict(params or {})).to_arrow_reader(batch_size)
+            yield from reader
+
+    def execute(self, sql: str, params: QueryParams | None = None) -> None:
+        with self.connect() as con:
+            con.execute(sql, dict(params or {}))
+
+    def table_exists(self, name: str) -> bool:
+        with self.connect() as con:
+            return self._exists(con, name)
+
+    @staticmethod
+    def _exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+        check_table_name(name)
+        rows = con.execute(
+            "SELECT 1 FROM information_schema.tables WHERE table_name = $name", {"name": name}
+        ).fetchall()
+        return bool(rows)
+
+    def table_schema(self, name: str) -> pa.Schema:
+        with self.connect() as con:
+            if not self._exists(con, name):
+                raise WarehouseError(f"table {name} does not exist in {self.path}")
+            return con.execute(f"SELECT * FROM {DUCKDB.table(name)} LIMIT 0").to_arrow_table().schema
+
+    def write_table(self, name: str, data: ArrowData, schema: pa.Schema | None = None) -> int:
+        reader = as_batches(data, schema)
+        with self.connect() as con, _transaction(con):
+            con.register("incoming_rows", reader)
+            con.execute(f"CREATE OR REPLACE TABLE {DUCKDB.table(name)} AS SELECT * FROM incoming_rows")
+            con.unregister("incoming_rows")
+            return con.execute(f"SELECT COUNT(*) FROM {DUCKDB.table(name)}").fetchone()[0]
+
+    def replace_partition(
+        self,
+        name: str,
+        partition_column: str,
+        partition_value: dt.date,
+        data: ArrowData,
+        schema: pa.Schema | None = None,
+    ) -> int:
+        reader = as_batches(data, schema)
+        table, column = DUCKDB.table(name), quote_identifier(partition_column)
+        with self.connect() as con, _transaction(con):
+            con.register("incoming_rows", reader)
+            con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM incoming_rows LIMIT 0")
+            con.execute(f"DELETE FROM {table} WHERE {column} = $value", {"value": partition_value})
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
+            con.unregister("incoming_rows")
+            return con.execute(
+                f"SELECT COUNT(*) FROM {table} WHERE {column} = $value", {"value": partition_value}
+            ).fetchone()[0]
+
+    def replace_partition_from_queries(
+        self,
+        selects: Mapping[str, str],
+        partition_column: str,
+        partition_value: dt.date,
+        params: QueryParams,
+    ) -> dict[str, int]:
+        column = quote_identifier(partition_column)
+        counts = {}
+        with self.connect() as con, _transaction(con):
+            for name, select in selects.items():
+                table = DUCKDB.table(name)
+                partition_select = (
+                    f"SELECT CAST($partition_value AS DATE) AS {column}, source.* FROM ({select}) AS source"
+                )
+                query_params = {**params, "partition_value": partition_value}
+                con.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table} AS {partition_select} LIMIT 0", query_params
+                )
+                con.execute(f"DELETE FROM {table} WHERE {column} = $value", {"value": partition_value})
+                con.execute(f"INSERT INTO {table} BY NAME {partition_select}", query_params)
+                counts[name] = con.execute(
+                    f"SELECT COUNT(*) FROM {table} WHERE {column} = $value", {"value": partition_value}
+                ).fetchone()[0]
+        return counts
+
+    def create_latest_view(self, view: str, table: str, partition_column: str) -> None:
+        column = quote_identifier(partition_column)
+        source = DUCKDB.table(table)
+        self.execute(
+            f"CREATE OR REPLACE VIEW {DUCKDB.table(view)} AS SELECT * FROM {source} "
+            f"WHERE {column} = (SELECT MAX({column}) FROM {source})"
+        )
+
+
+@contextlib.contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")

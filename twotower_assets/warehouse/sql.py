@@ -1,0 +1,151 @@
+"""SQL shared by the warehouses: the split rules and the per-entity feature reads.
+
+Identifiers (table and column names) cannot be query parameters, so every identifier that
+reaches SQL goes through :func:`quote_identifier`, which accepts only plain names; values
+(dates, fractions) are always query parameters. The statements use the subset of SQL that
+DuckDB and BigQuery share; the few differences live in :class:`Dialect`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_TABLE_PATH = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,2}$")
+
+
+class UnsafeIdentifierError(ValueError):
+    """A table or column name that is not a plain identifier."""
+
+
+def quote_identifier(name: str) -> str:
+    """Backquote-free, injection-free column name: letters, digits and underscores only."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise UnsafeIdentifierError(f"not a plain SQL identifier: {name!r}")
+    return name
+
+
+def check_table_name(name: str) -> str:
+    """A table name of up to three dotted parts (project.dataset.table), each plain."""
+    if not isinstance(name, str) or not _TABLE_PATH.match(name):
+        raise UnsafeIdentifierError(f"not a plain table name: {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the warehouses' SQL."""
+
+    name: str
+    param_prefix: str  # "$" for DuckDB, "@" for BigQuery
+    table_quote: str  # DuckDB: '"', BigQuery: '`'
+    int_type: str
+    float_type: str
+    hex_md5: str  # format string with one {} for the string expression
+
+    def param(self, name: str) -> str:
+        return f"{self.param_prefix}{quote_identifier(name)}"
+
+    def table(self, name: str) -> str:
+        check_table_name(name)
+        if self.name == "bigquery":
+            return f"`{name}`"
+        return ".".join(f'"{part}"' for part in name.split("."))
+
+
+DUCKDB = Dialect("duckdb", "$", '"', "BIGINT", "DOUBLE", "md5({})")
+BIGQUERY = Dialect("bigquery", "@", "`", "INT64", "FLOAT64", "TO_HEX(MD5({}))")
+
+USER_COLUMN = "user_id"
+ITEM_COLUMN = "item_id"
+DATE_COLUMN = "event_date"
+# Ties inside a day are broken by hour then item, so the chronological cut is reproducible.
+EVENT_ORDER = "event_date, event_hour, item_id"
+EVENT_ORDER_DESC = "event_date DESC, event_hour DESC, item_id DESC"
+
+
+def _column_list(columns: list[str], prefix: str = "") -> str:
+    return ", ".join(f"{prefix}{quote_identifier(c)}" for c in columns)
+
+
+def _ranked_events(dialect: Dialect, source: str, columns: list[str]) -> str:
+    cols = _column_list(columns)
+    return f"""
+windowed AS (
+  SELECT {cols} FROM {dialect.table(source)}
+  WHERE {DATE_COLUMN} >= {dialect.param("start_date")} AND {DATE_COLUMN} < {dialect.param("train_date")}
+),
+ranked AS (
+  SELECT {cols},
+    ROW_NUMBER() OVER (PARTITION BY {USER_COLUMN} ORDER BY {EVENT_ORDER}) AS event_rank,
+    COUNT(*) OVER (PARTITION BY {USER_COLUMN}) AS user_event_count
+  FROM windowed
+),
+training AS (
+  SELECT {cols} FROM ranked
+  WHERE event_rank <= GREATEST(1, CAST(FLOOR(user_event_count * {dialect.param("train_set_size")}) AS {dialect.int_type}))
+),
+holdout AS (
+  SELECT {_column_list(columns, "r.")},
+    {dialect.hex_md5.format(f"CONCAT(r.{USER_COLUMN}, '|', r.{ITEM_COLUMN}, '|', CAST(r.{DATE_COLUMN} AS STRING))")} AS split_hash
+  FROM ranked AS r
+  WHERE r.event_rank > GREATEST(1, CAST(FLOOR(r.user_event_count * {dialect.param("train_set_size")}) AS {dialect.int_type}))
+    AND r.{USER_COLUMN} IN (SELECT {USER_COLUMN} FROM training)
+    AND r.{ITEM_COLUMN} IN (SELECT {ITEM_COLUMN} FROM training)
+    AND NOT EXISTS (
+      SELECT 1 FROM training AS t
+      WHERE t.{USER_COLUMN} = r.{USER_COLUMN} AND t.{ITEM_COLUMN} = r.{ITEM_COLUMN}
+    )
+)"""
+
+
+SPLITS = ("training", "validation", "test")
+
+
+def split_queries(dialect: Dialect, source: str, columns: list[str]) -> dict[str, str]:
+    """One SELECT per split over the events in ``[start_date, train_date)``.
+
+    Parameters: ``start_date`` and ``train_date`` (DATE), ``train_set_size`` (FLOAT64).
+    Rules (docs/decisions.md): per user, events in date order; the first
+    ``floor(n * train_set_size)`` (at least one, so single-event users are all training) go
+    to training. The rest are kept only if user and item occur in training and the pair
+    does not; the md5 of ``user|item|date`` sends even hashes to validation, odd to test.
+    """
+    for required in (USER_COLUMN, ITEM_COLUMN, DATE_COLUMN, "event_hour"):
+        if required not in columns:
+            raise ValueError(f"source table {source} has no column {required!r}")
+    prefix = "WITH " + _ranked_events(dialect, source, columns)
+    cols = _column_list(columns)
+    even = "STRPOS('02468ace', SUBSTR(split_hash, 32, 1)) > 0"
+    return {
+        "training": f"{prefix}\nSELECT {cols} FROM training",
+        "validation": f"{prefix}\nSELECT {cols} FROM holdout WHERE {even}",
+        "test": f"{prefix}\nSELECT {cols} FROM holdout WHERE NOT ({even})",
+    }
+
+
+def training_examples_query(dialect: Dialect, table: str, columns: list[str]) -> str:
+    """Rows of one split partition plus each item's share of training rows (logQ correction).
+
+    Parameter ``train_date``. Rows come in md5 order: a fixed pseudo-random order, so the
+    input is reproducible and consecutive rows are not one user's history.
+    """
+    cols = _column_list(columns)
+    key = f"CONCAT(user_id, '|', item_id, '|', CAST(event_date AS STRING), '|', CAST(event_hour AS STRING))"
+    return f"""
+SELECT {cols},
+  CAST(COUNT(*) OVER (PARTITION BY {ITEM_COLUMN}) AS {dialect.float_type}) / COUNT(*) OVER () AS item_sampling_probability
+FROM {dialect.table(table)}
+WHERE train_date = {dialect.param("train_date")}
+ORDER BY {dialect.hex_md5.format(key)}"""
+
+
+def latest_row_per_query(dialect: Dialect, table: str, key: str, columns: list[str]) -> str:
+    """One row per ``key``: its most recent training event (parameter ``train_date``)."""
+    cols = _column_list(sorted(set(columns) | {key}))
+    return f"""
+SELECT {cols} FROM {dialect.table(table)}
+WHERE train_date = {dialect.param("train_date")}
+QUALIFY ROW_NUMBER() OVER (PARTITION BY {quote_identifier(key)} ORDER BY {EVENT_ORDER_DESC}) = 1
+ORDER BY {quote_identifier(key)}"""
