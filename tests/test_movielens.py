@@ -1,0 +1,215 @@
+"""MovieLens loader: both file layouts, the click-event mapping, bad files, the source asset.
+
+Fixtures under tests/fixtures/movielens/ hold the same 13 ratings, 4 users and 6 movies in
+GroupLens's layout (u.data, latin-1 u.user/u.item with CRLF lines) and RecBole's atomic files.
+"""
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from twotower_assets.data.movielens import (
+    MOVIELENS_EVENT_SCHEMA,
+    MovieLensFormatError,
+    click_event_table,
+    detect_format,
+    load_movielens,
+    recent_items,
+)
+from twotower_assets.model.features import load_feature_config
+
+FIXTURES = Path(__file__).parent / "fixtures" / "movielens"
+GROUPLENS = FIXTURES / "grouplens"
+RECBOLE = FIXTURES / "recbole"
+
+
+@pytest.fixture(params=["grouplens", "recbole"])
+def layout(request) -> Path:
+    return FIXTURES / request.param
+
+
+def test_detects_both_layouts():
+    assert detect_format(GROUPLENS) == "grouplens"
+    assert detect_format(RECBOLE) == "recbole"
+
+
+def test_both_layouts_load_the_same_data():
+    grouplens, recbole = load_movielens(GROUPLENS), load_movielens(RECBOLE)
+    for name in ("ratings", "users", "items"):
+        assert getattr(grouplens, name).equals(getattr(recbole, name)), name
+    assert grouplens.num_ratings == 13
+
+
+def test_item_attributes(layout):
+    items = {row["item_id"]: row for row in load_movielens(layout).items.to_pylist()}
+    # The "(1995)" suffix of GroupLens titles is dropped, as in RecBole's files.
+    assert items["1"] == {"item_id": "1", "title": "Toy Story", "genres": "Animation Children's Comedy", "release_year": 1995}
+    assert items["3"]["title"] == "Café au lait"  # latin-1 in u.item, UTF-8 in RecBole's file
+    # The title's year, even where GroupLens's release date says 1997.
+    assert items["6"]["release_year"] == 1996
+    assert items["5"]["release_year"] is None and items["5"]["genres"] == "unknown"
+
+
+def test_user_attributes(layout):
+    users = load_movielens(layout).users.to_pylist()
+    assert users[0] == {"user_id": "1", "age": 24, "gender": "M", "occupation": "technician", "zip_code": "85711"}
+
+
+def test_click_events_table(layout):
+    events = click_event_table(load_movielens(layout))
+    assert events.schema == MOVIELENS_EVENT_SCHEMA
+    assert events.num_rows == 13
+    stamps = events["event_timestamp"].to_numpy()
+    assert (np.diff(stamps) >= 0).all()
+    first = events.slice(0, 1).to_pylist()[0]
+    # 874965758 = 1997-09-22 22:02:38 UTC, a Monday.
+    assert first["event_date"] == dt.date(1997, 9, 22)
+    assert (first["event_hour"], first["event_day"], first["event_month"]) == (22, 1, "9")
+    assert first["user_zip_prefix"] == "85" and first["user_gender"] == "M" and first["user_age"] == 24
+    assert first["item_title"] == "Toy Story" and first["offer_category_id"] == "Animation"
+    assert first["item_release_year"] == 1995
+
+
+def test_end_date_shifts_every_event_by_whole_days(layout):
+    data = load_movielens(layout)
+    original = click_event_table(data)
+    shifted = click_event_table(data, end_date=dt.date(2026, 5, 31))
+    assert shifted["event_date"][-1].as_py() == dt.date(2026, 5, 31)
+    gaps = shifted["event_timestamp"].to_numpy() - original["event_timestamp"].to_numpy()
+    assert len(set(gaps.tolist())) == 1 and gaps[0] % 86_400 == 0
+    assert shifted["event_hour"].equals(original["event_hour"])
+
+
+def test_recent_items_are_strictly_earlier_and_newest_first():
+    events = click_event_table(load_movielens(RECBOLE))
+    user_one = [row for row in events.to_pylist() if row["user_id"] == "1"]
+    recent = {row["item_id"]: row["user_recent_items"] for row in user_one}
+    assert recent["1"] == ""
+    # Items 2 and 4 were rated in the same second: neither sees the other.
+    assert recent["2"] == "1" and recent["4"] == "1"
+    assert recent["6"].split()[2] == "1" and set(recent["6"].split()[:2]) == {"2", "4"}
+    capped = click_event_table(load_movielens(RECBOLE), recent_item_count=1)
+    assert all(len(value.split()) <= 1 for value in capped["user_recent_items"].to_pylist())
+
+
+def test_recent_items_from_a_separate_history():
+    # The bench's use: test events see only training ratings; unknown users see nothing.
+    out = recent_items(
+        events_user=np.array(["a", "a", "z"]),
+        events_time=np.array([10, 100, 50]),
+        history_user=np.array(["a", "a", "a", "b"]),
+        history_item=np.array(["i1", "i2", "i3", "i4"]),
+        history_time=np.array([5, 20, 200, 1]),
+        k=5,
+    )
+    assert out == ["i1", "i2 i1", ""]
+    with pytest.raises(ValueError, match="k must be"):
+        recent_items(np.array(["a"]), np.array([1]), np.array(["a"]), np.array(["i"]), np.array([0]), k=-1)
+
+
+def test_movielens_feature_config_matches_the_event_table():
+    config = load_feature_config("movielens-features")
+    config.check_columns(MOVIELENS_EVENT_SCHEMA.names, source="MovieLens click events")
+    assert config.user_id_feature == "user_id"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _copy(layout: Path, tmp_path: Path) -> Path:
+    target = tmp_path / layout.name
+    shutil.copytree(layout, target)
+    return target
+
+
+def test_missing_directory_names_the_download(tmp_path):
+    with pytest.raises(MovieLensFormatError, match="grouplens.org"):
+        load_movielens(tmp_path / "nowhere")
+    with pytest.raises(MovieLensFormatError, match="neither"):
+        load_movielens(tmp_path)
+
+
+def test_missing_companion_file(tmp_path):
+    path = _copy(GROUPLENS, tmp_path)
+    (path / "u.user").unlink()
+    with pytest.raises(MovieLensFormatError, match="missing MovieLens file .*u.user"):
+        load_movielens(path)
+
+
+def test_malformed_line_is_named(tmp_path):
+    path = _copy(GROUPLENS, tmp_path)
+    with (path / "u.data").open("a") as f:
+        f.write("1\t2\t3\n")
+    with pytest.raises(MovieLensFormatError, match=r"u.data, line 14: expected 4"):
+        load_movielens(path)
+
+
+def test_non_numeric_rating(tmp_path):
+    path = _copy(RECBOLE, tmp_path)
+    with (path / "ml-tiny.inter").open("a") as f:
+        f.write("1\t3\tgood\t874965758\n")
+    with pytest.raises(MovieLensFormatError, match="rating 'good' is not a number"):
+        load_movielens(path)
+
+
+def test_recbole_header_without_a_field(tmp_path):
+    path = _copy(RECBOLE, tmp_path)
+    item_file = path / "ml-tiny.item"
+    lines = item_file.read_text().splitlines()
+    item_file.write_text("\n".join([lines[0].replace("class:token_seq", "genre:token_seq"), *lines[1:]]) + "\n")
+    with pytest.raises(MovieLensFormatError, match=r"header has no field \['class'\]"):
+        load_movielens(path)
+
+
+def test_ratings_of_unknown_items(tmp_path):
+    path = _copy(GROUPLENS, tmp_path)
+    with (path / "u.data").open("a") as f:
+        f.write("1\t999\t4\t874965758\n")
+    with pytest.raises(MovieLensFormatError, match="item_id values missing from the items file .*'999'"):
+        load_movielens(path)
+
+
+def test_no_ratings(tmp_path):
+    path = _copy(GROUPLENS, tmp_path)
+    (path / "u.data").write_text("")
+    with pytest.raises(MovieLensFormatError, match="has no ratings"):
+        load_movielens(path)
+
+
+# ------------------------------------------------------------------------ source asset
+
+
+def test_click_events_asset_loads_movielens(tiny_resources):
+    from twotower_assets.defs.source import click_events
+
+    result = dg.materialize(
+        [click_events],
+        resources={"warehouse": tiny_resources["warehouse"]},
+        run_config={"ops": {"click_events": {"config": {
+            "source": "movielens", "movielens_path": str(GROUPLENS), "end_date": "2026-05-31",
+        }}}},
+    )
+    assert result.success
+    warehouse = tiny_resources["warehouse"]
+    table = warehouse.query(f"SELECT * FROM {warehouse.dialect.table(warehouse.table_name('click_events'))}")
+    assert table.num_rows == 13
+    assert max(table["event_date"].to_pylist()) == dt.date(2026, 5, 31)
+    assert set(MOVIELENS_EVENT_SCHEMA.names) <= set(table.column_names)
+    metadata = result.asset_materializations_for_node("click_events")[0].metadata
+    assert metadata["dagster/row_count"].value == 13 and metadata["source"].value == "movielens"
+
+
+def test_click_events_asset_needs_a_path(tiny_resources):
+    from twotower_assets.defs.source import click_events
+
+    with pytest.raises(ValueError, match="movielens_path is not set"):
+        dg.materialize(
+            [click_events],
+            resources={"warehouse": tiny_resources["warehouse"]},
+            run_config={"ops": {"click_events": {"config": {"source": "movielens"}}}},
+        )
