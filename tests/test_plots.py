@@ -1,0 +1,86 @@
+"""The plots: real PNGs of the expected size, readable data URIs, clear errors on bad input."""
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib import image
+
+from twotower_assets.model import plots
+
+
+def _image(png: bytes) -> np.ndarray:
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    return image.imread(io.BytesIO(png), format="png")
+
+
+def _metric_table() -> pd.DataFrame:
+    rows = []
+    for model, scale in (("two_tower", 1.0), ("popularity", 0.5), ("random", 0.1)):
+        for segment in ("all", "cold"):
+            for k in (10, 50, 100):
+                rows.append({"model": model, "segment": segment, "k": k, "precision": scale / k,
+                             "recall": scale * k / 100, "ndcg": scale * 0.3, "coverage": 0.1, "novelty": 5.0})
+    return pd.DataFrame(rows)
+
+
+def test_metric_vs_k_has_one_panel_per_metric():
+    one = _image(plots.metric_vs_k_png(_metric_table(), metrics=("recall",)))
+    three = _image(plots.metric_vs_k_png(_metric_table(), title="t"))
+    assert three.shape[1] > 2 * one.shape[1]  # three panels side by side
+    assert three.shape[0] > 100
+
+
+def test_metric_vs_k_errors():
+    with pytest.raises(ValueError, match="no column"):
+        plots.metric_vs_k_png(_metric_table().drop(columns=["ndcg"]))
+    with pytest.raises(ValueError, match="no rows for segment 'warm'"):
+        plots.metric_vs_k_png(_metric_table(), segment="warm")
+
+
+def test_pca_projects_on_the_main_directions():
+    rng = np.random.default_rng(0)
+    # Variance mostly along the first two axes: PCA keeps them, in order.
+    vectors = rng.normal(size=(200, 5)) * np.array([10.0, 3.0, 0.1, 0.1, 0.1])
+    points = plots.pca_2d(vectors)
+    assert points.shape == (200, 2)
+    assert np.var(points[:, 0]) > np.var(points[:, 1]) > 1.0
+    # The first component is the first axis, up to its sign.
+    assert abs(np.corrcoef(points[:, 0], vectors[:, 0])[0, 1]) > 0.99
+    assert abs(np.corrcoef(points[:, 1], vectors[:, 1])[0, 1]) > 0.99
+
+
+def test_embedding_pca_png_with_and_without_categories():
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(300, 8)).astype(np.float32)
+    categories = [f"c{i % 20}" for i in range(299)] + [None]  # more than MAX_CATEGORIES, one null
+    assert _image(plots.embedding_pca_png(vectors, categories)).shape[0] > 100
+    assert _image(plots.embedding_pca_png(vectors)).shape[0] > 100
+
+
+def test_embedding_pca_errors():
+    with pytest.raises(ValueError, match="3 categories for 4 vectors"):
+        plots.embedding_pca_png(np.zeros((4, 3)), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="at least 2 vectors"):
+        plots.embedding_pca_png(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        plots.pca_2d(np.array([[0.0, np.nan], [1.0, 2.0]]))
+
+
+def test_loss_curves():
+    assert _image(plots.loss_curves_png({"loss": [3.0, 2.0, 1.5], "val_loss": [3.1, 2.5, 2.4]})).shape[0] > 100
+    assert _image(plots.loss_curves_png({"loss": [1.0]})).shape[0] > 100
+    with pytest.raises(ValueError, match="no 'loss'"):
+        plots.loss_curves_png({"val_loss": [1.0]})
+
+
+def test_markdown_image_is_a_data_uri_of_the_png():
+    png = plots.loss_curves_png({"loss": [2.0, 1.0]})
+    markdown = plots.markdown_image(png, "loss")
+    assert markdown.startswith("![loss](data:image/png;base64,")
+    encoded = markdown.split("base64,", 1)[1].rstrip(")")
+    assert base64.b64decode(encoded) == png
+    with pytest.raises(ValueError, match="not PNG"):
+        plots.markdown_image(b"GIF89a", "x")
