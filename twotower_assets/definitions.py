@@ -10,12 +10,13 @@ from twotower_assets.defs.datasets import tf_datasets
 from twotower_assets.defs.evaluation import evaluation_metrics
 from twotower_assets.defs.publishing import item_embedding_history, match_model, user_embedding_history
 from twotower_assets.defs.resources import default_resources
-from twotower_assets.defs.source import click_events
+from twotower_assets.defs.source import click_events_asset
 from twotower_assets.defs.splits import split_tables
 from twotower_assets.defs.training import two_tower_model
+from twotower_assets.defs.vector_search import vector_search
 
 ALL_ASSETS = [
-    click_events,
+    click_events_asset(),
     split_tables,
     tf_datasets,
     two_tower_model,
@@ -23,6 +24,7 @@ ALL_ASSETS = [
     match_model,
     user_embedding_history,
     item_embedding_history,
+    vector_search,
 ]
 
 # One process runs a whole run: TensorFlow loads once, and DuckDB's single-writer file is

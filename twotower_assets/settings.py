@@ -4,6 +4,18 @@
                        MLflow store, saved datasets and models.
 ``TWOTOWER_WAREHOUSE`` ``duckdb`` (default) or ``bigquery``.
 ``MLFLOW_TRACKING_URI`` overrides the local MLflow store (``sqlite:///$TWOTOWER_HOME/mlflow.db``).
+
+BigQuery (``TWOTOWER_WAREHOUSE=bigquery``; docs/bigquery.md is the guide):
+
+``TWOTOWER_ENV``                     ``dev`` (default), ``stg`` or ``prod``: the dataset suffix.
+``TWOTOWER_BQ_PROJECT``              GCP project (default: ``GOOGLE_CLOUD_PROJECT``, then ADC's).
+``TWOTOWER_BQ_DATASET``              dataset of the pipeline's tables (default ``ml_preproc_<env>``).
+``TWOTOWER_BQ_LOCATION``             dataset / job location (default ``EU``).
+``TWOTOWER_BQ_CLICK_EVENTS_TABLE``   ``project.dataset.table`` of the production click events; when
+                                     set, ``click_events`` is an external input, not generated.
+``TWOTOWER_BQ_PARTITION_EXPIRATION_DAYS`` partition expiration of the partitioned tables (183).
+``TWOTOWER_GCP_CREDENTIALS``         base64 service-account key; unset: application default credentials.
+``TWOTOWER_BQ_ENDPOINT`` / ``BIGQUERY_EMULATOR_HOST`` a BigQuery emulator (anonymous credentials).
 """
 
 from __future__ import annotations
@@ -33,3 +45,20 @@ def mlflow_tracking_uri() -> str:
 
 def mlflow_artifact_root() -> str:
     return os.environ.get("TWOTOWER_MLFLOW_ARTIFACTS", (home() / "mlartifacts").as_uri())
+
+
+DEPLOYMENT_ENVS = ("dev", "stg", "prod")
+
+
+def deployment_env() -> str:
+    env = os.environ.get("TWOTOWER_ENV", "dev").strip().lower()
+    if env not in DEPLOYMENT_ENVS:
+        raise ValueError(f"TWOTOWER_ENV must be one of {', '.join(DEPLOYMENT_ENVS)}, not {env!r}")
+    return env
+
+
+def bigquery_click_events_table() -> str | None:
+    """The production click-event table on BigQuery, or None (synthetic events)."""
+    if warehouse_kind() != "bigquery":
+        return None
+    return os.environ.get("TWOTOWER_BQ_CLICK_EVENTS_TABLE") or None

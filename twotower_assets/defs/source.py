@@ -1,8 +1,9 @@
 """The raw click events: a seeded synthetic data set with the production schema.
 
-On BigQuery the click-event table is an existing production table instead (see the
-BigQuery section of the README); the key ``click_events`` stays the same so the graph
-downstream does not change.
+On BigQuery the click-event table can be an existing production table instead
+(``TWOTOWER_BQ_CLICK_EVENTS_TABLE``, docs/bigquery.md): ``click_events`` is then an external
+asset with the same key, so the graph downstream does not change. Without that variable the
+synthetic events are loaded into BigQuery like into DuckDB (dev, CI, the emulator).
 """
 
 
@@ -11,6 +12,7 @@ import datetime as dt
 import dagster as dg
 from pydantic import Field
 
+from twotower_assets import settings
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
 from twotower_assets.defs import tables
 from twotower_assets.warehouse.base import WarehouseResource
@@ -71,3 +73,20 @@ def click_events(
             ),
         }
     )
+
+
+def external_click_events(table: str) -> dg.AssetSpec:
+    """The production click events as an external input: read by the split SQL, never written."""
+    return dg.AssetSpec(
+        key=tables.CLICK_EVENTS,
+        group_name="source",
+        kinds={"bigquery"},
+        description=f"Production click events in {table} (external; TWOTOWER_BQ_CLICK_EVENTS_TABLE).",
+        metadata={"table": table},
+    )
+
+
+def click_events_asset() -> dg.AssetsDefinition | dg.AssetSpec:
+    """The synthetic asset, or the external production table when one is configured."""
+    table = settings.bigquery_click_events_table()
+    return external_click_events(table) if table else click_events

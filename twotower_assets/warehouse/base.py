@@ -19,7 +19,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from twotower_assets.warehouse.sql import Dialect
+from twotower_assets.warehouse.sql import Dialect, NeighborSearch
 
 ArrowData = pa.Table | Iterable[pa.RecordBatch]
 QueryParams = Mapping[str, Any]
@@ -115,6 +115,23 @@ class WarehouseResource(dg.ConfigurableResource):
     @abstractmethod
     def create_latest_view(self, view: str, table: str, partition_column: str) -> None:
         """A view showing only the newest partition of ``table``."""
+
+    def nearest_neighbors_query(self, search: NeighborSearch) -> str:
+        """A SELECT of the top-k neighbours (see :class:`~twotower_assets.warehouse.sql.NeighborSearch`).
+
+        By default exact, with the dialect's array functions; BigQuery overrides it with
+        VECTOR_SEARCH. The parameter is ``train_date``.
+        """
+        from twotower_assets.warehouse.sql import exact_nearest_neighbors_query
+
+        return exact_nearest_neighbors_query(self.dialect, search)
+
+    def ensure_vector_index(self, table: str, column: str, metric: str, min_rows: int) -> bool:
+        """Create an approximate-search index on ``column`` once ``table`` has ``min_rows`` rows.
+
+        Returns whether an index exists now. Warehouses without vector indexes return False.
+        """
+        return False
 
     def partition_row_counts(self, name: str, partition_column: str) -> dict[dt.date, int]:
         from twotower_assets.warehouse.sql import quote_identifier

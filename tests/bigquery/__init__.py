@@ -1,0 +1,1 @@
+"""Tests of the BigQuery warehouse against a real bqemulator process."""

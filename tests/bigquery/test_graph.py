@@ -1,0 +1,130 @@
+"""The whole asset graph on the BigQuery warehouse (bqemulator), in process, with tiny data."""
+
+import datetime as dt
+import importlib
+import uuid
+
+import dagster as dg
+import pyarrow as pa
+import pytest
+from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from google.cloud import bigquery
+
+from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
+from twotower_assets.defs import tables
+from twotower_assets.defs.resources import default_warehouse
+from twotower_assets.defs.splits import split_tables
+from twotower_assets.defs.vector_search import SIMILAR_ITEMS, USER_TOP_ITEMS
+
+from .conftest import emulator_warehouse
+
+TRAIN_DATE = dt.date.fromisoformat(TINY_PARTITION)
+REPUBLISHED = [
+    *tables.SPLIT_TABLES.values(),
+    tables.USER_EMBEDDING_HISTORY,
+    tables.ITEM_EMBEDDING_HISTORY,
+    USER_TOP_ITEMS,
+    SIMILAR_ITEMS,
+]
+
+
+def partition_counts(warehouse, names) -> dict[str, dict]:
+    return {name: warehouse.partition_row_counts(warehouse.table_name(name), "train_date") for name in names}
+
+
+@pytest.mark.slow
+def test_the_whole_graph_materialises_on_bigquery_and_reruns_replace_partitions(bq_emulator, tmp_path):
+    resources = make_resources(tmp_path / "home")
+    warehouse = emulator_warehouse(bq_emulator)
+    resources["warehouse"] = warehouse
+
+    result = materialize_all(resources)
+
+    assert result.success
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert {tables.CLICK_EVENTS, *REPUBLISHED, "tf_datasets", "two_tower_model", "match_model"} <= materialized
+    with warehouse.client() as client:
+        for entity, table_name, view_name in (
+            ("user", tables.USER_EMBEDDING_HISTORY, tables.USER_EMBEDDING_LATEST),
+            ("item", tables.ITEM_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_LATEST),
+        ):
+            table = client.get_table(warehouse.table_name(table_name))
+            assert [(f.name, f.field_type, f.mode) for f in table.schema] == [
+                ("train_date", "DATE", "NULLABLE"),
+                ("mlflow_run_id", "STRING", "NULLABLE"),
+                ("mlflow_experiment_name", "STRING", "NULLABLE"),
+                ("mlflow_run_name", "STRING", "NULLABLE"),
+                (f"{entity}_id", "STRING", "NULLABLE"),
+                (f"{entity}_embedding", "FLOAT64", "REPEATED"),
+            ]
+            assert table.time_partitioning.type_ == bigquery.TimePartitioningType.DAY
+            assert table.time_partitioning.field == "train_date"
+            assert table.time_partitioning.expiration_ms == 183 * 86_400_000
+            assert client.get_table(warehouse.table_name(view_name)).table_type == "VIEW"
+            latest = warehouse.query(f"SELECT train_date, {entity}_embedding FROM `{warehouse.table_name(view_name)}`")
+            assert latest.num_rows > 0 and set(latest["train_date"].to_pylist()) == {TRAIN_DATE}
+            assert set(pa.compute.list_value_length(latest[f"{entity}_embedding"]).to_pylist()) == {8}
+
+    before = partition_counts(warehouse, REPUBLISHED)
+    top_k = tiny_run_config()["ops"].get("vector_search", {}).get("config", {}).get("top_k", 50)
+    items = before[tables.ITEM_EMBEDDING_HISTORY][TRAIN_DATE]
+    assert before[SIMILAR_ITEMS][TRAIN_DATE] == items * min(top_k, items - 1)
+    assert before[USER_TOP_ITEMS][TRAIN_DATE] == before[tables.USER_EMBEDDING_HISTORY][TRAIN_DATE] * min(top_k, items)
+
+    rerun = dg.materialize(
+        _all_assets(),
+        selection=REPUBLISHED,
+        resources=resources,
+        partition_key=TINY_PARTITION,
+        run_config={"ops": {"split_tables": tiny_run_config()["ops"]["split_tables"]}},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert rerun.success
+    assert partition_counts(warehouse, REPUBLISHED) == before  # replaced, never duplicated
+
+
+def _all_assets():
+    from twotower_assets.definitions import ALL_ASSETS
+
+    return ALL_ASSETS
+
+
+def test_production_click_events_are_an_external_input_of_the_split(bq_emulator, monkeypatch):
+    raw = emulator_warehouse(bq_emulator, dataset=f"raw_{uuid.uuid4().hex[:8]}")
+    source = raw.table_name("click_events")
+    spec = SyntheticSpec(end_date=TRAIN_DATE - dt.timedelta(days=1), num_users=60, num_items=40,
+                         num_events=1200, days=10, seed=5)
+    raw.write_table(source, pa.concat_tables(generate_click_events(spec)), CLICK_EVENT_SCHEMA)
+
+    definitions = importlib.import_module("twotower_assets.definitions")
+    with monkeypatch.context() as env:
+        env.setenv("TWOTOWER_WAREHOUSE", "bigquery")
+        env.setenv("TWOTOWER_BQ_PROJECT", "twotower-test")
+        env.setenv("TWOTOWER_BQ_CLICK_EVENTS_TABLE", source)
+        env.setenv("BIGQUERY_EMULATOR_HOST", bq_emulator.endpoint)
+        try:
+            importlib.reload(definitions)  # the code location as `dagster` would load it
+            graph = definitions.defs.resolve_asset_graph()
+            assert not graph.get(dg.AssetKey(tables.CLICK_EVENTS)).is_materializable  # external input
+            assert graph.get(dg.AssetKey(tables.TRAINING_EVENTS)).parent_keys == {dg.AssetKey(tables.CLICK_EVENTS)}
+            assert default_warehouse().table_name(tables.CLICK_EVENTS) == source
+            external = [a for a in definitions.ALL_ASSETS if isinstance(a, dg.AssetSpec)]
+        finally:
+            env.undo()
+            importlib.reload(definitions)  # back to the default graph for the other tests
+    assert [a.key for a in external] == [dg.AssetKey(tables.CLICK_EVENTS)]
+
+    pipeline = emulator_warehouse(bq_emulator, click_events_table=source)
+    result = dg.materialize(
+        [*external, split_tables],
+        resources={"warehouse": pipeline},
+        partition_key=TINY_PARTITION,
+        run_config={"ops": {"split_tables": {"config": {"train_set_size": 0.8, "event_day_number": 30}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    counts = partition_counts(pipeline, tables.SPLIT_TABLES.values())
+    assert all(c[TRAIN_DATE] > 0 for c in counts.values())
+    assert sum(c[TRAIN_DATE] for c in counts.values()) <= 1200
+    # nothing was generated or copied into the pipeline's dataset
+    assert not pipeline.table_exists(f"{pipeline.bigquery.project}.{pipeline.dataset}.{tables.CLICK_EVENTS}")

@@ -1,0 +1,578 @@
+"""The production warehouse: the pipeline's tables in one BigQuery dataset.
+
+Built on dagster-gcp's ``BigQueryResource`` (project, location, credentials: a base64
+service-account key, normally through ``EnvVar``, or application default credentials). With
+an emulator endpoint (``endpoint`` or ``BIGQUERY_EMULATOR_HOST``) the client talks to it with
+anonymous credentials; the tests and CI run bqemulator that way. docs/bigquery.md is the
+user's guide.
+
+How writes stay all-or-nothing:
+
+* ``replace_partition``: the rows are first written to a local Parquet file (an input that
+  fails midway stops here), loaded into a staging table, then one multi-statement transaction
+  deletes the partition and inserts the staged rows.
+* ``replace_partition_from_queries``: each SELECT runs in BigQuery into a staging table, then
+  one transaction swaps the partition of every target table, so the three split tables of a
+  training date change together.
+* ``write_table``: one load job with WRITE_TRUNCATE, which BigQuery commits atomically.
+
+Staging tables expire after ``staging_expiration_hours`` in case the process dies before it
+drops them. A load job to ``table$YYYYMMDD`` with WRITE_TRUNCATE would also be atomic on
+BigQuery, but it covers one table only and bqemulator 1.4 ignores partition decorators (it
+would truncate the whole table), so the transaction is the path that is tested.
+
+bqemulator does not bind query parameters inside multi-statement scripts, so the swap script
+carries the partition date as a typed literal rendered from a ``datetime.date`` (never from a
+string); every other value is a query parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from dagster_gcp import BigQueryResource
+from google.api_core.client_options import ClientOptions
+from google.api_core.exceptions import NotFound
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import bigquery
+from pydantic import Field, PrivateAttr
+
+from twotower_assets.warehouse.base import (
+    ArrowData,
+    QueryParams,
+    WarehouseError,
+    WarehouseResource,
+    as_batches,
+)
+from twotower_assets.warehouse.sql import (
+    BIGQUERY,
+    Dialect,
+    NeighborSearch,
+    check_table_name,
+    quote_identifier,
+    vector_score,
+)
+
+EMULATOR_HOST_VARIABLE = "BIGQUERY_EMULATOR_HOST"
+DAY_MS = 86_400_000
+
+# Arrow <-> BigQuery column types for the tables the pipeline writes and reads.
+_ARROW_TO_BIGQUERY = [
+    (pa.types.is_boolean, "BOOL"),
+    (pa.types.is_integer, "INT64"),
+    (pa.types.is_floating, "FLOAT64"),
+    (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "STRING"),
+    (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "BYTES"),
+    (pa.types.is_date, "DATE"),
+    (lambda t: pa.types.is_timestamp(t) and t.tz is not None, "TIMESTAMP"),
+    (pa.types.is_timestamp, "DATETIME"),
+    (pa.types.is_decimal, "NUMERIC"),
+]
+_BIGQUERY_TO_ARROW = {
+    "BOOL": pa.bool_(),
+    "INT64": pa.int64(),
+    "FLOAT64": pa.float64(),
+    "STRING": pa.string(),
+    "BYTES": pa.binary(),
+    "DATE": pa.date32(),
+    "TIMESTAMP": pa.timestamp("us", tz="UTC"),
+    "DATETIME": pa.timestamp("us"),
+    "NUMERIC": pa.decimal128(38, 9),
+}
+# The REST API still answers with the legacy names.
+_LEGACY_TYPE_NAMES = {"BOOLEAN": "BOOL", "INTEGER": "INT64", "FLOAT": "FLOAT64"}
+
+
+def standard_type(field_type: str) -> str:
+    return _LEGACY_TYPE_NAMES.get(field_type.upper(), field_type.upper())
+
+
+def bigquery_schema(schema: pa.Schema) -> list[bigquery.SchemaField]:
+    """BigQuery columns for an Arrow schema: lists become REPEATED, non-nullable REQUIRED."""
+    fields = []
+    for field in schema:
+        arrow_type, mode = field.type, "NULLABLE" if field.nullable else "REQUIRED"
+        if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+            arrow_type, mode = arrow_type.value_type, "REPEATED"
+        bigquery_type = next((name for test, name in _ARROW_TO_BIGQUERY if test(arrow_type)), None)
+        if bigquery_type is None:
+            raise WarehouseError(f"column {field.name!r}: Arrow type {field.type} has no BigQuery column type")
+        fields.append(bigquery.SchemaField(quote_identifier(field.name), bigquery_type, mode=mode))
+    return fields
+
+
+def arrow_schema(fields: list[bigquery.SchemaField]) -> pa.Schema:
+    """The Arrow schema that query results of these BigQuery columns have."""
+    arrow_fields = []
+    for field in fields:
+        arrow_type = _BIGQUERY_TO_ARROW.get(standard_type(field.field_type))
+        if arrow_type is None:
+            raise WarehouseError(f"column {field.name!r}: BigQuery type {field.field_type} is not supported")
+        if field.mode == "REPEATED":
+            arrow_type = pa.list_(arrow_type)
+        arrow_fields.append(pa.field(field.name, arrow_type, nullable=field.mode != "REQUIRED"))
+    return pa.schema(arrow_fields)
+
+
+def query_parameters(params: QueryParams | None) -> list:
+    """Typed BigQuery query parameters from Python values."""
+    result = []
+    for name, value in (params or {}).items():
+        quote_identifier(name)
+        if isinstance(value, (list, tuple)):
+            element_type = _parameter_type(value[0]) if value else "STRING"
+            result.append(bigquery.ArrayQueryParameter(name, element_type, [_plain(v) for v in value]))
+        else:
+            result.append(bigquery.ScalarQueryParameter(name, _parameter_type(value), _plain(value)))
+    return result
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") and not isinstance(value, (dt.date, str)) else value
+
+
+def _parameter_type(value) -> str:
+    value = _plain(value)
+    if isinstance(value, bool):
+        return "BOOL"
+    if isinstance(value, int):
+        return "INT64"
+    if isinstance(value, float):
+        return "FLOAT64"
+    if isinstance(value, str):
+        return "STRING"
+    if isinstance(value, dt.datetime):
+        return "TIMESTAMP"
+    if isinstance(value, dt.date):
+        return "DATE"
+    raise WarehouseError(f"no BigQuery query parameter type for {type(value).__name__} value {value!r}")
+
+
+def date_literal(value: dt.date) -> str:
+    """``DATE 'YYYY-MM-DD'`` for scripts, where bqemulator binds no parameters (see module doc)."""
+    if not isinstance(value, dt.date) or isinstance(value, dt.datetime):
+        raise WarehouseError(f"a partition value must be a datetime.date, not {value!r}")
+    return f"DATE '{value.isoformat()}'"
+
+
+def normalise_endpoint(endpoint: str) -> str:
+    """``host:port`` (as BIGQUERY_EMULATOR_HOST is often written) becomes ``http://host:port``."""
+    endpoint = endpoint.strip().rstrip("/")
+    return endpoint if "://" in endpoint else f"http://{endpoint}"
+
+
+def vector_search_query(search: NeighborSearch) -> str:
+    """Top-k neighbours with BigQuery's VECTOR_SEARCH (uses a vector index when there is one).
+
+    VECTOR_SEARCH returns candidate pairs; each pair is then scored exactly from its two vectors
+    (the serving system's "approximate index plus exact re-ranking"), so ``score`` means the same
+    as in the exact query whatever sign convention ``distance`` has. For ``exclude_same_key`` one
+    extra candidate is asked for, since an item is its own nearest neighbour.
+    """
+    candidates = search.top_k + 1 if search.exclude_same_key else search.top_k
+    query_key, base_key = quote_identifier(search.query_key), quote_identifier(search.base_key)
+    query_vector, base_vector = quote_identifier(search.query_vector), quote_identifier(search.base_vector)
+    score = vector_score(BIGQUERY, search.metric, f"query.{query_vector}", f"base.{base_vector}")
+    same_key = f"\n    WHERE query.{query_key} <> base.{base_key}" if search.exclude_same_key else ""
+    train_date = BIGQUERY.param("train_date")
+    return f"""
+SELECT query_id AS {quote_identifier(search.query_column)}, neighbor_id AS {quote_identifier(search.neighbor_column)},
+  neighbor_rank, score
+FROM (
+  SELECT query_id, neighbor_id, score,
+    ROW_NUMBER() OVER (PARTITION BY query_id ORDER BY score DESC, neighbor_id) AS neighbor_rank
+  FROM (
+    SELECT query.{query_key} AS query_id, base.{base_key} AS neighbor_id, {score} AS score
+    FROM VECTOR_SEARCH(
+      (SELECT {base_key}, {base_vector} FROM {BIGQUERY.table(search.base_table)} WHERE train_date = {train_date}),
+      '{base_vector}',
+      (SELECT {query_key}, {query_vector} FROM {BIGQUERY.table(search.query_table)} WHERE train_date = {train_date}),
+      '{query_vector}',
+      top_k => {candidates},
+      distance_type => '{search.metric}'){same_key}
+  ) AS candidates
+) AS ranked
+WHERE neighbor_rank <= {search.top_k}"""
+
+
+def vector_index_statement(table: str, column: str, metric: str) -> str:
+    """CREATE VECTOR INDEX on ``column``, storing ``train_date`` so the date filter pre-filters."""
+    short_name = check_table_name(table).split(".")[-1]
+    index = quote_identifier(f"{short_name}_{quote_identifier(column)}_index")
+    if metric not in ("DOT_PRODUCT", "COSINE"):
+        raise WarehouseError(f"unknown vector distance {metric!r}")
+    return (
+        f"CREATE VECTOR INDEX IF NOT EXISTS {index} ON {BIGQUERY.table(table)}({column}) "
+        f"STORING(train_date) OPTIONS(index_type = 'IVF', distance_type = '{metric}')"
+    )
+
+
+class BigQueryWarehouse(WarehouseResource):
+    """Tables in one BigQuery dataset (created on first use if missing)."""
+
+    bigquery: BigQueryResource = Field(
+        description="dagster-gcp's BigQuery resource: project, location and credentials."
+    )
+    dataset: str = Field(description="Dataset of the pipeline's tables, e.g. ml_preproc_prod.")
+    endpoint: str | None = Field(
+        default=None,
+        description="REST endpoint of a BigQuery emulator (anonymous credentials); "
+        "default: BIGQUERY_EMULATOR_HOST when set, else real BigQuery.",
+    )
+    click_events_table: str | None = Field(
+        default=None,
+        description="project.dataset.table of the production click events, read in place of "
+        "the pipeline's own click_events table.",
+    )
+    partition_expiration_days: int = Field(
+        default=183, gt=0, description="Partition expiration of the partitioned tables (about six months)."
+    )
+    staging_expiration_hours: int = Field(
+        default=24, gt=0, description="Lifetime of a staging table a crashed write left behind."
+    )
+    use_storage_read_api: bool = Field(
+        default=True, description="Stream large query results with the Storage Read API (never on an emulator)."
+    )
+    native_vector_search: bool = Field(
+        default=True,
+        description="VECTOR_SEARCH and CREATE VECTOR INDEX; emulators lack them and get exact SQL instead.",
+    )
+
+    _dataset_checked: bool = PrivateAttr(default=False)
+
+    @classmethod
+    def from_env(cls) -> "BigQueryWarehouse":
+        """The warehouse the TWOTOWER_* variables describe (settings.py lists them)."""
+        import dagster as dg
+
+        from twotower_assets import settings
+
+        env = settings.deployment_env()
+        project = os.environ.get("TWOTOWER_BQ_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT") or None
+        credentials = dg.EnvVar("TWOTOWER_GCP_CREDENTIALS") if os.environ.get("TWOTOWER_GCP_CREDENTIALS") else None
+        return cls(
+            bigquery=BigQueryResource(
+                project=project,
+                location=os.environ.get("TWOTOWER_BQ_LOCATION", "EU"),
+                gcp_credentials=credentials,
+            ),
+            dataset=os.environ.get("TWOTOWER_BQ_DATASET") or f"ml_preproc_{env}",
+            endpoint=os.environ.get("TWOTOWER_BQ_ENDPOINT") or None,
+            click_events_table=settings.bigquery_click_events_table(),
+            partition_expiration_days=int(os.environ.get("TWOTOWER_BQ_PARTITION_EXPIRATION_DAYS", "183")),
+        )
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @property
+    def emulator_endpoint(self) -> str | None:
+        endpoint = self.endpoint or os.environ.get(EMULATOR_HOST_VARIABLE)
+        return normalise_endpoint(endpoint) if endpoint else None
+
+    @property
+    def storage_read_enabled(self) -> bool:
+        return self.use_storage_read_api and self.emulator_endpoint is None
+
+    @property
+    def native_vector_search_enabled(self) -> bool:
+        return self.native_vector_search and self.emulator_endpoint is None
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[bigquery.Client]:
+        endpoint = self.emulator_endpoint
+        if endpoint is not None:
+            if not self.bigquery.project:
+                raise WarehouseError("a BigQuery emulator needs an explicit project (TWOTOWER_BQ_PROJECT)")
+            client = bigquery.Client(
+                project=self.bigquery.project,
+                location=self.bigquery.location,
+                credentials=AnonymousCredentials(),
+                client_options=ClientOptions(api_endpoint=endpoint),
+            )
+            try:
+                yield client
+            finally:
+                client.close()
+            return
+        with self.bigquery.get_client() as client:
+            try:
+                yield client
+            finally:
+                client.close()
+
+    @property
+    def dialect(self) -> Dialect:
+        return BIGQUERY
+
+    def table_name(self, name: str) -> str:
+        """``project.dataset.name`` for a pipeline table; qualified names pass through."""
+        from twotower_assets.defs.tables import CLICK_EVENTS
+
+        if name == CLICK_EVENTS and self.click_events_table:
+            return check_table_name(self.click_events_table)
+        if "." in name:
+            return check_table_name(name)
+        prefix = f"{self.bigquery.project}." if self.bigquery.project else ""
+        return check_table_name(f"{prefix}{quote_identifier(self.dataset)}.{quote_identifier(name)}")
+
+    def _sibling(self, table: str, name: str) -> str:
+        """A table named ``name`` in the dataset of ``table``."""
+        return check_table_name(".".join([*check_table_name(table).split(".")[:-1], name]))
+
+    def _ensure_dataset(self, client: bigquery.Client) -> None:
+        if self._dataset_checked:
+            return
+        reference = bigquery.DatasetReference(client.project, self.dataset)
+        try:
+            client.get_dataset(reference)
+        except NotFound:
+            dataset = bigquery.Dataset(reference)
+            dataset.location = self.bigquery.location
+            client.create_dataset(dataset, exists_ok=True)
+        self._dataset_checked = True
+
+    def _job_config(self, params: QueryParams | None, **kwargs) -> bigquery.QueryJobConfig:
+        return bigquery.QueryJobConfig(query_parameters=query_parameters(params), use_legacy_sql=False, **kwargs)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def query(self, sql: str, params: QueryParams | None = None) -> pa.Table:
+        with self.client() as client:
+            rows = client.query(sql, job_config=self._job_config(params)).result()
+            return rows.to_arrow(create_bqstorage_client=self.storage_read_enabled)
+
+    def query_batches(
+        self, sql: str, params: QueryParams | None = None, batch_size: int = 65_536
+    ) -> Iterator[pa.RecordBatch]:
+        """Record batches as BigQuery sends them: Storage Read API streams, or REST pages."""
+        with self.client() as client:
+            rows = client.query(sql, job_config=self._job_config(params)).result(page_size=batch_size)
+            storage_client = None
+            if self.storage_read_enabled:
+                from google.cloud import bigquery_storage
+
+                storage_client = bigquery_storage.BigQueryReadClient(credentials=client._credentials)
+            yield from rows.to_arrow_iterable(bqstorage_client=storage_client)
+
+    def execute(self, sql: str, params: QueryParams | None = None) -> None:
+        with self.client() as client:
+            client.query(sql, job_config=self._job_config(params)).result()
+
+    def table_exists(self, name: str) -> bool:
+        with self.client() as client:
+            try:
+                client.get_table(check_table_name(name))
+            except NotFound:
+                return False
+            return True
+
+    def get_table(self, name: str) -> bigquery.Table:
+        """The table's metadata (schema, partitioning, expiration) as BigQuery reports it."""
+        with self.client() as client:
+            try:
+                return client.get_table(check_table_name(name))
+            except NotFound as exc:
+                raise WarehouseError(f"table {name} does not exist") from exc
+
+    def table_schema(self, name: str) -> pa.Schema:
+        return arrow_schema(self.get_table(name).schema)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def write_table(self, name: str, data: ArrowData, schema: pa.Schema | None = None) -> int:
+        reader = as_batches(data, schema)
+        with tempfile.TemporaryDirectory(prefix="twotower-bq-") as tmp:
+            path, rows = _write_parquet(reader, Path(tmp) / "rows.parquet")
+            columns = bigquery_schema(reader.schema)
+            with self.client() as client:
+                self._ensure_dataset(client)
+                self._load(client, path, check_table_name(name), columns, "WRITE_TRUNCATE")
+        return rows
+
+    def replace_partition(
+        self,
+        name: str,
+        partition_column: str,
+        partition_value: dt.date,
+        data: ArrowData,
+        schema: pa.Schema | None = None,
+    ) -> int:
+        literal = date_literal(partition_value)
+        reader = as_batches(data, schema)
+        with tempfile.TemporaryDirectory(prefix="twotower-bq-") as tmp:
+            path, _ = _write_parquet(
+                reader, Path(tmp) / "rows.parquet", partition=(quote_identifier(partition_column), partition_value)
+            )
+            columns = bigquery_schema(reader.schema)
+            with self.client() as client:
+                self._ensure_dataset(client)
+                self._ensure_partitioned_table(client, name, columns, partition_column)
+                staging = self._create_staging_table(client, name, columns)
+                try:
+                    self._load(client, path, staging, columns, "WRITE_TRUNCATE")
+                    self._swap_partitions(client, {name: staging}, {name: columns}, partition_column, literal)
+                finally:
+                    client.delete_table(staging, not_found_ok=True)
+        return self._partition_rows(name, partition_column, partition_value)
+
+    def replace_partition_from_queries(
+        self,
+        selects: Mapping[str, str],
+        partition_column: str,
+        partition_value: dt.date,
+        params: QueryParams,
+    ) -> dict[str, int]:
+        literal = date_literal(partition_value)
+        column = quote_identifier(partition_column)
+        job_params = {**params, "partition_value": partition_value}
+        staged: dict[str, str] = {}
+        columns: dict[str, list[bigquery.SchemaField]] = {}
+        with self.client() as client:
+            self._ensure_dataset(client)
+            try:
+                for target, select in selects.items():
+                    staging = self._staging_name(target)
+                    staged[target] = staging
+                    client.query(
+                        f"CREATE TABLE {BIGQUERY.table(staging)} OPTIONS(expiration_timestamp = "
+                        f"TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {self.staging_expiration_hours} HOUR)) AS "
+                        f"SELECT CAST(@partition_value AS DATE) AS {column}, source.* FROM ({select}) AS source",
+                        job_config=self._job_config(job_params),
+                    ).result()
+                    columns[target] = list(client.get_table(staging).schema)
+                    self._ensure_partitioned_table(client, target, columns[target], partition_column)
+                self._swap_partitions(client, staged, columns, partition_column, literal)
+            finally:
+                for staging in staged.values():
+                    client.delete_table(staging, not_found_ok=True)
+        return {target: self._partition_rows(target, partition_column, partition_value) for target in selects}
+
+    def create_latest_view(self, view: str, table: str, partition_column: str) -> None:
+        column = quote_identifier(partition_column)
+        source = BIGQUERY.table(table)
+        self.execute(
+            f"CREATE OR REPLACE VIEW {BIGQUERY.table(view)} AS SELECT * FROM {source} "
+            f"WHERE {column} = (SELECT MAX({column}) FROM {source})"
+        )
+
+    # -- vector search --------------------------------------------------------------------------
+
+    def nearest_neighbors_query(self, search: NeighborSearch) -> str:
+        if self.native_vector_search_enabled:
+            return vector_search_query(search)
+        return super().nearest_neighbors_query(search)
+
+    def ensure_vector_index(self, table: str, column: str, metric: str, min_rows: int) -> bool:
+        if not self.native_vector_search_enabled:
+            return False
+        if (self.get_table(table).num_rows or 0) < min_rows:
+            return False
+        self.execute(vector_index_statement(table, column, metric))
+        return True
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _partition_rows(self, name: str, partition_column: str, partition_value: dt.date) -> int:
+        result = self.query(
+            f"SELECT COUNT(*) AS row_count FROM {BIGQUERY.table(name)} "
+            f"WHERE {quote_identifier(partition_column)} = @partition_value",
+            {"partition_value": partition_value},
+        )
+        return result["row_count"][0].as_py()
+
+    def _staging_name(self, target: str) -> str:
+        short_name = check_table_name(target).split(".")[-1]
+        return self._sibling(target, f"_staging_{short_name}_{uuid.uuid4().hex[:12]}")
+
+    def _create_staging_table(self, client: bigquery.Client, target: str, columns) -> str:
+        name = self._staging_name(target)
+        table = bigquery.Table(_reference(client, name), schema=columns)
+        table.expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=self.staging_expiration_hours)
+        client.create_table(table)
+        return name
+
+    def _ensure_partitioned_table(self, client: bigquery.Client, name: str, columns, partition_column: str) -> None:
+        """Create ``name`` DAY-partitioned on the column, or check an existing table matches."""
+        try:
+            existing = client.get_table(name)
+        except NotFound:
+            table = bigquery.Table(_reference(client, name), schema=columns)
+            table.time_partitioning = bigquery.TimePartitioning(
+                type_=bigquery.TimePartitioningType.DAY,
+                field=partition_column,
+                expiration_ms=self.partition_expiration_days * DAY_MS,
+            )
+            client.create_table(table, exists_ok=True)
+            return
+        partitioning = existing.time_partitioning
+        if partitioning is None or partitioning.field != partition_column:
+            raise WarehouseError(f"table {name} exists but is not partitioned on {partition_column}")
+        have = {f.name: (standard_type(f.field_type), f.mode == "REPEATED") for f in existing.schema}
+        want = {f.name: (standard_type(f.field_type), f.mode == "REPEATED") for f in columns}
+        if have != want:
+            raise WarehouseError(
+                f"table {name} has columns {sorted(have.items())}, the new rows have {sorted(want.items())}; "
+                "drop or migrate the table first"
+            )
+
+    def _load(self, client: bigquery.Client, path: Path, destination: str, columns, disposition: str) -> None:
+        config = bigquery.LoadJobConfig(
+            source_format=bigquery.SourceFormat.PARQUET,
+            schema=columns,
+            write_disposition=disposition,
+            create_disposition=bigquery.CreateDisposition.CREATE_IF_NEEDED,
+        )
+        # Parquet LIST columns load as REPEATED only with list inference on.
+        parquet_options = bigquery.ParquetOptions()
+        parquet_options.enable_list_inference = True
+        config.parquet_options = parquet_options
+        with open(path, "rb") as source:
+            # No ``size``: the client then always uses a resumable upload. Its small-file
+            # multipart upload sends the media part as */*, which bqemulator 1.4 rejects.
+            client.load_table_from_file(source, destination, job_config=config).result()
+
+    def _swap_partitions(self, client: bigquery.Client, staged: Mapping[str, str], columns, partition_column, literal):
+        """In one transaction, replace each target's partition by its staging table's rows."""
+        column = quote_identifier(partition_column)
+        statements = ["BEGIN TRANSACTION;"]
+        for target, staging in staged.items():
+            names = ", ".join(quote_identifier(f.name) for f in columns[target])
+            statements.append(f"DELETE FROM {BIGQUERY.table(target)} WHERE {column} = {literal};")
+            statements.append(
+                f"INSERT INTO {BIGQUERY.table(target)} ({names}) SELECT {names} FROM {BIGQUERY.table(staging)};"
+            )
+        statements.append("COMMIT TRANSACTION;")
+        client.query("\n".join(statements), job_config=self._job_config(None)).result()
+
+
+def _reference(client: bigquery.Client, name: str) -> bigquery.TableReference:
+    return bigquery.TableReference.from_string(check_table_name(name), default_project=client.project)
+
+
+def _write_parquet(
+    reader: pa.RecordBatchReader, path: Path, partition: tuple[str, dt.date] | None = None
+) -> tuple[Path, int]:
+    """Spool the batches to a Parquet file; with ``partition``, every row must be in it."""
+    rows = 0
+    with pq.ParquetWriter(path, reader.schema) as writer:
+        for batch in reader:
+            if partition is not None:
+                column, value = partition
+                if column not in batch.schema.names:
+                    raise WarehouseError(f"rows have no partition column {column!r}")
+                values = batch.column(column)
+                matches = pc.equal(values, pa.scalar(value, values.type))
+                if values.null_count or not pc.all(matches).as_py():
+                    raise WarehouseError(f"rows outside partition {column}={value} in a write of that partition")
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return path, rows
