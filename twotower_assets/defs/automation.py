@@ -140,8 +140,9 @@ DOWNSTREAM_CONDITION = DEPS_UPDATED
 """Datasets, metrics, MatchModel and embedding tables follow their inputs; the blocking
 checks in DEPS_UPDATED keep a model that failed the quality gate from being published."""
 
-CHECK_CONDITION = AC.any_deps_updated().with_label("asset_updated")
-"""Checks run whenever their asset is updated or requested (so they join the same run)."""
+CHECK_CONDITION = AC.any_deps_updated().since_last_handled().with_label("asset_updated")
+"""Checks run when their asset is updated or requested (so they join the same run), unless
+they already ran after that update (a run that materialised the asset and ran its checks)."""
 
 
 # --------------------------------------------------------------------------- job, schedule, sensor

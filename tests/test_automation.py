@@ -1,0 +1,231 @@
+"""Declarative automation, evaluated with Dagster's testing API on the real code location.
+
+``dg.evaluate_automation_conditions`` runs the same evaluation the ``twotower_automation``
+sensor runs in the daemon, against a real instance. Upstream updates are recorded on the
+instance as they would be by runs or by an external writer; freshness is computed by the
+Dagster freshness daemon's own iteration under a frozen clock; the quality-gate case uses
+real tiny runs.
+"""
+
+import datetime as dt
+
+import dagster as dg
+import pytest
+from dagster._core.remote_origin import InProcessCodeLocationOrigin
+from dagster._core.test_utils import InProcessTestWorkspaceLoadTarget, freeze_time
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._daemon.freshness import FreshnessDaemon
+
+from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from twotower_assets.defs import automation, tables
+from twotower_assets.defs.checks import QUALITY_GATE
+from twotower_assets.defs.evaluation import EVALUATION_METRICS
+from twotower_assets.defs.partitions import training_date_partitions
+from twotower_assets.definitions import defs
+
+NOW = dt.datetime.now(dt.timezone.utc)
+TRAINING_CHAIN = {"tf_datasets", "two_tower_model", EVALUATION_METRICS}
+PUBLISHING = {"match_model", tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY}
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        yield instance
+
+
+def latest_partition(at: dt.datetime) -> str:
+    return automation.training_partition_at(at)
+
+
+class Ticks:
+    """Successive sensor ticks: each evaluation continues from the previous cursor."""
+
+    def __init__(self, instance: dg.DagsterInstance):
+        self.instance = instance
+        self.cursor = None
+
+    def __call__(self, at: dt.datetime = NOW) -> dict[str, set[str]]:
+        result = dg.evaluate_automation_conditions(defs=defs, instance=self.instance, cursor=self.cursor, evaluation_time=at)
+        self.cursor = result.cursor
+        asset_keys = defs.resolve_asset_graph().get_all_asset_keys()
+        return {
+            key.to_user_string(): set(result.get_requested_partitions(key))
+            for key in asset_keys
+            if result.get_num_requested(key)
+        }
+
+
+def report(instance: dg.DagsterInstance, keys, partition: str | None) -> None:
+    for key in keys:
+        instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=partition))
+
+
+def evaluate_freshness(instance: dg.DagsterInstance, at: dt.datetime) -> dict[str, str]:
+    """One iteration of Dagster's freshness daemon (what ``dagster dev`` runs every 30 s) at ``at``."""
+    origin = InProcessCodeLocationOrigin(LoadableTargetOrigin(module_name="twotower_assets.definitions"))
+    with WorkspaceProcessContext(instance, InProcessTestWorkspaceLoadTarget(origin)) as context, freeze_time(at):
+        for _ in FreshnessDaemon().run_iteration(context):
+            pass
+    records = instance.get_freshness_state_records([dg.AssetKey(k) for k in (tables.TRAINING_EVENTS, "two_tower_model", tables.USER_EMBEDDING_HISTORY)])
+    return {key.to_user_string(): record.freshness_state.value for key, record in records.items()}
+
+
+# --------------------------------------------------------------------------- new upstream data
+
+
+def test_an_empty_instance_starts_nothing(instance):
+    # dagster dev on a fresh DAGSTER_HOME must not launch production-size runs by itself.
+    assert Ticks(instance)() == {}
+
+
+def test_new_training_data_retrains_evaluates_and_publishes_that_date(instance):
+    tick = Ticks(instance)
+    tick()
+    report(instance, [tables.CLICK_EVENTS], None)
+    assert tick() == {}, "new click events alone wait for the weekly schedule"
+
+    latest, older = latest_partition(NOW), TINY_PARTITION
+    report(instance, tables.SPLIT_TABLES.values(), latest)
+    report(instance, tables.SPLIT_TABLES.values(), older)
+    requested = tick()
+    for key in TRAINING_CHAIN | PUBLISHING:
+        assert requested.get(key) == {latest, older}, key
+    assert not requested.keys() & set(tables.SPLIT_TABLES.values())
+    assert tick() == {}, "handled: not requested again"
+
+
+def test_the_checks_run_with_their_assets(instance):
+    tick = Ticks(instance)
+    tick()
+    report(instance, tables.SPLIT_TABLES.values(), TINY_PARTITION)
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor, evaluation_time=NOW)
+    requested_checks = {
+        r.key.name for r in result.results if isinstance(r.key, dg.AssetCheckKey) and not r.true_subset.is_empty
+    }
+    assert QUALITY_GATE in requested_checks
+    assert {"non_empty", "no_null_ids", "users_and_items_in_training", "no_training_pairs"} <= requested_checks
+
+
+# --------------------------------------------------------------------------- stale model
+
+
+def test_a_stale_model_is_retrained_once_for_the_latest_date(instance):
+    trained = TINY_PARTITION
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        report(instance, [key], trained if graph.get(key).partitions_def else None)
+
+    tick = Ticks(instance)
+    one_day_later = NOW + dt.timedelta(days=1)
+    assert set(evaluate_freshness(instance, one_day_later).values()) == {"PASS"}
+    assert tick(one_day_later) == {}
+
+    nine_days_later = NOW + dt.timedelta(days=9)  # past the 8-day fail window
+    assert set(evaluate_freshness(instance, nine_days_later).values()) == {"FAIL"}
+    requested = tick(nine_days_later)
+    today = latest_partition(nine_days_later)
+    for key in {*tables.SPLIT_TABLES.values(), *TRAINING_CHAIN, *PUBLISHING}:
+        assert requested.get(key) == {today}, key
+    # The FAIL stays until the daemon sees the new materialisation: no second request meanwhile.
+    assert tick(nine_days_later + dt.timedelta(minutes=1)) == {}
+
+
+def test_freshness_policy_follows_the_cadence():
+    graph = defs.resolve_asset_graph()
+    for key in (tables.TRAINING_EVENTS, "two_tower_model", tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY):
+        policy = graph.get(dg.AssetKey(key)).freshness_policy
+        assert policy.fail_window.to_timedelta() == dt.timedelta(days=8), key
+        assert policy.warn_window.to_timedelta() == dt.timedelta(days=7), key
+    with pytest.raises(automation.AutomationSettingsError):
+        automation.retrain_after({"TWOTOWER_RETRAIN_AFTER_DAYS": "soon"})
+    assert automation.retrain_after({"TWOTOWER_RETRAIN_AFTER_DAYS": "15"}) == dt.timedelta(days=15)
+
+
+# --------------------------------------------------------------------------- failed quality gate
+
+
+def test_a_failed_quality_gate_keeps_the_model_from_being_published(instance, tmp_path):
+    resources = make_resources(tmp_path / "home")
+    tick = Ticks(instance)
+    tick()
+    assert materialize_all(resources, TINY_PARTITION, instance=instance).success
+    assert tick() == {}, "a whole-graph run leaves nothing for automation to do"
+
+    def evaluate(gate_config: dict) -> dg.ExecuteInProcessResult:
+        """Re-evaluate the date and re-run its gate, in a run that does not include publishing."""
+        from twotower_assets.definitions import ALL_ASSETS, ALL_CHECKS
+
+        ops = tiny_run_config(evaluation_metrics_quality_gate=gate_config)["ops"]
+        return dg.materialize(
+            [*ALL_ASSETS, *ALL_CHECKS],
+            selection=dg.AssetSelection.assets(EVALUATION_METRICS),
+            resources=resources,
+            partition_key=TINY_PARTITION,
+            run_config={"ops": {op: ops[op] for op in (EVALUATION_METRICS, "evaluation_metrics_quality_gate")}},
+            instance=instance,
+            raise_on_error=False,
+        )
+
+    # Production thresholds: the tiny model does not beat popularity.
+    failed = evaluate({"min_lift_over_popularity": 0.0})
+    assert [e.passed for e in failed.get_asset_check_evaluations()] == [False]
+    assert tick() == {}, "evaluation_metrics updated, but its blocking gate failed: nothing is published"
+
+    passed = evaluate({"min_lift_over_popularity": -0.5})
+    assert [e.passed for e in passed.get_asset_check_evaluations()] == [True]
+    requested = tick()
+    for key in PUBLISHING:
+        assert requested.get(key) == {TINY_PARTITION}, key
+
+
+# --------------------------------------------------------------------------- schedule, sensor, job config
+
+
+def test_the_weekly_schedule_trains_the_date_of_its_tick():
+    schedule = defs.resolve_schedule_def("weekly_training")
+    assert schedule.cron_schedule == "0 3 * * 1"
+    assert schedule.job_name == automation.TRAINING_JOB
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    monday = dt.datetime(2026, 6, 1, 3, tzinfo=dt.timezone.utc)
+    (request,) = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=monday, repository_def=defs.get_repository_def())).run_requests
+    assert request.partition_key == "2026-06-01"
+
+
+def test_the_schedule_cadence_is_configurable():
+    assert automation.training_cron({"TWOTOWER_TRAINING_WEEKDAY": "Wednesday", "TWOTOWER_TRAINING_HOUR": "5"}) == "0 5 * * 3"
+    assert automation.training_cron({"TWOTOWER_TRAINING_CRON": "30 1 * * 2", "TWOTOWER_TRAINING_WEEKDAY": "fri"}) == "30 1 * * 2"
+    with pytest.raises(automation.AutomationSettingsError, match="weekday"):
+        automation.training_cron({"TWOTOWER_TRAINING_WEEKDAY": "someday"})
+    with pytest.raises(automation.AutomationSettingsError, match="cron"):
+        automation.training_cron({"TWOTOWER_TRAINING_CRON": "every monday"})
+    with pytest.raises(automation.AutomationSettingsError, match="HOUR"):
+        automation.training_cron({"TWOTOWER_TRAINING_HOUR": "25h"})
+    assert automation.build_training_schedule("0 4 * * 3").cron_schedule == "0 4 * * 3"
+
+
+def test_the_automation_sensor_runs_by_default_and_targets_everything():
+    sensor = defs.resolve_sensor_def("twotower_automation")
+    assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_the_training_job_takes_its_run_config_from_a_file(tmp_path):
+    from conftest import REPO
+
+    config = automation.load_run_config(REPO / "configs" / "run" / "tiny.yaml")
+    assert tables.CLICK_EVENTS not in config["ops"]
+    assert config["ops"]["two_tower_model"]["config"]["epochs"] == 2
+    assert automation.load_run_config(None) is None
+    with pytest.raises(automation.AutomationSettingsError, match="not a file"):
+        automation.load_run_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(automation.AutomationSettingsError, match="mapping"):
+        automation.load_run_config(bad)
+    job = defs.resolve_job_def(automation.TRAINING_JOB)
+    assert job.partitions_def == training_date_partitions
+    assert tables.CLICK_EVENTS not in {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
+    assert dg.validate_run_config(job, config)
