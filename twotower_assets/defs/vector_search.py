@@ -33,7 +33,7 @@ class VectorSearchConfig(dg.Config):
         default=100_000,
         ge=1,
         description="Rows the item history table needs before a vector index is created (BigQuery "
-        "does not populate indexes on small tables; below this VECTOR_SEARCH is brute force).",
+        "does not build indexes on small tables; without one VECTOR_SEARCH is brute force).",
     )
 
 
