@@ -1,0 +1,253 @@
+"""``dagster dev`` end to end: webserver and daemon on a loopback port, driven like the UI.
+
+Starts ``dagster dev`` against a temporary DAGSTER_HOME (with the project's dagster.yaml) and
+TWOTOWER_HOME, checks through the webserver's GraphQL API that the code location loaded with
+every asset, check, the schedule and the automation sensor (running), that the daemon is
+healthy, then launches a materialisation of the whole graph for one date with the tiny run
+config (the ``launchRun`` mutation the UI's "Materialize" button sends) and waits for it to
+succeed. Everything it starts is stopped at the end.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY_PARTITION
+from twotower_assets.defs import tables
+
+LOCATION = "twotower_assets"
+REPOSITORY = "__repository__"
+START_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dagster_home(path: Path) -> Path:
+    """A DAGSTER_HOME with the project's instance settings, telemetry off (no network)."""
+    path.mkdir(parents=True, exist_ok=True)
+    settings = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    settings["telemetry"] = {"enabled": False}
+    (path / "dagster.yaml").write_text(yaml.safe_dump(settings))
+    return path
+
+
+class DagsterDev:
+    """A ``dagster dev`` process group and a GraphQL client for its webserver."""
+
+    def __init__(self, tmp: Path, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / "dagster_dev.log"
+        self.env = {
+            **os.environ,
+            "DAGSTER_HOME": str(dagster_home(tmp / "dagster_home")),
+            "TWOTOWER_HOME": str(tmp / "home"),
+            "DAGSTER_DISABLE_TELEMETRY": "yes",
+            **(env or {}),
+        }
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "DagsterDev":
+        dagster = Path(sys.executable).with_name("dagster")
+        self.log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [str(dagster), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port)],
+            cwd=REPO,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped as one below
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dagster dev exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                statuses = self.query("{ locationStatusesOrError { ... on WorkspaceLocationStatusEntries "
+                                      "{ entries { name loadStatus } } } }")
+                entries = statuses["locationStatusesOrError"]["entries"]
+                if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                    return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, AssertionError):
+                pass  # not listening yet, or still loading
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"dagster dev did not load the code location in {START_TIMEOUT_S}s:\n{self.tail()}")
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        group = os.getpgid(self.process.pid)
+        os.killpg(group, signal.SIGINT)  # what Ctrl-C does: dagster dev stops webserver, daemon, code server
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(group, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        try:  # children that outlived their parent
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def query(self, query: str, variables: dict | None = None) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}/graphql",
+            data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as error:  # GraphQL reports query errors with a 4xx/5xx body
+            raise AssertionError(f"GraphQL HTTP {error.code}: {error.read().decode(errors='replace')[:2000]}") from error
+        if body.get("errors"):
+            raise AssertionError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
+
+ASSETS_QUERY = """
+{ assetNodes {
+    assetKey { path }
+    isPartitioned
+    automationCondition { label }
+    internalFreshnessPolicy { __typename }
+    pools
+    opVersion
+    assetChecksOrError { ... on AssetChecks { checks { name blocking } } }
+} }"""
+
+REPOSITORY_QUERY = """
+query($selector: RepositorySelector!) {
+  schedulesOrError(repositorySelector: $selector) {
+    __typename
+    ... on Schedules { results { name cronSchedule pipelineName scheduleState { status } } }
+    ... on PythonError { message }
+  }
+  sensorsOrError(repositorySelector: $selector) {
+    __typename
+    ... on Sensors { results { name sensorType sensorState { status } } }
+    ... on PythonError { message }
+  }
+  instance {
+    daemonHealth { allDaemonStatuses { daemonType required healthy } }
+    poolConfig { poolGranularity defaultPoolLimit }
+  }
+}"""
+
+LAUNCH_RUN = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message stack }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on InvalidSubsetError { message }
+  }
+}"""
+
+RUN_STATUS = """
+query($runId: ID!) { runOrError(runId: $runId) { ... on Run { status } } }"""
+
+
+def test_dagster_dev_serves_the_graph_and_runs_it_like_the_ui(tmp_path):
+    from twotower_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    expected_assets = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    expected_checks = {f"{key.asset_key.to_user_string()}:{key.name}" for key in graph.asset_check_keys}
+
+    with DagsterDev(tmp_path) as dev:
+        nodes = dev.query(ASSETS_QUERY)["assetNodes"]
+        by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
+        assert set(by_key) == expected_assets
+        checks = {
+            f"{key}:{check['name']}": check["blocking"]
+            for key, node in by_key.items()
+            for check in node["assetChecksOrError"]["checks"]
+        }
+        assert set(checks) == expected_checks
+        assert checks["evaluation_metrics:quality_gate"] is True
+        assert all(checks.values()), "every check is blocking"
+        model = by_key["two_tower_model"]
+        assert model["isPartitioned"] and model["pools"] == ["training"] and model["opVersion"] == "1"
+        assert model["automationCondition"]["label"] == "retrain"
+        assert model["internalFreshnessPolicy"]["__typename"] == "TimeWindowFreshnessPolicy"
+        assert by_key[tables.USER_EMBEDDING_HISTORY]["internalFreshnessPolicy"] is not None
+        assert not by_key[tables.CLICK_EVENTS]["isPartitioned"]
+
+        selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}
+        repository = dev.query(REPOSITORY_QUERY, {"selector": selector})
+        assert repository["schedulesOrError"]["__typename"] == "Schedules", repository["schedulesOrError"]
+        (schedule,) = repository["schedulesOrError"]["results"]
+        assert schedule["name"] == "weekly_training" and schedule["pipelineName"] == "two_tower_training"
+        assert schedule["cronSchedule"] == "0 3 * * 1" and schedule["scheduleState"]["status"] == "RUNNING"
+        sensors = {s["name"]: s for s in repository["sensorsOrError"]["results"]}
+        assert sensors["twotower_automation"]["sensorType"] == "AUTO_MATERIALIZE"  # the automation-condition sensor type
+        assert sensors["twotower_automation"]["sensorState"]["status"] == "RUNNING"
+        assert repository["instance"]["poolConfig"] == {"poolGranularity": "op", "defaultPoolLimit": 1}
+        daemons = {d["daemonType"]: d for d in repository["instance"]["daemonHealth"]["allDaemonStatuses"]}
+        for daemon in ("SCHEDULER", "SENSOR", "BACKFILL", "QUEUED_RUN_COORDINATOR", "FRESHNESS_DAEMON"):
+            assert daemons[daemon]["required"], daemon
+
+        # The UI's "Materialize all" for one partition: __ASSET_JOB with every asset and check.
+        params = {
+            "selector": {
+                **selector,
+                "pipelineName": "__ASSET_JOB",
+                "assetSelection": [{"path": [key]} for key in sorted(expected_assets)],
+                "assetCheckSelection": [
+                    {"assetKey": {"path": [key.asset_key.to_user_string()]}, "name": key.name}
+                    for key in graph.asset_check_keys
+                ],
+            },
+            "runConfigData": yaml.safe_load((REPO / "configs" / "run" / "tiny.yaml").read_text()),
+            "mode": "default",
+            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": TINY_PARTITION}]},
+        }
+        launched = dev.query(LAUNCH_RUN, {"params": params})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run_id = launched["run"]["runId"]
+
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        status = None
+        while time.monotonic() < deadline:
+            status = dev.query(RUN_STATUS, {"runId": run_id})["runOrError"]["status"]
+            if status in ("SUCCESS", "FAILURE", "CANCELED"):
+                break
+            time.sleep(2)
+        assert status == "SUCCESS", f"run {run_id} ended {status}:\n{dev.tail()}"
+
+        daemons = dev.query(REPOSITORY_QUERY, {"selector": selector})["instance"]["daemonHealth"]["allDaemonStatuses"]
+        unhealthy = [d["daemonType"] for d in daemons if d["required"] and not d["healthy"]]
+        assert not unhealthy, f"unhealthy daemons {unhealthy}:\n{dev.tail()}"
+
+    from twotower_assets.warehouse.duckdb import DuckDBWarehouse
+
+    warehouse = DuckDBWarehouse(path=str(tmp_path / "home" / "warehouse.duckdb"))
+    for table in (tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY):
+        counts = warehouse.partition_row_counts(table, tables.PARTITION_COLUMN)
+        assert [str(d) for d in counts] == [TINY_PARTITION] and min(counts.values()) > 0
+    assert dev.process.poll() is not None, "dagster dev stopped"
