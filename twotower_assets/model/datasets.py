@@ -81,20 +81,29 @@ def save_dataset(
     """
     path = Path(path)
     rows = 0
+    failure: list[BaseException] = []
 
     def generate() -> Iterator[dict[str, np.ndarray]]:
         nonlocal rows
-        for batch in batches:
-            if on_batch is not None:
-                on_batch(batch)
-            rows += batch.num_rows
-            if batch.num_rows:
-                yield batch_to_features(batch, kinds)
+        # An exception raised inside a tf.data generator can hang Dataset.save; end the
+        # stream instead and re-raise the original error once save has returned.
+        try:
+            for batch in batches:
+                if on_batch is not None:
+                    on_batch(batch)
+                rows += batch.num_rows
+                if batch.num_rows:
+                    yield batch_to_features(batch, kinds)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            failure.append(exc)
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=_signature(kinds))
     partial = path.with_name(path.name + ".partial")
     _remove_tree(partial)
     dataset.unbatch().save(str(partial))
+    if failure:
+        _remove_tree(partial)
+        raise failure[0]
     _remove_tree(path)
     partial.rename(path)
     (path.parent / f"{path.name}.rows.json").write_text(json.dumps({"rows": rows}))

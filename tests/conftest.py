@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny data, real DuckDB / MLflow stores in temporary directories."""
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+import twotower_assets  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any TensorFlow import)
+from twotower_assets.defs.artifacts import ArtifactStore
+from twotower_assets.defs.mlflow_tracking import MlflowTracking
+from twotower_assets.warehouse.duckdb import DuckDBWarehouse
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PARTITION = "2026-06-01"
+
+
+def make_resources(home: Path) -> dict:
+    """The embedded default's resources, rooted in ``home``."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        "warehouse": DuckDBWarehouse(path=str(home / "warehouse.duckdb")),
+        "mlflow": MlflowTracking(
+            tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+            artifact_root=(home / "mlartifacts").as_uri(),
+        ),
+        "artifacts": ArtifactStore(base_dir=str(home / "artifacts")),
+    }
+
+
+def tiny_run_config(**overrides: dict) -> dict:
+    """configs/run/tiny.yaml, with per-asset config overrides merged in."""
+    config = yaml.safe_load((REPO / "configs" / "run" / "tiny.yaml").read_text())
+    for asset, values in overrides.items():
+        config["ops"].setdefault(asset, {"config": {}})["config"].update(values)
+    return config
+
+
+def materialize_all(resources: dict, partition_key: str = TINY_PARTITION, run_config: dict | None = None,
+                    selection=None, instance: dg.DagsterInstance | None = None, raise_on_error: bool = True):
+    from twotower_assets.definitions import ALL_ASSETS, ALL_CHECKS
+
+    return dg.materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        selection=selection,
+        resources=resources,
+        partition_key=partition_key,
+        run_config=run_config or tiny_run_config(),
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        raise_on_error=raise_on_error,
+    )
+
+
+@pytest.fixture
+def tiny_resources(tmp_path) -> dict:
+    return make_resources(tmp_path / "home")
+
+
+@pytest.fixture
+def tiny_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("TWOTOWER_HOME", str(home))
+    return home
