@@ -1,0 +1,157 @@
+"""The whole graph, materialised in-process on tiny data with the real DuckDB and MLflow stores."""
+
+import datetime as dt
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from twotower_assets.defs import tables
+from twotower_assets.warehouse.base import EmptyTableError
+
+SECOND_PARTITION = "2026-05-25"
+
+
+def config_for(*ops: str, **overrides) -> dict:
+    """The tiny run config reduced to the ops a partial run executes (Dagster rejects extras)."""
+    config = tiny_run_config(**overrides)
+    return {"ops": {op: value for op, value in config["ops"].items() if op in ops}}
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    home = tmp_path_factory.mktemp("graph")
+    resources = make_resources(home)
+    result = materialize_all(resources, TINY_PARTITION)
+    assert result.success
+    return home, resources, result
+
+
+def metadata_of(result, asset_key):
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset_key]
+    return event.materialization.metadata
+
+
+def test_every_asset_materialised(graph):
+    _, _, result = graph
+    materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert {
+        tables.CLICK_EVENTS, tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS, tables.TEST_EVENTS,
+        "tf_datasets", "two_tower_model", "evaluation_metrics", "match_model",
+        tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY,
+    } <= materialised
+
+
+def test_mlflow_run_is_finished_with_params_losses_config_and_model(graph):
+    home, resources, result = graph
+    run_id = metadata_of(result, "two_tower_model")["mlflow_run_id"].value
+    assert run_id in metadata_of(result, "two_tower_model")["mlflow_run_url"].value
+    client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dagster_run_id"] == result.run_id
+    assert {"learning_rate", "embedding_size", "batch_size", "user_count", "item_count",
+            "user_feature_count", "item_feature_count", "config_name"} <= set(run.data.params)
+    assert len(client.get_metric_history(run_id, "loss")) == 2  # two epochs in the tiny config
+    assert "recall_at_50" in run.data.metrics and "popularity_recall_at_50" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"feature_config.json", "model", "evaluation"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "model")} >= {"model/saved_model.pb"}
+
+
+def test_embedding_tables_have_one_row_per_training_user_and_item(graph):
+    _, resources, result = graph
+    warehouse = resources["warehouse"]
+    train_date = dt.date.fromisoformat(TINY_PARTITION)
+    users = warehouse.query(
+        "SELECT COUNT(DISTINCT user_id) AS n FROM training_events WHERE train_date = $d", {"d": train_date}
+    )["n"][0].as_py()
+    history = warehouse.query("SELECT * FROM two_tower_user_embedding_history")
+    assert history.num_rows == users
+    assert len(set(history["user_id"].to_pylist())) == users
+    assert set(history["train_date"].to_pylist()) == {train_date}
+    assert all(len(v) == 8 for v in history["user_embedding"].to_pylist())
+    vectors = np.array(history["user_embedding"].to_pylist())
+    assert not np.any(np.all(vectors == 0, axis=1)), "the unknown-id zero vector must not be published"
+    run_id = metadata_of(result, "two_tower_model")["mlflow_run_id"].value
+    assert set(history["mlflow_run_id"].to_pylist()) == {run_id}
+    items = warehouse.query("SELECT COUNT(*) AS n FROM two_tower_item_embedding_latest")["n"][0].as_py()
+    assert items == metadata_of(result, "two_tower_model")["items"].value
+
+
+def test_metrics_table_is_in_the_metadata(graph):
+    _, _, result = graph
+    metadata = metadata_of(result, "evaluation_metrics")
+    assert "| k | metric |" in metadata["metrics"].value
+    assert 0.0 <= metadata["recall_at_50"].value <= 1.0
+
+
+def test_match_model_from_mlflow_loads_with_tensorflow_alone(graph, tmp_path):
+    home, resources, result = graph
+    run_id = metadata_of(result, "two_tower_model")["mlflow_run_id"].value
+    local = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri).download_artifacts(run_id, "model", str(tmp_path))
+    history = resources["warehouse"].query(
+        "SELECT user_id, user_embedding FROM two_tower_user_embedding_history ORDER BY user_id LIMIT 1")
+    items = resources["warehouse"].query(
+        "SELECT item_id, item_embedding FROM two_tower_item_embedding_history ORDER BY item_id LIMIT 1")
+    user, item = history["user_id"][0].as_py(), items["item_id"][0].as_py()
+    expected = float(np.dot(history["user_embedding"][0].as_py(), items["item_embedding"][0].as_py()))
+    script = (
+        "import numpy as np, tensorflow as tf, json;"
+        f"m = tf.saved_model.load({local!r});"
+        f"print(json.dumps([float(x) for x in m([np.array([{user!r}, 'nobody']), np.array([{item!r}, {item!r}])])]))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    assert scores[0] == pytest.approx(expected, abs=1e-5)
+    assert scores[1] == 0.0
+
+
+def test_rematerialising_a_partition_replaces_it_and_keeps_the_others(graph):
+    home, resources, _ = graph
+    warehouse = resources["warehouse"]
+    assert materialize_all(resources, SECOND_PARTITION).success
+    before = warehouse.partition_row_counts(tables.USER_EMBEDDING_HISTORY, "train_date")
+    assert set(before) == {dt.date(2026, 5, 25), dt.date(2026, 6, 1)}
+    publish = [tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY, tables.TRAINING_EVENTS,
+               tables.VALIDATION_EVENTS, tables.TEST_EVENTS]
+    from dagster import AssetSelection
+    assert materialize_all(resources, TINY_PARTITION, selection=AssetSelection.assets(*publish),
+                           run_config=config_for("split_tables")).success
+    assert warehouse.partition_row_counts(tables.USER_EMBEDDING_HISTORY, "train_date") == before
+    for table in (tables.TRAINING_EVENTS, tables.ITEM_EMBEDDING_HISTORY):
+        counts = warehouse.partition_row_counts(table, "train_date")
+        assert len(counts) == 2
+
+
+def test_a_date_without_events_fails_clearly_and_writes_nothing(tmp_path):
+    resources = make_resources(tmp_path)
+    assert materialize_all(resources, TINY_PARTITION).success
+    before = resources["warehouse"].partition_row_counts(tables.TRAINING_EVENTS, "train_date")
+    from dagster import AssetSelection
+    result = materialize_all(resources, "2026-01-02", raise_on_error=False, run_config=config_for("split_tables"),
+                             selection=AssetSelection.assets(tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS, tables.TEST_EVENTS))
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "no events in [2025-12-03, 2026-01-02)" in str(failure.event_specific_data.error)
+    assert resources["warehouse"].partition_row_counts(tables.TRAINING_EVENTS, "train_date") == before
+
+
+def test_a_feature_missing_from_the_data_fails_before_training(tmp_path):
+    resources = make_resources(tmp_path)
+    assert materialize_all(resources, TINY_PARTITION, run_config=config_for("click_events", "split_tables"),
+                           selection=[tables.CLICK_EVENTS, tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS,
+                                      tables.TEST_EVENTS]).success
+    resources["warehouse"].execute("ALTER TABLE training_events DROP COLUMN item_author")
+    result = materialize_all(resources, TINY_PARTITION, raise_on_error=False, selection=["tf_datasets"],
+                             run_config=config_for("tf_datasets", tf_datasets={"config_name": "default-features"}))
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "feature 'item_author' in item_embedding_layers is not a column of training_events" in str(
+        failure.event_specific_data.error)
+    assert not (tmp_path / "artifacts" / "tf_datasets" / TINY_PARTITION).exists()

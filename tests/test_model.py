@@ -1,0 +1,211 @@
+"""Feature layers, towers, training and the MatchModel, on small in-memory data."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import tensorflow as tf
+
+from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, load_dataset, save_dataset
+from twotower_assets.model.features import FeatureConfigError, load_feature_config, parse_feature_config
+from twotower_assets.model.layers import (
+    FeatureStats,
+    NumericFeature,
+    PretrainedFeature,
+    StringFeature,
+    TextFeature,
+    parse_vector,
+)
+from twotower_assets.model.match_model import MatchModel, load_match_model, save_match_model
+from twotower_assets.model.training import TrainingParams, tower_outputs, train_two_tower
+from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN, TwoTowerModel
+
+
+def test_string_feature_maps_unknown_values_to_the_oov_row():
+    layer = StringFeature(["a", "b"], 3)
+    out = layer(tf.constant(["a", "b", "zzz"]))
+    assert out.shape == (3, 3)
+    # Index 0 is the OOV slot: an unseen value gets the same vector as any other unseen value.
+    np.testing.assert_allclose(layer(tf.constant(["zzz"])), layer(tf.constant(["other"])))
+    assert not np.allclose(out[0], out[1])
+
+
+def test_numeric_feature_normalises_with_the_given_moments():
+    layer = NumericFeature(mean=10.0, variance=4.0, embedding_size=2)
+    out = layer(tf.constant([10.0, 12.0]))
+    # Normalised inputs are 0 and 1, so the outputs are bias and kernel + bias of the dense layer.
+    kernel, bias = layer.dense.get_weights()
+    np.testing.assert_allclose(out.numpy(), np.stack([bias, kernel[0] + bias]), rtol=1e-5)
+
+
+def test_numeric_feature_survives_a_constant_column():
+    layer = NumericFeature(mean=3.0, variance=0.0, embedding_size=2)
+    assert np.all(np.isfinite(layer(tf.constant([3.0, 3.0])).numpy()))
+
+
+def test_text_feature_averages_token_embeddings_and_handles_empty_text():
+    layer = TextFeature(["red", "blue"], 4)
+    out = layer(tf.constant(["red blue", "red", ""])).numpy()
+    tokens = layer.embedding.get_weights()[0]
+    red, blue = tokens[layer.vectorize(tf.constant([["red blue"]])).numpy()[0][:2]]
+    np.testing.assert_allclose(out[0], (red + blue) / 2, rtol=1e-5)
+    np.testing.assert_allclose(out[1], red, rtol=1e-5)
+    np.testing.assert_allclose(out[2], np.zeros(4))
+
+
+def test_pretrained_feature_is_frozen_and_zero_for_unknown_ids():
+    vectors = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    layer = PretrainedFeature(["x", "y"], vectors)
+    out = layer(tf.constant(["y", "x", "unknown"])).numpy()
+    np.testing.assert_allclose(out, [[3, 4], [1, 2], [0, 0]])
+    assert layer.trainable_weights == []
+
+
+def test_parse_vector_rejects_bad_values():
+    assert parse_vector("[1, 2]", 2).tolist() == [1.0, 2.0]
+    assert parse_vector("not-a-vector", 2) is None
+    assert parse_vector("[1, 2, 3]", 2) is None
+    assert parse_vector(None, 2) is None
+    assert parse_vector("[1, NaN]", 2) is None
+
+
+def learnable_table(n_rows: int = 4000, seed: int = 0) -> pa.Table:
+    """Users of group g click only items of group g: a retrieval model must learn the groups."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 200, n_rows)
+    groups = users % 8
+    items = groups * 10 + rng.integers(0, 10, n_rows)
+    counts = np.bincount(items, minlength=80)
+    return pa.table(
+        {
+            "user_id": [f"u{u}" for u in users],
+            "item_id": [f"i{i}" for i in items],
+            "booking_cnt": rng.integers(0, 5, n_rows),
+            "user_queries": [f"topic{g} words" for g in groups],
+            "offer_category_id": [f"c{g}" for g in groups],
+            "item_names": [f"name{g} thing" for g in groups],
+            "item_mean_stock_price": rng.random(n_rows) * 20,
+            "item_image_embedding": [json.dumps([float(g)] * 16) if i % 9 else "bad" for g, i in zip(groups, items)],
+            SAMPLING_PROBABILITY_COLUMN: counts[items] / n_rows,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_training(tmp_path_factory):
+    config = load_feature_config("tiny-features")
+    table = learnable_table()
+    kinds = {**feature_kinds(config), SAMPLING_PROBABILITY_COLUMN: "number"}
+    directory = tmp_path_factory.mktemp("datasets")
+    builder = FeatureStatsBuilder(config)
+    rows = save_dataset(table.to_batches(max_chunksize=1000), kinds, directory / "train", on_batch=builder.update)
+    return config, builder.build(), load_dataset(directory / "train"), rows
+
+
+def test_saved_dataset_round_trips_with_nulls_filled(tmp_path):
+    config = load_feature_config("tiny-features")
+    table = pa.table({"user_id": ["a", None], "item_id": ["x", "y"], "booking_cnt": [None, 3],
+                      "user_queries": [None, "q"], "offer_category_id": ["c", "c"], "item_names": ["n", "n"],
+                      "item_mean_stock_price": [1.5, None]})
+    rows = save_dataset([table.to_batches()[0]], feature_kinds(config), tmp_path / "d")
+    examples = list(load_dataset(tmp_path / "d").as_numpy_iterator())
+    assert rows == 2 and len(examples) == 2
+    assert examples[1]["user_id"] == b"none" and examples[0]["user_queries"] == b"none"
+    assert examples[0]["booking_cnt"] == 0.0 and examples[1]["item_mean_stock_price"] == 0.0
+
+
+def test_interrupted_dataset_write_keeps_the_previous_dataset(tmp_path):
+    config = load_feature_config("tiny-features")
+    kinds = feature_kinds(config)
+    table = learnable_table(100)
+    save_dataset(table.to_batches(), kinds, tmp_path / "d")
+
+    def failing_batches():
+        yield table.to_batches()[0]
+        raise OSError("connection lost mid-read")
+
+    with pytest.raises(Exception, match="connection lost"):
+        save_dataset(failing_batches(), kinds, tmp_path / "d")
+    assert len(list(load_dataset(tmp_path / "d"))) == 100
+
+
+def test_feature_stats_round_trip(tiny_training, tmp_path):
+    _, stats, _, _ = tiny_training
+    stats.save(tmp_path)
+    loaded = FeatureStats.load(tmp_path)
+    assert loaded.vocabularies == stats.vocabularies
+    assert loaded.text_vocabularies == stats.text_vocabularies
+    np.testing.assert_allclose(loaded.pretrained["item_image_embedding"][1], stats.pretrained["item_image_embedding"][1])
+    # Unparsable vectors ("bad") become zeros, parsable ones are kept.
+    ids, vectors = stats.pretrained["item_image_embedding"]
+    assert np.allclose(vectors[ids.index("i0")], 0) and np.allclose(vectors[ids.index("i11")], 1.0)
+
+
+def test_towers_output_unit_vectors_of_the_embedding_size(tiny_training):
+    config, stats, dataset, _ = tiny_training
+    model = TwoTowerModel(config, stats, embedding_size=6)
+    batch = next(iter(dataset.batch(32)))
+    users, items = model(batch)
+    assert users.shape == (32, 6) and items.shape == (32, 6)
+    np.testing.assert_allclose(np.linalg.norm(users, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, rtol=1e-5)
+
+
+def test_pretrained_size_mismatch_is_a_config_error(tiny_training):
+    config, stats, _, _ = tiny_training
+    raw = json.loads(config.model_dump_json(exclude={"name"}))
+    raw["item_embedding_layers"]["item_image_embedding"]["embedding_size"] = 8
+    wrong = parse_feature_config(raw, "wrong", "test")
+    with pytest.raises(FeatureConfigError, match="item_image_embedding"):
+        TwoTowerModel(wrong, stats, embedding_size=4)
+
+
+def test_training_decreases_the_loss_and_learns_the_groups(tiny_training):
+    config, stats, dataset, rows = tiny_training
+    params = TrainingParams(embedding_size=8, batch_size=128, epochs=8, learning_rate=0.05, seed=3)
+    result = train_two_tower(config, stats, dataset, rows, dataset.take(512), params)
+    losses = result.history["loss"]
+    assert losses[-1] < losses[0] * 0.9
+    users, user_vectors = tower_outputs(result.model.user_tower, dataset.take(400), ["user_id"])
+    items, item_vectors = tower_outputs(result.model.item_tower, dataset.take(400), ["item_id"])
+    scores = user_vectors @ item_vectors.T
+    user_group = np.array([int(u[1:]) % 8 for u in users["user_id"]])
+    item_group = np.array([int(i[1:]) // 10 for i in items["item_id"]])
+    same = scores[user_group[:, None] == item_group[None, :]].mean()
+    other = scores[user_group[:, None] != item_group[None, :]].mean()
+    assert same > other + 0.2
+
+
+def test_empty_training_set_is_refused(tiny_training):
+    config, stats, dataset, _ = tiny_training
+    with pytest.raises(ValueError, match="empty"):
+        train_two_tower(config, stats, dataset.take(0), 0, None, TrainingParams())
+
+
+def test_match_model_round_trip_in_a_fresh_process(tmp_path):
+    rng = np.random.default_rng(0)
+    user_vectors, item_vectors = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(5, 4)).astype(np.float32)
+    model = MatchModel(np.array(["u0", "u1", "u2"]), user_vectors, np.array([f"i{i}" for i in range(5)]), item_vectors)
+    save_match_model(model, tmp_path / "mm")
+    loaded = load_match_model(tmp_path / "mm")
+    users, items = np.array(["u1", "u2", "nobody", "u0"]), np.array(["i4", "i0", "i1", "unknown"])
+    expected = [user_vectors[1] @ item_vectors[4], user_vectors[2] @ item_vectors[0], 0.0, 0.0]
+    np.testing.assert_allclose(loaded([users, items]).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(model([users, items]).numpy(), expected, rtol=1e-5)
+    # A serving process has TensorFlow and nothing of this project.
+    script = (
+        "import numpy as np, tensorflow as tf;"
+        f"m = tf.saved_model.load({str(tmp_path / 'mm')!r});"
+        "print(float(m([np.array(['u1']), np.array(['i4'])])[0]))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert abs(float(out.stdout.strip().splitlines()[-1]) - expected[0]) < 1e-5
+
+
+def test_match_model_rejects_duplicate_ids():
+    with pytest.raises(ValueError, match="not unique"):
+        MatchModel(np.array(["u", "u"]), np.ones((2, 2)), np.array(["i"]), np.ones((1, 2)))
