@@ -9,6 +9,7 @@ import dagster as dg
 from twotower_assets.defs.datasets import tf_datasets
 from twotower_assets.defs.evaluation import evaluation_metrics
 from twotower_assets.defs.publishing import item_embedding_history, match_model, user_embedding_history
+from twotower_assets.defs.recommendations import recommendations
 from twotower_assets.defs.resources import default_resources
 from twotower_assets.defs.source import click_events_asset
 from twotower_assets.defs.splits import split_tables
@@ -25,6 +26,7 @@ ALL_ASSETS = [
     user_embedding_history,
     item_embedding_history,
     vector_search,
+    recommendations,
 ]
 
 # One process runs a whole run: TensorFlow loads once, and DuckDB's single-writer file is

@@ -157,6 +157,10 @@ def top_k_items(
     Scores every item in the catalogue for each user, ``block_size`` users at a time with a
     float32 product, so memory stays at one (block_size, n_items) block. Excluded items
     score -inf. They show up only in the tail of a user who has fewer than k items left.
+
+    When k is small next to the catalogue, the exact result comes from a threshold pass
+    (:func:`_top_k_thresholded`) instead of partitioning every score: selecting from all
+    n_items scores costs ~10x the product itself, filtering them costs a fraction of it.
     """
     user_vectors = np.asarray(user_vectors)
     item_vectors = np.asarray(item_vectors)
@@ -177,19 +181,163 @@ def top_k_items(
     items32 = np.ascontiguousarray(item_vectors, dtype=np.float32)
     if not np.isfinite(items32).all():
         raise ValueError("item_vectors contain NaN or inf")
-    items32_t = items32.T
+    if _threshold_sample_size(n_items, k) is not None:
+        return _top_k_thresholded(user_vectors, items32, k, exclude, block_size, out)
+    _top_k_dense(user_vectors, items32.T, k, exclude, block_size, np.arange(n_users), out)
+    return out
+
+
+def _user_block(user_vectors: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+    users32 = np.ascontiguousarray(user_vectors[rows], dtype=np.float32)
+    if not np.isfinite(users32).all():
+        raise ValueError("user_vectors contain NaN or inf")
+    return users32
+
+
+def _top_k_dense(
+    user_vectors: np.ndarray,
+    items32_t: np.ndarray,
+    k: int,
+    exclude: sp.csr_matrix | None,
+    block_size: int,
+    user_rows: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Exact top k of the users at ``user_rows`` by partitioning every score; fills out[user_rows]."""
+    n_items = items32_t.shape[1]
     # One score buffer reused by every block: a fresh 1.6 GB array per block costs page faults.
-    buffer = np.empty((min(block_size, n_users), n_items), dtype=np.float32)
+    buffer = np.empty((min(block_size, len(user_rows)), n_items), dtype=np.float32)
+    for start in range(0, len(user_rows), block_size):
+        rows = user_rows[start : start + block_size]
+        scores = np.matmul(_user_block(user_vectors, rows), items32_t, out=buffer[: len(rows)])
+        if exclude is not None:
+            _mask_excluded(scores, exclude[rows], 0)
+        out[rows] = _top_k_of_scores(scores, k)
+
+
+# The threshold pass. A user's k best items all score at least the k-th best score, so any
+# lower bound t on that score turns selection into a filter: keep the scores >= t (one
+# comparison per score, done while a tile of scores is still in cache), then rank the few
+# survivors. t is the m-th best score of the user over a random sample of the catalogue,
+# sized so that about _CANDIDATES_PER_K * k of all items pass. A user with fewer than k
+# survivors (t was too high: unlikely, ~1e-5 per user with m = 16 and 4 k expected), or with
+# far too many (ties, e.g. a zero vector), is redone exactly by _top_k_dense, so the result
+# is always the exact top k.
+_CANDIDATES_PER_K = 4
+_SAMPLE_ORDER = 16  # m: the threshold is the 16th best sampled score (relative spread 1/4)
+_OVERFLOW_FACTOR = 8  # a user with more than 8x the expected survivors is redone exactly
+# (the threshold pass runs when the expected survivors are at most half the catalogue)
+_TILE_ITEMS = 4096  # (block rows x 4096) float32 scores stay in the L2/L3 cache
+
+
+def _threshold_sample_size(n_items: int, k: int) -> int | None:
+    """Sampled items for the threshold, or None when the plain pass is as cheap."""
+    expected = _CANDIDATES_PER_K * k
+    if 2 * expected > n_items:
+        return None
+    return min(n_items, -(-_SAMPLE_ORDER * n_items // expected))
+
+
+def _top_k_thresholded(
+    user_vectors: np.ndarray,
+    items32: np.ndarray,
+    k: int,
+    exclude: sp.csr_matrix | None,
+    block_size: int,
+    out: np.ndarray,
+) -> np.ndarray:
+    n_users, n_items = user_vectors.shape[0], items32.shape[0]
+    sample_size = _threshold_sample_size(n_items, k)
+    order = _SAMPLE_ORDER
+    row_cap = min(_OVERFLOW_FACTOR * _CANDIDATES_PER_K * k, n_items)
+    # A fixed sample: the result is exact whatever it is, the seed only fixes the cost.
+    sample = np.sort(np.random.default_rng(0).choice(n_items, size=sample_size, replace=False))
+    sample_t = np.ascontiguousarray(items32[sample].T)
+    sample_position = np.full(n_items, -1, dtype=np.int64)
+    sample_position[sample] = np.arange(sample_size)
+    tiles = [
+        (lo, np.ascontiguousarray(items32[lo : lo + _TILE_ITEMS].T))
+        for lo in range(0, n_items, _TILE_ITEMS)
+    ]
+    block_size = min(block_size, n_users, 65_535)  # rows fit in uint16 for a radix sort
+    tile_buffer = np.empty((block_size, min(_TILE_ITEMS, n_items)), dtype=np.float32)
+    mask_buffer = np.empty(tile_buffer.shape, dtype=bool)
+    redo: list[np.ndarray] = []
+
     for start in range(0, n_users, block_size):
         stop = min(start + block_size, n_users)
-        users32 = np.asarray(user_vectors[start:stop], dtype=np.float32)
-        if not np.isfinite(users32).all():
-            raise ValueError("user_vectors contain NaN or inf")
-        scores = np.matmul(users32, items32_t, out=buffer[: stop - start])
-        if exclude is not None:
-            _mask_excluded(scores, exclude, start)
-        out[start:stop] = _top_k_of_scores(scores, k)
+        users32 = _user_block(user_vectors, slice(start, stop))
+        n_rows = stop - start
+        seen_rows, seen_items = _excluded_pairs(exclude, start, stop)
+
+        sample_scores = users32 @ sample_t
+        in_sample = sample_position[seen_items]
+        hit = in_sample >= 0
+        sample_scores[seen_rows[hit], in_sample[hit]] = -np.inf
+        threshold = np.partition(sample_scores, sample_size - order, axis=1)[:, sample_size - order]
+        threshold = threshold[:, None]
+
+        found_rows, found_items, found_scores = [], [], []
+        counts = np.zeros(n_rows, dtype=np.int64)
+        for lo, tile_t in tiles:
+            width = tile_t.shape[1]
+            scores = np.matmul(users32, tile_t, out=tile_buffer[:n_rows, :width])
+            in_tile = (seen_items >= lo) & (seen_items < lo + width)
+            scores[seen_rows[in_tile], seen_items[in_tile] - lo] = -np.inf
+            mask = np.greater_equal(scores, threshold, out=mask_buffer[:n_rows, :width])
+            flat = np.flatnonzero(mask)
+            rows, columns = np.divmod(flat, width)
+            found_rows.append(rows.astype(np.uint16))
+            found_items.append(columns + lo)
+            found_scores.append(scores.ravel()[flat])
+            counts += np.bincount(rows, minlength=n_rows)
+            if counts.max(initial=0) > row_cap:
+                # Ties flood a row (e.g. a zero vector): stop collecting it, redo it exactly.
+                flooded = counts > row_cap
+                counts[flooded] = -(1 << 40)
+                for i, rows_i in enumerate(found_rows):
+                    keep = ~flooded[rows_i]
+                    found_rows[i], found_items[i], found_scores[i] = rows_i[keep], found_items[i][keep], found_scores[i][keep]
+
+        short = counts < k  # includes flooded rows (negative counts)
+        if short.any():
+            redo.append(np.flatnonzero(short) + start)
+        rows = np.concatenate(found_rows)
+        items = np.concatenate(found_items)
+        values = np.concatenate(found_scores)
+        keep = ~short[rows]
+        rows, items, values = rows[keep], items[keep], values[keep]
+        if rows.size == 0:
+            continue
+        # Candidates of each row, side by side and in ascending item order (tiles are
+        # visited in item order and the sort is stable), padded with -inf.
+        by_row = np.argsort(rows, kind="stable")
+        rows, items, values = rows[by_row], items[by_row], values[by_row]
+        row_counts = np.bincount(rows, minlength=n_rows)
+        row_starts = np.concatenate(([0], np.cumsum(row_counts)[:-1]))
+        columns = np.arange(rows.size) - row_starts[rows]
+        width = int(row_counts.max())
+        padded_scores = np.full((n_rows, width), -np.inf, dtype=np.float32)
+        padded_items = np.zeros((n_rows, width), dtype=np.int64)
+        padded_scores[rows, columns] = values
+        padded_items[rows, columns] = items
+        done = np.flatnonzero(~short)
+        best = _top_k_of_scores(padded_scores[done], k)
+        out[start + done] = np.take_along_axis(padded_items[done], best, axis=1)
+
+    if redo:
+        _top_k_dense(user_vectors, items32.T, k, exclude, block_size, np.concatenate(redo), out)
     return out
+
+
+def _excluded_pairs(exclude: sp.csr_matrix | None, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row within the block, item) of every non-zero exclude entry of rows [start, stop)."""
+    if exclude is None:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    block = exclude[start:stop]
+    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    keep = block.data != 0
+    return rows[keep], block.indices[keep].astype(np.int64)
 
 
 def random_recommendations(
@@ -358,15 +506,28 @@ def ranking_metrics(
     Returns one row per k (k capped at K; duplicates after capping dropped), columns: k, precision, recall, ndcg, coverage, novelty.
 
     See the module docstring for the definitions. Only users with at least one relevant
-    item count. Hits come from one sorted-key membership test over (user, item) pairs,
-    O(U*K + nnz), with no dense matrix.
+    item count. Hits come from comparing each relevant (user, item) pair with that user's
+    list, O(nnz * K), and every (U, K) temporary is made a chunk of users at a time, so
+    50,000 users x k = 1000 need tens of MB, not GB.
     """
+    recommended, relevant, popularity, ks_eff = _checked_ranking_inputs(
+        recommended, relevant, item_popularity, ks
+    )
+    return _ranking_metrics(recommended, relevant, popularity, ks_eff)
+
+
+# Users per chunk of the (users, K) temporaries of the metrics: 4096 x 1000 float64 = 32 MB.
+_METRIC_CHUNK_USERS = 4096
+
+
+def _checked_ranking_inputs(recommended, relevant, item_popularity, ks):
     recommended = np.asarray(recommended)
     if recommended.ndim != 2:
         raise ValueError("recommended must be 2-D (users x K)")
     if recommended.size and not np.issubdtype(recommended.dtype, np.integer):
         raise TypeError("recommended must hold integer item indices")
-    recommended = recommended.astype(np.int64, copy=False)
+    if not recommended.size:
+        recommended = recommended.astype(np.int64, copy=False)
     if not sp.issparse(relevant):
         raise TypeError("relevant must be a scipy.sparse matrix")
     relevant = sp.csr_matrix(relevant, copy=True)
@@ -385,57 +546,88 @@ def ranking_metrics(
         raise ValueError("recommended has no columns")
     if recommended.size and (recommended.min() < 0 or recommended.max() >= n_items):
         raise ValueError("recommended holds item indices outside [0, n_items)")
-    sorted_rec = np.sort(recommended, axis=1)
-    if (sorted_rec[:, 1:] == sorted_rec[:, :-1]).any():
-        raise ValueError("a recommended row repeats an item")
-    ks_eff = capped_ks(ks, big_k)
+    for lo in range(0, n_users, _METRIC_CHUNK_USERS):
+        sorted_rec = np.sort(recommended[lo : lo + _METRIC_CHUNK_USERS], axis=1)
+        if (sorted_rec[:, 1:] == sorted_rec[:, :-1]).any():
+            raise ValueError("a recommended row repeats an item")
+    return recommended, relevant, popularity, capped_ks(ks, big_k)
 
+
+def _ranking_metrics(
+    recommended: np.ndarray,
+    relevant: sp.csr_matrix,
+    popularity: np.ndarray,
+    ks_eff: list[int],
+    rows: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """The metrics of checked inputs, over the user rows ``rows`` (all when None)."""
+    if rows is not None:
+        relevant = relevant[rows]
+    else:
+        rows = np.arange(recommended.shape[0])
+    n_items = relevant.shape[1]
+    big_k = recommended.shape[1]
     n_relevant = np.diff(relevant.indptr)
     counted = n_relevant > 0
     n_counted = int(counted.sum())
     if n_counted == 0:
-        rows = [
+        nan_rows = [
             {"k": k, "precision": np.nan, "recall": np.nan, "ndcg": np.nan,
              "coverage": np.nan, "novelty": np.nan}
             for k in ks_eff
         ]
-        return pd.DataFrame(rows, columns=METRIC_COLUMNS)
-
-    # Hits: is (u, recommended[u, j]) a non-zero of relevant? Encode pairs as u * I + i.
-    rel_rows = np.repeat(np.arange(n_users, dtype=np.int64), n_relevant)
-    rel_keys = rel_rows * n_items + relevant.indices.astype(np.int64)
-    rec = recommended[counted]
-    user_ids = np.flatnonzero(counted).astype(np.int64)
-    rec_keys = user_ids[:, None] * n_items + rec
-    hits = np.isin(rec_keys, rel_keys).astype(np.float64)  # (n_counted, K)
+        return pd.DataFrame(nan_rows, columns=METRIC_COLUMNS)
+    counted_rows = rows[counted]  # rows of ``recommended`` that count, in order
     n_rel = n_relevant[counted].astype(np.float64)
 
-    cum_hits = np.cumsum(hits, axis=1)
+    # Hits: the position of each relevant (user, item) pair in that user's list, if any.
+    # A row holds no repeated item, so a pair hits at most once.
+    pair_user = np.repeat(np.arange(n_counted), n_relevant[counted])  # index among counted
+    pair_item = relevant.indices
+    hit_user_parts, hit_position_parts = [], []
+    chunk_pairs = max(1, (_METRIC_CHUNK_USERS * 1000) // big_k)
+    for lo in range(0, pair_user.size, chunk_pairs):
+        users = pair_user[lo : lo + chunk_pairs]
+        pair, position = np.nonzero(recommended[counted_rows[users]] == pair_item[lo : lo + chunk_pairs, None])
+        hit_user_parts.append(users[pair])
+        hit_position_parts.append(position)
+    hit_user = np.concatenate(hit_user_parts)
+    hit_position = np.concatenate(hit_position_parts)
+    # Each user's hits in list order: DCG then adds the discounts in the order of a cumsum.
+    order = np.lexsort((hit_position, hit_user))
+    hit_user, hit_position = hit_user[order], hit_position[order]
+
     discounts = 1.0 / np.log2(np.arange(2, big_k + 2, dtype=np.float64))
-    cum_dcg = np.cumsum(hits * discounts, axis=1)
     cum_discounts = np.cumsum(discounts)
     information = _novelty_information(popularity)
-    cum_info = np.cumsum(information[rec], axis=1)
+    # Per user, the running sum of novelty information at each k (a cumsum per chunk).
+    k_columns = np.asarray(ks_eff) - 1
+    info_at_k = np.empty((n_counted, len(ks_eff)), dtype=np.float64)
+    covered = np.zeros((len(ks_eff), n_items), dtype=bool)
+    for lo in range(0, n_counted, _METRIC_CHUNK_USERS):
+        chunk = recommended[counted_rows[lo : lo + _METRIC_CHUNK_USERS]]
+        info_at_k[lo : lo + len(chunk)] = np.cumsum(information[chunk], axis=1)[:, k_columns]
+        for j, k in enumerate(ks_eff):
+            covered[j, chunk[:, :k].ravel()] = True
 
-    rows = []
-    seen = np.zeros(n_items, dtype=bool)
-    for k in ks_eff:
-        hits_k = cum_hits[:, k - 1]
+    result = []
+    for j, k in enumerate(ks_eff):
+        in_top = hit_position < k
+        hits_k = np.bincount(hit_user[in_top], minlength=n_counted).astype(np.float64)
+        dcg_k = np.bincount(hit_user[in_top], weights=discounts[hit_position[in_top]], minlength=n_counted)
         ideal_hits = np.minimum(k, n_rel).astype(np.int64)
         idcg = cum_discounts[ideal_hits - 1]
-        seen[:] = False
-        seen[rec[:, :k].ravel()] = True
-        rows.append(
+        result.append(
             {
                 "k": k,
                 "precision": float(np.mean(hits_k / k)),
                 "recall": float(np.mean(hits_k / n_rel)),
-                "ndcg": float(np.mean(cum_dcg[:, k - 1] / idcg)),
-                "coverage": float(seen.sum()) / n_items,
-                "novelty": float(np.mean(cum_info[:, k - 1] / k)),
+                "ndcg": float(np.mean(dcg_k / idcg)),
+                "coverage": float(covered[j].sum()) / n_items,
+                "novelty": float(np.mean(info_at_k[:, j] / k)),
             }
         )
-    frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    frame = pd.DataFrame(result, columns=METRIC_COLUMNS)
     frame["k"] = frame["k"].astype(np.int64)
     return frame
 
@@ -476,11 +668,12 @@ def evaluate_recommenders(
             raise ValueError(
                 f"recommendations[{model!r}] must have {n_users} rows, got shape {recommended.shape}"
             )
+        # Checked once per model; each segment is then a subset of rows, not a copy.
+        checked, checked_relevant, popularity, ks_eff = _checked_ranking_inputs(
+            recommended, relevant, item_popularity, ks
+        )
         for name, rows in segments:
-            if rows is None:
-                frame = ranking_metrics(recommended, relevant, item_popularity, ks)
-            else:
-                frame = ranking_metrics(recommended[rows], relevant[rows], item_popularity, ks)
+            frame = _ranking_metrics(checked, checked_relevant, popularity, ks_eff, rows)
             frame.insert(0, "segment", name)
             frame.insert(0, "model", str(model))
             frames.append(frame)

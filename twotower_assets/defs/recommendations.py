@@ -1,0 +1,181 @@
+"""Top-k recommendations for every user of one training date, written to the warehouse.
+
+Every training user's vector is scored against every item by blocked float32 matrix
+products (:func:`twotower_assets.model.metrics.top_k_items`); the items the user already
+has in training are removed, and the best ``k`` remaining items, best first, become one row
+of ``two_tower_recommendations`` (partition ``train_date``). A serving layer that wants
+precomputed lists reads the newest partition through ``two_tower_recommendations_latest``.
+
+Like the embedding tables, it is published only for a model that passed the quality gate
+(it depends on the MatchModel, which is gated). Users are processed in chunks that are
+streamed into the warehouse as Arrow record batches, so memory does not grow with the
+number of users.
+"""
+
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+from pydantic import Field
+
+from twotower_assets.defs import tables
+from twotower_assets.defs.artifacts import ArtifactStore
+from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
+from twotower_assets.defs.partitions import training_date, training_date_partitions
+from twotower_assets.defs.publishing import MATCH_MODEL, keyed_embeddings
+from twotower_assets.defs.training import TWO_TOWER_MODEL, load_model_summary
+from twotower_assets.model.metrics import top_k_items
+from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
+from twotower_assets.warehouse.sql import ITEM_COLUMN, quote_identifier
+
+RECOMMENDATIONS = "two_tower_recommendations"
+RECOMMENDATIONS_LATEST = "two_tower_recommendations_latest"
+
+
+class RecommendationsConfig(dg.Config):
+    k: int = Field(default=100, gt=0, description="Items per user (fewer when a user has seen almost every item).")
+    users_per_batch: int = Field(
+        default=32_768, gt=0, description="Users scored and written per record batch (bounds memory)."
+    )
+    block_size: int = Field(default=1024, gt=0, description="Users per matrix product inside a batch.")
+
+
+def recommendations_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            ("train_date", pa.date32()),
+            ("mlflow_run_id", pa.string()),
+            ("user_id", pa.string()),
+            ("item_ids", pa.list_(pa.string())),
+            ("scores", pa.list_(pa.float64())),
+        ]
+    )
+
+
+def seen_matrix(pairs: pa.Table, user_ids: np.ndarray, item_ids: np.ndarray) -> sp.csr_matrix:
+    """Binary (users x items) CSR of the (user, item) pairs; pairs with an unknown id are dropped."""
+    rows = pc.index_in(pairs["user_key"], value_set=pa.array(user_ids, pa.string()))
+    cols = pc.index_in(pairs[ITEM_COLUMN], value_set=pa.array(item_ids, pa.string()))
+    known = pc.and_(pc.is_valid(rows), pc.is_valid(cols))
+    rows = rows.filter(known).to_numpy().astype(np.int64, copy=False)
+    cols = cols.filter(known).to_numpy().astype(np.int64, copy=False)
+    matrix = sp.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(len(user_ids), len(item_ids))
+    )
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def recommendation_batches(
+    user_ids: np.ndarray,
+    user_vectors: np.ndarray,
+    item_ids: np.ndarray,
+    item_vectors: np.ndarray,
+    seen: sp.csr_matrix,
+    k: int,
+    train_date: dt.date,
+    mlflow_run_id: str,
+    users_per_batch: int = 32_768,
+    block_size: int = 1024,
+) -> Iterator[pa.RecordBatch]:
+    """One record batch per chunk of users: their best unseen items, best first, and scores."""
+    item_array = pa.array(item_ids, pa.string())
+    items32 = np.ascontiguousarray(item_vectors, dtype=np.float32)
+    n_items = len(item_ids)
+    k = min(k, n_items)
+    for start in range(0, len(user_ids), users_per_batch):
+        stop = min(start + users_per_batch, len(user_ids))
+        users32 = np.ascontiguousarray(user_vectors[start:stop], dtype=np.float32)
+        block_seen = seen[start:stop]
+        best = top_k_items(users32, items32, k, exclude=block_seen, block_size=block_size)
+        # Excluded items only fill the tail of a user with fewer than k unseen items: cut it.
+        lengths = np.minimum(k, n_items - np.diff(block_seen.indptr))
+        keep = np.arange(k)[None, :] < lengths[:, None]
+        chosen = best[keep]
+        scores = np.einsum("ud,ud->u", np.repeat(users32, lengths, axis=0), items32[chosen])
+        offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
+        n = stop - start
+        yield pa.RecordBatch.from_arrays(
+            [
+                pa.array(np.full(n, train_date), pa.date32()),
+                pa.array([mlflow_run_id] * n, pa.string()),
+                pa.array(user_ids[start:stop], pa.string()),
+                pa.ListArray.from_arrays(offsets, item_array.take(pa.array(chosen))),
+                pa.ListArray.from_arrays(offsets, pa.array(scores.astype(np.float64))),
+            ],
+            schema=recommendations_schema(),
+        )
+
+
+def _training_pairs(warehouse: WarehouseResource, user_key: str, train_date: dt.date) -> pa.Table:
+    table = warehouse.dialect.table(warehouse.table_name(tables.TRAINING_EVENTS))
+    return warehouse.query(
+        f"SELECT DISTINCT {quote_identifier(user_key)} AS user_key, {ITEM_COLUMN} FROM {table} "
+        f"WHERE {tables.PARTITION_COLUMN} = {warehouse.dialect.param('train_date')}",
+        {"train_date": train_date},
+    )
+
+
+@dg.asset(
+    key=RECOMMENDATIONS,
+    partitions_def=training_date_partitions,
+    deps=[MATCH_MODEL, TWO_TOWER_MODEL, tables.TRAINING_EVENTS],
+    group_name="publishing",
+    kinds={"sql", "numpy"},
+    description="Top-k unseen items per training user (blocked matrix products), one partition per training date.",
+    automation_condition=DOWNSTREAM_CONDITION,
+    code_version="1",
+)
+def recommendations(
+    context: dg.AssetExecutionContext,
+    config: RecommendationsConfig,
+    warehouse: WarehouseResource,
+    artifacts: ArtifactStore,
+) -> dg.MaterializeResult:
+    model_dir = artifacts.require(TWO_TOWER_MODEL, context.partition_key)
+    summary = load_model_summary(model_dir)
+    user_key = summary["user_key"]
+    train_date = training_date(context)
+    user_ids, user_vectors = keyed_embeddings(model_dir / "user_embeddings.parquet", user_key)
+    item_ids, item_vectors = keyed_embeddings(model_dir / "item_embeddings.parquet", ITEM_COLUMN)
+    if len(user_ids) == 0 or len(item_ids) == 0:
+        raise EmptyTableError(f"model {context.partition_key} has no user or no item vectors")
+    seen = seen_matrix(_training_pairs(warehouse, user_key, train_date), user_ids, item_ids)
+
+    qualified = warehouse.table_name(RECOMMENDATIONS)
+    started = time.perf_counter()
+    written = warehouse.replace_partition(
+        qualified,
+        tables.PARTITION_COLUMN,
+        train_date,
+        recommendation_batches(
+            user_ids, user_vectors, item_ids, item_vectors, seen, config.k, train_date,
+            summary["mlflow_run_id"], config.users_per_batch, config.block_size,
+        ),
+        schema=recommendations_schema(),
+    )
+    seconds = time.perf_counter() - started
+    warehouse.create_latest_view(warehouse.table_name(RECOMMENDATIONS_LATEST), qualified, tables.PARTITION_COLUMN)
+    # Scoring work: one multiply-add per user, item and vector dimension.
+    flops = 2.0 * len(user_ids) * len(item_ids) * user_vectors.shape[1]
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": written,
+            "table": qualified,
+            "latest_view": warehouse.table_name(RECOMMENDATIONS_LATEST),
+            "k": min(config.k, len(item_ids)),
+            "users": len(user_ids),
+            "items": len(item_ids),
+            "seen_pairs_removed": int(seen.nnz),
+            "seconds": round(seconds, 2),
+            "scoring_gflop_per_s": round(flops / seconds / 1e9, 2) if seconds else 0.0,
+            "mlflow_run_id": summary["mlflow_run_id"],
+        }
+    )
