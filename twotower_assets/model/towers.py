@@ -4,10 +4,18 @@ Each tower turns a dict of raw feature columns into a unit-length vector:
 concat(feature layers) -> Dense(2E, relu) -> Dense(E) -> L2 normalisation. The user tower
 scores items by dot product (cosine, since both are unit length), and training uses TFRS's
 in-batch softmax :class:`tfrs.tasks.Retrieval` with temperature and logQ correction.
+
+Opt-in (``catalog``): an exact softmax over every item of a small catalogue instead of the
+in-batch negatives. Each step then scores every user of the batch against every item, so
+the user's other items (and, with a history feature, the items it has just seen) are always
+negatives; affordable for thousands of items (MovieLens: 1,682), not for production's 200,000.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
@@ -60,9 +68,12 @@ class TwoTowerModel(tfrs.Model):
         embedding_size: int = 64,
         temperature: float = 0.05,
         remove_accidental_hits: bool = True,
+        catalog: Mapping[str, np.ndarray] | None = None,
+        seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         super().__init__()
         self.config = config
+        self.temperature = temperature
         self.user_tower = Tower(
             config.user_embedding_layers, config.user_id_feature, stats, config, embedding_size,
             name="user_tower",
@@ -80,11 +91,63 @@ class TwoTowerModel(tfrs.Model):
             temperature=temperature,
             remove_accidental_hits=remove_accidental_hits,
         )
+        self.catalog = None
+        if catalog is not None:
+            self._set_catalog(catalog, stats)
+        self.seen = None
+        if seen_pairs is not None:
+            self._set_seen_pairs(*seen_pairs, stats)
+
+    def _set_seen_pairs(self, user_keys: np.ndarray, item_ids: np.ndarray, stats: FeatureStats) -> None:
+        """Training (user key, item) pairs, which validation does not count as negatives.
+
+        Validation rows are, by the split rules, pairs the user never had in training, and
+        the offline evaluation removes each user's training items before ranking. Without
+        the same rule in val_loss, a model that learns users' histories is punished for
+        ranking their own past items high, val_loss rises from the first epoch on and
+        EarlyStopping restores an untrained-looking model (docs/decisions.md).
+        """
+        users = stats.vocabularies[self.config.user_id_feature]
+        items = stats.vocabularies[self.config.item_id_feature]
+        self.seen_user_index = tf.keras.layers.StringLookup(vocabulary=users, num_oov_indices=1)
+        self.seen_item_index = tf.keras.layers.StringLookup(vocabulary=items, num_oov_indices=1)
+        self.seen_stride = tf.constant(len(items) + 1, tf.int64)
+        keys = (
+            self.seen_user_index(tf.constant(np.asarray(user_keys, dtype=object).astype(str)))
+            * self.seen_stride
+            + self.seen_item_index(tf.constant(np.asarray(item_ids, dtype=object).astype(str)))
+        )
+        keys = tf.unique(keys).y
+        self.seen = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys, tf.int32)), default_value=0
+        )
+
+    def _set_catalog(self, catalog: Mapping[str, np.ndarray], stats: FeatureStats) -> None:
+        """Every item's feature columns (as :func:`batch_to_features` gives them), one row each."""
+        id_feature = self.config.item_id_feature
+        # The item tower's inputs (pretrained features are looked up by the id column).
+        columns = list(dict.fromkeys(self.item_tower.input_keys))
+        missing = [c for c in columns if c not in catalog]
+        if missing:
+            raise ValueError(f"catalog has no column {missing}")
+        ids = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in np.asarray(catalog[id_feature]).tolist()]
+        if len(set(ids)) != len(ids):
+            raise ValueError("catalog lists an item id twice")
+        unknown = sorted(set(stats.vocabularies.get(id_feature, [])) - set(ids))
+        if unknown:
+            raise ValueError(f"{len(unknown)} training items are not in the catalog (first: {unknown[0]!r})")
+        self.catalog = {name: tf.constant(catalog[name]) for name in columns}
+        # Label of a training row: its item's row in the catalogue (num_oov_indices=0: rows 0..n-1).
+        self.catalog_row = tf.keras.layers.StringLookup(vocabulary=ids, num_oov_indices=0)
 
     def call(self, features):
         return self.user_tower(features), self.item_tower(features)
 
     def compute_loss(self, features, training=False):
+        if self.catalog is not None:
+            return self._catalog_loss(features, training)
+        if not training and self.seen is not None:
+            return self._validation_loss(features)
         user_vectors, item_vectors = self(features)
         return self.task(
             user_vectors,
@@ -93,3 +156,33 @@ class TwoTowerModel(tfrs.Model):
             candidate_ids=features[self.config.item_id_feature] if self.remove_accidental_hits else None,
             compute_metrics=False,
         )
+
+    def _catalog_loss(self, features, training=False):
+        """Mean cross-entropy of each row's item among all catalogue items (exact softmax)."""
+        user_vectors = self.user_tower(features, training=training)
+        item_vectors = self.item_tower(self.catalog, training=training)
+        logits = tf.matmul(user_vectors, item_vectors, transpose_b=True) / self.temperature
+        labels = self.catalog_row(features[self.config.item_id_feature])
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+    def _validation_loss(self, features):
+        """The in-batch softmax of the task, with each user's training items masked out.
+
+        Same temperature, logQ correction and accidental-hit removal as
+        :class:`tfrs.tasks.Retrieval`; only the masking of seen (user, item) pairs is added.
+        """
+        user_vectors, item_vectors = self(features)
+        logits = tf.matmul(user_vectors, item_vectors, transpose_b=True) / self.temperature
+        probability = tf.cast(features[SAMPLING_PROBABILITY_COLUMN], logits.dtype)
+        logits -= tf.math.log(tf.clip_by_value(probability, 1e-6, 1.0))[tf.newaxis, :]
+        user_index = self.seen_user_index(features[self.config.user_id_feature])
+        item_ids = features[self.config.item_id_feature]
+        item_index = self.seen_item_index(item_ids)
+        pair_keys = user_index[:, tf.newaxis] * self.seen_stride + item_index[tf.newaxis, :]
+        masked = self.seen.lookup(pair_keys) > 0
+        if self.remove_accidental_hits:
+            masked |= tf.equal(item_ids[:, tf.newaxis], item_ids[tf.newaxis, :])
+        diagonal = tf.eye(tf.shape(logits)[0], dtype=tf.bool)
+        logits = tf.where(masked & ~diagonal, tf.constant(-1e9, logits.dtype), logits)
+        labels = tf.range(tf.shape(logits)[0])
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))

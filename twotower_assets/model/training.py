@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
 
+from twotower_assets.model.datasets import batches, is_blocked, shuffled_batches
 from twotower_assets.model.features import FeatureConfig
 from twotower_assets.model.layers import FeatureStats
 from twotower_assets.model.towers import TwoTowerModel
@@ -69,13 +71,21 @@ class TrainingResult:
     device: str = ""
 
 
-def build_model(config: FeatureConfig, stats: FeatureStats, params: TrainingParams) -> TwoTowerModel:
+def build_model(
+    config: FeatureConfig,
+    stats: FeatureStats,
+    params: TrainingParams,
+    catalog: Mapping[str, np.ndarray] | None = None,
+    seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
+) -> TwoTowerModel:
     model = TwoTowerModel(
         config,
         stats,
         embedding_size=params.embedding_size,
         temperature=params.temperature,
         remove_accidental_hits=params.remove_accidental_hits,
+        catalog=catalog,
+        seen_pairs=seen_pairs,
     )
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=params.learning_rate))
     return model
@@ -90,24 +100,32 @@ def train_two_tower(
     params: TrainingParams,
     callbacks: list[tf.keras.callbacks.Callback] | None = None,
     mixed_precision: bool = False,
+    catalog: Mapping[str, np.ndarray] | None = None,
+    seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainingResult:
-    """Fit the towers; returns the model with the best validation weights restored."""
+    """Fit the towers; returns the model with the best validation weights restored.
+
+    ``catalog`` (opt-in): every item's feature columns; the loss is then an exact softmax over
+    them instead of in-batch negatives (see :class:`TwoTowerModel`).
+    ``seen_pairs``: the training (user key, item id) pairs; val_loss then does not count a
+    user's training items as negatives, as the offline evaluation does.
+    """
     if train_rows <= 0:
         raise ValueError("the training dataset is empty: nothing to train on")
     device = configure_devices(mixed_precision)
     tf.keras.utils.set_random_seed(params.seed)
-    model = build_model(config, stats, params)
+    model = build_model(config, stats, params, catalog, seen_pairs)
 
     batch_size = min(params.batch_size, train_rows)
     steps_per_epoch = max(1, math.ceil(train_rows / batch_size / EPOCH_FRACTION))
-    train = (
-        train_examples.shuffle(min(params.shuffle_buffer, train_rows), seed=params.seed)
-        .repeat()
-        .batch(batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    shuffle_rows = min(params.shuffle_buffer, train_rows)
+    if is_blocked(train_examples):  # saved blocks (tf_datasets): the vectorised shuffle
+        train = shuffled_batches(train_examples, batch_size, shuffle_rows, params.seed)
+    else:
+        train = train_examples.shuffle(shuffle_rows, seed=params.seed).repeat().batch(batch_size, drop_remainder=True)
+    train = train.prefetch(tf.data.AUTOTUNE)
     validation = (
-        validation_examples.batch(batch_size).cache().prefetch(tf.data.AUTOTUNE)
+        batches(validation_examples, batch_size).cache().prefetch(tf.data.AUTOTUNE)
         if validation_examples is not None
         else None
     )
@@ -146,10 +164,10 @@ def train_two_tower(
 def tower_outputs(
     tower: tf.keras.Model, examples: tf.data.Dataset, id_columns: list[str], batch_size: int = 8192
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """A tower's float32 vectors over a dataset of single examples, with their id columns (as str)."""
+    """A tower's float32 vectors over a dataset (single examples or blocks), with their id columns (as str)."""
     ids: dict[str, list[np.ndarray]] = {column: [] for column in id_columns}
     vectors = []
-    for batch in examples.batch(batch_size).prefetch(tf.data.AUTOTUNE):
+    for batch in batches(examples, batch_size).prefetch(tf.data.AUTOTUNE):
         vectors.append(tower(batch, training=False).numpy().astype(np.float32, copy=False))
         for column in id_columns:
             ids[column].append(batch[column].numpy())

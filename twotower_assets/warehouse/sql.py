@@ -268,3 +268,15 @@ FROM (
   FROM scored
 ) AS ranked
 WHERE neighbor_rank <= {search.top_k}"""
+
+
+def distinct_pairs_query(dialect: Dialect, table: str, user_key: str) -> str:
+    """Distinct (user key, item) pairs of one partition (parameter ``train_date``).
+
+    Nulls become ``'none'``, as in the tf.data input, so the keys match the model's.
+    """
+    key = quote_identifier(user_key)
+    return f"""
+SELECT DISTINCT COALESCE(CAST({key} AS STRING), 'none') AS user_key, {ITEM_COLUMN} AS item_id
+FROM {dialect.table(table)}
+WHERE train_date = {dialect.param("train_date")}"""
