@@ -106,7 +106,10 @@ def main() -> int:
     for op, keys, partitioned in graph_steps():
         if only is not None and op not in only:
             continue
-        step_config = {"ops": {op: run_config["ops"][op]}} if op in run_config.get("ops", {}) else {}
+        # Dagster rejects config for ops outside the run: give each step its own op's config
+        # and its checks' (named ``<op>_<check>``, e.g. evaluation_metrics_quality_gate).
+        ops = {name: value for name, value in run_config.get("ops", {}).items() if name == op or name.startswith(f"{op}_")}
+        step_config = {"ops": ops} if ops else {}
         config_path = home / "logs" / f"{op}.yaml"
         config_path.write_text(yaml.safe_dump(step_config))
         cli = [

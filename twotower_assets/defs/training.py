@@ -63,7 +63,7 @@ def two_tower_model(
 ) -> dg.MaterializeResult:
     import tensorflow as tf
 
-    from twotower_assets.model.datasets import dataset_rows, load_dataset
+    from twotower_assets.model.datasets import dataset_rows, load_blocks, load_dataset
     from twotower_assets.model.features import FeatureConfig
     from twotower_assets.model.layers import FeatureStats
     from twotower_assets.model.training import TrainingParams, train_two_tower, tower_outputs
@@ -118,9 +118,9 @@ def two_tower_model(
         result = train_two_tower(
             feature_config,
             stats,
-            load_dataset(datasets / "training"),
+            load_blocks(datasets / "training"),
             train_rows,
-            load_dataset(datasets / "validation") if validation_rows else None,
+            load_blocks(datasets / "validation") if validation_rows else None,
             params,
             callbacks=[log_epoch],
             mixed_precision=config.mixed_precision,
@@ -130,10 +130,10 @@ def two_tower_model(
 
         user_key = feature_config.user_id_feature
         user_ids, user_vectors = tower_outputs(
-            result.model.user_tower, load_dataset(datasets / "users"), sorted({USER_COLUMN, user_key})
+            result.model.user_tower, load_blocks(datasets / "users"), sorted({USER_COLUMN, user_key})
         )
         item_ids, item_vectors = tower_outputs(
-            result.model.item_tower, load_dataset(datasets / "items"), [feature_config.item_id_feature]
+            result.model.item_tower, load_blocks(datasets / "items"), [feature_config.item_id_feature]
         )
         pq.write_table(embeddings_table(user_ids, user_vectors), out / "user_embeddings.parquet")
         pq.write_table(embeddings_table(item_ids, item_vectors), out / "item_embeddings.parquet")
