@@ -1,0 +1,46 @@
+"""The code location: how Dagster finds it, and the lineage the README promises."""
+
+import subprocess
+import sys
+import tomllib
+
+import dagster as dg
+import yaml
+
+from conftest import REPO
+
+
+def test_workspace_and_pyproject_load_the_same_module():
+    workspace = yaml.safe_load((REPO / "workspace.yaml").read_text())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    [location] = workspace["load_from"]
+    assert location["python_module"]["module_name"] == pyproject["tool"]["dagster"]["module_name"]
+    assert location["python_module"]["module_name"] == "twotower_assets.definitions"
+
+
+def test_legacy_keras_is_switched_on_in_one_place_before_tensorflow():
+    hits = [p for p in (REPO / "twotower_assets").rglob("*.py") if "TF_USE_LEGACY_KERAS" in p.read_text()]
+    assert [p.relative_to(REPO).as_posix() for p in hits] == ["twotower_assets/__init__.py"]
+    script = "import twotower_assets.model.towers as t, tensorflow as tf; print(type(tf.keras.layers.Dense(1)).__module__)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith("tf_keras")
+
+
+def test_lineage_runs_from_click_events_to_the_embedding_tables():
+    from twotower_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+
+    def parents(key: str) -> set[str]:
+        return {k.to_user_string() for k in graph.get(dg.AssetKey(key)).parent_keys}
+
+    assert parents("training_events") == {"click_events"}
+    assert {"training_events", "validation_events"} <= parents("tf_datasets")
+    assert parents("two_tower_model") == {"tf_datasets"}
+    assert "two_tower_model" in parents("evaluation_metrics")
+    assert "evaluation_metrics" in parents("match_model")
+    assert parents("two_tower_user_embedding_history") == {"match_model"}
+    assert parents("two_tower_item_embedding_history") == {"match_model"}
+    partitioned = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).partitions_def}
+    assert {"training_events", "tf_datasets", "two_tower_model", "evaluation_metrics", "match_model",
+            "two_tower_user_embedding_history", "two_tower_item_embedding_history"} <= partitioned
