@@ -81,32 +81,42 @@ def test_an_empty_instance_starts_nothing(instance):
     assert Ticks(instance)() == {}
 
 
-def test_new_training_data_retrains_evaluates_and_publishes_that_date(instance):
+def test_new_training_data_retrains_evaluates_and_publishes_that_date(instance, tmp_path):
+    from twotower_assets.definitions import ALL_ASSETS, ALL_CHECKS
+
     tick = Ticks(instance)
     tick()
-    report(instance, [tables.CLICK_EVENTS], None)
+    resources = make_resources(tmp_path / "home")
+    config = tiny_run_config()["ops"]
+    graph = [*ALL_ASSETS, *ALL_CHECKS]
+    source = {"ops": {tables.CLICK_EVENTS: config[tables.CLICK_EVENTS]}}
+    dg.materialize(graph, selection=[tables.CLICK_EVENTS], resources=resources, run_config=source, instance=instance)
     assert tick() == {}, "new click events alone wait for the weekly schedule"
 
-    latest, older = latest_partition(NOW), TINY_PARTITION
-    report(instance, tables.SPLIT_TABLES.values(), latest)
-    report(instance, tables.SPLIT_TABLES.values(), older)
-    requested = tick()
+    # New training data: runs that rebuild the split of two dates (their data checks pass).
+    dates = {TINY_PARTITION, "2026-06-02"}
+    for date in sorted(dates):
+        split = dg.materialize(
+            graph,
+            selection=dg.AssetSelection.assets(*tables.SPLIT_TABLES.values()),
+            resources=resources,
+            partition_key=date,
+            run_config={"ops": {"split_tables": config["split_tables"]}},
+            instance=instance,
+        )
+        assert all(e.passed for e in split.get_asset_check_evaluations())
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor, evaluation_time=NOW)
+    tick.cursor = result.cursor
     for key in TRAINING_CHAIN | PUBLISHING:
-        assert requested.get(key) == {latest, older}, key
-    assert not requested.keys() & set(tables.SPLIT_TABLES.values())
+        assert result.get_requested_partitions(dg.AssetKey(key)) == dates, key
+    assert not any(result.get_num_requested(dg.AssetKey(key)) for key in tables.SPLIT_TABLES.values())
+    # The quality gate joins the run that evaluates; the split checks already ran with the split.
+    assert requested_checks(result) == {QUALITY_GATE}
     assert tick() == {}, "handled: not requested again"
 
 
-def test_the_checks_run_with_their_assets(instance):
-    tick = Ticks(instance)
-    tick()
-    report(instance, tables.SPLIT_TABLES.values(), TINY_PARTITION)
-    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor, evaluation_time=NOW)
-    requested_checks = {
-        r.key.name for r in result.results if isinstance(r.key, dg.AssetCheckKey) and not r.true_subset.is_empty
-    }
-    assert QUALITY_GATE in requested_checks
-    assert {"non_empty", "no_null_ids", "users_and_items_in_training", "no_training_pairs"} <= requested_checks
+def requested_checks(result) -> set[str]:
+    return {r.key.name for r in result.results if isinstance(r.key, dg.AssetCheckKey) and not r.true_subset.is_empty}
 
 
 # --------------------------------------------------------------------------- stale model
@@ -125,10 +135,12 @@ def test_a_stale_model_is_retrained_once_for_the_latest_date(instance):
 
     nine_days_later = NOW + dt.timedelta(days=9)  # past the 8-day fail window
     assert set(evaluate_freshness(instance, nine_days_later).values()) == {"FAIL"}
-    requested = tick(nine_days_later)
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor, evaluation_time=nine_days_later)
+    tick.cursor = result.cursor
     today = latest_partition(nine_days_later)
     for key in {*tables.SPLIT_TABLES.values(), *TRAINING_CHAIN, *PUBLISHING}:
-        assert requested.get(key) == {today}, key
+        assert result.get_requested_partitions(dg.AssetKey(key)) == {today}, key
+    assert requested_checks(result) == {QUALITY_GATE, "non_empty", "no_null_ids", "users_and_items_in_training", "no_training_pairs"}
     # The FAIL stays until the daemon sees the new materialisation: no second request meanwhile.
     assert tick(nine_days_later + dt.timedelta(minutes=1)) == {}
 

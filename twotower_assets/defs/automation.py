@@ -102,8 +102,20 @@ refreshes them together)."""
 
 AC = dg.AutomationCondition
 
+TRAINING_RUN_TAGS = {"twotower/run": "training_date"}
+"""Tags of the training job's runs (schedule, launchpad): such a run materialises everything
+of its date, so automation ignores the updates it makes."""
+
+_MADE_BY_A_RUN_THAT_COVERS_US = (
+    AC.executed_with_root_target()
+    | AC.executed_with_tags(tag_values=TRAINING_RUN_TAGS)
+    | AC.executed_with_tags(tag_keys={"dagster/backfill"})
+).with_label("made_by_a_run_that_covers_us")
+
+_UPDATED_ELSEWHERE = (AC.newly_updated() & ~_MADE_BY_A_RUN_THAT_COVERS_US).with_label("updated_elsewhere")
+
 DEPS_UPDATED = (
-    (AC.any_deps_updated()).since_last_handled()
+    AC.any_deps_match(_UPDATED_ELSEWHERE | AC.will_be_requested()).since_last_handled()
     & ~AC.any_deps_missing()
     & ~AC.any_deps_in_progress()
     & ~AC.in_progress()
@@ -114,9 +126,11 @@ requested in the same tick), once all inputs exist, none is running, and every b
 of the inputs passed (or runs in the same run, where a failure stops the run before us).
 
 Unlike ``AutomationCondition.eager()`` it is not limited to the latest date: re-materialising
-the split of an older date retrains that date. Updates made by a run that also targeted this
-asset are ignored (that run already handled them), so whole-graph runs, schedule runs and
-backfills never cause a second run."""
+the split of an older date retrains that date. Updates are ignored when the run that made
+them also covers this asset: it targeted it, or it is a run of the training job or of a
+backfill (job and backfill runs record no asset selection, so they are told by their tags).
+Without that, a sensor tick landing in the last second of such a run (it sees the run finished
+but not yet its last materialisations) starts a second run."""
 
 RETRAIN_WHEN_STALE = (
     AC.in_latest_time_window()
@@ -140,9 +154,10 @@ DOWNSTREAM_CONDITION = DEPS_UPDATED
 """Datasets, metrics, MatchModel and embedding tables follow their inputs; the blocking
 checks in DEPS_UPDATED keep a model that failed the quality gate from being published."""
 
-CHECK_CONDITION = AC.any_deps_updated().since_last_handled().with_label("asset_updated")
-"""Checks run when their asset is updated or requested (so they join the same run), unless
-they already ran after that update (a run that materialised the asset and ran its checks)."""
+CHECK_CONDITION = AC.any_deps_match(AC.will_be_requested()).with_label("with_asset")
+"""Checks run in the same run as their asset whenever automation materialises it; schedule,
+backfill and UI runs include them already. (Re-running them after every update instead would
+follow each job run with check-only runs: job runs record no explicit check selection.)"""
 
 
 # --------------------------------------------------------------------------- job, schedule, sensor
@@ -174,6 +189,7 @@ training_job = dg.define_asset_job(
     selection=dg.AssetSelection.all() - dg.AssetSelection.assets(tables.CLICK_EVENTS),
     partitions_def=training_date_partitions,
     config=load_run_config(os.environ.get("TWOTOWER_RUN_CONFIG")),
+    run_tags=TRAINING_RUN_TAGS,
     description=(
         "Everything that depends on the training date, with its checks: split, datasets, training, "
         "evaluation and quality gate, MatchModel, embedding tables. One run per date."
@@ -209,7 +225,7 @@ def build_training_schedule(cron: str | None = None) -> dg.ScheduleDefinition:
     )
     def weekly_training(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         partition_key = training_partition_at(context.scheduled_execution_time)
-        return dg.RunRequest(run_key=partition_key, partition_key=partition_key)
+        return dg.RunRequest(run_key=partition_key, partition_key=partition_key, tags=TRAINING_RUN_TAGS)
 
     return weekly_training
 
