@@ -6,6 +6,8 @@ Loaded by ``dagster dev`` (workspace.yaml / pyproject ``[tool.dagster]``),
 
 import dagster as dg
 
+from twotower_assets.defs.automation import automation_sensor, training_job, training_schedule
+from twotower_assets.defs.checks import quality_gate, split_data_checks
 from twotower_assets.defs.datasets import tf_datasets
 from twotower_assets.defs.evaluation import evaluation_metrics
 from twotower_assets.defs.publishing import item_embedding_history, match_model, user_embedding_history
@@ -29,10 +31,17 @@ ALL_ASSETS = [
     recommendations,
 ]
 
+# Blocking checks: split data checks and the model quality gate (twotower_assets/defs/checks.py).
+ALL_CHECKS = [split_data_checks, quality_gate]
+
 # One process runs a whole run: TensorFlow loads once, and DuckDB's single-writer file is
 # never opened by two steps of the same run at once (docs/decisions.md).
 defs = dg.Definitions(
     assets=ALL_ASSETS,
+    asset_checks=ALL_CHECKS,
+    jobs=[training_job],
+    schedules=[training_schedule],
+    sensors=[automation_sensor],
     resources=default_resources(),
     executor=dg.in_process_executor,
 )

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from twotower_assets.defs import tables
 from twotower_assets.defs.artifacts import ArtifactStore
+from twotower_assets.defs.automation import DOWNSTREAM_CONDITION, RETRAIN_FRESHNESS
 from twotower_assets.defs.evaluation import EVALUATION_METRICS
 from twotower_assets.defs.mlflow_tracking import MlflowTracking
 from twotower_assets.defs.partitions import training_date, training_date_partitions
@@ -72,6 +73,8 @@ def history_rows(entity: str, train_date: dt.date, summary: dict, ids: np.ndarra
     group_name="publishing",
     kinds={"tensorflow", "mlflow"},
     description="The MatchModel: frozen user and item vectors scored by dot product; MLflow artifact `model`.",
+    automation_condition=DOWNSTREAM_CONDITION,
+    code_version="1",
 )
 def match_model(
     context: dg.AssetExecutionContext, artifacts: ArtifactStore, mlflow: MlflowTracking
@@ -110,6 +113,9 @@ def _embedding_history_asset(entity: str, table: str, view: str):
         group_name="publishing",
         kinds={"sql"},
         description=f"{entity.capitalize()} embeddings, one partition per training date; view {view} shows the newest.",
+        automation_condition=DOWNSTREAM_CONDITION,
+        freshness_policy=RETRAIN_FRESHNESS,
+        code_version="1",
     )
     def _asset(
         context: dg.AssetExecutionContext, warehouse: WarehouseResource, artifacts: ArtifactStore

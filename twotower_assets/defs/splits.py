@@ -11,6 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from twotower_assets.defs import tables
+from twotower_assets.defs.automation import RETRAIN_FRESHNESS, TRAINING_DATA_CONDITION
 from twotower_assets.defs.partitions import training_date, training_date_partitions
 from twotower_assets.warehouse.base import EmptyTableError, WarehouseError, WarehouseResource
 from twotower_assets.warehouse.sql import split_queries
@@ -30,6 +31,9 @@ SPLIT_SPECS = [
         group_name="splits",
         kinds={"sql"},
         description=f"The {split} split of the click events for one training date.",
+        automation_condition=TRAINING_DATA_CONDITION,
+        freshness_policy=RETRAIN_FRESHNESS,
+        code_version="1",
     )
     for split, table in tables.SPLIT_TABLES.items()
 ]
