@@ -13,6 +13,7 @@ from pydantic import Field
 
 from twotower_assets.defs import tables
 from twotower_assets.defs.artifacts import ArtifactStore
+from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
 from twotower_assets.defs.partitions import training_date, training_date_partitions
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, save_dataset
 from twotower_assets.model.features import load_feature_config
@@ -37,6 +38,8 @@ class DatasetConfig(dg.Config):
     group_name="training",
     kinds={"tensorflow"},
     description="Saved tf.data datasets (training, validation, users, items) and feature statistics.",
+    automation_condition=DOWNSTREAM_CONDITION,
+    code_version="1",
 )
 def tf_datasets(
     context: dg.AssetExecutionContext,

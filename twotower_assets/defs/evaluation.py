@@ -18,6 +18,7 @@ from pydantic import Field
 
 from twotower_assets.defs import tables
 from twotower_assets.defs.artifacts import ArtifactStore
+from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
 from twotower_assets.defs.mlflow_tracking import MlflowTracking
 from twotower_assets.defs.partitions import training_date, training_date_partitions
 from twotower_assets.defs.training import TWO_TOWER_MODEL, load_model_summary
@@ -141,6 +142,8 @@ def metrics_markdown(table: pd.DataFrame, segment: str = "all") -> str:
     group_name="evaluation",
     kinds={"python", "mlflow"},
     description="Precision, recall, NDCG, coverage and novelty at k for the model and baselines.",
+    automation_condition=DOWNSTREAM_CONDITION,
+    code_version="1",
 )
 def evaluation_metrics(
     context: dg.AssetExecutionContext,

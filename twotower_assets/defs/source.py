@@ -48,6 +48,7 @@ class SyntheticEventsConfig(dg.Config):
     group_name="source",
     kinds={"duckdb", "python"},
     description="Click events (synthetic, seeded) with the production schema.",
+    code_version="1",
 )
 def click_events(
     context: dg.AssetExecutionContext, config: SyntheticEventsConfig, warehouse: WarehouseResource

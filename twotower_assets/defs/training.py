@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from twotower_assets.defs.artifacts import ArtifactStore
+from twotower_assets.defs.automation import MODEL_CONDITION, RETRAIN_FRESHNESS, TRAINING_POOL
 from twotower_assets.defs.datasets import TF_DATASETS
 from twotower_assets.defs.mlflow_tracking import MlflowTracking
 from twotower_assets.defs.partitions import training_date_partitions
@@ -54,6 +55,10 @@ def embeddings_table(ids: dict[str, np.ndarray], vectors: np.ndarray) -> pa.Tabl
     group_name="training",
     kinds={"tensorflow", "mlflow"},
     description="TFRS two-tower retrieval model: towers, tower outputs, MLflow run.",
+    automation_condition=MODEL_CONDITION,
+    freshness_policy=RETRAIN_FRESHNESS,
+    pool=TRAINING_POOL,
+    code_version="1",
 )
 def two_tower_model(
     context: dg.AssetExecutionContext,
