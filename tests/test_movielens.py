@@ -213,3 +213,114 @@ def test_click_events_asset_needs_a_path(tiny_resources):
             resources={"warehouse": tiny_resources["warehouse"]},
             run_config={"ops": {"click_events": {"config": {"source": "movielens"}}}},
         )
+
+
+# ------------------------------------------------------ full-catalogue softmax (opt-in)
+
+
+def _fixture_examples():
+    from twotower_assets.model.datasets import FeatureStatsBuilder, batch_to_features, feature_kinds
+
+    config = load_feature_config("movielens-features")
+    events = click_event_table(load_movielens(RECBOLE))
+    kinds = feature_kinds(config)
+    events = events.append_column("item_sampling_probability", pa.array(np.full(events.num_rows, 1 / 6)))
+    batch = events.combine_chunks().to_batches()[0]
+    builder = FeatureStatsBuilder(config)
+    builder.update(batch)
+    features = batch_to_features(batch, {**kinds, "item_sampling_probability": "number"})
+    items = load_movielens(RECBOLE).items.rename_columns(["item_id", "item_title", "item_genres", "item_release_year"])
+    catalog = batch_to_features(items.combine_chunks().to_batches()[0], {c: kinds[c] for c in config.item_columns})
+    return config, builder.build(), features, catalog
+
+
+def test_catalog_softmax_is_the_exact_cross_entropy_over_every_item():
+    import tensorflow as tf
+
+    from twotower_assets.model.towers import TwoTowerModel
+
+    config, stats, features, catalog = _fixture_examples()
+    model = TwoTowerModel(config, stats, embedding_size=8, temperature=0.2, catalog=catalog)
+    inputs = {k: tf.constant(v) for k, v in features.items()}
+    loss = float(model.compute_loss(inputs))
+    users = model.user_tower(inputs).numpy()
+    items = model.item_tower({k: tf.constant(v) for k, v in catalog.items()}).numpy()
+    logits = users @ items.T / 0.2
+    rows = [list(catalog["item_id"]).index(i) for i in features["item_id"]]
+    log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    assert loss == pytest.approx(-log_softmax[np.arange(len(rows)), rows].mean(), rel=1e-5)
+
+
+def test_catalog_softmax_trains_and_refuses_an_incomplete_catalog():
+    import tensorflow as tf
+
+    from twotower_assets.model.training import TrainingParams, train_two_tower
+
+    config, stats, features, catalog = _fixture_examples()
+    params = TrainingParams(embedding_size=8, batch_size=4, epochs=3, learning_rate=0.05)
+    dataset = tf.data.Dataset.from_tensor_slices(features)
+    result = train_two_tower(config, stats, dataset, 13, dataset, params, catalog=catalog)
+    assert result.epochs_run == 3 and all(np.isfinite(result.history["val_loss"]))
+    partial = {k: v[:3] for k, v in catalog.items()}
+    with pytest.raises(ValueError, match="training items are not in the catalog"):
+        train_two_tower(config, stats, dataset, 13, None, params, catalog=partial)
+
+
+# ---------------------------------------------------- the asset graph on MovieLens files
+
+
+def _write_grouplens(path: Path, users: int = 60, items: int = 40, seed: int = 3) -> None:
+    """A small MovieLens-shaped data set: users prefer one of four genres, rate 12-30 movies."""
+    from twotower_assets.data.movielens import GROUPLENS_GENRES
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    genre_of = rng.integers(1, 5, items)  # Action, Adventure, Animation, Children's
+    lines = []
+    for user in range(1, users + 1):
+        liked = rng.integers(1, 5)
+        weights = np.where(genre_of == liked, 6.0, 1.0)
+        chosen = rng.choice(items, size=int(rng.integers(12, 31)), replace=False, p=weights / weights.sum())
+        start = 880_000_000 + int(rng.integers(0, 5_000_000))
+        for n, item in enumerate(chosen):
+            lines.append(f"{user}\t{item + 1}\t{int(rng.integers(1, 6))}\t{start + n * 3_600}")
+    (path / "u.data").write_text("\n".join(lines) + "\n")
+    (path / "u.user").write_text(
+        "".join(f"{u}|{20 + u % 40}|{'MF'[u % 2]}|{['student', 'writer', 'other'][u % 3]}|{10000 + u}\n" for u in range(1, users + 1)),
+        encoding="latin-1",
+    )
+    rows = []
+    for item in range(items):
+        flags = ["0"] * len(GROUPLENS_GENRES)
+        flags[genre_of[item]] = "1"
+        rows.append("|".join([str(item + 1), f"Movie {item + 1} ({1980 + item % 20})", "01-Jan-1990", "", "url", *flags]))
+    (path / "u.item").write_text("\n".join(rows) + "\n", encoding="latin-1")
+
+
+def test_whole_graph_on_movielens_files(tmp_path, tiny_resources):
+    import yaml
+    from conftest import REPO, materialize_all
+
+    data = tmp_path / "ml"
+    _write_grouplens(data)
+    run_config = yaml.safe_load((REPO / "configs" / "run" / "movielens.yaml").read_text())
+    ops = run_config["ops"]
+    ops["click_events"]["config"]["movielens_path"] = str(data)
+    # The opt-in exact softmax, so its path through the asset (catalogue from the items dataset) runs too.
+    ops["two_tower_model"]["config"].update({"embedding_size": 8, "batch_size": 128, "epochs": 3, "full_catalog_softmax": True})
+    ops["evaluation_metrics"]["config"].update({"ks": [5, 10, 20], "num_users": 100, "svd_factors": 5})
+    result = materialize_all(
+        tiny_resources,
+        selection=["click_events", "training_events", "validation_events", "test_events", "tf_datasets",
+                   "two_tower_model", "evaluation_metrics", "match_model"],
+        run_config=run_config,
+    )
+    assert result.success
+    source = result.asset_materializations_for_node("click_events")[0].metadata
+    assert source["source"].value == "movielens" and source["last_event_date"].value == "2026-05-31"
+    training = result.asset_materializations_for_node("two_tower_model")[0].metadata
+    assert training["config_name"].value == "movielens-features" and training["items"].value == 40
+    evaluation = result.asset_materializations_for_node("evaluation_metrics")[0].metadata
+    # MovieLens's first genre is its offer_category_id: the PCA is coloured by genre.
+    assert "plot_item_pca_by_offer_category_id" in evaluation
+    assert evaluation["evaluated_users"].value > 0

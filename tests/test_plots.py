@@ -84,3 +84,34 @@ def test_markdown_image_is_a_data_uri_of_the_png():
     assert base64.b64decode(encoded) == png
     with pytest.raises(ValueError, match="not PNG"):
         plots.markdown_image(b"GIF89a", "x")
+
+
+# ------------------------------------------------------- plots in Dagster and MLflow
+
+
+def test_plots_reach_dagster_metadata_and_mlflow(tiny_resources):
+    from conftest import materialize_all, tiny_run_config
+    from mlflow import MlflowClient
+
+    result = materialize_all(
+        tiny_resources,
+        selection=["click_events", "training_events", "validation_events", "test_events", "tf_datasets",
+                   "two_tower_model", "evaluation_metrics"],
+        run_config=tiny_run_config(evaluation_metrics={"cold_user_max_events": 35}),
+    )
+    training = result.asset_materializations_for_node("two_tower_model")[0].metadata
+    assert training["loss_per_epoch"].value.startswith("![training and validation loss per epoch](data:image/png;base64,")
+    evaluation = result.asset_materializations_for_node("evaluation_metrics")[0].metadata
+    for name in ("metric_vs_k", "item_pca_by_offer_category_id", "item_pca_by_offer_subcategory_id"):
+        markdown = evaluation[f"plot_{name}"].value
+        encoded = markdown.split("base64,", 1)[1].rstrip(")")
+        assert base64.b64decode(encoded).startswith(b"\x89PNG")
+    # The per-segment breakdown: one table per segment, same layout as the overall one.
+    for segment in ("cold", "warm"):
+        table = evaluation[f"metrics_{segment}_users"].value
+        assert table.splitlines()[0].startswith("| k | metric |") and "| recall |" in table
+
+    client = MlflowClient(tracking_uri=tiny_resources["mlflow"].tracking_uri)
+    run_id = evaluation["mlflow_run_id"].value
+    logged = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/loss.png", "plots/metric_vs_k.png", "plots/item_pca_by_offer_category_id.png"} <= logged

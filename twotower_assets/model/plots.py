@@ -130,9 +130,11 @@ def embedding_pca_png(
         ranked = [str(n) for n in names[np.argsort(-counts, kind="stable")]]
         shown = ranked[:MAX_CATEGORIES]
         grouped = np.where(np.isin(labels, shown), labels, "other")
-        for name in shown + (["other"] if len(ranked) > MAX_CATEGORIES else []):
+        # tab20: distinct colours for all MAX_CATEGORIES + "other" (the default cycle repeats after 10).
+        colours = matplotlib.colormaps["tab20"]
+        for number, name in enumerate(shown + (["other"] if len(ranked) > MAX_CATEGORIES else [])):
             mask = grouped == name
-            axis.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.6, label=name)
+            axis.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.6, label=name, color=colours(number))
         axis.legend(fontsize="x-small", markerscale=2, loc="best")
     axis.set_xlabel("PC 1")
     axis.set_ylabel("PC 2")

@@ -1,0 +1,595 @@
+"""MovieLens 100K: the TFRS basic-retrieval protocol, baselines and this project's model, in one run.
+
+The protocol of the TFRS basic retrieval tutorial
+(https://www.tensorflow.org/recommenders/examples/basic_retrieval): the 100,000 ratings
+shuffled with seed 42 (``tf.random.set_seed(42)``, ``shuffle(100_000, seed=42,
+reshuffle_each_iteration=False)``), the first 80,000 for training and the next 20,000 for
+test; every test rating's movie is ranked against all 1,682 movies, and top-k categorical
+accuracy is the share of test ratings whose movie is in the top k for that rating's query.
+It is counted twice: as the tutorial counts it (movies the user rated in training stay in
+the ranking) and with them removed (what a recommender serves).
+
+Side by side, in the same run:
+
+* ``tfrs-tutorial``: the tutorial's own model, built with TFRS as in the tutorial (32-d
+  user and movie id embeddings, ``tfrs.tasks.Retrieval`` with ``FactorizedTopK`` over all
+  movies, Adagrad 0.1, batch 8192, 3 epochs); TFRS's own ``evaluate`` is printed beside our
+  exact count as a cross-check. Movies are keyed by id, not title (1,682 ids, 1,664 titles).
+* ``popularity``: training rating counts.
+* ``ease``: EASE (Steck 2019, closed form); its regulariser is tuned on a validation slice
+  (the last 10% of the shuffled training ratings), then refitted on all 80,000.
+* ``two-tower``: this project's towers and training (``twotower_assets.model``: production's
+  in-batch softmax with logQ correction, temperature 0.1, Adam 0.01, batch 1024) on
+  ``configs/movielens-features.json``, early stopping on the same validation slice, then
+  refitted on all 80,000 for the best epoch count. Its query for a rating is the user's
+  features plus ``user_recent_items``: the user's 10 latest *training* ratings strictly before
+  that rating's time (the test rating itself and every other test rating are never inputs).
+* ``two-tower (per user)`` and ``ease (recent-items query)``: the same models with the other
+  kind of query, so the effect of the query is visible: one vector per user from all their
+  training ratings, and EASE scored from the same 10 recent items.
+
+Then the project's own evaluation (``twotower_assets.model.metrics``): per test user,
+precision / recall / NDCG at 10, 50, 100 over the full catalogue with training items
+removed, for the model (per-user vectors, as the asset graph serves them) and the random,
+popularity, SVD and EASE baselines, overall and for light vs heavy users.
+
+    .venv/bin/python bench/movielens.py                      # data: ../shared/data/ml-100k
+    .venv/bin/python bench/movielens.py --data ~/ml-100k --out /tmp/movielens-bench
+    .venv/bin/python bench/movielens.py --ablations          # + feature / loss ablations (~2 min each)
+
+``--data`` takes GroupLens's u.data/u.user/u.item or RecBole's ml-100k.inter/.user/.item.
+``--out`` writes results.json, metrics.csv and the plots (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import machine  # noqa: E402
+
+import twotower_assets  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import pyarrow as pa  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_recommenders as tfrs  # noqa: E402
+
+from twotower_assets.data.movielens import click_event_table, load_movielens, recent_items  # noqa: E402
+from twotower_assets.model import metrics, plots  # noqa: E402
+from twotower_assets.model.datasets import FeatureStatsBuilder, batch_to_features, feature_kinds  # noqa: E402
+from twotower_assets.model.features import load_feature_config, parse_feature_config  # noqa: E402
+from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN  # noqa: E402
+from twotower_assets.model.training import TrainingParams, train_two_tower  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+KS = (1, 5, 10, 50, 100)
+PROJECT_KS = (10, 50, 100)
+EASE_LAMBDAS = (50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0)
+TARGET_TUTORIAL_TOP100 = 0.42
+SEED = 42
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Split:
+    """The tutorial split as frames with every event column, plus index maps."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    fit: pd.DataFrame  # training minus the validation slice
+    validation: pd.DataFrame
+    users: np.ndarray  # all user ids (row order of user matrices)
+    items: pd.DataFrame  # every movie's item columns (row order of item matrices)
+
+
+def tutorial_split(data_path: Path, validation_share: float) -> Split:
+    data = load_movielens(data_path)
+    n = data.num_ratings
+    tf.random.set_seed(SEED)
+    order = np.fromiter(
+        tf.data.Dataset.range(n).shuffle(100_000, seed=SEED, reshuffle_each_iteration=False).as_numpy_iterator(),
+        dtype=np.int64,
+        count=n,
+    )
+    train_rows, test_rows = order[:80_000], order[80_000:100_000]
+    ratings = data.ratings.select(["user_id", "item_id"]).to_pandas()
+    # Event columns (user and movie attributes, dates) from the product's mapping; pairs are unique.
+    events = click_event_table(data).to_pandas().drop(columns=["user_recent_items"])
+    frame = ratings.merge(events, on=["user_id", "item_id"], how="left", validate="one_to_one")
+    train = frame.iloc[train_rows].reset_index(drop=True)
+    test = frame.iloc[test_rows].reset_index(drop=True)
+    cut = len(train) - int(round(len(train) * validation_share))
+    items = data.items.to_pandas().rename(
+        columns={"title": "item_title", "genres": "item_genres", "release_year": "item_release_year"}
+    )
+    items["offer_category_id"] = items["item_genres"].str.split(" ").str[0]
+    return Split(
+        train=train,
+        test=test,
+        fit=train.iloc[:cut].reset_index(drop=True),
+        validation=train.iloc[cut:].reset_index(drop=True),
+        users=np.sort(data.users["user_id"].to_numpy(zero_copy_only=False).astype(str)),
+        items=items,
+    )
+
+
+def with_recent(events: pd.DataFrame, history: pd.DataFrame, k: int, at_end: bool = False) -> pd.DataFrame:
+    """``events`` with user_recent_items from ``history`` only (at_end: after every rating)."""
+    times = np.full(len(events), np.iinfo(np.int64).max) if at_end else events["event_timestamp"].to_numpy()
+    out = events.copy()
+    out["user_recent_items"] = recent_items(
+        events["user_id"].to_numpy(), times, history["user_id"].to_numpy(), history["item_id"].to_numpy(),
+        history["event_timestamp"].to_numpy(), k,
+    )
+    return out
+
+
+class Index:
+    def __init__(self, split: Split):
+        self.user_row = {u: i for i, u in enumerate(split.users)}
+        self.item_ids = split.items["item_id"].to_numpy().astype(str)
+        self.item_row = {m: i for i, m in enumerate(self.item_ids)}
+
+    def users(self, frame: pd.DataFrame) -> np.ndarray:
+        return frame["user_id"].map(self.user_row).to_numpy(np.int64)
+
+    def items(self, frame: pd.DataFrame) -> np.ndarray:
+        return frame["item_id"].map(self.item_row).to_numpy(np.int64)
+
+    def matrix(self, frame: pd.DataFrame) -> sp.csr_matrix:
+        rows, cols = self.users(frame), self.items(frame)
+        return sp.csr_matrix(
+            (np.ones(len(rows), np.float32), (rows, cols)), shape=(len(self.user_row), len(self.item_row))
+        )
+
+
+# ------------------------------------------------------------------------ counting
+
+
+def top_k_accuracy(
+    query_vectors: np.ndarray,
+    item_vectors: np.ndarray,
+    true_items: np.ndarray,
+    seen: sp.csr_matrix | None = None,
+    ks=KS,
+    block: int = 2048,
+) -> dict[int, float]:
+    """Share of queries whose true item ranks in the top k of query @ items (exact, all items).
+
+    Row i of ``query_vectors`` is test rating i's query; ``seen`` (rows aligned with the
+    queries) lists items removed from that query's ranking. Ties count against the true item
+    only for lower item indices, as ``metrics.top_k_items`` breaks them.
+    """
+    ranks = np.empty(len(true_items), np.int64)
+    items_t = np.ascontiguousarray(item_vectors, dtype=np.float32).T
+    columns = np.arange(item_vectors.shape[0])
+    for start in range(0, len(true_items), block):
+        stop = min(start + block, len(true_items))
+        scores = np.asarray(query_vectors[start:stop], dtype=np.float32) @ items_t
+        if seen is not None:
+            part = seen[start:stop]
+            rows = np.repeat(np.arange(stop - start), np.diff(part.indptr))
+            scores[rows, part.indices] = -np.inf
+        true = true_items[start:stop]
+        true_scores = scores[np.arange(stop - start), true][:, None]
+        ahead = (scores > true_scores) | ((scores == true_scores) & (columns[None, :] < true[:, None]))
+        ranks[start:stop] = ahead.sum(axis=1)
+    return {k: float(np.mean(ranks < k)) for k in ks}
+
+
+def both_countings(query_vectors, item_vectors, true_items, seen_rows) -> dict[str, dict[int, float]]:
+    return {
+        "tutorial": top_k_accuracy(query_vectors, item_vectors, true_items),
+        "seen_removed": top_k_accuracy(query_vectors, item_vectors, true_items, seen_rows),
+    }
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def tutorial_model(split: Split, index: Index, epochs: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The basic retrieval tutorial's model, with TFRS as in the tutorial; (user, item) vectors."""
+    tf.keras.utils.set_random_seed(SEED)
+    unique_users = split.users
+    unique_movies = index.item_ids
+    movies = tf.data.Dataset.from_tensor_slices(unique_movies)
+    embedding_dimension = 32
+    user_model = tf.keras.Sequential(
+        [
+            tf.keras.layers.StringLookup(vocabulary=unique_users, mask_token=None),
+            tf.keras.layers.Embedding(len(unique_users) + 1, embedding_dimension),
+        ]
+    )
+    movie_model = tf.keras.Sequential(
+        [
+            tf.keras.layers.StringLookup(vocabulary=unique_movies, mask_token=None),
+            tf.keras.layers.Embedding(len(unique_movies) + 1, embedding_dimension),
+        ]
+    )
+
+    class MovielensModel(tfrs.Model):
+        def __init__(self):
+            super().__init__()
+            self.user_model = user_model
+            self.movie_model = movie_model
+            self.task = tfrs.tasks.Retrieval(
+                metrics=tfrs.metrics.FactorizedTopK(candidates=movies.batch(128).map(movie_model))
+            )
+
+        def compute_loss(self, features, training=False):
+            return self.task(
+                self.user_model(features["user_id"]),
+                self.movie_model(features["movie_id"]),
+                # Metrics only when evaluating: same weights, a faster fit.
+                compute_metrics=not training,
+            )
+
+    def dataset(frame: pd.DataFrame) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices(
+            {"user_id": frame["user_id"].to_numpy().astype(str), "movie_id": frame["item_id"].to_numpy().astype(str)}
+        )
+
+    model = MovielensModel()
+    model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate=0.1))
+    cached_train = dataset(split.train).shuffle(100_000).batch(8192).cache()
+    cached_test = dataset(split.test).batch(4096).cache()
+    model.fit(cached_train, epochs=epochs, verbose=0)
+    tfrs_result = model.evaluate(cached_test, return_dict=True, verbose=0)
+    user_vectors = user_model(tf.constant(unique_users)).numpy()
+    item_vectors = movie_model(tf.constant(unique_movies)).numpy()
+    return user_vectors, item_vectors, {k: float(v) for k, v in tfrs_result.items() if "top_" in k}
+
+
+def ease_weights(train: sp.csr_matrix, regulariser: float) -> np.ndarray:
+    """EASE's item-item weights B (Steck 2019): B = I - P diagMat(1/diag(P)), P = (X'X + lambda I)^-1."""
+    gram = (train.T @ train).toarray().astype(np.float64)
+    gram[np.diag_indices_from(gram)] += regulariser
+    inverse = np.linalg.inv(gram)
+    weights = -inverse / np.diag(inverse)
+    np.fill_diagonal(weights, 0.0)
+    return weights.astype(np.float32)
+
+
+def tune_ease(split: Split, index: Index) -> tuple[float, list[dict]]:
+    """The regulariser with the best validation accuracy (mean of top-10 and top-100, seen removed)."""
+    fit = index.matrix(split.fit)
+    users = index.users(split.validation)
+    true = index.items(split.validation)
+    seen = fit[users]
+    trials = []
+    for regulariser in EASE_LAMBDAS:
+        weights = ease_weights(fit, regulariser)
+        # Scores of a user = X_u B: users' rows as queries against B's columns as items.
+        accuracy = top_k_accuracy(fit[users].toarray(), weights.T, true, seen, ks=(10, 100))
+        trials.append({"lambda": regulariser, "top10": accuracy[10], "top100": accuracy[100]})
+    best = max(trials, key=lambda t: t["top10"] + t["top100"])
+    return best["lambda"], trials
+
+
+@dataclass(frozen=True)
+class TowerSetup:
+    """What the project's model is trained with in this bench (see docs/benchmarks-movielens.md)."""
+
+    config_name: str = "movielens-features"
+    recent_items: int = 10
+    full_catalog_softmax: bool = False
+    params: TrainingParams = TrainingParams(
+        embedding_size=64, batch_size=1024, epochs=100, learning_rate=0.01, seed=SEED, temperature=0.1,
+        reduce_lr_patience=2, early_stopping_patience=10,
+    )
+    drop_features: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        p = self.params
+        loss = "exact softmax over all movies" if self.full_catalog_softmax else "in-batch softmax + logQ"
+        dropped = f", without {list(self.drop_features)}" if self.drop_features else ""
+        return (
+            f"{self.config_name}{dropped}; {loss}; E={p.embedding_size}, temperature {p.temperature}, "
+            f"Adam {p.learning_rate}, batch {p.batch_size}, recent items {self.recent_items}"
+        )
+
+
+def _feature_config(setup: TowerSetup):
+    config = load_feature_config(setup.config_name)
+    if not setup.drop_features:
+        return config
+    raw = json.loads(config.model_dump_json())
+    for tower in ("user_embedding_layers", "item_embedding_layers"):
+        raw[tower] = {k: v for k, v in raw[tower].items() if k not in setup.drop_features}
+    raw.pop("name")
+    return parse_feature_config(raw, name=f"{config.name}-ablation", source="bench ablation")
+
+
+def _examples(frame: pd.DataFrame, kinds: dict, counts: pd.Series, total: int) -> tuple[dict, pa.RecordBatch]:
+    frame = frame.copy()
+    frame[SAMPLING_PROBABILITY_COLUMN] = frame["item_id"].map(counts).fillna(1.0).to_numpy() / total
+    columns = [*kinds, SAMPLING_PROBABILITY_COLUMN]
+    batch = pa.Table.from_pandas(frame[columns], preserve_index=False).combine_chunks().to_batches()[0]
+    return batch_to_features(batch, {**kinds, SAMPLING_PROBABILITY_COLUMN: "number"}), batch
+
+
+def _train(setup: TowerSetup, config, train: pd.DataFrame, validation: pd.DataFrame | None, catalog_frame, params):
+    kinds = feature_kinds(config)
+    counts = train["item_id"].value_counts()
+    features, batch = _examples(train, kinds, counts, len(train))
+    stats_builder = FeatureStatsBuilder(config)
+    stats_builder.update(batch)
+    stats = stats_builder.build()
+    validation_data = (
+        tf.data.Dataset.from_tensor_slices(_examples(validation, kinds, counts, len(train))[0])
+        if validation is not None
+        else None
+    )
+    item_kinds = {c: kinds[c] for c in config.item_columns}
+    catalog_batch = pa.Table.from_pandas(catalog_frame[list(item_kinds)], preserve_index=False).combine_chunks()
+    catalog = batch_to_features(catalog_batch.to_batches()[0], item_kinds)
+    result = train_two_tower(
+        config,
+        stats,
+        tf.data.Dataset.from_tensor_slices(features),
+        len(train),
+        validation_data,
+        params,
+        catalog=catalog if setup.full_catalog_softmax else None,
+    )
+    return result, kinds, catalog
+
+
+def _tower_vectors(tower, frame: pd.DataFrame, kinds: dict, columns: list[str]) -> np.ndarray:
+    wanted = {c: kinds[c] for c in columns}
+    batch = pa.Table.from_pandas(frame[list(wanted)], preserve_index=False).combine_chunks().to_batches()[0]
+    features = batch_to_features(batch, wanted)
+    dataset = tf.data.Dataset.from_tensor_slices(features).batch(4096)
+    return np.concatenate([tower(b, training=False).numpy() for b in dataset])
+
+
+@dataclass
+class TowerRun:
+    test_queries: np.ndarray  # one vector per test rating
+    user_vectors: np.ndarray  # one per user (all training ratings as history), split.users order
+    user_mean_vectors: np.ndarray  # one per user: the mean of its training ratings' queries
+    item_vectors: np.ndarray  # index.item_ids order
+    history_tune: dict
+    history_final: dict
+    best_epochs: int
+    seconds: float
+
+
+def two_tower(split: Split, index: Index, setup: TowerSetup) -> TowerRun:
+    """Early stopping on the validation slice, then a refit on all training ratings."""
+    started = time.perf_counter()
+    config = _feature_config(setup)
+    k = setup.recent_items
+    fit = with_recent(split.fit, split.fit, k)
+    validation = with_recent(split.validation, split.fit, k)
+    tuned, _, _ = _train(setup, config, fit, validation, split.items, setup.params)
+    val_losses = tuned.history.get("val_loss", [])
+    best_epochs = int(np.argmin(val_losses)) + 1 if val_losses else tuned.epochs_run
+    log(f"two-tower [{setup.describe()}]: best validation epoch {best_epochs} of {tuned.epochs_run}")
+    train = with_recent(split.train, split.train, k)
+    final, kinds, _ = _train(
+        setup, config, train, None, split.items, replace(setup.params, epochs=best_epochs)
+    )
+    model = final.model
+    test = with_recent(split.test, split.train, k)
+    users = pd.DataFrame({"user_id": split.users}).merge(
+        split.train.drop_duplicates("user_id"), on="user_id", how="left"
+    )
+    users = with_recent(users, split.train, k, at_end=True)
+    user_columns = config.user_columns
+    # A user's taste over their whole timeline: the mean of the queries of their training ratings.
+    train_queries = _tower_vectors(model.user_tower, train, kinds, user_columns)
+    rows = pd.Series(np.arange(len(split.users)), index=split.users)[train["user_id"].to_numpy()].to_numpy()
+    sums = np.zeros((len(split.users), train_queries.shape[1]), np.float64)
+    np.add.at(sums, rows, train_queries)
+    mean_vectors = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return TowerRun(
+        test_queries=_tower_vectors(model.user_tower, test, kinds, user_columns),
+        user_vectors=_tower_vectors(model.user_tower, users, kinds, user_columns),
+        user_mean_vectors=mean_vectors,
+        item_vectors=_tower_vectors(model.item_tower, split.items, kinds, config.item_columns),
+        history_tune=tuned.history,
+        history_final=final.history,
+        best_epochs=best_epochs,
+        seconds=time.perf_counter() - started,
+    )
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def accuracy_table(results: dict[str, dict[str, dict[int, float]]]) -> str:
+    header = (
+        "| model | " + " | ".join(f"top-{k}" for k in KS) + " | " + " | ".join(f"top-{k}" for k in KS) + " |"
+    )
+    lines = [
+        "|  | tutorial counting" + " |" * len(KS) + " seen removed" + " |" * len(KS),
+        header,
+        "|---|" + "---:|" * (2 * len(KS)),
+    ]
+    for name, counted in results.items():
+        cells = [f"{counted['tutorial'][k]:.4f}" for k in KS] + [f"{counted['seen_removed'][k]:.4f}" for k in KS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def project_table(table: pd.DataFrame, segment: str = "all") -> str:
+    rows = table[table["segment"] == segment]
+    lines = ["| model | " + " | ".join(f"{m}@{k}" for m in ("precision", "recall", "ndcg") for k in PROJECT_KS) + " |"]
+    lines.append("|---|" + "---:|" * (3 * len(PROJECT_KS)))
+    for model, group in rows.groupby("model", sort=False):
+        group = group.set_index("k")
+        cells = [f"{group.loc[k, m]:.4f}" for m in ("precision", "recall", "ndcg") for k in PROJECT_KS]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MovieLens 100K directory (either layout)")
+    parser.add_argument("--out", type=Path, default=None, help="write results.json, metrics.csv and plots here")
+    parser.add_argument("--tutorial-epochs", type=int, default=3)
+    parser.add_argument("--validation-share", type=float, default=0.1)
+    parser.add_argument("--cold-user-max-ratings", type=int, default=30,
+                        help="users with at most this many training ratings form the 'cold' segment")
+    parser.add_argument("--ablations", action="store_true", help="also train the feature / loss ablations")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    machine_at_start = machine()
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, function, *a, **kw):
+        t0 = time.perf_counter()
+        out = function(*a, **kw)
+        seconds[name] = time.perf_counter() - t0
+        log(f"{name}: {seconds[name]:.1f}s")
+        return out
+
+    split = timed("load + split", tutorial_split, args.data, args.validation_share)
+    index = Index(split)
+    log(f"{len(split.train)} training / {len(split.test)} test ratings, {len(index.user_row)} users, "
+        f"{len(index.item_ids)} movies (validation slice: {len(split.validation)})")
+    train_matrix = index.matrix(split.train)
+    test_users, test_items = index.users(split.test), index.items(split.test)
+    seen_rows = train_matrix[test_users]
+
+    results: dict[str, dict[str, dict[int, float]]] = {}
+    tut_users, tut_items, tfrs_eval = timed("tfrs-tutorial", tutorial_model, split, index, args.tutorial_epochs)
+    results["tfrs-tutorial"] = both_countings(tut_users[test_users], tut_items, test_items, seen_rows)
+
+    item_counts = np.asarray(train_matrix.sum(axis=0)).ravel()
+    # Popularity as a rank-1 "model": a constant query against each item's count.
+    popularity_items = item_counts[:, None].astype(np.float32)
+    results["popularity"] = both_countings(np.ones((len(test_users), 1), np.float32), popularity_items, test_items, seen_rows)
+
+    ease_lambda, ease_trials = timed("ease tuning", tune_ease, split, index)
+    log(f"EASE validation: {ease_trials}; chosen lambda {ease_lambda:g}")
+    weights = timed("ease fit", ease_weights, train_matrix, ease_lambda)
+    dense_train = train_matrix.toarray()
+    results["ease"] = both_countings(dense_train[test_users], weights.T, test_items, seen_rows)
+
+    setup = TowerSetup()
+    tower = timed("two-tower", two_tower, split, index, setup)
+    results["two-tower"] = both_countings(tower.test_queries, tower.item_vectors, test_items, seen_rows)
+    results["two-tower (per user, latest query)"] = both_countings(
+        tower.user_vectors[test_users], tower.item_vectors, test_items, seen_rows
+    )
+    results["two-tower (per user, mean query)"] = both_countings(
+        tower.user_mean_vectors[test_users], tower.item_vectors, test_items, seen_rows
+    )
+    recent_test = with_recent(split.test, split.train, setup.recent_items)
+    recent_rows = np.repeat(np.arange(len(recent_test)), [len(s.split()) for s in recent_test["user_recent_items"]])
+    recent_cols = [index.item_row[m] for s in recent_test["user_recent_items"] for m in s.split()]
+    recent_matrix = sp.csr_matrix(
+        (np.ones(len(recent_cols), np.float32), (recent_rows, recent_cols)), shape=(len(recent_test), len(index.item_ids))
+    )
+    results["ease (recent-items query)"] = both_countings(recent_matrix.toarray(), weights.T, test_items, seen_rows)
+
+    ablations = {}
+    if args.ablations:
+        for name, variant in {
+            "two-tower, exact softmax over all movies": replace(setup, full_catalog_softmax=True),
+            "two-tower, no user_recent_items": replace(setup, drop_features=("user_recent_items",)),
+            "two-tower, exact softmax, no user_recent_items": replace(
+                setup, full_catalog_softmax=True, drop_features=("user_recent_items",)
+            ),
+        }.items():
+            run = timed(name, two_tower, split, index, variant)
+            results[name] = both_countings(run.test_queries, run.item_vectors, test_items, seen_rows)
+            ablations[name] = variant.describe()
+
+    # The project's own evaluation: per test user, full catalogue, training items removed.
+    t0 = time.perf_counter()
+    eval_users = np.unique(test_users)
+    relevant = index.matrix(split.test)[eval_users]
+    exclude = train_matrix[eval_users]
+    k_max = max(PROJECT_KS)
+    recommendations = {
+        "two-tower (latest query)": metrics.top_k_items(
+            tower.user_vectors[eval_users], tower.item_vectors, k_max, exclude=exclude
+        ),
+        "two-tower (mean query)": metrics.top_k_items(
+            tower.user_mean_vectors[eval_users], tower.item_vectors, k_max, exclude=exclude
+        ),
+        "ease": metrics.top_k_items(dense_train[eval_users], weights.T, k_max, exclude=exclude),
+        "svd": metrics.svd_recommendations(train_matrix, eval_users, k_max, exclude=exclude, n_factors=100, seed=0),
+        "popularity": metrics.popularity_recommendations(item_counts, len(eval_users), k_max, exclude=exclude),
+        "random": metrics.random_recommendations(len(eval_users), len(index.item_ids), k_max, exclude=exclude, seed=0),
+    }
+    train_counts = np.asarray(exclude.sum(axis=1)).ravel()
+    segments = np.where(train_counts <= args.cold_user_max_ratings, "cold", "warm")
+    popularity_share = np.asarray((train_matrix > 0).sum(axis=0)).ravel() / train_matrix.shape[0]
+    project = metrics.evaluate_recommenders(recommendations, relevant, popularity_share, PROJECT_KS, user_segments=segments)
+    seconds["project evaluation"] = time.perf_counter() - t0
+    total = time.perf_counter() - started
+
+    command = "python bench/movielens.py" + (" --ablations" if args.ablations else "")
+    print("## MovieLens 100K: TFRS basic-retrieval protocol\n")
+    print(f"Machine at start: {machine_at_start}  ")
+    print(f"Machine at end: {machine()}  ")
+    print(f"Command: `{command}` (data: {args.data})  ")
+    print(f"Wall time: {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})\n")
+    print("Top-k categorical accuracy over 20,000 test ratings, every test movie ranked against all "
+          f"{len(index.item_ids):,} movies.\n")
+    print(accuracy_table(results))
+    print()
+    print(f"TFRS's own `evaluate` of the tutorial model (tutorial counting): "
+          + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in sorted(tfrs_eval.items(), key=lambda x: int(x[0].split('_')[-3]))))
+    print(f"EASE lambda {ease_lambda:g}, chosen on the validation slice: "
+          + ", ".join(f"{t['lambda']:g}: {t['top10']:.4f}/{t['top100']:.4f}" for t in ease_trials) + " (top-10/top-100, seen removed)")
+    print(f"two-tower: {setup.describe()}; best epoch {tower.best_epochs} (an epoch is a fifth of the "
+          f"training ratings) on the validation slice, refitted on all training ratings; {tower.seconds:.0f} s")
+    for name, description in ablations.items():
+        print(f"{name}: {description}")
+    print("\n### The project's evaluation (per test user, full catalogue, training items removed)\n")
+    print(f"{len(eval_users)} users; cold = at most {args.cold_user_max_ratings} training ratings "
+          f"({int((segments == 'cold').sum())} users)\n")
+    print(project_table(project, "all"))
+    for segment in ("cold", "warm"):
+        print(f"\n{segment} users:\n")
+        print(project_table(project, segment))
+
+    tutorial_top100 = results["two-tower"]["tutorial"][100]
+    checks = {
+        f"tutorial counting top-100 >= {TARGET_TUTORIAL_TOP100}": tutorial_top100 >= TARGET_TUTORIAL_TOP100,
+        "seen removed top-10 >= EASE": results["two-tower"]["seen_removed"][10] >= results["ease"]["seen_removed"][10],
+        "seen removed top-100 >= EASE": results["two-tower"]["seen_removed"][100] >= results["ease"]["seen_removed"][100],
+    }
+    print("\n### Targets (two-tower)\n")
+    for name, passed in checks.items():
+        print(f"- {'PASS' if passed else 'FAIL'}: {name}")
+
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        project.to_csv(args.out / "metrics.csv", index=False)
+        (args.out / "results.json").write_text(json.dumps(
+            {"results": results, "tfrs_evaluate": tfrs_eval, "ease_lambda": ease_lambda, "ease_trials": ease_trials,
+             "two_tower": setup.describe(), "best_epochs": tower.best_epochs, "seconds": seconds, "total_seconds": total,
+             "checks": checks, "machine": machine_at_start}, indent=2))
+        (args.out / "metric_vs_k.png").write_bytes(plots.metric_vs_k_png(project, title="MovieLens 100K, seen removed"))
+        (args.out / "item_pca_by_genre.png").write_bytes(plots.embedding_pca_png(
+            tower.item_vectors, split.items["offer_category_id"].tolist(), title="Movie embeddings by first genre"))
+        (args.out / "loss.png").write_bytes(plots.loss_curves_png(tower.history_tune, title="Two-tower loss (validation run)"))
+        log(f"wrote {args.out}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
