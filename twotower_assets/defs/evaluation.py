@@ -22,8 +22,9 @@ from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
 from twotower_assets.defs.mlflow_tracking import MlflowTracking
 from twotower_assets.defs.partitions import training_date, training_date_partitions
 from twotower_assets.defs.training import TWO_TOWER_MODEL, load_model_summary
-from twotower_assets.model import metrics
+from twotower_assets.model import metrics, plots
 from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
+from twotower_assets.warehouse.sql import quote_identifier
 
 EVALUATION_METRICS = "evaluation_metrics"
 MODEL_NAME = "two_tower"
@@ -125,6 +126,41 @@ def _event_counts_per_item(training_pairs: pa.Table, items: pa.Array) -> np.ndar
     return np.bincount(cols[valid].astype(np.int64), weights=training_pairs["events"].to_numpy()[valid], minlength=len(items))
 
 
+CATEGORY_COLUMNS = ("offer_category_id", "offer_subcategory_id")
+"""Item columns the embedding PCA is coloured by, when the training table has them
+(MovieLens: the first genre is its offer_category_id)."""
+
+
+def item_categories(warehouse: WarehouseResource, params: dict) -> dict[str, dict[str, str | None]]:
+    """Column -> {item_id: value} for each of CATEGORY_COLUMNS the training table has."""
+    table = warehouse.table_name(tables.TRAINING_EVENTS)
+    present = [c for c in CATEGORY_COLUMNS if c in warehouse.table_schema(table).names]
+    if not present:
+        return {}
+    values = ", ".join(f"MIN({quote_identifier(c)}) AS {quote_identifier(c)}" for c in present)
+    rows = warehouse.query(
+        f"SELECT item_id, {values} FROM {warehouse.dialect.table(table)} "
+        f"WHERE train_date = {warehouse.dialect.param('train_date')} GROUP BY item_id",
+        params,
+    )
+    ids = rows["item_id"].to_pylist()
+    return {c: dict(zip(ids, rows[c].to_pylist())) for c in present}
+
+
+def _figures(table: pd.DataFrame, item_embeddings: pa.Table, warehouse: WarehouseResource, params: dict) -> dict[str, bytes]:
+    """PNG plots: metric vs k (all users), and the item-embedding PCA by each category column."""
+    figures = {"metric_vs_k": plots.metric_vs_k_png(table, title="Full catalogue, seen items removed")}
+    ids = _flat(item_embeddings["item_id"]).to_pylist()
+    if len(ids) < 2:
+        return figures
+    vectors = _vectors(item_embeddings, np.arange(len(ids)))
+    for column, by_item in item_categories(warehouse, params).items():
+        figures[f"item_pca_by_{column}"] = plots.embedding_pca_png(
+            vectors, [by_item.get(i) for i in ids], title=f"Item embeddings (PCA) by {column}"
+        )
+    return figures
+
+
 def metrics_markdown(table: pd.DataFrame, segment: str = "all") -> str:
     wide = table[table["segment"] == segment].pivot(index="k", columns="model", values=["recall", "precision", "ndcg"])
     lines = ["| k | metric | " + " | ".join(wide["recall"].columns) + " |", "|---|---|" + "---|" * len(wide["recall"].columns)]
@@ -167,8 +203,15 @@ def evaluation_metrics(
         config,
     )
     markdown = metrics_markdown(table)
+    segment_markdown = {
+        segment: metrics_markdown(table, segment) for segment in sorted(set(table["segment"]) - {"all"})
+    }
+    figures = _figures(table, pq.read_table(model_dir / "item_embeddings.parquet"), warehouse, params)
     with mlflow.active(summary["mlflow_run_id"]) as run, artifacts.writing(EVALUATION_METRICS, context.partition_key) as out:
         table.to_csv(out / "metrics.csv", index=False)
+        for name, png in figures.items():
+            (out / f"{name}.png").write_bytes(png)
+            run.artifact(out / f"{name}.png", "plots")
         (out / "counts.json").write_text(json.dumps(counts))
         overall = table[table["segment"] == "all"]
         run.metrics(
@@ -186,6 +229,8 @@ def evaluation_metrics(
     return dg.MaterializeResult(
         metadata={
             "metrics": dg.MetadataValue.md(markdown),
+            **{f"metrics_{segment}_users": dg.MetadataValue.md(text) for segment, text in segment_markdown.items()},
+            **{f"plot_{name}": dg.MetadataValue.md(plots.markdown_image(png, name)) for name, png in figures.items()},
             f"recall_at_{headline_k}": float(overall.loc[(MODEL_NAME, headline_k), "recall"]),
             f"popularity_recall_at_{headline_k}": float(overall.loc[("popularity", headline_k), "recall"]),
             **counts,

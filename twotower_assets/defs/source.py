@@ -8,6 +8,7 @@ synthetic events are loaded into BigQuery like into DuckDB (dev, CI, the emulato
 
 
 import datetime as dt
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
@@ -30,6 +31,18 @@ class SyntheticEventsConfig(dg.Config):
         default=None, description="Last day with events (YYYY-MM-DD); default: today (UTC)."
     )
     seed: int = Field(default=7, ge=0)
+    source: Literal["synthetic", "movielens"] = Field(
+        default="synthetic",
+        description="'movielens': load MovieLens 100K from movielens_path instead of generating "
+        "events (docs/benchmarks-movielens.md); the size fields above are then unused.",
+    )
+    movielens_path: str | None = Field(
+        default=None,
+        description="Directory of GroupLens's u.data/u.user/u.item or RecBole's ml-100k.inter/.user/.item.",
+    )
+    movielens_recent_items: int = Field(
+        default=10, ge=0, description="Length of the user_recent_items feature (earlier ratings, newest first)."
+    )
 
     def spec(self) -> SyntheticSpec:
         end = dt.date.fromisoformat(self.end_date) if self.end_date else dt.datetime.now(dt.UTC).date()
@@ -53,6 +66,8 @@ class SyntheticEventsConfig(dg.Config):
 def click_events(
     context: dg.AssetExecutionContext, config: SyntheticEventsConfig, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
+    if config.source == "movielens":
+        return _movielens_click_events(context, config, warehouse)
     spec = config.spec()
     context.log.info(f"Generating {spec.num_events} events over {spec.days} days up to {spec.end_date}")
     rows = warehouse.write_table(
@@ -71,6 +86,37 @@ def click_events(
             "seed": spec.seed,
             "dagster/column_schema": dg.TableSchema(
                 columns=[dg.TableColumn(f.name, str(f.type)) for f in CLICK_EVENT_SCHEMA]
+            ),
+        }
+    )
+
+
+def _movielens_click_events(
+    context: dg.AssetExecutionContext, config: SyntheticEventsConfig, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """MovieLens ratings as click events, shifted so the last rating falls on end_date."""
+    from twotower_assets.data.movielens import MOVIELENS_EVENT_SCHEMA, click_event_table, load_movielens
+
+    if not config.movielens_path:
+        raise ValueError("source is 'movielens' but movielens_path is not set (docs/benchmarks-movielens.md)")
+    end = dt.date.fromisoformat(config.end_date) if config.end_date else dt.datetime.now(dt.UTC).date()
+    events = click_event_table(load_movielens(config.movielens_path), end, config.movielens_recent_items)
+    context.log.info(f"Loaded {events.num_rows} MovieLens ratings from {config.movielens_path}")
+    rows = warehouse.write_table(
+        warehouse.table_name(tables.CLICK_EVENTS), events.to_batches(), schema=MOVIELENS_EVENT_SCHEMA
+    )
+    dates = events["event_date"]
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "source": "movielens",
+            "movielens_path": config.movielens_path,
+            "first_event_date": dates[0].as_py().isoformat(),
+            "last_event_date": dates[-1].as_py().isoformat(),
+            "num_users": len(events["user_id"].unique()),
+            "num_items": len(events["item_id"].unique()),
+            "dagster/column_schema": dg.TableSchema(
+                columns=[dg.TableColumn(f.name, str(f.type)) for f in MOVIELENS_EVENT_SCHEMA]
             ),
         }
     )
