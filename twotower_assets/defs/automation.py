@@ -114,11 +114,22 @@ _MADE_BY_A_RUN_THAT_COVERS_US = (
 
 _UPDATED_ELSEWHERE = (AC.newly_updated() & ~_MADE_BY_A_RUN_THAT_COVERS_US).with_label("updated_elsewhere")
 
+_NOT_IN_PROGRESS = ~AC.in_progress()
+_JUST_FINISHED = (
+    _NOT_IN_PROGRESS.newly_true() & ~AC.in_latest_time_window().newly_true()
+).with_label("finished_since_last_tick")
+_IDLE = (_NOT_IN_PROGRESS & ~_JUST_FINISHED).with_label("idle_since_last_tick")
+"""Not in progress now, nor at the previous tick. A partition stops being "in progress" the
+moment its materialisation lands, but a tick only sees the events written before it started;
+a tick in between would see the partition idle yet not updated and request it again. One tick
+later the update is visible and has reset the conditions that would have fired. (A date that
+has just become the latest was not in progress before either: it did not exist.)"""
+
 DEPS_UPDATED = (
     AC.any_deps_match(_UPDATED_ELSEWHERE | AC.will_be_requested()).since_last_handled()
     & ~AC.any_deps_missing()
     & ~AC.any_deps_in_progress()
-    & ~AC.in_progress()
+    & _IDLE
     & AC.all_deps_blocking_checks_passed()
 ).with_label("deps_updated")
 """Materialise a training-date partition when an input of the same date was updated (or is
@@ -129,15 +140,16 @@ Unlike ``AutomationCondition.eager()`` it is not limited to the latest date: re-
 the split of an older date retrains that date. Updates are ignored when the run that made
 them also covers this asset: it targeted it, or it is a run of the training job or of a
 backfill (job and backfill runs record no asset selection, so they are told by their tags).
-Without that, a sensor tick landing in the last second of such a run (it sees the run finished
-but not yet its last materialisations) starts a second run."""
+Dagster answers "which run updated it" only for an asset's most recently updated partition,
+so with several dates running at once this filter misses some; ``_IDLE`` is what keeps those
+from being requested twice."""
 
 RETRAIN_WHEN_STALE = (
     AC.in_latest_time_window()
     & AC.freshness_failed().newly_true().since_last_handled()
     & ~AC.any_deps_missing()
     & ~AC.any_deps_in_progress()
-    & ~AC.in_progress()
+    & _IDLE
 ).with_label("retrain_when_stale")
 """Materialise the latest training date once when the asset's freshness policy goes to FAIL
 (the weekly run did not happen or failed). ``newly_true`` + ``since_last_handled`` request it
