@@ -9,6 +9,7 @@ input layers are built from. Training and embedding extraction load them from he
 import json
 
 import dagster as dg
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from twotower_assets.defs import tables
@@ -19,9 +20,15 @@ from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, s
 from twotower_assets.model.features import load_feature_config
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
 from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
-from twotower_assets.warehouse.sql import USER_COLUMN, latest_row_per_query, training_examples_query
+from twotower_assets.warehouse.sql import (
+    USER_COLUMN,
+    distinct_pairs_query,
+    latest_row_per_query,
+    training_examples_query,
+)
 
 TF_DATASETS = "tf_datasets"
+SEEN_PAIRS_FILE = "seen_pairs.parquet"
 BATCH_ROWS = 65_536
 
 
@@ -92,6 +99,11 @@ def tf_datasets(
         )
         stats = stats_builder.build()
         stats.save(directory)
+        # The training pairs, so val_loss can leave each user's training items out (decisions.md).
+        pq.write_table(
+            warehouse.query(distinct_pairs_query(dialect, training_table, feature_config.user_id_feature), params),
+            directory / SEEN_PAIRS_FILE,
+        )
         (directory / "feature_config.json").write_text(feature_config.model_dump_json(indent=2))
         (directory / "manifest.json").write_text(
             json.dumps({"config_name": feature_config.name, "rows": rows, "partition": context.partition_key})

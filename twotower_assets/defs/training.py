@@ -18,7 +18,7 @@ from pydantic import Field
 
 from twotower_assets.defs.artifacts import ArtifactStore
 from twotower_assets.defs.automation import MODEL_CONDITION, RETRAIN_FRESHNESS, TRAINING_POOL
-from twotower_assets.defs.datasets import TF_DATASETS
+from twotower_assets.defs.datasets import SEEN_PAIRS_FILE, TF_DATASETS
 from twotower_assets.defs.mlflow_tracking import MlflowTracking
 from twotower_assets.defs.partitions import training_date_partitions
 from twotower_assets.warehouse.sql import USER_COLUMN
@@ -137,6 +137,7 @@ def two_tower_model(
             callbacks=[log_epoch],
             mixed_precision=config.mixed_precision,
             catalog=_catalog(load_dataset(datasets / "items")) if config.full_catalog_softmax else None,
+            seen_pairs=_seen_pairs(datasets),
         )
         train_seconds = time.perf_counter() - started
         context.log.info(f"Trained on {result.device}: {result.epochs_run} epochs in {train_seconds:.1f}s")
@@ -198,6 +199,12 @@ def _catalog(items) -> dict[str, np.ndarray]:
         for name, values in batch.items():
             columns.setdefault(name, []).append(values.numpy())
     return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+def _seen_pairs(datasets: Path) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """The training (user key, item) pairs saved by tf_datasets."""
+    pairs = pq.read_table(datasets / SEEN_PAIRS_FILE)
+    return pairs["user_key"], pairs["item_id"]
 
 
 def load_model_summary(path: Path) -> dict:

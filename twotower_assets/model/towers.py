@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
@@ -98,7 +100,7 @@ class TwoTowerModel(tfrs.Model):
         if seen_pairs is not None:
             self._set_seen_pairs(*seen_pairs, stats)
 
-    def _set_seen_pairs(self, user_keys: np.ndarray, item_ids: np.ndarray, stats: FeatureStats) -> None:
+    def _set_seen_pairs(self, user_keys, item_ids, stats: FeatureStats) -> None:
         """Training (user key, item) pairs, which validation does not count as negatives.
 
         Validation rows are, by the split rules, pairs the user never had in training, and
@@ -106,39 +108,20 @@ class TwoTowerModel(tfrs.Model):
         the same rule in val_loss, a model that learns users' histories is punished for
         ranking their own past items high, val_loss rises from the first epoch on and
         EarlyStopping restores an untrained-looking model (docs/decisions.md).
+
+        ``user_keys`` and ``item_ids`` are string arrays (Arrow or numpy); the pairs become
+        int64 keys with Arrow, so millions of pairs never turn into Python strings.
         """
         users = stats.vocabularies[self.config.user_id_feature]
         items = stats.vocabularies[self.config.item_id_feature]
         self.seen_user_index = tf.keras.layers.StringLookup(vocabulary=users, num_oov_indices=1)
         self.seen_item_index = tf.keras.layers.StringLookup(vocabulary=items, num_oov_indices=1)
         self.seen_stride = tf.constant(len(items) + 1, tf.int64)
-        keys = (
-            self.seen_user_index(tf.constant(np.asarray(user_keys, dtype=object).astype(str)))
-            * self.seen_stride
-            + self.seen_item_index(tf.constant(np.asarray(item_ids, dtype=object).astype(str)))
-        )
-        keys = tf.unique(keys).y
+        keys = _lookup_index(user_keys, users) * (len(items) + 1) + _lookup_index(item_ids, items)
+        keys = np.unique(keys)
         self.seen = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys, tf.int32)), default_value=0
+            tf.lookup.KeyValueTensorInitializer(keys, np.ones(len(keys), np.int32)), default_value=0
         )
-
-    def _set_catalog(self, catalog: Mapping[str, np.ndarray], stats: FeatureStats) -> None:
-        """Every item's feature columns (as :func:`batch_to_features` gives them), one row each."""
-        id_feature = self.config.item_id_feature
-        # The item tower's inputs (pretrained features are looked up by the id column).
-        columns = list(dict.fromkeys(self.item_tower.input_keys))
-        missing = [c for c in columns if c not in catalog]
-        if missing:
-            raise ValueError(f"catalog has no column {missing}")
-        ids = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in np.asarray(catalog[id_feature]).tolist()]
-        if len(set(ids)) != len(ids):
-            raise ValueError("catalog lists an item id twice")
-        unknown = sorted(set(stats.vocabularies.get(id_feature, [])) - set(ids))
-        if unknown:
-            raise ValueError(f"{len(unknown)} training items are not in the catalog (first: {unknown[0]!r})")
-        self.catalog = {name: tf.constant(catalog[name]) for name in columns}
-        # Label of a training row: its item's row in the catalogue (num_oov_indices=0: rows 0..n-1).
-        self.catalog_row = tf.keras.layers.StringLookup(vocabulary=ids, num_oov_indices=0)
 
     def call(self, features):
         return self.user_tower(features), self.item_tower(features)
@@ -186,3 +169,10 @@ class TwoTowerModel(tfrs.Model):
         logits = tf.where(masked & ~diagonal, tf.constant(-1e9, logits.dtype), logits)
         labels = tf.range(tf.shape(logits)[0])
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def _lookup_index(values, vocabulary: list[str]) -> np.ndarray:
+    """What ``StringLookup(vocabulary, num_oov_indices=1)`` returns: position + 1, 0 if unknown."""
+    values = values if isinstance(values, pa.ChunkedArray | pa.Array) else pa.array(values, pa.string())
+    positions = pc.index_in(values.cast(pa.string()), value_set=pa.array(vocabulary, pa.string()))
+    return pc.fill_null(pc.add(positions, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
