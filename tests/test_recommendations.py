@@ -42,10 +42,13 @@ def _random_case(seed, n_users, n_items, dim, density=0.01):
 def test_threshold_pass_is_exact(n_users, n_items, k, block_size):
     assert metrics._threshold_sample_size(n_items, k) is not None  # the pass under test runs
     users, items, exclude = _random_case(n_users + n_items, n_users, n_items, 8)
-    got = metrics.top_k_items(users, items, k, exclude=exclude, block_size=block_size)
-    expected, _ = _brute(users, items, k, exclude)
+    got, scores = metrics.top_k_items(users, items, k, exclude=exclude, block_size=block_size, return_scores=True)
+    expected, all_scores = _brute(users, items, k, exclude)
     assert got.dtype == np.int64 and got.shape == (n_users, k)
     np.testing.assert_array_equal(got, expected)
+    assert scores.dtype == np.float32
+    np.testing.assert_allclose(scores, np.take_along_axis(all_scores, expected, axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(metrics.top_k_items(users, items, k, exclude=exclude, block_size=block_size), got)
 
 
 def test_threshold_pass_redoes_users_whose_threshold_was_too_high(monkeypatch):

@@ -43,7 +43,7 @@ class RecommendationsConfig(dg.Config):
     users_per_batch: int = Field(
         default=32_768, gt=0, description="Users scored and written per record batch (bounds memory)."
     )
-    block_size: int = Field(default=1024, gt=0, description="Users per matrix product inside a batch.")
+    block_size: int = Field(default=512, gt=0, description="Users per matrix product inside a batch (at most 512 are used).")
 
 
 def recommendations_schema() -> pa.Schema:
@@ -83,7 +83,7 @@ def recommendation_batches(
     train_date: dt.date,
     mlflow_run_id: str,
     users_per_batch: int = 32_768,
-    block_size: int = 1024,
+    block_size: int = 512,
 ) -> Iterator[pa.RecordBatch]:
     """One record batch per chunk of users: their best unseen items, best first, and scores."""
     item_array = pa.array(item_ids, pa.string())
@@ -94,12 +94,12 @@ def recommendation_batches(
         stop = min(start + users_per_batch, len(user_ids))
         users32 = np.ascontiguousarray(user_vectors[start:stop], dtype=np.float32)
         block_seen = seen[start:stop]
-        best = top_k_items(users32, items32, k, exclude=block_seen, block_size=block_size)
+        best, best_scores = top_k_items(users32, items32, k, exclude=block_seen, block_size=block_size, return_scores=True)
         # Excluded items only fill the tail of a user with fewer than k unseen items: cut it.
         lengths = np.minimum(k, n_items - np.diff(block_seen.indptr))
         keep = np.arange(k)[None, :] < lengths[:, None]
         chosen = best[keep]
-        scores = np.einsum("ud,ud->u", np.repeat(users32, lengths, axis=0), items32[chosen])
+        scores = best_scores[keep]
         offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
         n = stop - start
         yield pa.RecordBatch.from_arrays(

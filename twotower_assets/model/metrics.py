@@ -44,12 +44,16 @@ Pure numpy / scipy / pandas. No TensorFlow, no Dagster.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "top_k_items",
@@ -151,8 +155,11 @@ def top_k_items(
     k: int,
     exclude: sp.csr_matrix | None = None,
     block_size: int = 2048,
-) -> np.ndarray:
+    return_scores: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """(U, k) int64 item indices sorted by descending dot-product score; exclude[u, i] != 0 removes item i for user u. k is capped at the number of items.
+
+    With ``return_scores``, also the (U, k) float32 scores of those items (-inf for excluded).
 
     Scores every item in the catalogue for each user, ``block_size`` users at a time with a
     float32 product, so memory stays at one (block_size, n_items) block. Excluded items
@@ -175,16 +182,18 @@ def top_k_items(
     block_size = _check_block_size(block_size)
     exclude = _as_exclude(exclude, n_users, n_items)
     out = np.empty((n_users, k), dtype=np.int64)
+    out_scores = np.empty((n_users, k), dtype=np.float32) if return_scores else None
     if k == 0 or n_users == 0:
-        return out
+        return (out, out_scores) if return_scores else out
 
     items32 = np.ascontiguousarray(item_vectors, dtype=np.float32)
     if not np.isfinite(items32).all():
         raise ValueError("item_vectors contain NaN or inf")
     if _threshold_sample_size(n_items, k) is not None:
-        return _top_k_thresholded(user_vectors, items32, k, exclude, block_size, out)
-    _top_k_dense(user_vectors, items32.T, k, exclude, block_size, np.arange(n_users), out)
-    return out
+        _top_k_thresholded(user_vectors, items32, k, exclude, block_size, out, out_scores)
+    else:
+        _top_k_dense(user_vectors, items32.T, k, exclude, block_size, np.arange(n_users), out, out_scores)
+    return (out, out_scores) if return_scores else out
 
 
 def _user_block(user_vectors: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
@@ -202,6 +211,7 @@ def _top_k_dense(
     block_size: int,
     user_rows: np.ndarray,
     out: np.ndarray,
+    out_scores: np.ndarray | None = None,
 ) -> None:
     """Exact top k of the users at ``user_rows`` by partitioning every score; fills out[user_rows]."""
     n_items = items32_t.shape[1]
@@ -212,7 +222,10 @@ def _top_k_dense(
         scores = np.matmul(_user_block(user_vectors, rows), items32_t, out=buffer[: len(rows)])
         if exclude is not None:
             _mask_excluded(scores, exclude[rows], 0)
-        out[rows] = _top_k_of_scores(scores, k)
+        top = _top_k_of_scores(scores, k)
+        out[rows] = top
+        if out_scores is not None:
+            out_scores[rows] = np.take_along_axis(scores, top, axis=1)
 
 
 # The threshold pass. A user's k best items all score at least the k-th best score, so any
@@ -220,14 +233,15 @@ def _top_k_dense(
 # comparison per score, done while a tile of scores is still in cache), then rank the few
 # survivors. t is the m-th best score of the user over a random sample of the catalogue,
 # sized so that about _CANDIDATES_PER_K * k of all items pass. A user with fewer than k
-# survivors (t was too high: unlikely, ~1e-5 per user with m = 16 and 4 k expected), or with
+# survivors (t was too high: ~1e-3 of users with m = 8 and 4 k expected), or with
 # far too many (ties, e.g. a zero vector), is redone exactly by _top_k_dense, so the result
 # is always the exact top k.
 _CANDIDATES_PER_K = 4
-_SAMPLE_ORDER = 16  # m: the threshold is the 16th best sampled score (relative spread 1/4)
+_SAMPLE_ORDER = 8  # m: the threshold is the 8th best sampled score
 _OVERFLOW_FACTOR = 8  # a user with more than 8x the expected survivors is redone exactly
 # (the threshold pass runs when the expected survivors are at most half the catalogue)
-_TILE_ITEMS = 4096  # (block rows x 4096) float32 scores stay in the L2/L3 cache
+_TILE_ITEMS = 1024  # a (512 x 1024) tile of float32 scores is 2 MB: compared while in cache
+_THRESHOLD_BLOCK = 512  # users per block of the threshold pass (measured best of 256-1024)
 
 
 def _threshold_sample_size(n_items: int, k: int) -> int | None:
@@ -245,89 +259,146 @@ def _top_k_thresholded(
     exclude: sp.csr_matrix | None,
     block_size: int,
     out: np.ndarray,
+    out_scores: np.ndarray | None = None,
 ) -> np.ndarray:
+    """Fills ``out`` (and ``out_scores``) with the exact top k; user blocks run on one thread per core.
+
+    BLAS is held to one thread meanwhile: many small products on a multi-threaded BLAS
+    spend about as much CPU synchronising its threads as multiplying (measured: 2x the CPU
+    time of the same work on one BLAS thread per block and one block per core).
+    """
     n_users, n_items = user_vectors.shape[0], items32.shape[0]
     sample_size = _threshold_sample_size(n_items, k)
-    order = _SAMPLE_ORDER
-    row_cap = min(_OVERFLOW_FACTOR * _CANDIDATES_PER_K * k, n_items)
     # A fixed sample: the result is exact whatever it is, the seed only fixes the cost.
     sample = np.sort(np.random.default_rng(0).choice(n_items, size=sample_size, replace=False))
-    sample_t = np.ascontiguousarray(items32[sample].T)
-    sample_position = np.full(n_items, -1, dtype=np.int64)
-    sample_position[sample] = np.arange(sample_size)
-    tiles = [
-        (lo, np.ascontiguousarray(items32[lo : lo + _TILE_ITEMS].T))
-        for lo in range(0, n_items, _TILE_ITEMS)
-    ]
-    block_size = min(block_size, n_users, 65_535)  # rows fit in uint16 for a radix sort
-    tile_buffer = np.empty((block_size, min(_TILE_ITEMS, n_items)), dtype=np.float32)
-    mask_buffer = np.empty(tile_buffer.shape, dtype=bool)
-    redo: list[np.ndarray] = []
+    shared = _ThresholdInputs(
+        user_vectors=user_vectors,
+        k=k,
+        exclude=exclude,
+        sample_t=np.ascontiguousarray(items32[sample].T),
+        sample_position=np.full(n_items, -1, dtype=np.int64),
+        tiles=[
+            (lo, np.ascontiguousarray(items32[lo : lo + _TILE_ITEMS].T))
+            for lo in range(0, n_items, _TILE_ITEMS)
+        ],
+        row_cap=min(_OVERFLOW_FACTOR * _CANDIDATES_PER_K * k, n_items),
+        out=out,
+        out_scores=out_scores,
+    )
+    shared.sample_position[sample] = np.arange(sample_size)
+    block_size = min(block_size, n_users, _THRESHOLD_BLOCK)
+    starts = range(0, n_users, block_size)
+    workers = min(len(starts), _WORKERS)
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        redo = [rows for rows in pool.map(lambda start: _threshold_block(shared, start, min(start + block_size, n_users)), starts) if rows.size]
+    if redo:
+        _top_k_dense(user_vectors, items32.T, k, exclude, block_size, np.concatenate(redo), out, out_scores)
+    return out
 
-    for start in range(0, n_users, block_size):
-        stop = min(start + block_size, n_users)
-        users32 = _user_block(user_vectors, slice(start, stop))
-        n_rows = stop - start
-        seen_rows, seen_items = _excluded_pairs(exclude, start, stop)
 
-        sample_scores = users32 @ sample_t
-        in_sample = sample_position[seen_items]
-        hit = in_sample >= 0
-        sample_scores[seen_rows[hit], in_sample[hit]] = -np.inf
-        threshold = np.partition(sample_scores, sample_size - order, axis=1)[:, sample_size - order]
-        threshold = threshold[:, None]
+_WORKERS = max(1, os.cpu_count() or 1)
 
-        found_rows, found_items, found_scores = [], [], []
-        counts = np.zeros(n_rows, dtype=np.int64)
-        for lo, tile_t in tiles:
-            width = tile_t.shape[1]
-            scores = np.matmul(users32, tile_t, out=tile_buffer[:n_rows, :width])
-            in_tile = (seen_items >= lo) & (seen_items < lo + width)
-            scores[seen_rows[in_tile], seen_items[in_tile] - lo] = -np.inf
-            mask = np.greater_equal(scores, threshold, out=mask_buffer[:n_rows, :width])
-            flat = np.flatnonzero(mask)
-            rows, columns = np.divmod(flat, width)
-            found_rows.append(rows.astype(np.uint16))
-            found_items.append(columns + lo)
-            found_scores.append(scores.ravel()[flat])
-            counts += np.bincount(rows, minlength=n_rows)
-            if counts.max(initial=0) > row_cap:
-                # Ties flood a row (e.g. a zero vector): stop collecting it, redo it exactly.
-                flooded = counts > row_cap
-                counts[flooded] = -(1 << 40)
-                for i, rows_i in enumerate(found_rows):
-                    keep = ~flooded[rows_i]
-                    found_rows[i], found_items[i], found_scores[i] = rows_i[keep], found_items[i][keep], found_scores[i][keep]
 
-        short = counts < k  # includes flooded rows (negative counts)
-        if short.any():
-            redo.append(np.flatnonzero(short) + start)
-        rows = np.concatenate(found_rows)
-        items = np.concatenate(found_items)
-        values = np.concatenate(found_scores)
-        keep = ~short[rows]
-        rows, items, values = rows[keep], items[keep], values[keep]
-        if rows.size == 0:
-            continue
-        # Candidates of each row, side by side and in ascending item order (tiles are
-        # visited in item order and the sort is stable), padded with -inf.
+@dataclass
+class _ThresholdInputs:
+    """What every block of the threshold pass reads (and ``out``, which blocks write disjointly)."""
+
+    user_vectors: np.ndarray
+    k: int
+    exclude: sp.csr_matrix | None
+    sample_t: np.ndarray
+    sample_position: np.ndarray
+    tiles: list[tuple[int, np.ndarray]]
+    row_cap: int
+    out: np.ndarray
+    out_scores: np.ndarray | None
+
+
+def _threshold_block(shared: _ThresholdInputs, start: int, stop: int) -> np.ndarray:
+    """Top k of users [start, stop) into shared.out; returns the users to redo exactly."""
+    k, row_cap = shared.k, shared.row_cap
+    users32 = _user_block(shared.user_vectors, slice(start, stop))
+    n_rows = stop - start
+    seen_rows, seen_items = _excluded_pairs(shared.exclude, start, stop)
+
+    sample_scores = users32 @ shared.sample_t
+    sample_size = sample_scores.shape[1]
+    in_sample = shared.sample_position[seen_items]
+    hit = in_sample >= 0
+    sample_scores[seen_rows[hit], in_sample[hit]] = -np.inf
+    order = min(_SAMPLE_ORDER, sample_size)
+    threshold = np.partition(sample_scores, sample_size - order, axis=1)[:, sample_size - order, None]
+
+    tile_width = shared.tiles[0][1].shape[1]
+    n_items = shared.sample_position.size
+    tile_buffer = np.empty((n_rows, tile_width), dtype=np.float32)
+    mask_buffer = np.empty((n_rows, tile_width), dtype=bool)
+    # A tile normally yields about n_rows * E * width / n_items candidates (E expected per
+    # user). Only a tile with far more is counted per row, to find flooded rows.
+    usual = max(256, 4 * n_rows * _CANDIDATES_PER_K * k * tile_width // n_items)
+    flooded = np.zeros(n_rows, dtype=bool)
+    found_rows, found_items, found_scores = [], [], []
+    for lo, tile_t in shared.tiles:
+        width = tile_t.shape[1]
+        # The hot loop: one product, one comparison, one scan per tile of scores. Seen
+        # items are dropped from the few candidates afterwards, not masked in every tile.
+        scores = np.matmul(users32, tile_t, out=tile_buffer[:, :width])
+        flat = np.flatnonzero(np.greater_equal(scores, threshold, out=mask_buffer[:, :width]))
+        rows, columns = np.divmod(flat, width)
+        found_rows.append(rows.astype(np.uint16))
+        found_items.append(columns + lo)
+        found_scores.append(scores.ravel()[flat])
+        if flat.size > usual:
+            # Ties flood a row (e.g. a zero vector): stop collecting it, redo it exactly.
+            counts = np.bincount(np.concatenate(found_rows), minlength=n_rows)
+            flooded |= counts > row_cap
+        if flooded.any():
+            for i, rows_i in enumerate(found_rows):
+                keep = ~flooded[rows_i]
+                found_rows[i], found_items[i], found_scores[i] = rows_i[keep], found_items[i][keep], found_scores[i][keep]
+
+    rows = np.concatenate(found_rows)
+    items = np.concatenate(found_items)
+    values = np.concatenate(found_scores)
+    if seen_items.size:
+        seen_keys = np.sort(seen_rows * n_items + seen_items)
+        keys = rows.astype(np.int64) * n_items + items
+        position = np.minimum(np.searchsorted(seen_keys, keys), seen_keys.size - 1)
+        unseen = seen_keys[position] != keys
+        rows, items, values = rows[unseen], items[unseen], values[unseen]
+    short = (np.bincount(rows, minlength=n_rows) < k) | flooded
+    keep = ~short[rows]
+    rows, items, values = rows[keep], items[keep], values[keep]
+    if rows.size:
+        # Each row's k-th best candidate score: one partition of the candidates laid side
+        # by side (padded with -inf). The candidates at or above it are then sorted by
+        # (row, descending score, ascending item) and each row's first k kept.
         by_row = np.argsort(rows, kind="stable")
         rows, items, values = rows[by_row], items[by_row], values[by_row]
         row_counts = np.bincount(rows, minlength=n_rows)
         row_starts = np.concatenate(([0], np.cumsum(row_counts)[:-1]))
-        columns = np.arange(rows.size) - row_starts[rows]
-        width = int(row_counts.max())
-        padded_scores = np.full((n_rows, width), -np.inf, dtype=np.float32)
-        padded_items = np.zeros((n_rows, width), dtype=np.int64)
-        padded_scores[rows, columns] = values
-        padded_items[rows, columns] = items
+        # A few rows have many more candidates than the rest (the count's spread is wide):
+        # they get their own partition so they do not set the width of everyone's.
+        heavy = row_counts > 2 * _CANDIDATES_PER_K * k
+        light = ~heavy[rows]
+        width = max(k, int(row_counts[~heavy].max(initial=0)))
+        padded = np.full((n_rows, width), -np.inf, dtype=np.float32)
+        padded[rows[light], (np.arange(rows.size) - row_starts[rows])[light]] = values[light]
+        kth_best = np.partition(padded, width - k, axis=1)[:, width - k]
+        for row in np.flatnonzero(heavy):
+            own = values[row_starts[row] : row_starts[row] + row_counts[row]]
+            kth_best[row] = np.partition(own, own.size - k)[own.size - k]
+        top = values >= kth_best[rows]
+        rows, items, values = rows[top], items[top], values[top]
+        order = np.lexsort((items, -values, rows))
+        items, values = items[order], values[order]
+        row_starts = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=n_rows))[:-1]))
         done = np.flatnonzero(~short)
-        best = _top_k_of_scores(padded_scores[done], k)
-        out[start + done] = np.take_along_axis(padded_items[done], best, axis=1)
-
-    if redo:
-        _top_k_dense(user_vectors, items32.T, k, exclude, block_size, np.concatenate(redo), out)
-    return out
+        first_k = row_starts[done][:, None] + np.arange(k)
+        shared.out[start + done] = items[first_k]
+        if shared.out_scores is not None:
+            shared.out_scores[start + done] = values[first_k]
+    return np.flatnonzero(short) + start
 
 
 def _excluded_pairs(exclude: sp.csr_matrix | None, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
