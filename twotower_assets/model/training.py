@@ -7,9 +7,10 @@ Uses a GPU when one is visible (memory growth on), the CPU otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,13 +38,60 @@ def configure_devices(mixed_precision: bool = False) -> str:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:
             pass  # Already initialised in this process: growth was set the first time.
-    if mixed_precision:
-        tf.keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "mixed_bfloat16")
     device = f"GPU x{len(gpus)} ({', '.join(g.name for g in gpus)})" if gpus else "CPU (no GPU visible)"
+    if mixed_precision:
+        device += f", {MIXED_POLICY}"
     if not _device_reported:
         log.info("Training on %s", device)
         _device_reported = True
     return device
+
+
+MIXED_POLICY = "mixed_bfloat16"
+"""bfloat16, not float16, on GPUs too: it keeps float32's exponent range and so needs no loss
+scaling, which TFRS's train_step (it computes and applies the gradients itself) does not do."""
+
+
+@contextlib.contextmanager
+def _towers_policy(mixed_precision: bool) -> Iterator[None]:
+    """Build the towers under the mixed policy; everything else (and later models) stays float32.
+
+    Keras layers take the global policy when they are created. The towers' layers compute in
+    bfloat16 and the towers return float32 vectors; the retrieval task, and the layers TFRS
+    creates inside it at call time, must stay float32 (its labels and logits must share a
+    dtype, and the softmax is where precision matters), so the global policy is float32
+    again before training starts.
+    """
+    tf.keras.mixed_precision.set_global_policy(MIXED_POLICY if mixed_precision else "float32")
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def distribution_strategy() -> tf.distribute.Strategy:
+    """MirroredStrategy over every visible GPU when there are several, else the default (one device).
+
+    Each replica gets batch_size / replicas rows of every batch: its in-batch softmax draws
+    negatives from its own slice, the gradients are summed across replicas.
+    """
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _mean_over_replicas(model: TwoTowerModel, replicas: int) -> None:
+    """Make a replicated model's loss the mean over the global batch, as on one device.
+
+    Each replica computes the mean loss of its slice; Keras sums the replicas' gradients and
+    their logged losses. Dividing each replica's loss by the replica count makes both sums
+    the global-batch mean -- what ``compile()`` does for the losses it owns (TFRS's
+    ``compute_loss`` is not one of them, so its Retrieval loss also has to be told that a
+    per-replica mean is meant; Keras refuses SUM_OVER_BATCH_SIZE under a strategy otherwise).
+    """
+    model.task._loss._allow_sum_over_batch_size = True
+    compute_loss = model.compute_loss
+    model.compute_loss = lambda features, training=False: compute_loss(features, training=training) / replicas
 
 
 @dataclass(frozen=True)
@@ -102,6 +150,7 @@ def train_two_tower(
     mixed_precision: bool = False,
     catalog: Mapping[str, np.ndarray] | None = None,
     seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> TrainingResult:
     """Fit the towers; returns the model with the best validation weights restored.
 
@@ -109,12 +158,21 @@ def train_two_tower(
     them instead of in-batch negatives (see :class:`TwoTowerModel`).
     ``seen_pairs``: the training (user key, item id) pairs; val_loss then does not count a
     user's training items as negatives, as the offline evaluation does.
+    ``strategy``: where to train; default :func:`distribution_strategy` (all GPUs if several).
     """
     if train_rows <= 0:
         raise ValueError("the training dataset is empty: nothing to train on")
     device = configure_devices(mixed_precision)
+    strategy = strategy or distribution_strategy()
     tf.keras.utils.set_random_seed(params.seed)
-    model = build_model(config, stats, params, catalog, seen_pairs)
+    with strategy.scope():
+        with _towers_policy(mixed_precision):
+            model = build_model(config, stats, params, catalog, seen_pairs)
+        if mixed_precision:
+            model.task._set_dtype_policy("float32")  # created with the towers, computes in float32
+        if strategy.num_replicas_in_sync > 1:
+            _mean_over_replicas(model, strategy.num_replicas_in_sync)
+            device += f", MirroredStrategy over {strategy.num_replicas_in_sync} replicas"
 
     batch_size = min(params.batch_size, train_rows)
     steps_per_epoch = max(1, math.ceil(train_rows / batch_size / EPOCH_FRACTION))
