@@ -9,6 +9,7 @@ and the embedding tables all read, so tower outputs are computed once.
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import numpy as np
@@ -44,6 +45,12 @@ class TrainingConfig(dg.Config):
     )
     experiment_name: str = "two_tower"
     run_name: str | None = Field(default=None, description="MLflow run name; default two_tower_<date>.")
+    training_launcher: Literal["local", "pipes"] = Field(
+        default="local",
+        description="local: train in the Dagster process. pipes: launch the training entry point "
+        "(python -m twotower_assets.pipes_training) through Dagster Pipes, e.g. on a GPU node "
+        "(twotower_assets/defs/training_launcher.py, docs/distributed.md).",
+    )
 
 
 def embeddings_table(ids: dict[str, np.ndarray], vectors: np.ndarray) -> pa.Table:
@@ -71,6 +78,10 @@ def two_tower_model(
     artifacts: ArtifactStore,
     mlflow: MlflowTracking,
 ) -> dg.MaterializeResult:
+    if config.training_launcher == "pipes":
+        from twotower_assets.defs.training_launcher import launch_training
+
+        return launch_training(context, config, artifacts, mlflow)
     import tensorflow as tf
 
     from twotower_assets.model.datasets import dataset_rows, load_blocks, load_dataset
