@@ -68,11 +68,21 @@ def launch_training(
     artifacts: ArtifactStore,
     mlflow: MlflowTracking,
     client: dg.PipesClient | None = None,
+    command: list[str] | None = None,
+    **run_kwargs,
 ) -> dg.MaterializeResult:
-    """Run the training entry point through Pipes; its reported materialization is the asset's."""
+    """Run the training entry point through Pipes; its reported materialization is the asset's.
+
+    ``client`` defaults to a local subprocess; another Pipes client (a GPU pod through
+    ``dagster_k8s.PipesK8sClient``, with ``image=...`` and a pod spec in ``run_kwargs``)
+    launches the same ``command`` elsewhere (docs/distributed.md).
+    """
     client = client or dg.PipesSubprocessClient(env=dict(os.environ))
     invocation = client.run(
-        context=context, command=ENTRY_POINT, extras=pipes_extras(config, artifacts, mlflow, context.run_id)
+        context=context,
+        command=command or ENTRY_POINT,
+        extras=pipes_extras(config, artifacts, mlflow, context.run_id),
+        **run_kwargs,
     )
     errors = [m[ERROR_MESSAGE] for m in invocation.get_custom_messages() if isinstance(m, dict) and ERROR_MESSAGE in m]
     if errors:
