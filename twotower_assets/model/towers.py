@@ -123,6 +123,24 @@ class TwoTowerModel(tfrs.Model):
             tf.lookup.KeyValueTensorInitializer(keys, np.ones(len(keys), np.int32)), default_value=0
         )
 
+    def _set_catalog(self, catalog: Mapping[str, np.ndarray], stats: FeatureStats) -> None:
+        """Every item's feature columns (as :func:`batch_to_features` gives them), one row each."""
+        id_feature = self.config.item_id_feature
+        # The item tower's inputs (pretrained features are looked up by the id column).
+        columns = list(dict.fromkeys(self.item_tower.input_keys))
+        missing = [c for c in columns if c not in catalog]
+        if missing:
+            raise ValueError(f"catalog has no column {missing}")
+        ids = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in np.asarray(catalog[id_feature]).tolist()]
+        if len(set(ids)) != len(ids):
+            raise ValueError("catalog lists an item id twice")
+        unknown = sorted(set(stats.vocabularies.get(id_feature, [])) - set(ids))
+        if unknown:
+            raise ValueError(f"{len(unknown)} training items are not in the catalog (first: {unknown[0]!r})")
+        self.catalog = {name: tf.constant(catalog[name]) for name in columns}
+        # Label of a training row: its item's row in the catalogue (num_oov_indices=0: rows 0..n-1).
+        self.catalog_row = tf.keras.layers.StringLookup(vocabulary=ids, num_oov_indices=0)
+
     def call(self, features):
         return self.user_tower(features), self.item_tower(features)
 
