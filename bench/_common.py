@@ -99,21 +99,39 @@ class ProcessResult:
     output: str
 
 
-def run_measured(command: Sequence[str], env: dict[str, str] | None = None, log_path: Path | None = None) -> ProcessResult:
+def run_measured(
+    command: Sequence[str],
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    kill_above_mb: float | None = None,
+) -> ProcessResult:
     """Run a command to completion; wall time, its own peak RSS and CPU time (os.wait4).
 
     ``wait4`` reports the rusage of exactly this child (peak RSS included), unlike
     ``RUSAGE_CHILDREN``, which is the maximum over every child this process ever waited for.
+    ``kill_above_mb``: a watchdog kills the child when its resident memory passes this (the
+    machine is shared; a runaway step must not take the others down). It then exits -9.
     """
     log = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115
     started = time.perf_counter()
     process = subprocess.Popen(
         list(command), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True
     )
+    finished = threading.Event()
+
+    def watchdog() -> None:
+        while not finished.wait(0.5):
+            if current_rss_mb(process.pid) > kill_above_mb:
+                process.kill()
+                return
+
+    if kill_above_mb:
+        threading.Thread(target=watchdog, daemon=True).start()
     output = ""
     if log is subprocess.PIPE:
         output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
+    finished.set()
     wall = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     if log_path:

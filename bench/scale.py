@@ -70,6 +70,9 @@ def main() -> int:
     parser.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "twotower-scale"))
     parser.add_argument("--keep", action="store_true", help="reuse --home instead of starting clean")
     parser.add_argument("--only", help="comma-separated op names to run (the rest must exist already)")
+    parser.add_argument("--skip", default="", help="comma-separated op names not to run (listed as skipped)")
+    parser.add_argument("--kill-above-gb", type=float, default=14.0,
+                        help="kill a step whose resident memory passes this (the machine is shared)")
     args = parser.parse_args()
 
     run_config = yaml.safe_load(Path(args.run_config).read_text())
@@ -101,10 +104,14 @@ def main() -> int:
     )
     rows = [["(imports only)", f"{baseline.wall_s:.1f}", f"{baseline.cpu_s:.1f}", f"{baseline.peak_rss_mb:,.0f}", "", "ok"]]
     only = set(args.only.split(",")) if args.only else None
+    skip = set(filter(None, args.skip.split(",")))
     failed = False
     total_wall = 0.0
     for op, keys, partitioned in graph_steps():
         if only is not None and op not in only:
+            continue
+        if op in skip:
+            rows.append([op, "", "", "", "", "skipped (--skip)"])
             continue
         # Dagster rejects config for ops outside the run: give each step its own op's config
         # and its checks' (named ``<op>_<check>``, e.g. evaluation_metrics_quality_gate).
@@ -119,9 +126,11 @@ def main() -> int:
         if partitioned:
             cli += ["--partition", PARTITION]
         load = os.getloadavg()[0]
-        result = run_measured(cli, env=env, log_path=home / "logs" / f"{op}.log")
+        result = run_measured(cli, env=env, log_path=home / "logs" / f"{op}.log", kill_above_mb=args.kill_above_gb * 1024)
         total_wall += result.wall_s
         status = "ok" if result.returncode == 0 else f"FAILED (rc {result.returncode}, see {home}/logs/{op}.log)"
+        if result.returncode == -9:
+            status = f"KILLED above {args.kill_above_gb:g} GB resident (watchdog)"
         rows.append([op, f"{result.wall_s:.1f}", f"{result.cpu_s:.1f}", f"{result.peak_rss_mb:,.0f}", f"{load:.1f}", status])
         print(f"  {op}: {result.wall_s:.1f} s, peak {result.peak_rss_mb:,.0f} MB, {status}", file=sys.stderr, flush=True)
         if result.returncode != 0:
@@ -129,7 +138,7 @@ def main() -> int:
             failed = True
             break
 
-    peak = max(float(r[3].replace(",", "")) for r in rows)
+    peak = max(float(r[3].replace(",", "")) for r in rows if r[3])
     print(markdown_table(["step", "wall s", "CPU s", "peak RSS MB", "load at start", "status"], rows))
     print(
         f"\nTotal wall time {total_wall:,.0f} s; highest step peak {peak:,.0f} MB = "
