@@ -4,6 +4,7 @@
                        MLflow store, saved datasets and models.
 ``TWOTOWER_WAREHOUSE`` ``duckdb`` (default) or ``bigquery``.
 ``MLFLOW_TRACKING_URI`` overrides the local MLflow store (``sqlite:///$TWOTOWER_HOME/mlflow.db``).
+``TWOTOWER_DUCKDB_MEMORY_LIMIT`` DuckDB's memory limit (default ``4GB``; past it DuckDB spills to disk).
 
 BigQuery (``TWOTOWER_WAREHOUSE=bigquery``; docs/bigquery.md is the guide):
 
@@ -37,6 +38,11 @@ def warehouse_kind() -> str:
 
 def duckdb_path() -> Path:
     return Path(os.environ.get("TWOTOWER_DUCKDB_PATH", home() / "warehouse.duckdb"))
+
+
+def duckdb_memory_limit() -> str | None:
+    """``TWOTOWER_DUCKDB_MEMORY_LIMIT`` (e.g. ``4GB``), or None for the warehouse's default."""
+    return os.environ.get("TWOTOWER_DUCKDB_MEMORY_LIMIT") or None
 
 
 def mlflow_tracking_uri() -> str:

@@ -15,7 +15,8 @@ def default_warehouse() -> WarehouseResource:
         return BigQueryWarehouse.from_env()
     from twotower_assets.warehouse.duckdb import DuckDBWarehouse
 
-    return DuckDBWarehouse(path=str(settings.duckdb_path()))
+    limit = settings.duckdb_memory_limit()
+    return DuckDBWarehouse(path=str(settings.duckdb_path()), **({"memory_limit": limit} if limit else {}))
 
 
 def default_resources() -> dict:

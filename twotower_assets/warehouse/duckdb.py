@@ -34,6 +34,13 @@ class DuckDBWarehouse(WarehouseResource):
 
     path: str = Field(description="The DuckDB database file.")
     lock_timeout_s: float = Field(default=120.0, description="How long to wait for another writer.")
+    memory_limit: str = Field(
+        default="4GB",
+        pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]i?B$",
+        description="DuckDB's memory_limit; past it DuckDB spills to disk. Its own default (80% of "
+        "RAM) let the 10M-event split take 13 GB; 4 GB leaves room for TensorFlow in the same run "
+        "(env TWOTOWER_DUCKDB_MEMORY_LIMIT).",
+    )
 
     @property
     def dialect(self) -> Dialect:
@@ -55,6 +62,8 @@ class DuckDBWarehouse(WarehouseResource):
                     raise
                 time.sleep(0.5)
         try:
+            # A literal, not a parameter (SET takes none); the field's pattern keeps it a size.
+            connection.execute(f"SET memory_limit = '{self.memory_limit}'")
             yield connection
         finally:
             connection.close()
