@@ -120,14 +120,14 @@ def main() -> int:
     tiles = [np.ascontiguousarray(items[lo : lo + metrics._TILE_ITEMS].T) for lo in range(0, args.items, metrics._TILE_ITEMS)]
 
     def tiled_products(start: int) -> None:
-        tile_buffer = np.empty((512, metrics._TILE_ITEMS), np.float32)
-        block = users[start : start + 512]
+        tile_buffer = np.empty((metrics._THRESHOLD_BLOCK, metrics._TILE_ITEMS), np.float32)
+        block = users[start : start + metrics._THRESHOLD_BLOCK]
         for tile in tiles:
             np.matmul(block, tile, out=tile_buffer[: len(block), : tile.shape[1]])
 
     def products_parallel():
         with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(metrics._WORKERS) as pool:
-            list(pool.map(tiled_products, range(0, args.users, 512)))
+            list(pool.map(tiled_products, range(0, args.users, metrics._THRESHOLD_BLOCK)))
 
     same_shape_name = "same-shape products only, as top_k_items runs them (1 BLAS thread x 1 block per core, tiles)"
     same_shape = add(same_shape_name, best_time(products_parallel, args.repeats)[0])
@@ -144,7 +144,7 @@ def main() -> int:
     assert written == args.users
     asset_name = "recommendations asset compute (recommendation_batches)"
     asset_rate = add(asset_name, asset_seconds, "top-k + seen removed + scores + Arrow")
-    topk_seconds, ours = best_time(lambda: metrics.top_k_items(users, items, args.k, exclude=seen, block_size=512), args.repeats)
+    topk_seconds, ours = best_time(lambda: metrics.top_k_items(users, items, args.k, exclude=seen, block_size=1024), args.repeats)
     add("top_k_items (threshold pass)", topk_seconds)
 
     if not args.skip_plain:

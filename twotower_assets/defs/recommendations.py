@@ -43,7 +43,7 @@ class RecommendationsConfig(dg.Config):
     users_per_batch: int = Field(
         default=32_768, gt=0, description="Users scored and written per record batch (bounds memory)."
     )
-    block_size: int = Field(default=512, gt=0, description="Users per matrix product inside a batch (at most 512 are used).")
+    block_size: int = Field(default=1024, gt=0, description="Users per matrix product inside a batch (at most 1024 are used).")
 
 
 def recommendations_schema() -> pa.Schema:
@@ -83,7 +83,7 @@ def recommendation_batches(
     train_date: dt.date,
     mlflow_run_id: str,
     users_per_batch: int = 32_768,
-    block_size: int = 512,
+    block_size: int = 1024,
 ) -> Iterator[pa.RecordBatch]:
     """One record batch per chunk of users: their best unseen items, best first, and scores."""
     item_array = pa.array(item_ids, pa.string())

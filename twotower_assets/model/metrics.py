@@ -240,8 +240,8 @@ _CANDIDATES_PER_K = 4
 _SAMPLE_ORDER = 8  # m: the threshold is the 8th best sampled score
 _OVERFLOW_FACTOR = 8  # a user with more than 8x the expected survivors is redone exactly
 # (the threshold pass runs when the expected survivors are at most half the catalogue)
-_TILE_ITEMS = 1024  # a (512 x 1024) tile of float32 scores is 2 MB: compared while in cache
-_THRESHOLD_BLOCK = 512  # users per block of the threshold pass (measured best of 256-1024)
+_TILE_ITEMS = 512  # a (1024 x 512) tile of float32 scores is 2 MB: compared while in cache
+_THRESHOLD_BLOCK = 1024  # users per block (1024 x 64 @ 64 x 512 runs at ~the square-product rate)
 
 
 def _threshold_sample_size(n_items: int, k: int) -> int | None:
@@ -337,12 +337,18 @@ def _threshold_block(shared: _ThresholdInputs, start: int, stop: int) -> np.ndar
     # user). Only a tile with far more is counted per row, to find flooded rows.
     usual = max(256, 4 * n_rows * _CANDIDATES_PER_K * k * tile_width // n_items)
     flooded = np.zeros(n_rows, dtype=bool)
+    # The block's seen pairs grouped by tile (sorted by item), so each tile masks its own few.
+    by_item = np.argsort(seen_items, kind="stable")
+    seen_rows, seen_items = seen_rows[by_item], seen_items[by_item]
+    tile_starts = np.searchsorted(seen_items, [lo for lo, _ in shared.tiles] + [n_items])
     found_rows, found_items, found_scores = [], [], []
-    for lo, tile_t in shared.tiles:
+    for tile, (lo, tile_t) in enumerate(shared.tiles):
         width = tile_t.shape[1]
-        # The hot loop: one product, one comparison, one scan per tile of scores. Seen
-        # items are dropped from the few candidates afterwards, not masked in every tile.
+        # The hot loop: one product, one comparison, one scan per tile of scores.
         scores = np.matmul(users32, tile_t, out=tile_buffer[:, :width])
+        first, last = tile_starts[tile], tile_starts[tile + 1]
+        if last > first:
+            scores[seen_rows[first:last], seen_items[first:last] - lo] = -np.inf
         flat = np.flatnonzero(np.greater_equal(scores, threshold, out=mask_buffer[:, :width]))
         rows, columns = np.divmod(flat, width)
         found_rows.append(rows.astype(np.uint16))
@@ -360,12 +366,6 @@ def _threshold_block(shared: _ThresholdInputs, start: int, stop: int) -> np.ndar
     rows = np.concatenate(found_rows)
     items = np.concatenate(found_items)
     values = np.concatenate(found_scores)
-    if seen_items.size:
-        seen_keys = np.sort(seen_rows * n_items + seen_items)
-        keys = rows.astype(np.int64) * n_items + items
-        position = np.minimum(np.searchsorted(seen_keys, keys), seen_keys.size - 1)
-        unseen = seen_keys[position] != keys
-        rows, items, values = rows[unseen], items[unseen], values[unseen]
     short = (np.bincount(rows, minlength=n_rows) < k) | flooded
     keep = ~short[rows]
     rows, items, values = rows[keep], items[keep], values[keep]
