@@ -4,10 +4,12 @@ Each evaluated user gets a ranked list drawn from the FULL catalogue (every item
 the items that user already saw in training removed, and that list is compared with the
 user's held-out test items. The baselines are random, popularity, and truncated SVD.
 
-Scale: up to 50,000 evaluated users x 200,000 items. No function builds a dense
-users x items matrix. Scores are computed for ``block_size`` users at a time with one
-float32 product per block (``user_block @ item_vectors.T``). Seen items get ``-inf``, and
-``np.argpartition`` picks the top k before only those k are sorted.
+Scale: up to 50,000 evaluated users (and the recommendations asset: every user, 1M) x
+200,000 items. No function builds a dense users x items matrix. Scores are float32
+products of a block of users with the items. Seen items get ``-inf``. When k is small next
+to the catalogue, a per-user threshold turns selection into one comparison per score
+while a tile of scores is in cache (:func:`_top_k_thresholded`, exact); otherwise
+``np.argpartition`` picks the top k of every row before only those k are sorted.
 
 Ranked lists hold item column indices, best first. When a user has fewer than k items
 left after exclusion, the tail of the list holds that user's excluded items (score
