@@ -104,6 +104,7 @@ def run_measured(
     env: dict[str, str] | None = None,
     log_path: Path | None = None,
     kill_above_mb: float | None = None,
+    timeout_s: float | None = None,
 ) -> ProcessResult:
     """Run a command to completion; wall time, its own peak RSS and CPU time (os.wait4).
 
@@ -111,6 +112,7 @@ def run_measured(
     ``RUSAGE_CHILDREN``, which is the maximum over every child this process ever waited for.
     ``kill_above_mb``: a watchdog kills the child when its resident memory passes this (the
     machine is shared; a runaway step must not take the others down). It then exits -9.
+    ``timeout_s``: the same watchdog kills it after this many seconds.
     """
     log = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115
     started = time.perf_counter()
@@ -121,11 +123,12 @@ def run_measured(
 
     def watchdog() -> None:
         while not finished.wait(0.5):
-            if current_rss_mb(process.pid) > kill_above_mb:
+            too_big = kill_above_mb and current_rss_mb(process.pid) > kill_above_mb
+            if too_big or (timeout_s and time.perf_counter() - started > timeout_s):
                 process.kill()
                 return
 
-    if kill_above_mb:
+    if kill_above_mb or timeout_s:
         threading.Thread(target=watchdog, daemon=True).start()
     output = ""
     if log is subprocess.PIPE:

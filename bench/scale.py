@@ -73,6 +73,7 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated op names not to run (listed as skipped)")
     parser.add_argument("--kill-above-gb", type=float, default=14.0,
                         help="kill a step whose resident memory passes this (the machine is shared)")
+    parser.add_argument("--step-timeout-s", type=float, help="kill a step that runs longer than this")
     args = parser.parse_args()
 
     run_config = yaml.safe_load(Path(args.run_config).read_text())
@@ -126,11 +127,14 @@ def main() -> int:
         if partitioned:
             cli += ["--partition", PARTITION]
         load = os.getloadavg()[0]
-        result = run_measured(cli, env=env, log_path=home / "logs" / f"{op}.log", kill_above_mb=args.kill_above_gb * 1024)
+        result = run_measured(cli, env=env, log_path=home / "logs" / f"{op}.log",
+                              kill_above_mb=args.kill_above_gb * 1024, timeout_s=args.step_timeout_s)
         total_wall += result.wall_s
         status = "ok" if result.returncode == 0 else f"FAILED (rc {result.returncode}, see {home}/logs/{op}.log)"
         if result.returncode == -9:
-            status = f"KILLED above {args.kill_above_gb:g} GB resident (watchdog)"
+            status = (f"KILLED after {result.wall_s:.0f} s (--step-timeout-s)"
+                      if args.step_timeout_s and result.wall_s >= args.step_timeout_s
+                      else f"KILLED above {args.kill_above_gb:g} GB resident (watchdog)")
         rows.append([op, f"{result.wall_s:.1f}", f"{result.cpu_s:.1f}", f"{result.peak_rss_mb:,.0f}", f"{load:.1f}", status])
         print(f"  {op}: {result.wall_s:.1f} s, peak {result.peak_rss_mb:,.0f} MB, {status}", file=sys.stderr, flush=True)
         if result.returncode != 0:
