@@ -35,6 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA
+
 __all__ = [
     "GROUPLENS_GENRES",
     "MOVIELENS_EVENT_SCHEMA",
@@ -69,12 +71,9 @@ ITEM_SCHEMA = pa.schema(
 
 MOVIELENS_EVENT_SCHEMA = pa.schema(
     [
-        ("event_date", pa.date32()),
-        ("user_id", pa.string()),
-        ("item_id", pa.string()),
-        ("event_hour", pa.int64()),
-        ("event_day", pa.int64()),
-        ("event_month", pa.string()),
+        # The pipeline's own event columns, exactly as the synthetic source declares them.
+        *(CLICK_EVENT_SCHEMA.field(name) for name in
+          ("event_date", "user_id", "item_id", "event_hour", "event_day", "event_month")),
         ("event_timestamp", pa.int64()),
         ("rating", pa.int64()),
         ("user_age", pa.int64()),
