@@ -51,12 +51,12 @@ import sys
 
 from twotower_assets.defs import tables
 from twotower_assets.defs.resources import default_warehouse
-from twotower_assets.defs.vector_search import SIMILAR_ITEMS, USER_TOP_ITEMS
+from twotower_assets.defs.vector_search import SIMILAR_ITEMS
 
 day = dt.date.fromisoformat(sys.argv[1])
 warehouse = default_warehouse()
 partitioned = [*tables.SPLIT_TABLES.values(), tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY,
-               USER_TOP_ITEMS, SIMILAR_ITEMS]
+               SIMILAR_ITEMS]
 with warehouse.client() as client:
     for name in partitioned:
         table = client.get_table(warehouse.table_name(name))

@@ -16,7 +16,7 @@ from twotower_assets.defs.resources import default_resources
 from twotower_assets.defs.source import click_events_asset
 from twotower_assets.defs.splits import split_tables
 from twotower_assets.defs.training import two_tower_model
-from twotower_assets.defs.vector_search import vector_search
+from twotower_assets.defs.vector_search import similar_items
 
 ALL_ASSETS = [
     click_events_asset(),
@@ -27,7 +27,7 @@ ALL_ASSETS = [
     match_model,
     user_embedding_history,
     item_embedding_history,
-    vector_search,
+    similar_items,
     recommendations,
 ]
 

@@ -14,7 +14,7 @@ from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, ge
 from twotower_assets.defs import tables
 from twotower_assets.defs.resources import default_warehouse
 from twotower_assets.defs.splits import split_tables
-from twotower_assets.defs.vector_search import SIMILAR_ITEMS, USER_TOP_ITEMS
+from twotower_assets.defs.vector_search import SIMILAR_ITEMS
 
 from .conftest import emulator_warehouse
 
@@ -23,7 +23,6 @@ REPUBLISHED = [
     *tables.SPLIT_TABLES.values(),
     tables.USER_EMBEDDING_HISTORY,
     tables.ITEM_EMBEDDING_HISTORY,
-    USER_TOP_ITEMS,
     SIMILAR_ITEMS,
 ]
 
@@ -66,10 +65,9 @@ def test_the_whole_graph_materialises_on_bigquery_and_reruns_replace_partitions(
             assert set(pa.compute.list_value_length(latest[f"{entity}_embedding"]).to_pylist()) == {8}
 
     before = partition_counts(warehouse, REPUBLISHED)
-    top_k = tiny_run_config()["ops"].get("vector_search", {}).get("config", {}).get("top_k", 50)
+    top_k = tiny_run_config()["ops"].get(SIMILAR_ITEMS, {}).get("config", {}).get("top_k", 50)
     items = before[tables.ITEM_EMBEDDING_HISTORY][TRAIN_DATE]
     assert before[SIMILAR_ITEMS][TRAIN_DATE] == items * min(top_k, items - 1)
-    assert before[USER_TOP_ITEMS][TRAIN_DATE] == before[tables.USER_EMBEDDING_HISTORY][TRAIN_DATE] * min(top_k, items)
 
     rerun = dg.materialize(
         _all_assets(),

@@ -1,12 +1,13 @@
-"""Nearest-neighbour SQL: exact on DuckDB and on the emulator, VECTOR_SEARCH parsed by sqlglot.
+"""Similar items: scored locally on DuckDB and the emulator, VECTOR_SEARCH parsed by sqlglot.
 
 bqemulator has no VECTOR_SEARCH or CREATE VECTOR INDEX, so the native BigQuery statements are
-checked by parsing them with sqlglot's BigQuery dialect; the exact queries run for real on both
-warehouses and are compared with a numpy brute force.
+checked by parsing them with sqlglot's BigQuery dialect; the local search runs for real
+through the asset on both warehouses and is compared with a numpy brute force.
 """
 
 import datetime as dt
 
+import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -14,9 +15,11 @@ import sqlglot
 from sqlglot import exp
 
 from twotower_assets.defs.publishing import history_rows
+from twotower_assets.defs.vector_search import SIMILAR_ITEMS, similar_item_batches, similar_items
+from twotower_assets.warehouse.base import EmptyTableError, WarehouseError
 from twotower_assets.warehouse.bigquery import vector_index_statement, vector_search_query
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
-from twotower_assets.warehouse.sql import BIGQUERY, DUCKDB, NeighborSearch, exact_nearest_neighbors_query
+from twotower_assets.warehouse.sql import NeighborSearch
 
 DAY, OTHER_DAY = dt.date(2026, 6, 1), dt.date(2026, 5, 25)
 SUMMARY = {"mlflow_run_id": "r", "mlflow_experiment_name": "e", "mlflow_run_name": "n"}
@@ -28,85 +31,105 @@ def vectors(count: int, seed: int, normalise: bool) -> np.ndarray:
     return values / np.linalg.norm(values, axis=1, keepdims=True) if normalise else values
 
 
-USERS, ITEMS = vectors(9, 1, normalise=False), vectors(15, 2, normalise=False)
-USER_IDS, ITEM_IDS = np.array([f"u{n}" for n in range(9)]), np.array([f"i{n:02d}" for n in range(15)])
+ITEMS = vectors(15, 2, normalise=False)
+ITEM_IDS = np.array([f"i{n:02d}" for n in range(15)])
 
 
-def load_embeddings(warehouse) -> tuple[str, str]:
-    users = warehouse.table_name("two_tower_user_embedding_history")
+def load_embeddings(warehouse) -> str:
     items = warehouse.table_name("two_tower_item_embedding_history")
     for day, shift in ((DAY, 0.0), (OTHER_DAY, 5.0)):  # another date's vectors must be ignored
-        warehouse.replace_partition(users, "train_date", day, history_rows("user", day, SUMMARY, USER_IDS, USERS + shift))
-        warehouse.replace_partition(items, "train_date", day, history_rows("item", day, SUMMARY, ITEM_IDS, ITEMS - shift))
-    return users, items
+        # shuffled rows: the search must not depend on the order the table returns
+        order = np.random.default_rng(3).permutation(len(ITEM_IDS))
+        warehouse.replace_partition(items, "train_date", day, history_rows("item", day, SUMMARY, ITEM_IDS[order], ITEMS[order] - shift))
+    return items
 
 
-def search(users: str, items: str, metric: str, similar_items: bool) -> NeighborSearch:
-    if similar_items:
-        query = {"query_table": items, "query_key": "item_id", "query_vector": "item_embedding"}
-    else:
-        query = {"query_table": users, "query_key": "user_id", "query_vector": "user_embedding"}
-    return NeighborSearch(**query, base_table=items, base_key="item_id", base_vector="item_embedding",
-                          top_k=TOP_K, metric=metric, exclude_same_key=similar_items)
+def search(items: str, metric: str = "DOT_PRODUCT") -> NeighborSearch:
+    return NeighborSearch(query_table=items, query_key="item_id", query_vector="item_embedding",
+                          base_table=items, base_key="item_id", base_vector="item_embedding",
+                          top_k=TOP_K, metric=metric, exclude_same_key=True,
+                          query_column="item_id", neighbor_column="similar_item_id")
 
 
-def brute_force(metric: str, similar_items: bool) -> list[tuple[str, str, int]]:
-    queries, query_ids = (ITEMS, ITEM_IDS) if similar_items else (USERS, USER_IDS)
-    if metric == "COSINE":
-        scores = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
-            ITEMS / np.linalg.norm(ITEMS, axis=1, keepdims=True)).T
-    else:
-        scores = queries @ ITEMS.T
+def brute_force(metric: str, top_k: int = TOP_K) -> list[tuple[str, str, int, float]]:
+    """Hand-rolled: every pair scored in float64, ties to the smaller id, the item itself dropped."""
+    queries = ITEMS / np.linalg.norm(ITEMS, axis=1, keepdims=True) if metric == "COSINE" else ITEMS
+    scores = queries @ queries.T
     expected = []
-    for row, query_id in enumerate(query_ids):
-        order = [c for c in np.argsort(-scores[row], kind="stable") if not (similar_items and ITEM_IDS[c] == query_id)]
-        expected += [(query_id, ITEM_IDS[c], rank + 1) for rank, c in enumerate(order[:TOP_K])]
-    return sorted(expected)
+    for row, query_id in enumerate(ITEM_IDS):
+        order = [c for c in np.argsort(-scores[row], kind="stable") if c != row]
+        expected += [(query_id, ITEM_IDS[c], rank + 1, scores[row, c]) for rank, c in enumerate(order[:top_k])]
+    return expected
 
 
-def neighbours(table: pa.Table) -> list[tuple[str, str, int]]:
-    return sorted(zip(table["query_id"].to_pylist(), table["neighbor_id"].to_pylist(), table["neighbor_rank"].to_pylist()))
+def neighbours(table: pa.Table) -> list[tuple[str, str, int, float]]:
+    table = table.sort_by([("item_id", "ascending"), ("neighbor_rank", "ascending")])
+    return list(zip(table["item_id"].to_pylist(), table["similar_item_id"].to_pylist(),
+                    table["neighbor_rank"].to_pylist(), table["score"].to_pylist()))
+
+
+def assert_same_neighbours(actual, expected):
+    assert [row[:3] for row in actual] == [row[:3] for row in expected]
+    assert np.allclose([row[3] for row in actual], [row[3] for row in expected], atol=1e-5)
 
 
 @pytest.mark.parametrize("metric", ["DOT_PRODUCT", "COSINE"])
-@pytest.mark.parametrize("similar_items", [False, True], ids=["user_top_items", "similar_items"])
-def test_exact_search_matches_numpy_on_duckdb_and_the_emulator(bq_warehouse, tmp_path, metric, similar_items):
-    expected = brute_force(metric, similar_items)
-    results = {}
+def test_the_asset_finds_the_exact_similar_items_on_duckdb_and_the_emulator(bq_warehouse, tmp_path, metric):
     for warehouse in (DuckDBWarehouse(path=str(tmp_path / "vectors.duckdb")), bq_warehouse):
-        users, items = load_embeddings(warehouse)
-        sql = warehouse.nearest_neighbors_query(search(users, items, metric, similar_items))
-        assert "VECTOR_SEARCH" not in sql  # the emulator gets the exact query
-        results[warehouse.dialect.name] = warehouse.query(sql, {"train_date": DAY})
-        assert neighbours(results[warehouse.dialect.name]) == expected, warehouse.dialect.name
-    duck, bq = (r.sort_by([("query_id", "ascending"), ("neighbor_rank", "ascending")]) for r in results.values())
-    assert np.allclose(duck["score"].to_numpy(), bq["score"].to_numpy(), atol=1e-12)
+        assert not warehouse.has_vector_search
+        with pytest.raises(WarehouseError, match="no native vector search"):
+            warehouse.nearest_neighbors_query(search("items", metric))
+        load_embeddings(warehouse)
+        result = dg.materialize(
+            [similar_items], resources={"warehouse": warehouse}, partition_key=DAY.isoformat(),
+            run_config={"ops": {SIMILAR_ITEMS: {"config": {"top_k": TOP_K, "metric": metric, "items_per_batch": 4}}}},
+        )
+        assert result.success
+        table = warehouse.table_name(SIMILAR_ITEMS)
+        rows = warehouse.query(f"SELECT * FROM {warehouse.dialect.table(table)}")
+        assert rows.schema.names == ["train_date", "item_id", "similar_item_id", "neighbor_rank", "score"]
+        assert set(rows["train_date"].to_pylist()) == {DAY}
+        assert_same_neighbours(neighbours(rows), brute_force(metric))
+        metadata = result.asset_materializations_for_node(SIMILAR_ITEMS)[0].metadata
+        assert metadata["dagster/row_count"].value == 15 * TOP_K
+        assert metadata["computed_by"].value == "local blocked matrix products"
 
 
-@pytest.mark.parametrize("similar_items", [False, True], ids=["user_top_items", "similar_items"])
-def test_vector_search_sql_parses_as_bigquery_with_the_requested_search(similar_items):
-    sql = vector_search_query(search("p.d.users", "p.d.items", "DOT_PRODUCT", similar_items))
+def test_top_k_is_capped_at_the_other_items_and_a_single_item_has_none():
+    batches = list(similar_item_batches(ITEM_IDS, ITEMS, 100, "DOT_PRODUCT", DAY, items_per_batch=7))
+    assert [b.num_rows for b in batches] == [7 * 14, 7 * 14, 1 * 14]
+    assert_same_neighbours(neighbours(pa.Table.from_batches(batches)), brute_force("DOT_PRODUCT", top_k=14))
+    assert list(similar_item_batches(ITEM_IDS[:1], ITEMS[:1], 5, "DOT_PRODUCT", DAY)) == []
+
+
+def test_a_date_without_item_vectors_fails_and_keeps_the_previous_result(tmp_path):
+    warehouse = DuckDBWarehouse(path=str(tmp_path / "vectors.duckdb"))
+    load_embeddings(warehouse)
+    run_config = {"ops": {SIMILAR_ITEMS: {"config": {"top_k": TOP_K}}}}
+    assert dg.materialize([similar_items], resources={"warehouse": warehouse}, partition_key=DAY.isoformat(),
+                          run_config=run_config).success
+    before = warehouse.query(f"SELECT * FROM {SIMILAR_ITEMS} ORDER BY item_id, neighbor_rank")
+    with pytest.raises(EmptyTableError, match="no item embeddings for 2026-06-02"):
+        dg.materialize([similar_items], resources={"warehouse": warehouse}, partition_key="2026-06-02",
+                       run_config=run_config)
+    assert warehouse.query(f"SELECT * FROM {SIMILAR_ITEMS} ORDER BY item_id, neighbor_rank").equals(before)
+
+
+def test_vector_search_sql_parses_as_bigquery_with_the_requested_search():
+    sql = vector_search_query(search("p.d.items"))
     tree = sqlglot.parse_one(sql, read="bigquery")
     vector_search = tree.find(exp.VectorSearch)
     assert vector_search is not None
     assert vector_search.args["column_to_search"].name == "item_embedding"
     options = {e.this.name.lower(): e.expression for e in vector_search.find_all(exp.Kwarg)}
-    # one extra candidate for similar items: an item is its own nearest neighbour
-    assert int(options["top_k"].name) == TOP_K + similar_items
+    # one extra candidate: an item is its own nearest neighbour
+    assert int(options["top_k"].name) == TOP_K + 1
     assert options["distance_type"].name == "DOT_PRODUCT"
-    expected_tables = {"`p.d.items`"} if similar_items else {"`p.d.items`", "`p.d.users`"}
-    assert {t.sql("bigquery") for t in tree.find_all(exp.Table) if t.name} == expected_tables
+    assert {t.sql("bigquery") for t in tree.find_all(exp.Table) if t.name} == {"`p.d.items`"}
     assert {p.name for p in tree.find_all(exp.Parameter)} == {"train_date"}
-    self_filter = [e.sql("bigquery") for e in tree.find_all(exp.NEQ)]
-    assert self_filter == (["query.item_id <> base.item_id"] if similar_items else [])
-    # the same columns as the exact query the emulator and DuckDB run
-    assert [s.alias_or_name for s in tree.selects] == ["query_id", "neighbor_id", "neighbor_rank", "score"]
-
-
-def test_exact_sql_of_both_dialects_parses():
-    for dialect in (DUCKDB, BIGQUERY):
-        sql = exact_nearest_neighbors_query(dialect, search("p.d.users", "p.d.items", "COSINE", False))
-        assert sqlglot.parse_one(sql, read=dialect.name).find(exp.Window) is not None
+    assert [e.sql("bigquery") for e in tree.find_all(exp.NEQ)] == ["query.item_id <> base.item_id"]
+    # the columns of the table the local search writes (train_date is added by the write)
+    assert [s.alias_or_name for s in tree.selects] == ["item_id", "similar_item_id", "neighbor_rank", "score"]
 
 
 def test_vector_index_statement_is_plain_ddl_with_checked_names():
@@ -135,7 +158,7 @@ def test_bad_searches_are_refused():
 
 
 def test_no_vector_index_on_the_emulator_or_duckdb(bq_warehouse, tmp_path):
-    _, items = load_embeddings(bq_warehouse)
+    items = load_embeddings(bq_warehouse)
     assert bq_warehouse.ensure_vector_index(items, "item_embedding", "DOT_PRODUCT", min_rows=1) is False
     duckdb = DuckDBWarehouse(path=str(tmp_path / "vectors.duckdb"))
     assert duckdb.ensure_vector_index("items", "item_embedding", "DOT_PRODUCT", min_rows=1) is False

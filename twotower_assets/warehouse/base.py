@@ -116,15 +116,17 @@ class WarehouseResource(dg.ConfigurableResource):
     def create_latest_view(self, view: str, table: str, partition_column: str) -> None:
         """A view showing only the newest partition of ``table``."""
 
+    @property
+    def has_vector_search(self) -> bool:
+        """Whether :meth:`nearest_neighbors_query` can run here (BigQuery's VECTOR_SEARCH)."""
+        return False
+
     def nearest_neighbors_query(self, search: NeighborSearch) -> str:
         """A SELECT of the top-k neighbours (see :class:`~twotower_assets.warehouse.sql.NeighborSearch`).
 
-        By default exact, with the dialect's array functions; BigQuery overrides it with
-        VECTOR_SEARCH. The parameter is ``train_date``.
+        Only warehouses with native vector search have one; the parameter is ``train_date``.
         """
-        from twotower_assets.warehouse.sql import exact_nearest_neighbors_query
-
-        return exact_nearest_neighbors_query(self.dialect, search)
+        raise WarehouseError(f"{type(self).__name__} has no native vector search; score the vectors locally")
 
     def ensure_vector_index(self, table: str, column: str, metric: str, min_rows: int) -> bool:
         """Create an approximate-search index on ``column`` once ``table`` has ``min_rows`` rows.

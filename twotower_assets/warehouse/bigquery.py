@@ -175,7 +175,7 @@ def vector_search_query(search: NeighborSearch) -> str:
 
     VECTOR_SEARCH returns candidate pairs; each pair is then scored exactly from its two vectors
     (the serving system's "approximate index plus exact re-ranking"), so ``score`` means the same
-    as in the exact query whatever sign convention ``distance`` has. For ``exclude_same_key`` one
+    as in the local search whatever sign convention ``distance`` has. For ``exclude_same_key`` one
     extra candidate is asked for, since an item is its own nearest neighbour.
     """
     candidates = search.top_k + 1 if search.exclude_same_key else search.top_k
@@ -244,7 +244,7 @@ class BigQueryWarehouse(WarehouseResource):
     )
     native_vector_search: bool = Field(
         default=True,
-        description="VECTOR_SEARCH and CREATE VECTOR INDEX; emulators lack them and get exact SQL instead.",
+        description="VECTOR_SEARCH and CREATE VECTOR INDEX; emulators lack them, so similar items are scored locally instead.",
     )
 
     _dataset_checked: bool = PrivateAttr(default=False)
@@ -465,6 +465,10 @@ class BigQueryWarehouse(WarehouseResource):
         )
 
     # -- vector search --------------------------------------------------------------------------
+
+    @property
+    def has_vector_search(self) -> bool:
+        return self.native_vector_search_enabled
 
     def nearest_neighbors_query(self, search: NeighborSearch) -> str:
         if self.native_vector_search_enabled:
