@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 
@@ -38,7 +38,8 @@ class FeatureSpec(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
     type: FeatureType
-    embedding_size: pydantic.PositiveInt
+    # Strict: "8", 8.0 and true are mistakes in a config file, not sizes.
+    embedding_size: Annotated[int, pydantic.Field(strict=True, gt=0)]
 
 
 class FeatureConfig(pydantic.BaseModel):
@@ -68,6 +69,15 @@ class FeatureConfig(pydantic.BaseModel):
             raise ValueError(f"missing id feature {ITEM_ID_FEATURE!r} in item_embedding_layers")
         if self.item_embedding_layers[ITEM_ID_FEATURE].type != "string":
             raise ValueError(f"id feature {ITEM_ID_FEATURE!r} must have type 'string'")
+        # The input statistics are kept per column, so one column cannot be two kinds of feature.
+        for name in self.user_embedding_layers.keys() & self.item_embedding_layers.keys():
+            user_type = self.user_embedding_layers[name].type
+            item_type = self.item_embedding_layers[name].type
+            if user_type != item_type or user_type == "pretrained":
+                raise ValueError(
+                    f"feature {name!r} is in both towers as {user_type!r} and {item_type!r}; a column "
+                    "may feed both towers only with one type, and a pretrained one only one tower"
+                )
         return self
 
     @property
@@ -125,6 +135,20 @@ def parse_feature_config(raw: dict, name: str, source: str) -> FeatureConfig:
         raise FeatureConfigError(f"invalid feature config {source}: {problems}") from None
 
 
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of repeated keys; a repeated feature is a mistake, say so."""
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(f"duplicate key {key!r} (a feature or setting listed twice)")
+        result[key] = value
+    return result
+
+
 def load_feature_config(name_or_path: str | Path, config_dir: str | Path | None = None) -> FeatureConfig:
     """Load ``configs/<name>.json`` (or an explicit path) and validate it."""
     candidate = Path(name_or_path)
@@ -136,9 +160,11 @@ def load_feature_config(name_or_path: str | Path, config_dir: str | Path | None 
         known = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
         raise FeatureConfigError(f"feature config {path} does not exist (known configs: {known})")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise FeatureConfigError(f"invalid feature config {path}: not valid JSON ({exc})") from None
+    except _DuplicateKeyError as exc:
+        raise FeatureConfigError(f"invalid feature config {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise FeatureConfigError(f"invalid feature config {path}: top level must be a JSON object")
     return parse_feature_config(raw, name=path.stem, source=str(path))
