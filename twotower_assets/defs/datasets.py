@@ -16,6 +16,7 @@ from twotower_assets.defs import tables
 from twotower_assets.defs.artifacts import ArtifactStore
 from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
 from twotower_assets.defs.partitions import training_date, training_date_partitions
+from twotower_assets.defs.validation import validate_training_input
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, save_dataset
 from twotower_assets.model.features import load_feature_config
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
@@ -57,7 +58,8 @@ def tf_datasets(
     feature_config = load_feature_config(config.config_name)
     training_table = warehouse.table_name(tables.TRAINING_EVENTS)
     validation_table = warehouse.table_name(tables.VALIDATION_EVENTS)
-    feature_config.check_columns(warehouse.table_schema(training_table).names, source=training_table)
+    # Every check of the input data, in the warehouse, before anything is read or written.
+    report = validate_training_input(warehouse, feature_config, training_date(context))
     params = {"train_date": training_date(context)}
 
     kinds = feature_kinds(feature_config)
@@ -82,6 +84,7 @@ def tf_datasets(
         )
         if rows["training"] == 0:
             raise EmptyTableError(f"{training_table} has no rows for {context.partition_key}")
+        stats = stats_builder.build()  # fails here, before the other datasets, if no vector is usable
         rows["validation"] = save_dataset(
             read(training_examples_query(dialect, validation_table, read_columns)),
             example_kinds,
@@ -97,7 +100,6 @@ def tf_datasets(
             item_kinds,
             directory / "items",
         )
-        stats = stats_builder.build()
         stats.save(directory)
         # The training pairs, so val_loss can leave each user's training items out (decisions.md).
         pq.write_table(
@@ -115,5 +117,10 @@ def tf_datasets(
             "path": dg.MetadataValue.path(str(artifacts.path(TF_DATASETS, context.partition_key))),
             **{f"{name}_rows": count for name, count in rows.items()},
             "vocabulary_sizes": dg.MetadataValue.json({k: len(v) for k, v in stats.vocabularies.items()}),
+            "distinct_users": report.distinct_users,
+            "distinct_items": report.distinct_items,
+            # Values cut to TEXT_MAX_CHARS characters, and ids whose pretrained vector is zeros.
+            "truncated_texts": dg.MetadataValue.json(report.truncated_texts),
+            "unusable_pretrained_vectors": dg.MetadataValue.json(stats_builder.unusable_vectors),
         }
     )

@@ -6,7 +6,10 @@ a saved ``tf.data`` dataset (``tf.data.Dataset.save``) in one pass, while
 pretrained vectors) from the same batches. Training and embedding extraction then load the
 saved datasets without touching the warehouse again.
 
-Preprocessing (the production rule): null strings become ``"none"``, null numbers ``0``.
+Preprocessing (the production rule): null strings become ``"none"``, null numbers ``0``;
+text values are cut to :data:`~twotower_assets.model.layers.TEXT_MAX_CHARS` characters. The
+values themselves are validated in the warehouse before any of this runs
+(``twotower_assets/defs/validation.py``).
 
 Storage is in blocks of up to :data:`BLOCK_ROWS` rows (one saved element per block): tf.data
 pays a fixed cost per element, so writing, reading and shuffling single examples ran at
@@ -27,7 +30,7 @@ import pyarrow.compute as pc
 import tensorflow as tf
 
 from twotower_assets.model.features import FeatureConfig, FeatureConfigError
-from twotower_assets.model.layers import TEXT_MAX_TOKENS, FeatureStats, parse_vector
+from twotower_assets.model.layers import TEXT_MAX_CHARS, TEXT_MAX_TOKENS, FeatureStats, parse_vector
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
 
 MISSING_STRING = "none"
@@ -36,28 +39,34 @@ BLOCK_ROWS = 1024
 
 
 def feature_kinds(config: FeatureConfig) -> dict[str, str]:
-    """Column -> "string" or "number" for every column the towers read.
+    """Column -> "string", "text" or "number" for every column the towers read.
 
-    Text, string and id columns are strings; int features are numbers. Pretrained features
-    are looked up by id, so their own column is read only to build the statistics.
+    String and id columns are strings, text columns strings cut to TEXT_MAX_CHARS
+    characters, int features numbers. Pretrained features are looked up by id, so their own
+    column is read only to build the statistics.
     """
     kinds = {config.user_id_feature: "string", config.item_id_feature: "string"}
     for layers in (config.user_embedding_layers, config.item_embedding_layers):
         for name, spec in layers.items():
             if spec.type != "pretrained":
-                kinds[name] = "number" if spec.type == "int" else "string"
+                kinds[name] = {"int": "number", "text": "text"}.get(spec.type, "string")
     return kinds
 
 
-def _clean_column(column: pa.ChunkedArray | pa.Array, kind: str) -> np.ndarray:
+def _strings(column: pa.ChunkedArray | pa.Array, kind: str = "string") -> pa.ChunkedArray | pa.Array:
+    """A string column with nulls filled; text cut to TEXT_MAX_CHARS characters (in Arrow)."""
+    filled = pc.fill_null(column.cast(pa.string()), MISSING_STRING)
+    return pc.utf8_slice_codeunits(filled, 0, TEXT_MAX_CHARS) if kind == "text" else filled
+
+
+def _clean_column(column: pa.ChunkedArray | pa.Array, kind: str, name: str = "") -> np.ndarray:
     if kind == "number":
         if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
-                or pa.types.is_boolean(column.type)):
-            raise FeatureConfigError(f"numeric feature has non-numeric type {column.type}")
+                or pa.types.is_boolean(column.type) or pa.types.is_decimal(column.type)):
+            raise FeatureConfigError(f"numeric feature {name!r} has non-numeric type {column.type}")
         filled = pc.fill_null(column.cast(pa.float32()), 0.0)
         return filled.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    filled = pc.fill_null(column.cast(pa.string()), MISSING_STRING)
-    return np.asarray(filled.to_numpy(zero_copy_only=False), dtype=object)
+    return np.asarray(_strings(column, kind).to_numpy(zero_copy_only=False), dtype=object)
 
 
 def batch_to_features(batch: pa.RecordBatch, kinds: dict[str, str]) -> dict[str, np.ndarray]:
@@ -65,7 +74,7 @@ def batch_to_features(batch: pa.RecordBatch, kinds: dict[str, str]) -> dict[str,
     missing = [name for name in kinds if name not in batch.schema.names]
     if missing:
         raise FeatureConfigError(f"columns {missing} are missing from the input table")
-    return {name: _clean_column(batch.column(name), kind) for name, kind in kinds.items()}
+    return {name: _clean_column(batch.column(name), kind, name) for name, kind in kinds.items()}
 
 
 def _signature(kinds: dict[str, str]) -> dict[str, tf.TensorSpec]:
@@ -222,6 +231,8 @@ class FeatureStatsBuilder:
         self._pretrained: dict[str, dict[str, str | None]] = {}
         self._pretrained_key: dict[str, str] = {}
         self._pretrained_size: dict[str, int] = {}
+        self.unusable_vectors: dict[str, int] = {}
+        """Per pretrained feature, the ids whose vector is missing or unusable (zeros); set by build()."""
         for tower_layers, key in (
             (config.user_embedding_layers, config.user_id_feature),
             (config.item_embedding_layers, config.item_id_feature),
@@ -233,10 +244,12 @@ class FeatureStatsBuilder:
                     self._pretrained_size[name] = spec.embedding_size
 
     def update(self, batch: pa.RecordBatch) -> None:
-        for name, seen in (*self._vocab.items(), *self._texts.items()):
-            seen.add(pc.fill_null(batch.column(name).cast(pa.string()), MISSING_STRING))
+        for name, seen in self._vocab.items():
+            seen.add(_strings(batch.column(name)))
+        for name, seen in self._texts.items():
+            seen.add(_strings(batch.column(name), "text"))
         for name, sums in self._sums.items():
-            values = _clean_column(batch.column(name), "number").astype(np.float64)
+            values = _clean_column(batch.column(name), "number", name).astype(np.float64)
             sums += (values.size, values.sum(), np.square(values).sum())
         for name, vectors in self._pretrained.items():
             # The first vector of each id: dedupe the batch in Arrow (in row order), then
@@ -261,9 +274,9 @@ class FeatureStatsBuilder:
         for name, seen in self._texts.items():
             stats.text_vocabularies[name] = adapt_text_vocabulary(seen.sorted())
         for name, texts in self._pretrained.items():
-            stats.pretrained[name] = pretrained_table(
-                name, texts, self._pretrained_size[name], self.config
-            )
+            ids, vectors, unusable = parse_pretrained(name, texts, self._pretrained_size[name], self.config)
+            stats.pretrained[name] = ids, vectors
+            self.unusable_vectors[name] = unusable
         return stats
 
 
@@ -279,6 +292,15 @@ def pretrained_table(
     name: str, texts: dict[str, str | None], dim: int, config: FeatureConfig
 ) -> tuple[list[str], np.ndarray]:
     """Ids and their parsed vectors; unparsable or missing vectors become zeros."""
+    ids, vectors, _ = parse_pretrained(name, texts, dim, config)
+    return ids, vectors
+
+
+def parse_pretrained(
+    name: str, texts: dict[str, str | None], dim: int, config: FeatureConfig
+) -> tuple[list[str], np.ndarray, int]:
+    """Ids, their parsed vectors and how many are missing or unusable (not JSON, not ``dim``
+    finite numbers: zeros). None usable at all is a config error naming the feature."""
     ids = sorted(texts)
     vectors = np.zeros((len(ids), dim), dtype=np.float32)
     parsed = 0
@@ -292,4 +314,4 @@ def pretrained_table(
             f"config {config.name!r}: no value of pretrained feature {name!r} is a JSON list "
             f"of {dim} numbers (its embedding_size)"
         )
-    return ids, vectors
+    return ids, vectors, len(ids) - parsed

@@ -18,6 +18,10 @@ import tensorflow as tf
 from twotower_assets.model.features import FeatureConfig, FeatureConfigError, FeatureSpec
 
 TEXT_MAX_TOKENS = 10_000
+TEXT_MAX_CHARS = 1_000
+"""Text values are cut to their first 1,000 characters when read (model/datasets.py): a
+multi-megabyte value would otherwise become hundreds of thousands of tokens, and a batch is
+padded to its longest row. Production's titles and descriptions are far shorter."""
 
 
 @dataclass
