@@ -2,7 +2,8 @@
 
 After training, the tower outputs for every training user and item are frozen into two
 lookup tables; the model scores a (user, item) pair as the dot product of their vectors.
-An unknown id maps to a zero vector, so it scores 0. It is a plain ``tf.Module`` saved as a
+An unknown id maps to a zero vector, so it scores 0, also inside a batch of known ids; user
+and item batches of different lengths are an InvalidArgumentError that says so. It is a plain ``tf.Module`` saved as a
 SavedModel, so a serving process loads it with TensorFlow alone::
 
     match_model = tf.saved_model.load(path)
@@ -48,6 +49,10 @@ class MatchModel(tf.Module):
     @tf.function(input_signature=[[_IDS, _IDS]])
     def __call__(self, inputs):
         user_ids, item_ids = inputs
+        tf.debugging.assert_equal(
+            tf.size(user_ids), tf.size(item_ids),
+            message="MatchModel scores pairs: it needs the same number of user_id and item_id values",
+        )
         return tf.reduce_sum(self.user_embedding(user_ids) * self.item_embedding(item_ids), axis=1)
 
     @tf.function(input_signature=[_IDS, _IDS])
