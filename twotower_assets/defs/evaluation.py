@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from twotower_assets.defs import tables
 from twotower_assets.defs.artifacts import ArtifactStore
@@ -31,11 +31,22 @@ MODEL_NAME = "two_tower"
 
 
 class EvaluationConfig(dg.Config):
-    ks: list[int] = Field(default=[10, 50, 100, 250, 500, 1000], description="Cut-offs, capped at the catalog size.")
+    ks: list[int] = Field(
+        default=[10, 50, 100, 250, 500, 1000],
+        min_length=1,
+        description="Cut-offs (each >= 1); one above the catalog size is evaluated at the catalog size.",
+    )
     num_users: int = Field(default=50_000, gt=0, description="Test users sampled for evaluation.")
     svd_factors: int = Field(default=100, gt=0)
     cold_user_max_events: int = Field(default=5, ge=0, description="Users with at most this many training events are 'cold'.")
     seed: int = 0
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, ks: list[int]) -> list[int]:
+        if any(k < 1 for k in ks):
+            raise ValueError(f"every k must be >= 1, got {ks}")
+        return ks
 
 
 def _pair_counts(warehouse: WarehouseResource, table: str, params: dict) -> pa.Table:
