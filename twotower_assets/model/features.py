@@ -20,6 +20,8 @@ from typing import Annotated, Literal
 
 import pydantic
 
+from twotower_assets.warehouse.sql import check_identifier
+
 FeatureType = Literal["string", "int", "text", "pretrained"]
 
 ITEM_ID_FEATURE = "item_id"
@@ -51,6 +53,19 @@ class FeatureConfig(pydantic.BaseModel):
     user_embedding_layers: dict[str, FeatureSpec]
     item_embedding_layers: dict[str, FeatureSpec]
     input_prediction_feature: str = "user_id"
+
+    @pydantic.field_validator("user_embedding_layers", "item_embedding_layers")
+    @classmethod
+    def _feature_names_are_sql_names(cls, layers: dict) -> dict:
+        # Feature names are column names in the warehouse's SQL: plain identifiers only.
+        for feature in layers:
+            check_identifier(feature, "feature name")
+        return layers
+
+    @pydantic.field_validator("input_prediction_feature")
+    @classmethod
+    def _user_key_is_a_sql_name(cls, name: str) -> str:
+        return check_identifier(name, "input_prediction_feature")
 
     @pydantic.model_validator(mode="after")
     def _id_features_present(self) -> FeatureConfig:

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster_gcp import BigQueryResource
+from dagster_gcp.bigquery.utils import setup_gcp_creds
 from google.api_core.client_options import ClientOptions
 from google.api_core.exceptions import NotFound
 from google.auth.credentials import AnonymousCredentials
@@ -57,6 +58,9 @@ from twotower_assets.warehouse.sql import (
     BIGQUERY,
     Dialect,
     NeighborSearch,
+    check_identifier,
+    check_parameter_name,
+    check_project_id,
     check_table_name,
     quote_identifier,
     vector_score,
@@ -127,7 +131,7 @@ def query_parameters(params: QueryParams | None) -> list:
     """Typed BigQuery query parameters from Python values."""
     result = []
     for name, value in (params or {}).items():
-        quote_identifier(name)
+        check_parameter_name(name)
         if isinstance(value, (list, tuple)):
             element_type = _parameter_type(value[0]) if value else "STRING"
             result.append(bigquery.ArrayQueryParameter(name, element_type, [_plain(v) for v in value]))
@@ -259,7 +263,7 @@ class BigQueryWarehouse(WarehouseResource):
         env = settings.deployment_env()
         project = os.environ.get("TWOTOWER_BQ_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT") or None
         credentials = dg.EnvVar("TWOTOWER_GCP_CREDENTIALS") if os.environ.get("TWOTOWER_GCP_CREDENTIALS") else None
-        return cls(
+        warehouse = cls(
             bigquery=BigQueryResource(
                 project=project,
                 location=os.environ.get("TWOTOWER_BQ_LOCATION", "EU"),
@@ -270,6 +274,17 @@ class BigQueryWarehouse(WarehouseResource):
             click_events_table=settings.bigquery_click_events_table(),
             partition_expiration_days=int(os.environ.get("TWOTOWER_BQ_PARTITION_EXPIRATION_DAYS", "183")),
         )
+        warehouse.check_names()  # a bad name stops the code location from loading, before any job
+        return warehouse
+
+    def check_names(self) -> None:
+        """Refuse a project, dataset or click-event table that is not a plain name
+        (:mod:`twotower_assets.warehouse.sql`), before anything is sent to BigQuery."""
+        if self.bigquery.project:
+            check_project_id(self.bigquery.project)
+        check_identifier(self.dataset, "dataset name")
+        if self.click_events_table:
+            check_table_name(self.click_events_table)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -288,20 +303,25 @@ class BigQueryWarehouse(WarehouseResource):
 
     @contextlib.contextmanager
     def client(self) -> Iterator[bigquery.Client]:
+        self.check_names()
         endpoint = self.emulator_endpoint
         if endpoint is not None:
             if not self.bigquery.project:
                 raise WarehouseError("a BigQuery emulator needs an explicit project (TWOTOWER_BQ_PROJECT)")
-            client = bigquery.Client(
-                project=self.bigquery.project,
-                location=self.bigquery.location,
-                credentials=AnonymousCredentials(),
-                client_options=ClientOptions(api_endpoint=endpoint),
-            )
-            try:
-                yield client
-            finally:
-                client.close()
+            # Anonymous, unless a key is configured: then the same path as production
+            # (dagster-gcp's temporary key file, read as application default credentials).
+            keyed = bool(self.bigquery.gcp_credentials)
+            with setup_gcp_creds(self.bigquery.gcp_credentials) if keyed else contextlib.nullcontext():
+                client = bigquery.Client(
+                    project=self.bigquery.project,
+                    location=self.bigquery.location,
+                    credentials=None if keyed else AnonymousCredentials(),
+                    client_options=ClientOptions(api_endpoint=endpoint),
+                )
+                try:
+                    yield client
+                finally:
+                    client.close()
             return
         with self.bigquery.get_client() as client:
             try:
@@ -389,6 +409,7 @@ class BigQueryWarehouse(WarehouseResource):
     # -- writes ---------------------------------------------------------------------------------
 
     def write_table(self, name: str, data: ArrowData, schema: pa.Schema | None = None) -> int:
+        check_table_name(name)
         reader = as_batches(data, schema)
         with tempfile.TemporaryDirectory(prefix="twotower-bq-") as tmp:
             path, rows = _write_parquet(reader, Path(tmp) / "rows.parquet")
@@ -406,6 +427,7 @@ class BigQueryWarehouse(WarehouseResource):
         data: ArrowData,
         schema: pa.Schema | None = None,
     ) -> int:
+        check_table_name(name)
         literal = date_literal(partition_value)
         reader = as_batches(data, schema)
         with tempfile.TemporaryDirectory(prefix="twotower-bq-") as tmp:
@@ -431,6 +453,8 @@ class BigQueryWarehouse(WarehouseResource):
         partition_value: dt.date,
         params: QueryParams,
     ) -> dict[str, int]:
+        for target in selects:
+            check_table_name(target)
         literal = date_literal(partition_value)
         column = quote_identifier(partition_column)
         job_params = {**params, "partition_value": partition_value}

@@ -1,8 +1,10 @@
 """SQL shared by the warehouses: the split rules and the per-entity feature reads.
 
 Identifiers (table and column names) cannot be query parameters, so every identifier that
-reaches SQL goes through :func:`quote_identifier`, which accepts only plain names; values
-(dates, fractions) are always query parameters. The statements use the subset of SQL that
+reaches SQL goes through this module's checks, the one place that defines a safe name:
+:func:`check_identifier` / :func:`quote_identifier` (plain ASCII names, no reserved words),
+:func:`check_project_id` and :func:`check_table_name`. Values (dates, fractions, ids) are
+always query parameters. The statements use the subset of SQL that
 DuckDB and BigQuery share; the few differences live in :class:`Dialect`.
 """
 
@@ -11,25 +13,114 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_TABLE_PATH = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,2}$")
+# ASCII only, matched with fullmatch (a "$" would also accept a trailing newline).
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# GCP project ids: lowercase letters, digits and hyphens, a letter first, no hyphen last (GCP
+# itself asks for 6 to 30 characters; the length is left to BigQuery).
+_PROJECT_ID = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# Words reserved in BigQuery's or DuckDB's grammar: refused as names rather than failing as a
+# syntax error (names are written unquoted into SQL).
+RESERVED_WORDS = frozenset(
+    """all analyse analyze and any array as asc assert_rows_modified asymmetric at between both by
+    case cast check collate column constraint contains create cross cube current default deferrable
+    define desc describe distinct do else end enum escape except exclude exists extract false fetch
+    following for foreign from full group grouping groups hash having if ignore in initially inner
+    intersect interval into is join lambda lateral leading left like limit lookup merge natural new
+    no not null nulls of offset on only or order outer over partition pivot pivot_longer pivot_wider
+    placing preceding primary proto qualify range recursive references respect returning right
+    rollup rows select set show some struct summarize symmetric table tablesample then to trailing
+    treat true unbounded union unique unnest unpivot using variadic when where window with within""".split()
+)
+# BigQuery's pseudo-column and system prefixes (case-insensitive).
+RESERVED_PREFIXES = ("_table_", "_file_", "_partition", "_row_timestamp", "__root__", "_colidentifier")
+NAME_RULE = "ASCII letters, digits and underscores, not starting with a digit, at most 128 characters"
 
 
 class UnsafeIdentifierError(ValueError):
-    """A table or column name that is not a plain identifier."""
+    """A table, dataset, project or column name that is not a plain identifier."""
+
+
+def _shown(name: object) -> str:
+    """The refused value for an error message: escaped (lookalikes and controls visible), cut short."""
+    text = ascii(name)
+    return text if len(text) <= 80 else f"{text[:60]}...{text[-10:]} ({len(name)} characters)"
+
+
+def _why_not_plain(name: object) -> str:
+    if not isinstance(name, str):
+        return f"not a string but {type(name).__name__}"
+    if not name:
+        return "empty"
+    if not name.isascii():
+        return "non-ASCII character"
+    if len(name) > 128:
+        return "too long"
+    if name[0].isdigit():
+        return "starts with a digit"
+    bad = next((c for c in name if not (c.isalnum() or c == "_")), "")
+    return f"character {bad!r} not allowed"
+
+
+def check_identifier(name: str, what: str = "SQL identifier", *, keywords_ok: bool = False) -> str:
+    """``name`` itself if it is a plain identifier, else :class:`UnsafeIdentifierError`.
+
+    The one rule for every name that is written into SQL (tables, datasets, columns, feature
+    names, the user key, the partition column, query-parameter names): values never are; they
+    are query parameters.
+    """
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
+        raise UnsafeIdentifierError(f"{what} {_shown(name)} is not a plain name: {_why_not_plain(name)} ({NAME_RULE})")
+    if keywords_ok:
+        return name
+    if name.lower() in RESERVED_WORDS:
+        raise UnsafeIdentifierError(f"{what} {name!r} is not a plain name: a reserved SQL keyword")
+    prefix = next((p for p in RESERVED_PREFIXES if name.lower().startswith(p)), None)
+    if prefix is not None:
+        raise UnsafeIdentifierError(f"{what} {name!r} is not a plain name: BigQuery reserves the prefix {prefix.upper()!r}")
+    return name
 
 
 def quote_identifier(name: str) -> str:
-    """Backquote-free, injection-free column name: letters, digits and underscores only."""
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
-        raise UnsafeIdentifierError(f"not a plain SQL identifier: {name!r}")
+    """A column (or other) name safe to write into SQL as is: see :func:`check_identifier`."""
+    return check_identifier(name, "column name")
+
+
+def check_parameter_name(name: str) -> str:
+    """A query parameter's name (written ``$name`` / ``@name``, so keywords are fine)."""
+    return check_identifier(name, "query parameter name", keywords_ok=True)
+
+
+def check_project_id(name: str) -> str:
+    """A GCP project id: lowercase letters, digits and single hyphens, starting with a letter."""
+    if not isinstance(name, str) or not _PROJECT_ID.fullmatch(name) or "--" in name:
+        raise UnsafeIdentifierError(
+            f"GCP project id {_shown(name)} is not a plain name: lowercase ASCII letters, digits "
+            "and single hyphens, starting with a letter and not ending with a hyphen"
+        )
     return name
 
 
 def check_table_name(name: str) -> str:
-    """A table name of up to three dotted parts (project.dataset.table), each plain."""
-    if not isinstance(name, str) or not _TABLE_PATH.match(name):
-        raise UnsafeIdentifierError(f"not a plain table name: {name!r}")
+    """A table name of up to three dotted parts (project.dataset.table, or dataset.table).
+
+    The project part follows :func:`check_project_id`; the dataset and table parts follow
+    :func:`check_identifier`. Returned unchanged; :meth:`Dialect.table` quotes it.
+    """
+    if not isinstance(name, str) or not name:
+        raise UnsafeIdentifierError(f"table name {_shown(name)} is not a plain table name: empty")
+    parts = name.split(".")
+    if len(parts) > 3:
+        raise UnsafeIdentifierError(
+            f"table name {_shown(name)} is not a plain table name: at most three dotted parts "
+            "(project.dataset.table)"
+        )
+    try:
+        if len(parts) == 3:
+            check_project_id(parts[0])
+        for part, what in zip(parts[-2:][::-1], ("table", "dataset")):
+            check_identifier(part, f"{what} name")
+    except UnsafeIdentifierError as exc:
+        raise UnsafeIdentifierError(f"table name {_shown(name)} is not a plain table name: {exc}") from None
     return name
 
 
@@ -45,7 +136,7 @@ class Dialect:
     hex_md5: str  # format string with one {} for the string expression
 
     def param(self, name: str) -> str:
-        return f"{self.param_prefix}{quote_identifier(name)}"
+        return f"{self.param_prefix}{check_parameter_name(name)}"
 
     def table(self, name: str) -> str:
         check_table_name(name)
