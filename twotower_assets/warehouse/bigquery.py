@@ -16,6 +16,14 @@ How writes stay all-or-nothing:
   training date change together.
 * ``write_table``: one load job with WRITE_TRUNCATE, which BigQuery commits atomically.
 
+Transient errors are retried with exponential backoff: every API call with ``retry=`` (429,
+5xx, ``rateLimitExceeded``/``backendError``-style reasons, dropped connections; see
+:func:`is_transient`), and every query job with ``job_retry=`` (a job that failed for a
+transient reason is run again; the writes are idempotent: staging tables have fresh names and
+the partition swap is one transaction). Permanent errors (400, 403 ``accessDenied``, 404) are
+raised at once. Dagster's step-level RetryPolicy (``defs/retries.py``) is the second line for
+outages longer than ``retry_deadline_s``.
+
 Staging tables expire after ``staging_expiration_hours`` in case the process dies before it
 drops them. A load job to ``table$YYYYMMDD`` with WRITE_TRUNCATE would also be atomic on
 BigQuery, but it covers one table only and bqemulator 1.4 ignores partition decorators (it
@@ -41,10 +49,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster_gcp import BigQueryResource
 from dagster_gcp.bigquery.utils import setup_gcp_creds
+import requests.exceptions
+from google.api_core import exceptions as api_exceptions
+from google.api_core import retry as api_retry
 from google.api_core.client_options import ClientOptions
 from google.api_core.exceptions import NotFound
+from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
+from google.cloud.bigquery import retry as bigquery_retry
 from pydantic import Field, PrivateAttr
 
 from twotower_assets.warehouse.base import (
@@ -94,6 +107,53 @@ _BIGQUERY_TO_ARROW = {
 }
 # The REST API still answers with the legacy names.
 _LEGACY_TYPE_NAMES = {"BOOLEAN": "BOOL", "INTEGER": "INT64", "FLOAT": "FLOAT64"}
+
+
+# Error reasons BigQuery documents as retryable (https://cloud.google.com/bigquery/docs/error-messages):
+# API-level and, for a job whose status carries them, job-level.
+TRANSIENT_REASONS = frozenset(
+    {
+        "rateLimitExceeded",
+        "backendError",
+        "internalError",
+        "badGateway",
+        "jobBackendError",
+        "jobInternalError",
+        "jobRateLimitExceeded",
+    }
+)
+# HTTP 429 and 5xx, and the transport failing under the client.
+TRANSIENT_TYPES = (
+    api_exceptions.TooManyRequests,
+    api_exceptions.InternalServerError,
+    api_exceptions.BadGateway,
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.GatewayTimeout,
+    ConnectionError,
+    TimeoutError,
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    auth_exceptions.TransportError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a BigQuery error may go away by itself: worth retrying.
+
+    429 and 5xx answers, dropped connections and timeouts, and any answer whose error reason
+    BigQuery documents as retryable (e.g. a 403 ``rateLimitExceeded``). Everything else (400
+    ``invalidQuery``, 403 ``accessDenied``, 404 ``notFound``, a TLS failure) is permanent. A
+    ``RetryError`` (the client's retry deadline ran out) is as transient as its cause.
+    """
+    if isinstance(exc, api_exceptions.RetryError):
+        return exc.cause is not None and is_transient(exc.cause)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return False
+    if isinstance(exc, TRANSIENT_TYPES):
+        return True
+    errors = getattr(exc, "errors", None) or []
+    return any(isinstance(error, dict) and error.get("reason") in TRANSIENT_REASONS for error in errors)
 
 
 def standard_type(field_type: str) -> str:
@@ -251,6 +311,20 @@ class BigQueryWarehouse(WarehouseResource):
         description="VECTOR_SEARCH and CREATE VECTOR INDEX; emulators lack them, so similar items are scored locally instead.",
     )
 
+    retry_initial_s: float = Field(default=1.0, gt=0, description="First backoff after a transient error.")
+    retry_maximum_s: float = Field(default=32.0, gt=0, description="Longest backoff between two tries.")
+    retry_deadline_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long one API call is retried (google-cloud-bigquery's default: 10 minutes).",
+    )
+    job_retry_deadline_s: float = Field(
+        default=2400.0,
+        gt=0,
+        description="How long a query job that failed for a transient reason is re-run (the "
+        "library's default; keep it well above twice retry_deadline_s).",
+    )
+
     _dataset_checked: bool = PrivateAttr(default=False)
 
     @classmethod
@@ -285,6 +359,31 @@ class BigQueryWarehouse(WarehouseResource):
         check_identifier(self.dataset, "dataset name")
         if self.click_events_table:
             check_table_name(self.click_events_table)
+
+    # -- retries ------------------------------------------------------------------------------
+
+    @property
+    def api_retry(self) -> api_retry.Retry:
+        """``retry=`` of every API call: transient errors only, exponential backoff."""
+        return (
+            bigquery.DEFAULT_RETRY.with_predicate(is_transient)
+            .with_delay(initial=self.retry_initial_s, maximum=self.retry_maximum_s, multiplier=2.0)
+            .with_deadline(self.retry_deadline_s)
+        )
+
+    @property
+    def job_retry(self) -> api_retry.Retry:
+        """``job_retry=`` of query jobs: a job that failed for a transient reason runs again."""
+        return (
+            bigquery_retry.DEFAULT_JOB_RETRY.with_predicate(is_transient)
+            .with_delay(initial=self.retry_initial_s, maximum=self.retry_maximum_s, multiplier=2.0)
+            .with_deadline(self.job_retry_deadline_s)
+        )
+
+    def _run_query(self, client: bigquery.Client, sql: str, job_config, **result_kwargs):
+        """Start a query job and wait for it, both retried (API calls and the job itself)."""
+        job = client.query(sql, job_config=job_config, retry=self.api_retry, job_retry=self.job_retry)
+        return job.result(retry=self.api_retry, job_retry=self.job_retry, **result_kwargs)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -353,11 +452,11 @@ class BigQueryWarehouse(WarehouseResource):
             return
         reference = bigquery.DatasetReference(client.project, self.dataset)
         try:
-            client.get_dataset(reference)
+            client.get_dataset(reference, retry=self.api_retry)
         except NotFound:
             dataset = bigquery.Dataset(reference)
             dataset.location = self.bigquery.location
-            client.create_dataset(dataset, exists_ok=True)
+            client.create_dataset(dataset, exists_ok=True, retry=self.api_retry)
         self._dataset_checked = True
 
     def _job_config(self, params: QueryParams | None, **kwargs) -> bigquery.QueryJobConfig:
@@ -367,7 +466,7 @@ class BigQueryWarehouse(WarehouseResource):
 
     def query(self, sql: str, params: QueryParams | None = None) -> pa.Table:
         with self.client() as client:
-            rows = client.query(sql, job_config=self._job_config(params)).result()
+            rows = self._run_query(client, sql, self._job_config(params))
             return rows.to_arrow(create_bqstorage_client=self.storage_read_enabled)
 
     def query_batches(
@@ -375,7 +474,7 @@ class BigQueryWarehouse(WarehouseResource):
     ) -> Iterator[pa.RecordBatch]:
         """Record batches as BigQuery sends them: Storage Read API streams, or REST pages."""
         with self.client() as client:
-            rows = client.query(sql, job_config=self._job_config(params)).result(page_size=batch_size)
+            rows = self._run_query(client, sql, self._job_config(params), page_size=batch_size)
             storage_client = None
             if self.storage_read_enabled:
                 from google.cloud import bigquery_storage
@@ -385,12 +484,12 @@ class BigQueryWarehouse(WarehouseResource):
 
     def execute(self, sql: str, params: QueryParams | None = None) -> None:
         with self.client() as client:
-            client.query(sql, job_config=self._job_config(params)).result()
+            self._run_query(client, sql, self._job_config(params))
 
     def table_exists(self, name: str) -> bool:
         with self.client() as client:
             try:
-                client.get_table(check_table_name(name))
+                client.get_table(check_table_name(name), retry=self.api_retry)
             except NotFound:
                 return False
             return True
@@ -399,7 +498,7 @@ class BigQueryWarehouse(WarehouseResource):
         """The table's metadata (schema, partitioning, expiration) as BigQuery reports it."""
         with self.client() as client:
             try:
-                return client.get_table(check_table_name(name))
+                return client.get_table(check_table_name(name), retry=self.api_retry)
             except NotFound as exc:
                 raise WarehouseError(f"table {name} does not exist") from exc
 
@@ -443,7 +542,7 @@ class BigQueryWarehouse(WarehouseResource):
                     self._load(client, path, staging, columns, "WRITE_TRUNCATE")
                     self._swap_partitions(client, {name: staging}, {name: columns}, partition_column, literal)
                 finally:
-                    client.delete_table(staging, not_found_ok=True)
+                    client.delete_table(staging, not_found_ok=True, retry=self.api_retry)
         return self._partition_rows(name, partition_column, partition_value)
 
     def replace_partition_from_queries(
@@ -466,18 +565,19 @@ class BigQueryWarehouse(WarehouseResource):
                 for target, select in selects.items():
                     staging = self._staging_name(target)
                     staged[target] = staging
-                    client.query(
+                    self._run_query(
+                        client,
                         f"CREATE TABLE {BIGQUERY.table(staging)} OPTIONS(expiration_timestamp = "
                         f"TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {self.staging_expiration_hours} HOUR)) AS "
                         f"SELECT CAST(@partition_value AS DATE) AS {column}, source.* FROM ({select}) AS source",
-                        job_config=self._job_config(job_params),
-                    ).result()
-                    columns[target] = list(client.get_table(staging).schema)
+                        self._job_config(job_params),
+                    )
+                    columns[target] = list(client.get_table(staging, retry=self.api_retry).schema)
                     self._ensure_partitioned_table(client, target, columns[target], partition_column)
                 self._swap_partitions(client, staged, columns, partition_column, literal)
             finally:
                 for staging in staged.values():
-                    client.delete_table(staging, not_found_ok=True)
+                    client.delete_table(staging, not_found_ok=True, retry=self.api_retry)
         return {target: self._partition_rows(target, partition_column, partition_value) for target in selects}
 
     def create_latest_view(self, view: str, table: str, partition_column: str) -> None:
@@ -525,13 +625,13 @@ class BigQueryWarehouse(WarehouseResource):
         name = self._staging_name(target)
         table = bigquery.Table(_reference(client, name), schema=columns)
         table.expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=self.staging_expiration_hours)
-        client.create_table(table)
+        client.create_table(table, retry=self.api_retry)
         return name
 
     def _ensure_partitioned_table(self, client: bigquery.Client, name: str, columns, partition_column: str) -> None:
         """Create ``name`` DAY-partitioned on the column, or check an existing table matches."""
         try:
-            existing = client.get_table(name)
+            existing = client.get_table(name, retry=self.api_retry)
         except NotFound:
             table = bigquery.Table(_reference(client, name), schema=columns)
             table.time_partitioning = bigquery.TimePartitioning(
@@ -539,7 +639,7 @@ class BigQueryWarehouse(WarehouseResource):
                 field=partition_column,
                 expiration_ms=self.partition_expiration_days * DAY_MS,
             )
-            client.create_table(table, exists_ok=True)
+            client.create_table(table, exists_ok=True, retry=self.api_retry)
             return
         partitioning = existing.time_partitioning
         if partitioning is None or partitioning.field != partition_column:
@@ -566,7 +666,9 @@ class BigQueryWarehouse(WarehouseResource):
         with open(path, "rb") as source:
             # No ``size``: the client then always uses a resumable upload. Its small-file
             # multipart upload sends the media part as */*, which bqemulator 1.4 rejects.
-            client.load_table_from_file(source, destination, job_config=config).result()
+            # The upload retries its own chunks (num_retries); the job is then polled with retry.
+            job = client.load_table_from_file(source, destination, job_config=config)
+            job.result(retry=self.api_retry)
 
     def _swap_partitions(self, client: bigquery.Client, staged: Mapping[str, str], columns, partition_column, literal):
         """In one transaction, replace each target's partition by its staging table's rows."""
@@ -579,7 +681,8 @@ class BigQueryWarehouse(WarehouseResource):
                 f"INSERT INTO {BIGQUERY.table(target)} ({names}) SELECT {names} FROM {BIGQUERY.table(staging)};"
             )
         statements.append("COMMIT TRANSACTION;")
-        client.query("\n".join(statements), job_config=self._job_config(None)).result()
+        # job_retry may run the script again: it is one transaction, so it applied fully or not at all.
+        self._run_query(client, "\n".join(statements), self._job_config(None))
 
 
 def _reference(client: bigquery.Client, name: str) -> bigquery.TableReference:

@@ -1,0 +1,144 @@
+"""Step retries of the assets that touch the warehouse: the one place they are set.
+
+Two lines of defence against a warehouse that is briefly unavailable:
+
+1. **Inside each call**: the BigQuery warehouse retries every API call and query job on a
+   transient error (429, 5xx, ``rateLimitExceeded``, dropped connections) with exponential
+   backoff for up to ``retry_deadline_s`` (``warehouse/bigquery.py``, :func:`is_transient`).
+   DuckDB waits for another writer's lock (``warehouse/duckdb.py``).
+2. **The whole step**: when that is not enough (an outage longer than the client's deadline),
+   :data:`WAREHOUSE_RETRY_POLICY` re-runs the step after an exponential backoff. Every
+   warehouse write replaces a whole table or partition in one transaction, so a re-run never
+   duplicates rows.
+
+Only transient errors are retried. A permanent error (a 403 ``accessDenied``, a 404, a bad
+query, an empty training window, a missing feature column) fails the step at once: it is
+raised as ``dagster.Failure(allow_retries=False)`` carrying the original error (as the cause,
+and its type and message in the description), because a retry would only fail again.
+
+:func:`with_warehouse_retries` applies both to every asset that uses the ``warehouse``
+resource; ``definitions.py`` calls it on the graph's assets. The training step does not use the
+warehouse and gets no retry policy: on a Dagster run termination (SIGTERM) a retry policy
+would restart training instead of stopping it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import dagster as dg
+
+WAREHOUSE_RESOURCE = "warehouse"
+
+WAREHOUSE_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3,
+    delay=30,  # seconds: then ~60 and ~120 (exponential, +/- jitter)
+    backoff=dg.Backoff.EXPONENTIAL,
+    jitter=dg.Jitter.PLUS_MINUS,
+)
+"""Three more tries after 30 s, 60 s and 120 s (each +/- jitter): with the BigQuery client's
+own 10 minutes of retries per call, a step rides out roughly a quarter of an hour of outage."""
+
+_DUCKDB_LOCK_MESSAGES = ("Could not set lock", "Conflicting lock")
+
+
+def is_transient_warehouse_error(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, may go away by itself."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _transient(exc):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _transient(exc: BaseException) -> bool:
+    from twotower_assets.warehouse.bigquery import is_transient
+
+    if is_transient(exc):
+        return True
+    module = type(exc).__module__ or ""
+    # DuckDB's file lock held by another process for longer than the resource waits.
+    return module.startswith("duckdb") and any(m in str(exc) for m in _DUCKDB_LOCK_MESSAGES)
+
+
+def _permanent_errors_are_final(fn):
+    """``fn``, raising its non-transient errors as ``Failure(allow_retries=False)``."""
+
+    def final(exc: Exception) -> Exception:
+        if isinstance(exc, (dg.Failure, dg.RetryRequested, dg.DagsterError)) or is_transient_warehouse_error(exc):
+            return exc
+        failure = dg.Failure(
+            description=f"{type(exc).__name__}: {exc}",
+            metadata={"retried": False, "reason": "permanent error (not retried)"},
+            allow_retries=False,
+        )
+        failure.__cause__ = exc
+        return failure
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                error = final(exc)
+                if error is exc:
+                    raise
+                raise error from exc
+
+        return generator
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            error = final(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    return call
+
+
+def uses_warehouse(asset: object) -> bool:
+    return (
+        isinstance(asset, dg.AssetsDefinition)
+        and not isinstance(asset, dg.AssetChecksDefinition)
+        and asset.is_executable
+        and WAREHOUSE_RESOURCE in asset.required_resource_keys
+    )
+
+
+def with_retry_policy(asset: dg.AssetsDefinition, policy: dg.RetryPolicy) -> dg.AssetsDefinition:
+    """A copy of ``asset`` whose op has ``policy`` and retries transient errors only."""
+    from dagster._core.definitions.decorators.op_decorator import DecoratedOpFunction
+
+    op = asset.op
+    compute = op.compute_fn
+    if not isinstance(compute, DecoratedOpFunction):
+        raise TypeError(f"{asset.key.to_user_string()}: cannot wrap a {type(compute).__name__} compute function")
+    retried_op = dg.OpDefinition.dagster_internal_init(
+        compute_fn=DecoratedOpFunction(decorated_fn=_permanent_errors_are_final(compute.decorated_fn)),
+        name=op.name,
+        ins={d.name: dg.In.from_definition(d) for d in op.input_defs},
+        outs={d.name: dg.Out.from_definition(d) for d in op.output_defs},
+        description=op.description,
+        config_schema=op.config_schema,
+        required_resource_keys=op.required_resource_keys,
+        tags=op.tags,
+        version=None,
+        retry_policy=policy,
+        code_version=op.version,
+        pool=op.pool,
+    )
+    return asset.__class__.dagster_internal_init(**{**asset.get_attributes_dict(), "node_def": retried_op})
+
+
+def with_warehouse_retries(assets: list, policy: dg.RetryPolicy = WAREHOUSE_RETRY_POLICY) -> list:
+    """``assets`` with ``policy`` on every asset that uses the warehouse; the others unchanged."""
+    return [with_retry_policy(a, policy) if uses_warehouse(a) else a for a in assets]
