@@ -8,20 +8,82 @@ materialised in one Dagster run that is exactly one MLflow run per Dagster run.
 Each step ends the MLflow run FINISHED when it succeeds and FAILED when it raises, so the
 MLflow UI never shows a run stuck in RUNNING after its Dagster step ended. The client API is
 used instead of ``mlflow.start_run`` so no global "active run" leaks between steps.
+
+A process that dies (SIGKILL, OOM killer, lost node) cannot end its run: the run stays
+RUNNING. Runs are tagged with the host and process id that own them, and before training a
+date, :meth:`MlflowTracking.fail_abandoned_runs` ends FAILED every RUNNING run of that date
+whose process is gone (or whose Dagster run is over), with the reason in the tag
+``twotower.failed_reason``. A SIGTERM (what Dagster's run termination sends) reaches the step as
+an exception, and :meth:`MlflowTracking.active` ends the run FAILED itself.
+
+When the tracking server cannot be reached the step fails with :class:`MlflowTrackingError`,
+which names the tracking URI (credentials removed), and nothing downstream of it runs: no
+MatchModel, no embedding partition for that date. MLflow's own HTTP
+retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7 with backoff factor 2, about 4 minutes;
+``MLFLOW_HTTP_REQUEST_TIMEOUT``, default 120 s) ride out a server restart first.
 """
 
 
 import contextlib
 import json
+import os
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 from pydantic import Field
 
 from twotower_assets import settings
+
+
+OWNER_HOST_TAG = "twotower.host"
+OWNER_PID_TAG = "twotower.pid"
+FAILED_REASON_TAG = "twotower.failed_reason"
+
+
+class MlflowTrackingError(RuntimeError):
+    """The MLflow tracking server or store failed; the message names it."""
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` without a user or password, for messages."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"***@{host}{f':{parts.port}' if parts.port else ''}"
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return uri
+
+
+def owner_tags() -> dict[str, str]:
+    """The host and process that own a run (the process training it)."""
+    return {OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(os.getpid())}
+
+
+def process_is_gone(pid: int) -> bool:
+    """Whether no live process on this host has ``pid`` (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state == "Z"
+
+
+def _is_tracking_failure(exc: BaseException) -> bool:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, (MlflowException, requests.exceptions.RequestException, ConnectionError))
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -46,30 +108,108 @@ class MlflowTracking(dg.ConfigurableResource):
     def run_url(self, experiment_id: str, run_id: str) -> str:
         return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
+    @contextlib.contextmanager
+    def reporting_failures(self, doing: str) -> Iterator[None]:
+        """Turn a failure of the tracking server or store into an error that names it."""
+        try:
+            yield
+        except Exception as exc:
+            if isinstance(exc, MlflowTrackingError) or not _is_tracking_failure(exc):
+                raise
+            raise MlflowTrackingError(
+                f"MLflow tracking at {shown_uri(self.tracking_uri)} failed while {doing}: {exc}"
+            ) from exc
+
     def find_or_create_run(
         self, experiment_name: str, run_name: str, tags: Mapping[str, str]
     ) -> tuple[str, str]:
-        """(experiment_id, run_id) of the run with these tags, created if there is none."""
-        client = self.client()
-        experiment_id = self.experiment_id(experiment_name)
-        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        found = client.search_runs([experiment_id], filter_string=query, max_results=1)
-        if found:
-            return experiment_id, found[0].info.run_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
-        return experiment_id, run.info.run_id
+        """(experiment_id, run_id) of the run with these tags, created if there is none.
+
+        The run is tagged with this host and process (:func:`owner_tags`), also when an
+        existing run is reused by a retried step.
+        """
+        with self.reporting_failures(f"finding or creating the run {run_name!r}"):
+            client = self.client()
+            experiment_id = self.experiment_id(experiment_name)
+            query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+            found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+                for key, value in owner_tags().items():
+                    client.set_tag(run_id, key, value)
+                return experiment_id, run_id
+            run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **owner_tags()})
+            return experiment_id, run.info.run_id
+
+    def fail_abandoned_runs(
+        self,
+        experiment_name: str,
+        train_date: str,
+        current_dagster_run_id: str,
+        dagster_run_is_over=None,
+    ) -> dict[str, str]:
+        """End FAILED the RUNNING runs of ``train_date`` that nobody is running any more.
+
+        A run is abandoned when its owner process (tags :data:`OWNER_HOST_TAG` /
+        :data:`OWNER_PID_TAG`) was on this host and is gone, or when
+        ``dagster_run_is_over(dagster_run_id)`` says its Dagster run has ended. Runs of the
+        current Dagster run (a retried step reuses its run) and runs owned by a live process or
+        another host with no ended Dagster run are left alone. Returns {run_id: reason}.
+        """
+        with self.reporting_failures(f"looking for abandoned runs of {train_date}"):
+            client = self.client()
+            experiment = client.get_experiment_by_name(experiment_name)
+            if experiment is None:
+                return {}
+            running = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`train_date` = '{train_date}' and attributes.status = 'RUNNING'",
+            )
+            failed = {}
+            for run in running:
+                tags = run.data.tags
+                if tags.get("dagster_run_id") == current_dagster_run_id:
+                    continue
+                reason = _abandoned(tags, dagster_run_is_over)
+                if reason is None:
+                    continue
+                client.set_tag(run.info.run_id, FAILED_REASON_TAG, reason)
+                client.set_terminated(run.info.run_id, status="FAILED")
+                failed[run.info.run_id] = reason
+            return failed
 
     @contextlib.contextmanager
     def active(self, run_id: str) -> Iterator["RunLogger"]:
-        """Log into ``run_id``; it ends FINISHED on success, FAILED on an exception."""
-        client = self.client()
-        client.update_run(run_id, status="RUNNING")
+        """Log into ``run_id``; it ends FINISHED on success, FAILED on an exception.
+
+        Any exception counts, a SIGTERM's interrupt included. When the run cannot be marked
+        FAILED (the server is down) the original error is raised, and the next training of the
+        date fails the run (:meth:`fail_abandoned_runs`). A tracking failure is raised as
+        :class:`MlflowTrackingError` naming the tracking URI.
+        """
+        with self.reporting_failures(f"starting run {run_id}"):
+            client = self.client()
+            client.update_run(run_id, status="RUNNING")
         try:
-            yield RunLogger(client, run_id)
-        except BaseException:
-            client.set_terminated(run_id, status="FAILED")
+            with self.reporting_failures(f"logging to run {run_id}"):
+                yield RunLogger(client, run_id)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                client.set_tag(run_id, FAILED_REASON_TAG, f"{type(exc).__name__}: {exc}"[:1000])
+                client.set_terminated(run_id, status="FAILED")
             raise
-        client.set_terminated(run_id, status="FINISHED")
+        with self.reporting_failures(f"ending run {run_id}"):
+            client.set_terminated(run_id, status="FINISHED")
+
+
+def _abandoned(tags: Mapping[str, str], dagster_run_is_over) -> str | None:
+    host, pid = tags.get(OWNER_HOST_TAG), tags.get(OWNER_PID_TAG)
+    if host == socket.gethostname() and pid and pid.isdigit() and process_is_gone(int(pid)):
+        return f"abandoned: its process {pid} on {host} is gone"
+    dagster_run = tags.get("dagster_run_id")
+    if dagster_run and dagster_run_is_over is not None and dagster_run_is_over(dagster_run):
+        return f"abandoned: its Dagster run {dagster_run} has ended"
+    return None
 
 
 class RunLogger:

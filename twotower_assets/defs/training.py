@@ -105,6 +105,12 @@ def two_tower_model(
         remove_accidental_hits=config.remove_accidental_hits,
     )
     run_name = config.run_name or f"two_tower_{context.partition_key}"
+    # A run of this date left RUNNING by a process that died (SIGKILL, OOM) ends FAILED first.
+    abandoned = mlflow.fail_abandoned_runs(
+        config.experiment_name, context.partition_key, context.run_id, _dagster_run_is_over(context.instance)
+    )
+    for abandoned_run_id, reason in abandoned.items():
+        context.log.warning(f"MLflow run {abandoned_run_id} of {context.partition_key} marked FAILED ({reason})")
     experiment_id, run_id = mlflow.find_or_create_run(
         config.experiment_name,
         run_name,
@@ -201,6 +207,16 @@ def two_tower_model(
             "loss_per_epoch": dg.MetadataValue.md(markdown_image(loss_png, "training and validation loss per epoch")),
         }
     )
+
+
+def _dagster_run_is_over(instance: dg.DagsterInstance):
+    """Whether a Dagster run this instance knows has finished (unknown runs: no)."""
+
+    def is_over(dagster_run_id: str) -> bool:
+        run = instance.get_run_by_id(dagster_run_id)
+        return run is not None and run.is_finished
+
+    return is_over
 
 
 def _catalog(items) -> dict[str, np.ndarray]:
