@@ -96,7 +96,7 @@ class MlflowTracking(dg.ConfigurableResource):
     def client(self):
         from mlflow import MlflowClient
 
-        return MlflowClient(tracking_uri=self.tracking_uri)
+        return MlflowClient(tracking_uri=checked_tracking_uri(self.tracking_uri))
 
     def experiment_id(self, name: str) -> str:
         client = self.client()
@@ -253,8 +253,30 @@ class RunLogger:
         self.text(json.dumps(values, indent=2, default=str), file_name, artifact_path)
 
 
+def checked_tracking_uri(uri: str) -> str:
+    """``uri``, refused if it is an http(s) URI with a user or password in it.
+
+    MLflow puts the URI, userinfo included, into the messages of failed requests (which end up
+    in Dagster's event log); MLflow's own variables MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) send the same credentials as a header
+    and never print them. The refusal does not repeat the secret.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme.lower() in ("http", "https") and (parts.username or parts.password):
+        shown = f"{parts.scheme}://***@{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        raise ValueError(
+            f"MLflow tracking URI {shown} carries credentials: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead, and remove them from the URI"
+        )
+    return uri
+
+
 def default_mlflow() -> MlflowTracking:
+    # From the environment as an EnvVar: the Dagster UI then shows the variable's name, never a
+    # URI that may carry a database password (postgresql://user:password@host/db).
     return MlflowTracking(
-        tracking_uri=settings.mlflow_tracking_uri(),
+        tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI") if os.environ.get("MLFLOW_TRACKING_URI") else settings.mlflow_tracking_uri(),
         artifact_root=settings.mlflow_artifact_root(),
     )

@@ -43,7 +43,13 @@ class TrainingConfig(dg.Config):
         description="Exact softmax over every training item instead of in-batch negatives: for "
         "small catalogues (MovieLens: 1,682 items), too slow at production's 200,000.",
     )
-    experiment_name: str = "two_tower"
+    experiment_name: str = Field(
+        default="two_tower",
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$",
+        description="MLflow experiment: any printable text (it is a value, never SQL), no control characters.",
+    )
     run_name: str | None = Field(default=None, description="MLflow run name; default two_tower_<date>.")
     training_launcher: Literal["local", "pipes"] = Field(
         default="local",

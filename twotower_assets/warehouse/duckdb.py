@@ -102,6 +102,7 @@ class DuckDBWarehouse(WarehouseResource):
             return con.execute(f"SELECT * FROM {DUCKDB.table(name)} LIMIT 0").to_arrow_table().schema
 
     def write_table(self, name: str, data: ArrowData, schema: pa.Schema | None = None) -> int:
+        check_table_name(name)  # before the file is opened
         reader = as_batches(data, schema)
         with self.connect() as con, _transaction(con):
             con.register("incoming_rows", reader)
