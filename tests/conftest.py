@@ -51,6 +51,20 @@ def materialize_all(resources: dict, partition_key: str = TINY_PARTITION, run_co
     )
 
 
+def failure_text(result) -> str:
+    """Every step failure's message, causes included (the error a user sees in the UI)."""
+    texts = []
+    for event in result.all_events:
+        if event.event_type_value != "STEP_FAILURE":
+            continue
+        error = event.event_specific_data.error
+        while error is not None:
+            texts.append(error.message)
+            error = error.cause or error.context
+    assert texts, "expected a step failure"
+    return "\n".join(texts)
+
+
 @pytest.fixture
 def tiny_resources(tmp_path) -> dict:
     return make_resources(tmp_path / "home")

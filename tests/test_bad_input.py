@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from conftest import TINY_PARTITION, failure_text, make_resources, materialize_all, tiny_run_config
 from twotower_assets.defs import tables
 from twotower_assets.model.features import FeatureConfigError, load_feature_config
 
@@ -32,20 +32,6 @@ def config_for(*ops: str, **overrides) -> dict:
     """The tiny run config reduced to the ops a partial run executes (Dagster rejects extras)."""
     config = tiny_run_config(**overrides)
     return {"ops": {op: value for op, value in config["ops"].items() if op in ops}}
-
-
-def failure_text(result) -> str:
-    """Every step failure's message, causes included (the error a user sees in the UI)."""
-    texts = []
-    for event in result.all_events:
-        if event.event_type_value != "STEP_FAILURE":
-            continue
-        error = event.event_specific_data.error
-        while error is not None:
-            texts.append(error.message)
-            error = error.cause or error.context
-    assert texts, "expected a step failure"
-    return "\n".join(texts)
 
 
 def snapshot(directory: Path) -> dict[str, str]:

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from conftest import failure_text
 from twotower_assets.data.movielens import (
     MOVIELENS_EVENT_SCHEMA,
     MovieLensFormatError,
@@ -207,12 +208,14 @@ def test_click_events_asset_loads_movielens(tiny_resources):
 def test_click_events_asset_needs_a_path(tiny_resources):
     from twotower_assets.defs.source import click_events
 
-    with pytest.raises(ValueError, match="movielens_path is not set"):
-        dg.materialize(
-            [click_events],
-            resources={"warehouse": tiny_resources["warehouse"]},
-            run_config={"ops": {"click_events": {"config": {"source": "movielens"}}}},
-        )
+    result = dg.materialize(
+        [click_events],
+        resources={"warehouse": tiny_resources["warehouse"]},
+        run_config={"ops": {"click_events": {"config": {"source": "movielens"}}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert "ValueError: source is 'movielens' but movielens_path is not set" in failure_text(result)
 
 
 # ------------------------------------------------------ full-catalogue softmax (opt-in)

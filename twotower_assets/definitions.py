@@ -13,14 +13,13 @@ from twotower_assets.defs.evaluation import evaluation_metrics
 from twotower_assets.defs.publishing import item_embedding_history, match_model, user_embedding_history
 from twotower_assets.defs.recommendations import recommendations
 from twotower_assets.defs.resources import default_resources
-from twotower_assets.defs.retries import with_warehouse_retries
 from twotower_assets.defs.source import click_events_asset
 from twotower_assets.defs.splits import split_tables
 from twotower_assets.defs.training import two_tower_model
 from twotower_assets.defs.vector_search import similar_items
 
 # Assets that use the warehouse retry transient errors (defs/retries.py: WAREHOUSE_RETRY_POLICY).
-ALL_ASSETS = with_warehouse_retries([
+ALL_ASSETS = [
     click_events_asset(),
     split_tables,
     tf_datasets,
@@ -31,7 +30,7 @@ ALL_ASSETS = with_warehouse_retries([
     item_embedding_history,
     similar_items,
     recommendations,
-])
+]
 
 # Blocking checks: split data checks and the model quality gate (twotower_assets/defs/checks.py).
 ALL_CHECKS = [split_data_checks, quality_gate]

@@ -11,6 +11,7 @@ import uuid
 
 import dagster as dg
 import numpy as np
+import pyarrow as pa
 import pytest
 import requests
 from dagster_gcp import BigQueryResource
@@ -22,8 +23,8 @@ from twotower_assets.defs.publishing import history_rows
 from twotower_assets.defs.retries import (
     WAREHOUSE_RETRY_POLICY,
     is_transient_warehouse_error,
+    retry_transient_errors_only,
     uses_warehouse,
-    with_warehouse_retries,
 )
 from twotower_assets.warehouse.bigquery import BigQueryWarehouse, is_transient
 
@@ -189,12 +190,28 @@ def test_the_graph_puts_the_warehouse_policy_on_warehouse_assets_only():
     assert WAREHOUSE_RETRY_POLICY.backoff == dg.Backoff.EXPONENTIAL
 
 
-def click_events_run(warehouse: BigQueryWarehouse, policy: dg.RetryPolicy):
+def events_table_run(warehouse: BigQueryWarehouse, policy: dg.RetryPolicy):
+    """A warehouse step written like the graph's (policy + transient-only wrapper), with ``policy``.
+
+    The graph's own policy waits 30 s or more between tries, too long for a test.
+    """
+
+    @dg.asset(retry_policy=policy)
+    @retry_transient_errors_only
+    def events_table(warehouse: BigQueryWarehouse) -> None:
+        warehouse.write_table(warehouse.table_name("click_events"), pa.table({"user_id": [f"u{n}" for n in range(200)]}))
+
+    return dg.materialize(
+        [events_table], resources={"warehouse": warehouse}, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False
+    )
+
+
+def click_events_run(warehouse: BigQueryWarehouse):
+    """The graph's own click_events step (with WAREHOUSE_RETRY_POLICY)."""
     from twotower_assets.defs.source import click_events
 
-    [asset] = with_warehouse_retries([click_events], policy)
     return dg.materialize(
-        [asset],
+        [click_events],
         resources={"warehouse": warehouse},
         run_config={"ops": {"click_events": {"config": {
             "num_users": 20, "num_items": 40, "num_events": 200, "days": 3, "end_date": "2026-05-31", "seed": 1}}}},
@@ -209,7 +226,7 @@ def test_a_step_whose_client_retries_run_out_is_retried_by_dagster(proxy, monkey
     warehouse = proxied_warehouse(proxy, monkeypatch, retry_deadline_s=0.3, retry_initial_s=0.1, retry_maximum_s=0.1)
     proxy.fail("GET", DATASET_GET, 503, times=8)
     policy = dg.RetryPolicy(max_retries=10, delay=0.2, backoff=dg.Backoff.EXPONENTIAL)
-    result = click_events_run(warehouse, policy)
+    result = events_table_run(warehouse, policy)
     assert result.success
     retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert retries, "the step should have been retried by the RetryPolicy"
@@ -221,7 +238,8 @@ def test_a_step_whose_client_retries_run_out_is_retried_by_dagster(proxy, monkey
 def test_dagster_does_not_retry_a_permanent_error(proxy, monkeypatch):
     warehouse = proxied_warehouse(proxy, monkeypatch)
     proxy.fail("GET", DATASET_GET, 403, times=-1)
-    result = click_events_run(warehouse, dg.RetryPolicy(max_retries=3, delay=0.1))
+    # The graph's policy would wait 30 s before a retry; a permanent error gets none.
+    result = click_events_run(warehouse)
     assert not result.success
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]

@@ -109,9 +109,13 @@ def test_a_date_without_item_vectors_fails_and_keeps_the_previous_result(tmp_pat
     assert dg.materialize([similar_items], resources={"warehouse": warehouse}, partition_key=DAY.isoformat(),
                           run_config=run_config).success
     before = warehouse.query(f"SELECT * FROM {SIMILAR_ITEMS} ORDER BY item_id, neighbor_rank")
-    with pytest.raises(EmptyTableError, match="no item embeddings for 2026-06-02"):
-        dg.materialize([similar_items], resources={"warehouse": warehouse}, partition_key="2026-06-02",
-                       run_config=run_config)
+    failed = dg.materialize([similar_items], resources={"warehouse": warehouse}, partition_key="2026-06-02",
+                            run_config=run_config, raise_on_error=False)
+    assert not failed.success
+    [failure] = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    error = failure.event_specific_data.error
+    assert error.cause.cls_name == EmptyTableError.__name__
+    assert "no item embeddings for 2026-06-02" in error.message
     assert warehouse.query(f"SELECT * FROM {SIMILAR_ITEMS} ORDER BY item_id, neighbor_rank").equals(before)
 
 

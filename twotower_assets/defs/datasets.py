@@ -16,6 +16,7 @@ from twotower_assets.defs import tables
 from twotower_assets.defs.artifacts import ArtifactStore
 from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
 from twotower_assets.defs.partitions import training_date, training_date_partitions
+from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.defs.validation import validate_training_input
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, save_dataset
 from twotower_assets.model.features import load_feature_config
@@ -48,7 +49,9 @@ class DatasetConfig(dg.Config):
     description="Saved tf.data datasets (training, validation, users, items) and feature statistics.",
     automation_condition=DOWNSTREAM_CONDITION,
     code_version="1",
+    retry_policy=WAREHOUSE_RETRY_POLICY,
 )
+@retry_transient_errors_only
 def tf_datasets(
     context: dg.AssetExecutionContext,
     config: DatasetConfig,

@@ -21,6 +21,7 @@ from twotower_assets.defs.artifacts import ArtifactStore
 from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
 from twotower_assets.defs.mlflow_tracking import MlflowTracking
 from twotower_assets.defs.partitions import training_date, training_date_partitions
+from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.defs.training import TWO_TOWER_MODEL, load_model_summary
 from twotower_assets.model import metrics, plots
 from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
@@ -191,7 +192,9 @@ def metrics_markdown(table: pd.DataFrame, segment: str = "all") -> str:
     description="Precision, recall, NDCG, coverage and novelty at k for the model and baselines.",
     automation_condition=DOWNSTREAM_CONDITION,
     code_version="1",
+    retry_policy=WAREHOUSE_RETRY_POLICY,
 )
+@retry_transient_errors_only
 def evaluation_metrics(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,

@@ -21,6 +21,7 @@ from twotower_assets.defs.automation import DOWNSTREAM_CONDITION, RETRAIN_FRESHN
 from twotower_assets.defs.evaluation import EVALUATION_METRICS
 from twotower_assets.defs.mlflow_tracking import MlflowTracking
 from twotower_assets.defs.partitions import training_date, training_date_partitions
+from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.defs.training import TWO_TOWER_MODEL, load_model_summary
 from twotower_assets.warehouse.base import WarehouseResource
 
@@ -116,7 +117,9 @@ def _embedding_history_asset(entity: str, table: str, view: str):
         automation_condition=DOWNSTREAM_CONDITION,
         freshness_policy=RETRAIN_FRESHNESS,
         code_version="1",
+        retry_policy=WAREHOUSE_RETRY_POLICY,
     )
+    @retry_transient_errors_only
     def _asset(
         context: dg.AssetExecutionContext, warehouse: WarehouseResource, artifacts: ArtifactStore
     ) -> dg.MaterializeResult:

@@ -29,6 +29,7 @@ from twotower_assets.defs.artifacts import ArtifactStore
 from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
 from twotower_assets.defs.partitions import training_date, training_date_partitions
 from twotower_assets.defs.publishing import MATCH_MODEL, keyed_embeddings
+from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.defs.training import TWO_TOWER_MODEL, load_model_summary
 from twotower_assets.model.metrics import top_k_items
 from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
@@ -132,7 +133,9 @@ def _training_pairs(warehouse: WarehouseResource, user_key: str, train_date: dt.
     description="Top-k unseen items per training user (blocked matrix products), one partition per training date.",
     automation_condition=DOWNSTREAM_CONDITION,
     code_version="1",
+    retry_policy=WAREHOUSE_RETRY_POLICY,
 )
+@retry_transient_errors_only
 def recommendations(
     context: dg.AssetExecutionContext,
     config: RecommendationsConfig,

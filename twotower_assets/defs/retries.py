@@ -16,10 +16,15 @@ query, an empty training window, a missing feature column) fails the step at onc
 raised as ``dagster.Failure(allow_retries=False)`` carrying the original error (as the cause,
 and its type and message in the description), because a retry would only fail again.
 
-:func:`with_warehouse_retries` applies both to every asset that uses the ``warehouse``
-resource; ``definitions.py`` calls it on the graph's assets. The training step does not use the
-warehouse and gets no retry policy: on a Dagster run termination (SIGTERM) a retry policy
-would restart training instead of stopping it.
+Every asset that uses the ``warehouse`` resource says so where it is defined::
+
+    @dg.asset(..., retry_policy=WAREHOUSE_RETRY_POLICY)
+    @retry_transient_errors_only
+    def split_tables(context, config, warehouse): ...
+
+(``tests/bigquery/test_retries.py`` checks that none is missed.) The training step does not
+use the warehouse and gets no retry policy: on a Dagster run termination (SIGTERM) a retry
+policy would restart training instead of stopping it.
 """
 
 from __future__ import annotations
@@ -64,8 +69,12 @@ def _transient(exc: BaseException) -> bool:
     return module.startswith("duckdb") and any(m in str(exc) for m in _DUCKDB_LOCK_MESSAGES)
 
 
-def _permanent_errors_are_final(fn):
-    """``fn``, raising its non-transient errors as ``Failure(allow_retries=False)``."""
+def retry_transient_errors_only(fn):
+    """``fn``, raising its non-transient errors as ``Failure(allow_retries=False)``.
+
+    Put it under ``@dg.asset(retry_policy=...)``: Dagster's policy retries any error, this
+    keeps it to the ones a retry can fix.
+    """
 
     def final(exc: Exception) -> Exception:
         if isinstance(exc, (dg.Failure, dg.RetryRequested, dg.DagsterError)) or is_transient_warehouse_error(exc):
@@ -112,33 +121,3 @@ def uses_warehouse(asset: object) -> bool:
         and asset.is_executable
         and WAREHOUSE_RESOURCE in asset.required_resource_keys
     )
-
-
-def with_retry_policy(asset: dg.AssetsDefinition, policy: dg.RetryPolicy) -> dg.AssetsDefinition:
-    """A copy of ``asset`` whose op has ``policy`` and retries transient errors only."""
-    from dagster._core.definitions.decorators.op_decorator import DecoratedOpFunction
-
-    op = asset.op
-    compute = op.compute_fn
-    if not isinstance(compute, DecoratedOpFunction):
-        raise TypeError(f"{asset.key.to_user_string()}: cannot wrap a {type(compute).__name__} compute function")
-    retried_op = dg.OpDefinition.dagster_internal_init(
-        compute_fn=DecoratedOpFunction(decorated_fn=_permanent_errors_are_final(compute.decorated_fn)),
-        name=op.name,
-        ins={d.name: dg.In.from_definition(d) for d in op.input_defs},
-        outs={d.name: dg.Out.from_definition(d) for d in op.output_defs},
-        description=op.description,
-        config_schema=op.config_schema,
-        required_resource_keys=op.required_resource_keys,
-        tags=op.tags,
-        version=None,
-        retry_policy=policy,
-        code_version=op.version,
-        pool=op.pool,
-    )
-    return asset.__class__.dagster_internal_init(**{**asset.get_attributes_dict(), "node_def": retried_op})
-
-
-def with_warehouse_retries(assets: list, policy: dg.RetryPolicy = WAREHOUSE_RETRY_POLICY) -> list:
-    """``assets`` with ``policy`` on every asset that uses the warehouse; the others unchanged."""
-    return [with_retry_policy(a, policy) if uses_warehouse(a) else a for a in assets]

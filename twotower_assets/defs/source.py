@@ -16,6 +16,7 @@ from pydantic import Field
 from twotower_assets import settings
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
 from twotower_assets.defs import tables
+from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.warehouse.base import WarehouseResource
 
 
@@ -62,7 +63,9 @@ class SyntheticEventsConfig(dg.Config):
     kinds={"duckdb", "python"},
     description="Click events (synthetic, seeded) with the production schema.",
     code_version="1",
+    retry_policy=WAREHOUSE_RETRY_POLICY,
 )
+@retry_transient_errors_only
 def click_events(
     context: dg.AssetExecutionContext, config: SyntheticEventsConfig, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:

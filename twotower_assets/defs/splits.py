@@ -13,6 +13,7 @@ from pydantic import Field
 from twotower_assets.defs import tables
 from twotower_assets.defs.automation import RETRAIN_FRESHNESS, TRAINING_DATA_CONDITION
 from twotower_assets.defs.partitions import training_date, training_date_partitions
+from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.warehouse.base import EmptyTableError, WarehouseError, WarehouseResource
 from twotower_assets.warehouse.sql import split_queries
 
@@ -39,7 +40,10 @@ SPLIT_SPECS = [
 ]
 
 
-@dg.multi_asset(specs=SPLIT_SPECS, partitions_def=training_date_partitions, can_subset=False)
+@dg.multi_asset(
+    specs=SPLIT_SPECS, partitions_def=training_date_partitions, can_subset=False, retry_policy=WAREHOUSE_RETRY_POLICY
+)
+@retry_transient_errors_only
 def split_tables(
     context: dg.AssetExecutionContext, config: SplitConfig, warehouse: WarehouseResource
 ):

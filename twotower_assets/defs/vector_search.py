@@ -31,6 +31,7 @@ from pydantic import Field
 from twotower_assets.defs import tables
 from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
 from twotower_assets.defs.partitions import training_date, training_date_partitions
+from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.model.metrics import top_k_items
 from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
 from twotower_assets.warehouse.sql import NeighborSearch
@@ -142,7 +143,9 @@ def similar_items_search(warehouse: WarehouseResource, config: VectorSearchConfi
     "VECTOR_SEARCH on BigQuery, blocked matrix products elsewhere.",
     automation_condition=DOWNSTREAM_CONDITION,
     code_version="2",
+    retry_policy=WAREHOUSE_RETRY_POLICY,
 )
+@retry_transient_errors_only
 def similar_items(context: dg.AssetExecutionContext, config: VectorSearchConfig, warehouse: WarehouseResource):
     train_date = training_date(context)
     items = warehouse.table_name(tables.ITEM_EMBEDDING_HISTORY)
