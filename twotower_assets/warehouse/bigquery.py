@@ -76,7 +76,6 @@ from twotower_assets.warehouse.sql import (
     check_project_id,
     check_table_name,
     quote_identifier,
-    vector_score,
 )
 
 EMULATOR_HOST_VARIABLE = "BIGQUERY_EMULATOR_HOST"
@@ -234,6 +233,17 @@ def normalise_endpoint(endpoint: str) -> str:
     return endpoint if "://" in endpoint else f"http://{endpoint}"
 
 
+def _pair_score(metric: str, left: str, right: str) -> str:
+    """SQL for the similarity of two ARRAY<FLOAT64> expressions (higher is closer).
+
+    BigQuery has no scalar dot product: it is summed over the arrays' positions.
+    """
+    pairs = f"FROM UNNEST({left}) AS x WITH OFFSET AS i JOIN UNNEST({right}) AS y WITH OFFSET AS j ON i = j"
+    if metric == "DOT_PRODUCT":
+        return f"(SELECT SUM(x * y) {pairs})"
+    return f"(SELECT SUM(x * y) / NULLIF(SQRT(SUM(x * x)) * SQRT(SUM(y * y)), 0) {pairs})"
+
+
 def vector_search_query(search: NeighborSearch) -> str:
     """Top-k neighbours with BigQuery's VECTOR_SEARCH (uses a vector index when there is one).
 
@@ -245,7 +255,7 @@ def vector_search_query(search: NeighborSearch) -> str:
     candidates = search.top_k + 1 if search.exclude_same_key else search.top_k
     query_key, base_key = quote_identifier(search.query_key), quote_identifier(search.base_key)
     query_vector, base_vector = quote_identifier(search.query_vector), quote_identifier(search.base_vector)
-    score = vector_score(BIGQUERY, search.metric, f"query.{query_vector}", f"base.{base_vector}")
+    score = _pair_score(search.metric, f"query.{query_vector}", f"base.{base_vector}")
     same_key = f"\n    WHERE query.{query_key} <> base.{base_key}" if search.exclude_same_key else ""
     train_date = BIGQUERY.param("train_date")
     return f"""

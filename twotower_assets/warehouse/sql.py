@@ -281,23 +281,6 @@ class NeighborSearch:
             raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {self.metric!r}")
 
 
-def vector_score(dialect: Dialect, metric: str, left: str, right: str) -> str:
-    """SQL for the similarity of two array expressions (higher is closer).
-
-    DuckDB has list functions for both; BigQuery computes them over the arrays' positions
-    (it has no scalar dot product), which also runs on emulators.
-    """
-    if metric not in VECTOR_METRICS:
-        raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
-    if dialect.name == "duckdb":
-        function = "list_dot_product" if metric == "DOT_PRODUCT" else "list_cosine_similarity"
-        return f"{function}({left}, {right})"
-    pairs = f"FROM UNNEST({left}) AS x WITH OFFSET AS i JOIN UNNEST({right}) AS y WITH OFFSET AS j ON i = j"
-    if metric == "DOT_PRODUCT":
-        return f"(SELECT SUM(x * y) {pairs})"
-    return f"(SELECT SUM(x * y) / NULLIF(SQRT(SUM(x * x)) * SQRT(SUM(y * y)), 0) {pairs})"
-
-
 def distinct_pairs_query(dialect: Dialect, table: str, user_key: str) -> str:
     """Distinct (user key, item) pairs of one partition (parameter ``train_date``).
 
