@@ -261,13 +261,10 @@ def checked_tracking_uri(uri: str) -> str:
     MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) send the same credentials as a header
     and never print them. The refusal does not repeat the secret.
     """
-    from urllib.parse import urlsplit
-
     parts = urlsplit(uri)
     if parts.scheme.lower() in ("http", "https") and (parts.username or parts.password):
-        shown = f"{parts.scheme}://***@{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
         raise ValueError(
-            f"MLflow tracking URI {shown} carries credentials: set MLFLOW_TRACKING_USERNAME and "
+            f"MLflow tracking URI {shown_uri(uri)} carries credentials: set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead, and remove them from the URI"
         )
     return uri
