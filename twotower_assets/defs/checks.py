@@ -119,54 +119,42 @@ def split_table_stats(warehouse: WarehouseResource, train_date: dt.date) -> dict
     return stats
 
 
+def _split_result(table: str, check: str, failures: int, failure: str, metadata: dict) -> dg.AssetCheckResult:
+    """Passed when ``failures`` is 0; otherwise ``failure`` (with the count) is the description."""
+    return dg.AssetCheckResult(
+        asset_key=table,
+        check_name=check,
+        passed=failures == 0,
+        description=None if failures == 0 else failure.format(count=failures, table=table),
+        metadata=metadata,
+    )
+
+
 def split_check_results(stats: dict[str, dict[str, int]]) -> list[dg.AssetCheckResult]:
     """One result per check spec from the counts of :func:`split_table_stats`."""
     results = []
     for table, counts in stats.items():
-        results.append(
-            dg.AssetCheckResult(
-                asset_key=table,
-                check_name=NON_EMPTY,
-                passed=counts["row_count"] > 0,
-                description=None if counts["row_count"] > 0 else f"{table} has no rows for this training date",
-                metadata={"dagster/row_count": counts["row_count"], "users": counts["users"], "items": counts["items"]},
-            )
-        )
-        nulls = counts["null_user_ids"] + counts["null_item_ids"]
-        results.append(
-            dg.AssetCheckResult(
-                asset_key=table,
-                check_name=NO_NULL_IDS,
-                passed=nulls == 0,
-                description=None if nulls == 0 else f"{nulls} null ids in {table}",
-                metadata={"null_user_ids": counts["null_user_ids"], "null_item_ids": counts["null_item_ids"]},
-            )
-        )
+        results.append(_split_result(
+            table, NON_EMPTY, int(counts["row_count"] == 0), "{table} has no rows for this training date",
+            {"dagster/row_count": counts["row_count"], "users": counts["users"], "items": counts["items"]},
+        ))
+        results.append(_split_result(
+            table, NO_NULL_IDS, counts["null_user_ids"] + counts["null_item_ids"], "{count} null ids in {table}",
+            {"null_user_ids": counts["null_user_ids"], "null_item_ids": counts["null_item_ids"]},
+        ))
         if table not in HELD_OUT.values():
             continue
-        unknown = counts["rows_with_unknown_user"] + counts["rows_with_unknown_item"]
-        results.append(
-            dg.AssetCheckResult(
-                asset_key=table,
-                check_name=KNOWN_USERS_AND_ITEMS,
-                passed=unknown == 0,
-                description=None if unknown == 0 else f"{unknown} rows of {table} have a user or item missing from training",
-                metadata={
-                    "rows_with_unknown_user": counts["rows_with_unknown_user"],
-                    "rows_with_unknown_item": counts["rows_with_unknown_item"],
-                },
-            )
-        )
-        overlap = counts["rows_with_training_pair"]
-        results.append(
-            dg.AssetCheckResult(
-                asset_key=table,
-                check_name=NO_TRAINING_PAIRS,
-                passed=overlap == 0,
-                description=None if overlap == 0 else f"{overlap} rows of {table} repeat a training (user, item) pair",
-                metadata={"rows_with_training_pair": overlap},
-            )
-        )
+        results.append(_split_result(
+            table, KNOWN_USERS_AND_ITEMS, counts["rows_with_unknown_user"] + counts["rows_with_unknown_item"],
+            "{count} rows of {table} have a user or item missing from training",
+            {"rows_with_unknown_user": counts["rows_with_unknown_user"],
+             "rows_with_unknown_item": counts["rows_with_unknown_item"]},
+        ))
+        results.append(_split_result(
+            table, NO_TRAINING_PAIRS, counts["rows_with_training_pair"],
+            "{count} rows of {table} repeat a training (user, item) pair",
+            {"rows_with_training_pair": counts["rows_with_training_pair"]},
+        ))
     return results
 
 
