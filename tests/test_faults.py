@@ -373,3 +373,23 @@ def test_duckdb_writer_killed_mid_write_leaves_the_old_data_and_a_rerun_succeeds
         assert warehouse.write_table(table, rows(june_1, ["x", "y", "z"])) == 3
     ids = warehouse.query(f"SELECT item_id FROM {table} WHERE train_date = $d", {"d": june_1})["item_id"].to_pylist()
     assert sorted(ids) == ["x", "y", "z"]
+
+
+def test_a_run_that_cannot_end_finished_leaves_no_artifact(tmp_path):
+    """The steps that log to MLflow nest the MLflow run inside the artifact write (training,
+    evaluation, MatchModel): the run ends FINISHED before the files move into place, so a run
+    that cannot be ended (tracking store gone, run deleted) publishes nothing new."""
+    artifacts = ArtifactStore(base_dir=str(tmp_path / "artifacts"))
+    mlflow = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, run_id = mlflow.find_or_create_run(EXPERIMENT, "r", {"train_date": "2026-06-01"})
+    with artifacts.writing("two_tower_model", "2026-06-01") as out:
+        (out / "model.txt").write_text("previous")
+
+    with pytest.raises(Exception, match="must be in the 'active' state"):
+        with artifacts.writing("two_tower_model", "2026-06-01") as out, mlflow.active(run_id):
+            (out / "model.txt").write_text("new")
+            mlflow.client().delete_run(run_id)  # ending the run FINISHED will now fail
+
+    model_dir = artifacts.path("two_tower_model", "2026-06-01")
+    assert (model_dir / "model.txt").read_text() == "previous"
+    assert not model_dir.with_name(model_dir.name + ".partial").exists()

@@ -221,7 +221,7 @@ def evaluation_metrics(
         segment: metrics_markdown(table, segment) for segment in sorted(set(table["segment"]) - {"all"})
     }
     figures = _figures(table, pq.read_table(model_dir / "item_embeddings.parquet"), warehouse, params)
-    with mlflow.active(summary["mlflow_run_id"]) as run, artifacts.writing(EVALUATION_METRICS, context.partition_key) as out:
+    with artifacts.writing(EVALUATION_METRICS, context.partition_key) as out, mlflow.active(summary["mlflow_run_id"]) as run:
         table.to_csv(out / "metrics.csv", index=False)
         for name, png in figures.items():
             (out / f"{name}.png").write_bytes(png)

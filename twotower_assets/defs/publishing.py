@@ -87,7 +87,7 @@ def match_model(
     user_ids, user_vectors = keyed_embeddings(model_dir / "user_embeddings.parquet", summary["user_key"])
     item_ids, item_vectors = keyed_embeddings(model_dir / "item_embeddings.parquet", "item_id")
     model = MatchModel(user_ids, user_vectors, item_ids, item_vectors)
-    with mlflow.active(summary["mlflow_run_id"]) as run, artifacts.writing(MATCH_MODEL, context.partition_key) as out:
+    with artifacts.writing(MATCH_MODEL, context.partition_key) as out, mlflow.active(summary["mlflow_run_id"]) as run:
         save_match_model(model, out / "model")
         run.artifact(out / "model", "model")
     path = artifacts.path(MATCH_MODEL, context.partition_key) / "model"
