@@ -5,7 +5,8 @@ TWOTOWER_HOME, checks through the webserver's GraphQL API that the code location
 every asset, check, the schedule and the automation sensor (running), that the daemon is
 healthy, then launches a materialisation of the whole graph for one date with the tiny run
 config (the ``launchRun`` mutation the UI's "Materialize" button sends) and waits for it to
-succeed. Everything it starts is stopped at the end.
+succeed; and terminates a run mid-training as the UI's "Terminate" button does. Everything
+it starts is stopped at the end.
 """
 
 import json
@@ -251,3 +252,76 @@ def test_dagster_dev_serves_the_graph_and_runs_it_like_the_ui(tmp_path):
         counts = warehouse.partition_row_counts(table, tables.PARTITION_COLUMN)
         assert [str(d) for d in counts] == [TINY_PARTITION] and min(counts.values()) > 0
     assert dev.process.poll() is not None, "dagster dev stopped"
+
+
+TERMINATE_RUN = """
+mutation($runId: String!) {
+  terminateRun(runId: $runId) {
+    __typename
+    ... on TerminateRunFailure { message }
+    ... on PythonError { message }
+  }
+}"""
+
+
+def test_terminating_a_run_in_the_ui_stops_training_and_publishes_nothing(tmp_path):
+    """The UI's "Terminate" on a run that is training: the run ends CANCELED, its MLflow run
+    FAILED with the reason, and no model (not even a partial one) is left for the date."""
+    from mlflow import MlflowClient
+
+    from twotower_assets.defs.mlflow_tracking import FAILED_REASON_TAG
+
+    ops = ("click_events", "split_tables", "tf_datasets", "two_tower_model")
+    run_config = yaml.safe_load((REPO / "configs" / "run" / "tiny.yaml").read_text())
+    run_config = {"ops": {op: run_config["ops"][op] for op in ops}}
+    # Many tiny steps per epoch: training lasts long enough to be terminated mid-epoch.
+    run_config["ops"]["two_tower_model"]["config"].update(epochs=1000, batch_size=4)
+    selection = [tables.CLICK_EVENTS, *tables.SPLIT_TABLES.values(), "tf_datasets", "two_tower_model"]
+
+    with DagsterDev(tmp_path) as dev:
+        params = {
+            "selector": {
+                "repositoryLocationName": LOCATION,
+                "repositoryName": REPOSITORY,
+                "pipelineName": "__ASSET_JOB",
+                "assetSelection": [{"path": [key]} for key in selection],
+                "assetCheckSelection": [],
+            },
+            "runConfigData": run_config,
+            "mode": "default",
+            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": TINY_PARTITION}]},
+        }
+        launched = dev.query(LAUNCH_RUN, {"params": params})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run_id = launched["run"]["runId"]
+
+        mlflow = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        training = None
+        while training is None and time.monotonic() < deadline:
+            status = dev.query(RUN_STATUS, {"runId": run_id})["runOrError"]["status"]
+            assert status not in ("SUCCESS", "FAILURE", "CANCELED"), f"run ended {status} before training:\n{dev.tail()}"
+            if (tmp_path / "home" / "mlflow.db").exists():
+                experiments = [e.experiment_id for e in mlflow.search_experiments()]
+                running = mlflow.search_runs(experiments, "attributes.status = 'RUNNING'") if experiments else []
+                training = next((r for r in running if "loss" in r.data.metrics), None)
+            time.sleep(1)
+        assert training is not None, f"training did not start in {RUN_TIMEOUT_S}s:\n{dev.tail()}"
+
+        terminated = dev.query(TERMINATE_RUN, {"runId": run_id})["terminateRun"]
+        assert terminated["__typename"] == "TerminateRunSuccess", terminated
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = dev.query(RUN_STATUS, {"runId": run_id})["runOrError"]["status"]
+            if status in ("SUCCESS", "FAILURE", "CANCELED"):
+                break
+            time.sleep(1)
+        assert status == "CANCELED", f"run {run_id} ended {status}:\n{dev.tail()}"
+
+    ended = mlflow.get_run(training.info.run_id)
+    assert ended.info.status == "FAILED"
+    assert ended.data.tags[FAILED_REASON_TAG]  # why, for whoever opens the run in MLflow
+    model_dir = tmp_path / "home" / "artifacts" / "two_tower_model" / TINY_PARTITION
+    assert not model_dir.exists() and not model_dir.with_name(model_dir.name + ".partial").exists()
+    # What ran before training is kept.
+    assert (tmp_path / "home" / "artifacts" / "tf_datasets" / TINY_PARTITION).is_dir()
