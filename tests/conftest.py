@@ -1,5 +1,9 @@
 """Shared fixtures: tiny data, real DuckDB / MLflow stores in temporary directories."""
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -49,6 +53,25 @@ def materialize_all(resources: dict, partition_key: str = TINY_PARTITION, run_co
         instance=instance or dg.DagsterInstance.ephemeral(),
         raise_on_error=raise_on_error,
     )
+
+
+def sigkill_once_started(command: list[str], marker: Path, timeout_s: float = 60) -> None:
+    """Run ``command`` and SIGKILL it as soon as it creates ``marker`` (it is mid-write then).
+
+    The fault tests' way of interrupting a writer at a known point: no signal handler, no
+    cleanup, exactly what an OOM kill or a lost machine does.
+    """
+    writer = subprocess.Popen(command, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not marker.exists() and writer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), f"the writer never started writing (exit code {writer.poll()})"
+        os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert writer.returncode == -signal.SIGKILL
 
 
 def failure_text(result) -> str:

@@ -30,6 +30,7 @@ LOCATION = "twotower_assets"
 REPOSITORY = "__repository__"
 START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 180
+ENDED = ("SUCCESS", "FAILURE", "CANCELED")
 
 
 def free_port() -> int:
@@ -112,6 +113,16 @@ class DagsterDev:
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def run_status(self, run_id: str) -> str:
+        return self.query(RUN_STATUS, {"runId": run_id})["runOrError"]["status"]
+
+    def wait_for_run(self, run_id: str, timeout_s: float) -> str:
+        """The run's status once it has ended, or its status when ``timeout_s`` ran out."""
+        deadline = time.monotonic() + timeout_s
+        while (status := self.run_status(run_id)) not in ENDED and time.monotonic() < deadline:
+            time.sleep(1)
+        return status
 
     def query(self, query: str, variables: dict | None = None) -> dict:
         request = urllib.request.Request(
@@ -232,13 +243,7 @@ def test_dagster_dev_serves_the_graph_and_runs_it_like_the_ui(tmp_path):
         assert launched["__typename"] == "LaunchRunSuccess", launched
         run_id = launched["run"]["runId"]
 
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        status = None
-        while time.monotonic() < deadline:
-            status = dev.query(RUN_STATUS, {"runId": run_id})["runOrError"]["status"]
-            if status in ("SUCCESS", "FAILURE", "CANCELED"):
-                break
-            time.sleep(2)
+        status = dev.wait_for_run(run_id, RUN_TIMEOUT_S)
         assert status == "SUCCESS", f"run {run_id} ended {status}:\n{dev.tail()}"
 
         daemons = dev.query(REPOSITORY_QUERY, {"selector": selector})["instance"]["daemonHealth"]["allDaemonStatuses"]
@@ -299,8 +304,8 @@ def test_terminating_a_run_in_the_ui_stops_training_and_publishes_nothing(tmp_pa
         deadline = time.monotonic() + RUN_TIMEOUT_S
         training = None
         while training is None and time.monotonic() < deadline:
-            status = dev.query(RUN_STATUS, {"runId": run_id})["runOrError"]["status"]
-            assert status not in ("SUCCESS", "FAILURE", "CANCELED"), f"run ended {status} before training:\n{dev.tail()}"
+            status = dev.run_status(run_id)
+            assert status not in ENDED, f"run ended {status} before training:\n{dev.tail()}"
             if (tmp_path / "home" / "mlflow.db").exists():
                 experiments = [e.experiment_id for e in mlflow.search_experiments()]
                 running = mlflow.search_runs(experiments, "attributes.status = 'RUNNING'") if experiments else []
@@ -310,12 +315,7 @@ def test_terminating_a_run_in_the_ui_stops_training_and_publishes_nothing(tmp_pa
 
         terminated = dev.query(TERMINATE_RUN, {"runId": run_id})["terminateRun"]
         assert terminated["__typename"] == "TerminateRunSuccess", terminated
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            status = dev.query(RUN_STATUS, {"runId": run_id})["runOrError"]["status"]
-            if status in ("SUCCESS", "FAILURE", "CANCELED"):
-                break
-            time.sleep(1)
+        status = dev.wait_for_run(run_id, 60)
         assert status == "CANCELED", f"run {run_id} ended {status}:\n{dev.tail()}"
 
     ended = mlflow.get_run(training.info.run_id)

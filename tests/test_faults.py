@@ -25,7 +25,7 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 import yaml
-from conftest import materialize_all, tiny_run_config
+from conftest import materialize_all, sigkill_once_started, tiny_run_config
 
 from twotower_assets.defs import tables
 from twotower_assets.defs.artifacts import ArtifactStore
@@ -351,18 +351,7 @@ def test_duckdb_writer_killed_mid_write_leaves_the_old_data_and_a_rerun_succeeds
     before = warehouse.query(f"SELECT * FROM {table} ORDER BY train_date, item_id").to_pylist()
 
     marker = tmp_path / "writing"
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_DUCKDB_WRITER, warehouse.path, str(marker), how],
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists() and writer.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), f"the writer never started writing (exit code {writer.poll()})"
-        os.kill(writer.pid, signal.SIGKILL)
-    finally:
-        writer.kill()
-        writer.wait()
-    assert writer.returncode == -signal.SIGKILL
+    sigkill_once_started([sys.executable, "-c", KILLED_DUCKDB_WRITER, warehouse.path, str(marker), how], marker)
 
     # The lock died with the process; the uncommitted rows are gone on the next open.
     assert warehouse.query(f"SELECT * FROM {table} ORDER BY train_date, item_id").to_pylist() == before

@@ -5,17 +5,14 @@ table metadata (schema, partitioning, expiration) is read back through the clien
 """
 
 import datetime as dt
-import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from google.cloud import bigquery
+from conftest import sigkill_once_started
 
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
 from twotower_assets.defs.publishing import history_rows, history_schema
@@ -262,20 +259,9 @@ def test_fault_killed_writer_leaves_the_old_partition_and_a_rerun_succeeds(bq_wa
     bq_warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 6))
     before = sorted_rows(bq_warehouse.query(f"SELECT * FROM `{name}`"), "item_id")
     marker = tmp_path / "writing"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WRITER, bq_warehouse.endpoint, PROJECT, bq_warehouse.dataset, str(marker)],
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    sigkill_once_started(
+        [sys.executable, "-c", KILLED_WRITER, bq_warehouse.endpoint, PROJECT, bq_warehouse.dataset, str(marker)], marker
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists() and writer.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert marker.exists(), f"the writer never started writing (exit code {writer.poll()})"
-        os.kill(writer.pid, signal.SIGKILL)
-    finally:
-        writer.kill()
-        writer.wait()
-    assert writer.returncode == -signal.SIGKILL
 
     assert sorted_rows(bq_warehouse.query(f"SELECT * FROM `{name}`"), "item_id") == before
     assert bq_warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 2, run_id="rerun")) == 2

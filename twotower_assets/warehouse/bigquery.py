@@ -375,19 +375,18 @@ class BigQueryWarehouse(WarehouseResource):
     @property
     def api_retry(self) -> api_retry.Retry:
         """``retry=`` of every API call: transient errors only, exponential backoff."""
-        return (
-            bigquery.DEFAULT_RETRY.with_predicate(is_transient)
-            .with_delay(initial=self.retry_initial_s, maximum=self.retry_maximum_s, multiplier=2.0)
-            .with_deadline(self.retry_deadline_s)
-        )
+        return self._transient_only(bigquery.DEFAULT_RETRY, self.retry_deadline_s)
 
     @property
     def job_retry(self) -> api_retry.Retry:
         """``job_retry=`` of query jobs: a job that failed for a transient reason runs again."""
+        return self._transient_only(bigquery_retry.DEFAULT_JOB_RETRY, self.job_retry_deadline_s)
+
+    def _transient_only(self, retry: api_retry.Retry, deadline_s: float) -> api_retry.Retry:
         return (
-            bigquery_retry.DEFAULT_JOB_RETRY.with_predicate(is_transient)
+            retry.with_predicate(is_transient)
             .with_delay(initial=self.retry_initial_s, maximum=self.retry_maximum_s, multiplier=2.0)
-            .with_deadline(self.job_retry_deadline_s)
+            .with_deadline(deadline_s)
         )
 
     def _run_query(self, client: bigquery.Client, sql: str, job_config, **result_kwargs):
