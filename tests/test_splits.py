@@ -8,7 +8,7 @@ import pytest
 
 from twotower_assets.data.synthetic import SyntheticSpec, generate_all
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
-from twotower_assets.warehouse.sql import DUCKDB, UnsafeIdentifierError, split_queries
+from twotower_assets.warehouse.sql import DUCKDB, UnsafeIdentifierError, split_queries, training_examples_query
 
 TRAIN_DATE = dt.date(2026, 3, 1)
 D = lambda day: TRAIN_DATE - dt.timedelta(days=day)  # noqa: E731  (n days before the training date)
@@ -116,3 +116,25 @@ def test_identifiers_are_refused_unless_plain():
         split_queries(DUCKDB, "click_events; DROP TABLE x", ["user_id", "item_id", "event_date", "event_hour"])
     with pytest.raises(UnsafeIdentifierError):
         split_queries(DUCKDB, "click_events", ["user_id", "item_id", "event_date", "event_hour", "a b"])
+
+
+def test_training_rows_come_in_the_same_order_whatever_order_the_table_holds_them(tmp_path):
+    # Two events of one user, item, date and hour share the md5 key of the shuffle order; they
+    # differ in another column, so without a tie-breaker their order (and the model) depends
+    # on how the warehouse happens to scan the table.
+    day = dt.date(2026, 6, 1)
+    rows = [
+        {"train_date": day, "user_id": "u1", "item_id": "i1", "event_date": day, "event_hour": 9, "booking_cnt": count}
+        for count in (0, 1, 2)
+    ] + [{"train_date": day, "user_id": f"u{n}", "item_id": "i2", "event_date": day, "event_hour": 3, "booking_cnt": 5}
+         for n in range(2, 6)]
+    columns = ["user_id", "item_id", "event_date", "event_hour", "booking_cnt"]
+    orders = []
+    for permutation in (rows, rows[::-1], rows[3:] + rows[:3]):
+        warehouse = DuckDBWarehouse(path=str(tmp_path / f"{len(orders)}.duckdb"))
+        warehouse.write_table("training_events", pa.Table.from_pylist(permutation))
+        result = warehouse.query(training_examples_query(DUCKDB, "training_events", columns), {"train_date": day})
+        orders.append(list(zip(result["user_id"].to_pylist(), result["booking_cnt"].to_pylist())))
+    assert orders[0] == orders[1] == orders[2]
+    tied = [count for user, count in orders[0] if user == "u1"]
+    assert tied == [0, 1, 2]  # ties broken by the row's values

@@ -220,7 +220,9 @@ def training_examples_query(dialect: Dialect, table: str, columns: list[str]) ->
     """Rows of one split partition plus each item's share of training rows (logQ correction).
 
     Parameter ``train_date``. Rows come in md5 order: a fixed pseudo-random order, so the
-    input is reproducible and consecutive rows are not one user's history.
+    input is reproducible and consecutive rows are not one user's history. Events of one
+    user, item, date and hour share a key; the row's own values break those ties, or their
+    order would follow how the warehouse scans the table (and so would the trained model).
     """
     cols = _column_list(columns)
     key = f"CONCAT(user_id, '|', item_id, '|', CAST(event_date AS STRING), '|', CAST(event_hour AS STRING))"
@@ -229,7 +231,7 @@ SELECT {cols},
   CAST(COUNT(*) OVER (PARTITION BY {ITEM_COLUMN}) AS {dialect.float_type}) / COUNT(*) OVER () AS item_sampling_probability
 FROM {dialect.table(table)}
 WHERE train_date = {dialect.param("train_date")}
-ORDER BY {dialect.hex_md5.format(key)}"""
+ORDER BY {dialect.hex_md5.format(key)}, {cols}"""
 
 
 def latest_row_per_query(dialect: Dialect, table: str, key: str, columns: list[str]) -> str:
