@@ -341,3 +341,34 @@ def test_evaluate_recommenders_without_segments_and_reserved_label():
         metrics.evaluate_recommenders(
             {"m": RECOMMENDED}, RELEVANT, POPULARITY, [1], user_segments=np.array(["all", "a", "a"])
         )
+
+
+def test_evaluation_does_not_depend_on_the_order_the_warehouse_returns_rows():
+    # GROUP BY results come back in any order; the sampled users, the random baseline and
+    # every metric must not follow it.
+    import pyarrow as pa
+
+    from twotower_assets.defs.evaluation import EvaluationConfig, evaluate
+
+    rng = np.random.default_rng(3)
+    users = [f"u{n:02d}" for n in range(40)]
+    items = [f"i{n:02d}" for n in range(25)]
+
+    def embeddings(ids, key):
+        vectors = rng.normal(size=(len(ids), 4))
+        return pa.table({key: ids, "embedding": [list(v) for v in vectors]})
+
+    def pairs(count):
+        chosen = {(users[rng.integers(40)], items[rng.integers(25)]) for _ in range(count)}
+        user_ids, item_ids = zip(*sorted(chosen))
+        return pa.table({"user_id": list(user_ids), "item_id": list(item_ids), "events": [1] * len(user_ids)})
+
+    user_embeddings, item_embeddings = embeddings(users, "user_id"), embeddings(items, "item_id")
+    training, test = pairs(300), pairs(60)
+    config = EvaluationConfig(ks=[5, 10], num_users=12, svd_factors=3)  # sample 12 of the test users
+    expected, _ = evaluate(user_embeddings, item_embeddings, training, test, config)
+    for seed in (1, 2):
+        shuffle = np.random.default_rng(seed).permutation
+        table, _ = evaluate(user_embeddings, item_embeddings, training.take(shuffle(training.num_rows)),
+                            test.take(shuffle(test.num_rows)), config)
+        pd.testing.assert_frame_equal(table, expected, check_exact=False, rtol=1e-9)

@@ -71,6 +71,11 @@ def _matrix(pairs: pa.Table, users: pa.Array, items: pa.Array) -> sp.csr_matrix:
     return matrix
 
 
+def _sorted_unique(values) -> pa.Array:
+    unique = _flat(pc.unique(values))
+    return unique.take(pc.sort_indices(unique))
+
+
 def _flat(values) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
@@ -89,10 +94,12 @@ def evaluate(
 ) -> tuple[pd.DataFrame, dict]:
     """Metrics of the model and the baselines (long table) and a few counts."""
     items = _flat(item_embeddings["item_id"])
-    train_users = _flat(pc.unique(training_pairs["user_id"]))
+    # Sorted: the pairs come from GROUP BYs in no fixed order, and the user sample, the random
+    # baseline and SVD's start vector must not depend on it.
+    train_users = _sorted_unique(training_pairs["user_id"])
     train = _matrix(training_pairs, train_users, items)
 
-    known_test_users = _flat(pc.unique(test_pairs["user_id"]))
+    known_test_users = _sorted_unique(test_pairs["user_id"])
     known_test_users = known_test_users.filter(pc.is_in(known_test_users, user_embeddings["user_id"]))
     if len(known_test_users) == 0:
         raise EmptyTableError("no test user has an embedding: nothing to evaluate")
