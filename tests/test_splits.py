@@ -8,7 +8,7 @@ import pytest
 
 from twotower_assets.data.synthetic import SyntheticSpec, generate_all
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
-from twotower_assets.warehouse.sql import DUCKDB, UnsafeIdentifierError, split_queries, training_examples_query
+from twotower_assets.warehouse.sql import DUCKDB, UnsafeIdentifierError, latest_row_per_query, split_queries, training_examples_query
 
 TRAIN_DATE = dt.date(2026, 3, 1)
 D = lambda day: TRAIN_DATE - dt.timedelta(days=day)  # noqa: E731  (n days before the training date)
@@ -138,3 +138,21 @@ def test_training_rows_come_in_the_same_order_whatever_order_the_table_holds_the
     assert orders[0] == orders[1] == orders[2]
     tied = [count for user, count in orders[0] if user == "u1"]
     assert tied == [0, 1, 2]  # ties broken by the row's values
+
+
+def test_each_users_latest_row_is_the_same_whatever_order_the_table_holds_them(tmp_path):
+    # u1's two latest events share date, hour and item and differ in another column: the row
+    # the user tower reads must not depend on the warehouse's scan order.
+    day = dt.date(2026, 6, 1)
+    rows = [
+        {"train_date": day, "user_id": "u1", "item_id": "i1", "event_date": day, "event_hour": 9, "credit": credit}
+        for credit in (3.0, 1.0, 2.0)
+    ] + [{"train_date": day, "user_id": "u1", "item_id": "i0", "event_date": day, "event_hour": 8, "credit": 9.0}]
+    chosen = []
+    for permutation in (rows, rows[::-1], rows[1:] + rows[:1]):
+        warehouse = DuckDBWarehouse(path=str(tmp_path / f"{len(chosen)}.duckdb"))
+        warehouse.write_table("training_events", pa.Table.from_pylist(permutation))
+        result = warehouse.query(latest_row_per_query(DUCKDB, "training_events", "user_id", ["credit"]), {"train_date": day})
+        chosen.append(result.to_pylist())
+    assert chosen[0] == chosen[1] == chosen[2]
+    assert [row["credit"] for row in chosen[0]] == [3.0]  # the latest event; ties broken by the row's values

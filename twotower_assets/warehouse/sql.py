@@ -235,12 +235,18 @@ ORDER BY {dialect.hex_md5.format(key)}, {cols}"""
 
 
 def latest_row_per_query(dialect: Dialect, table: str, key: str, columns: list[str]) -> str:
-    """One row per ``key``: its most recent training event (parameter ``train_date``)."""
-    cols = _column_list(sorted(set(columns) | {key}))
+    """One row per ``key``: its most recent training event (parameter ``train_date``).
+
+    Events of one key at the same date, hour and item are told apart by their values (largest
+    first), so the chosen row does not depend on how the warehouse scans the table.
+    """
+    selected = sorted(set(columns) | {key})
+    cols = _column_list(selected)
+    ties = ", ".join(f"{quote_identifier(c)} DESC" for c in selected)
     return f"""
 SELECT {cols} FROM {dialect.table(table)}
 WHERE train_date = {dialect.param("train_date")}
-QUALIFY ROW_NUMBER() OVER (PARTITION BY {quote_identifier(key)} ORDER BY {EVENT_ORDER_DESC}) = 1
+QUALIFY ROW_NUMBER() OVER (PARTITION BY {quote_identifier(key)} ORDER BY {EVENT_ORDER_DESC}, {ties}) = 1
 ORDER BY {quote_identifier(key)}"""
 
 
