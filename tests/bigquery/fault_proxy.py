@@ -3,8 +3,11 @@
 ``FaultProxy(upstream)`` forwards every request to ``upstream`` and records it. A rule
 (``fail(method, path_regex, status, times, reason)``) makes the first ``times`` matching requests
 fail with ``status`` and a BigQuery-shaped JSON error body (``{"error": {"code", "message",
-"errors": [{"reason"}]}}``, as the REST API sends it) without reaching the emulator. The tests
-point the warehouse's endpoint at the proxy and count what it saw.
+"errors": [{"reason"}]}}``, as the REST API sends it) without reaching the emulator.
+``fail_jobs(times, reason)`` lets job inserts through but answers the first ``times`` as jobs
+that ended with ``errorResult.reason`` (a job that failed inside BigQuery, which only
+``job_retry`` retries). The tests point the warehouse's endpoint at the proxy and count what
+it saw.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Rule:
     times: int  # -1: always
     reason: str
     failed: int = 0
+    job_failure: bool = False  # forward, then report the job as failed with ``reason``
 
     def matches(self, method: str, path: str) -> bool:
         return method == self.method and bool(self.path.search(path))
@@ -72,6 +76,19 @@ class FaultProxy:
             def _handle(self):
                 body = self._read_body()
                 rule = proxy._take_rule(self.command, self.path)
+                if rule is not None and rule.job_failure:
+                    status, headers, data = proxy._forward(self.command, self.path, self.headers, body)
+                    job = json.loads(data)
+                    error = {"reason": rule.reason, "message": f"injected job failure {rule.reason}"}
+                    job["status"] = {"state": "DONE", "errorResult": error, "errors": [error]}
+                    data = json.dumps(job).encode()
+                    proxy._record(self.command, self.path, status, True)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json; charset=UTF-8")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if rule is not None:
                     payload = json.dumps(
                         {"error": {"code": rule.status, "message": f"injected {rule.status} {rule.reason}",
@@ -121,6 +138,12 @@ class FaultProxy:
 
     def fail(self, method: str, path: str, status: int, times: int = 1, reason: str | None = None) -> Rule:
         rule = Rule(method, re.compile(path), status, times, reason or REASONS[status])
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def fail_jobs(self, times: int = 1, reason: str = "backendError") -> Rule:
+        rule = Rule("POST", re.compile(r"^/bigquery/v2/projects/[^/]+/jobs(\?|$)"), 200, times, reason, job_failure=True)
         with self._lock:
             self.rules.append(rule)
         return rule

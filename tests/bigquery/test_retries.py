@@ -247,3 +247,47 @@ def test_dagster_does_not_retry_a_permanent_error(proxy, monkeypatch):
     assert "Forbidden" in error.message and "injected 403" in error.message
     assert error.cause is not None and error.cause.cls_name == "Forbidden"
     assert len(proxy.requests("GET", DATASET_GET)) == 1
+
+
+@pytest.mark.parametrize("reason", ["backendError", "rateLimitExceeded", "internalError"])
+def test_a_query_job_that_fails_for_a_transient_reason_runs_again_as_a_new_job(proxy, monkeypatch, reason):
+    # The API call succeeds; the job itself ends with a retryable errorResult. Only job_retry
+    # covers this: the query is submitted again as a new job.
+    warehouse = proxied_warehouse(proxy, monkeypatch)
+    proxy.reset()
+    proxy.fail_jobs(times=2, reason=reason)
+    assert warehouse.query("SELECT 41 + 1 AS answer").to_pylist() == [{"answer": 42}]
+    inserts = proxy.requests("POST", JOBS_INSERT)
+    assert [s.injected for s in inserts] == [True, True, False]
+
+
+def test_a_query_job_that_fails_for_a_permanent_reason_is_not_run_again(proxy, monkeypatch):
+    warehouse = proxied_warehouse(proxy, monkeypatch)
+    proxy.reset()
+    proxy.fail_jobs(times=1, reason="invalidQuery")
+    with pytest.raises(api_exceptions.BadRequest, match="injected job failure invalidQuery"):
+        warehouse.query("SELECT 1 AS x")
+    assert len(proxy.requests("POST", JOBS_INSERT)) == 1
+
+
+def test_a_swap_job_reported_failed_after_it_ran_runs_again_and_writes_the_partition_once(proxy, monkeypatch, bq_emulator):
+    # The proxy lets the swap script run in the emulator, then reports the job as failed: the
+    # case of a job whose success was lost. job_retry runs the script again; it is one
+    # DELETE + INSERT transaction per table, so running it twice still leaves one copy.
+    warehouse = proxied_warehouse(proxy, monkeypatch)
+    name = warehouse.table_name("two_tower_item_embedding_history")
+    warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 5, "first"))
+    warehouse.replace_partition(name, "train_date", JUNE_8, item_rows(JUNE_8, 2, "other date"))
+    proxy.reset()
+    proxy.fail_jobs(times=1)
+
+    assert warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 3, "second")) == 3
+
+    injected = [s for s in proxy.requests("POST", JOBS_INSERT) if s.injected]
+    assert len(injected) == 1, "the swap job should have been reported failed once"
+    assert warehouse.partition_row_counts(name, "train_date") == {JUNE_1: 3, JUNE_8: 2}
+    day1 = warehouse.query(f"SELECT item_id, mlflow_run_id FROM `{name}` WHERE train_date = @d", {"d": JUNE_1})
+    assert sorted(day1["item_id"].to_pylist()) == ["i0", "i1", "i2"]  # no duplicates
+    assert set(day1["mlflow_run_id"].to_pylist()) == {"second"}
+    with bq_emulator_client(bq_emulator) as client:
+        assert not [t for t in client.list_tables(f"{PROJECT}.{warehouse.dataset}") if t.table_id.startswith("_staging_")]
