@@ -143,11 +143,27 @@ def test_permanent_errors_are_raised_at_once(proxy, monkeypatch, status, error):
     assert time.monotonic() - started < 5
 
 
-def test_transient_errors_during_a_partition_swap_write_it_exactly_once(proxy, monkeypatch, bq_emulator):
-    warehouse = proxied_warehouse(proxy, monkeypatch)
+def history_with_two_dates(warehouse: BigQueryWarehouse, other_rows: int) -> str:
+    """The item history table with 5 rows on June 1 (run "old") and ``other_rows`` on June 8."""
     name = warehouse.table_name("two_tower_item_embedding_history")
     warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 5, "old"))
-    warehouse.replace_partition(name, "train_date", JUNE_8, item_rows(JUNE_8, 7, "other"))
+    warehouse.replace_partition(name, "train_date", JUNE_8, item_rows(JUNE_8, other_rows, "other"))
+    return name
+
+
+def assert_june_1_written_once(warehouse: BigQueryWarehouse, bq_emulator, name: str, run_id: str, other_rows: int):
+    """June 1 holds exactly the 3 new rows of ``run_id``, June 8 is untouched, no staging is left."""
+    assert warehouse.partition_row_counts(name, "train_date") == {JUNE_1: 3, JUNE_8: other_rows}
+    day1 = warehouse.query(f"SELECT item_id, mlflow_run_id FROM `{name}` WHERE train_date = @d", {"d": JUNE_1})
+    assert sorted(day1["item_id"].to_pylist()) == ["i0", "i1", "i2"]  # no duplicates
+    assert set(day1["mlflow_run_id"].to_pylist()) == {run_id}
+    with bq_emulator_client(bq_emulator) as client:
+        assert not [t for t in client.list_tables(f"{PROJECT}.{warehouse.dataset}") if t.table_id.startswith("_staging_")]
+
+
+def test_transient_errors_during_a_partition_swap_write_it_exactly_once(proxy, monkeypatch, bq_emulator):
+    warehouse = proxied_warehouse(proxy, monkeypatch)
+    name = history_with_two_dates(warehouse, other_rows=7)
     proxy.reset()
     # Every kind of call of a partition write fails once or twice before it goes through:
     # table metadata, creating the staging table, starting the swap script, reading its results.
@@ -161,12 +177,7 @@ def test_transient_errors_during_a_partition_swap_write_it_exactly_once(proxy, m
     assert warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 3, "new")) == 3
 
     assert [rule.failed for rule in rules] == [2, 1, 2, 2]  # every fault was hit, and got past
-    assert warehouse.partition_row_counts(name, "train_date") == {JUNE_1: 3, JUNE_8: 7}
-    day1 = warehouse.query(f"SELECT item_id, mlflow_run_id FROM `{name}` WHERE train_date = @d", {"d": JUNE_1})
-    assert sorted(day1["item_id"].to_pylist()) == ["i0", "i1", "i2"]  # no duplicates
-    assert set(day1["mlflow_run_id"].to_pylist()) == {"new"}
-    with bq_emulator_client(bq_emulator) as client:
-        assert not [t for t in client.list_tables(f"{PROJECT}.{warehouse.dataset}") if t.table_id.startswith("_staging_")]
+    assert_june_1_written_once(warehouse, bq_emulator, name, "new", other_rows=7)
 
 
 def bq_emulator_client(emulator):
@@ -275,9 +286,7 @@ def test_a_swap_job_reported_failed_after_it_ran_runs_again_and_writes_the_parti
     # case of a job whose success was lost. job_retry runs the script again; it is one
     # DELETE + INSERT transaction per table, so running it twice still leaves one copy.
     warehouse = proxied_warehouse(proxy, monkeypatch)
-    name = warehouse.table_name("two_tower_item_embedding_history")
-    warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 5, "first"))
-    warehouse.replace_partition(name, "train_date", JUNE_8, item_rows(JUNE_8, 2, "other date"))
+    name = history_with_two_dates(warehouse, other_rows=2)
     proxy.reset()
     proxy.fail_jobs(times=1)
 
@@ -285,9 +294,4 @@ def test_a_swap_job_reported_failed_after_it_ran_runs_again_and_writes_the_parti
 
     injected = [s for s in proxy.requests("POST", JOBS_INSERT) if s.injected]
     assert len(injected) == 1, "the swap job should have been reported failed once"
-    assert warehouse.partition_row_counts(name, "train_date") == {JUNE_1: 3, JUNE_8: 2}
-    day1 = warehouse.query(f"SELECT item_id, mlflow_run_id FROM `{name}` WHERE train_date = @d", {"d": JUNE_1})
-    assert sorted(day1["item_id"].to_pylist()) == ["i0", "i1", "i2"]  # no duplicates
-    assert set(day1["mlflow_run_id"].to_pylist()) == {"second"}
-    with bq_emulator_client(bq_emulator) as client:
-        assert not [t for t in client.list_tables(f"{PROJECT}.{warehouse.dataset}") if t.table_id.startswith("_staging_")]
+    assert_june_1_written_once(warehouse, bq_emulator, name, "second", other_rows=2)
