@@ -21,7 +21,7 @@ from twotower_assets.defs.validation import validate_training_input
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, save_dataset
 from twotower_assets.model.features import load_feature_config
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
-from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
+from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.sql import (
     USER_COLUMN,
     distinct_pairs_query,
@@ -61,9 +61,11 @@ def tf_datasets(
     feature_config = load_feature_config(config.config_name)
     training_table = warehouse.table_name(tables.TRAINING_EVENTS)
     validation_table = warehouse.table_name(tables.VALIDATION_EVENTS)
-    # Every check of the input data, in the warehouse, before anything is read or written.
-    report = validate_training_input(warehouse, feature_config, training_date(context))
-    params = {"train_date": training_date(context)}
+    train_date = training_date(context)
+    # Every check of the input data, in the warehouse, before anything is read or written
+    # (empty splits included: the datasets below are never empty).
+    report = validate_training_input(warehouse, feature_config, train_date)
+    params = {"train_date": train_date}
 
     kinds = feature_kinds(feature_config)
     example_kinds = {**kinds, SAMPLING_PROBABILITY_COLUMN: "number"}
@@ -85,8 +87,6 @@ def tf_datasets(
             directory / "training",
             on_batch=stats_builder.update,
         )
-        if rows["training"] == 0:
-            raise EmptyTableError(f"{training_table} has no rows for {context.partition_key}")
         stats = stats_builder.build()  # fails here, before the other datasets, if no vector is usable
         rows["validation"] = save_dataset(
             read(training_examples_query(dialect, validation_table, read_columns)),

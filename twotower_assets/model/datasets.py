@@ -288,14 +288,6 @@ def adapt_text_vocabulary(values: list[str]) -> list[str]:
     return [str(token) for token in layer.get_vocabulary()[2:]]
 
 
-def pretrained_table(
-    name: str, texts: dict[str, str | None], dim: int, config: FeatureConfig
-) -> tuple[list[str], np.ndarray]:
-    """Ids and their parsed vectors; unparsable or missing vectors become zeros."""
-    ids, vectors, _ = parse_pretrained(name, texts, dim, config)
-    return ids, vectors
-
-
 def parse_pretrained(
     name: str, texts: dict[str, str | None], dim: int, config: FeatureConfig
 ) -> tuple[list[str], np.ndarray, int]:
