@@ -28,6 +28,7 @@ ERROR_MESSAGE = "training_error"
 class LaunchedTrainingError(RuntimeError):
     """The training entry point ran and its training failed; the message is the original error."""
 
+
 # Dagster metadata value classes -> the type names of the Pipes protocol.
 _PIPES_TYPES = {
     "UrlMetadataValue": "url",
@@ -42,10 +43,11 @@ _PIPES_TYPES = {
 
 
 def pipes_extras(config: dg.Config, artifacts: ArtifactStore, mlflow: MlflowTracking, run_id: str) -> dict:
-    """What the entry point needs: the training config (launched locally there) and where the
-    artifacts and MLflow live (shared storage and a tracking server when it runs elsewhere)."""
+    """What the entry point needs: the training config and where the artifacts and MLflow live
+    (shared storage and a tracking server when it runs elsewhere). The entry point itself
+    sets the launcher to ``local``, so it never launches again."""
     return {
-        "training_config": {**config.model_dump(), "training_launcher": "local"},
+        "training_config": config.model_dump(),
         "artifacts": {"base_dir": artifacts.base_dir},
         "mlflow": {"tracking_uri": mlflow.tracking_uri, "artifact_root": mlflow.artifact_root, "ui_url": mlflow.ui_url},
         "dagster_run_id": run_id,
