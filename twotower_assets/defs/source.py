@@ -45,10 +45,12 @@ class SyntheticEventsConfig(dg.Config):
         default=10, ge=0, description="Length of the user_recent_items feature (earlier ratings, newest first)."
     )
 
+    def last_event_date(self) -> dt.date:
+        return dt.date.fromisoformat(self.end_date) if self.end_date else dt.datetime.now(dt.UTC).date()
+
     def spec(self) -> SyntheticSpec:
-        end = dt.date.fromisoformat(self.end_date) if self.end_date else dt.datetime.now(dt.UTC).date()
         return SyntheticSpec(
-            end_date=end,
+            end_date=self.last_event_date(),
             num_users=self.num_users,
             num_items=self.num_items,
             num_events=self.num_events,
@@ -102,8 +104,9 @@ def _movielens_click_events(
 
     if not config.movielens_path:
         raise ValueError("source is 'movielens' but movielens_path is not set (docs/benchmarks-movielens.md)")
-    end = dt.date.fromisoformat(config.end_date) if config.end_date else dt.datetime.now(dt.UTC).date()
-    events = click_event_table(load_movielens(config.movielens_path), end, config.movielens_recent_items)
+    events = click_event_table(
+        load_movielens(config.movielens_path), config.last_event_date(), config.movielens_recent_items
+    )
     context.log.info(f"Loaded {events.num_rows} MovieLens ratings from {config.movielens_path}")
     rows = warehouse.write_table(
         warehouse.table_name(tables.CLICK_EVENTS), events.to_batches(), schema=MOVIELENS_EVENT_SCHEMA
