@@ -352,18 +352,21 @@ def _threshold_block(shared: _ThresholdInputs, start: int, stop: int) -> np.ndar
         if last > first:
             scores[seen_rows[first:last], seen_items[first:last] - lo] = -np.inf
         flat = np.flatnonzero(np.greater_equal(scores, threshold, out=mask_buffer[:, :width]))
+        many = flat.size > usual
+        if flooded.any():
+            flat = flat[~flooded[flat // width]]  # rows already given up on collect nothing more
         rows, columns = np.divmod(flat, width)
         found_rows.append(rows.astype(np.uint16))
         found_items.append(columns + lo)
         found_scores.append(scores.ravel()[flat])
-        if flat.size > usual:
+        if many:
             # Ties flood a row (e.g. a zero vector): stop collecting it, redo it exactly.
-            counts = np.bincount(np.concatenate(found_rows), minlength=n_rows)
-            flooded |= counts > row_cap
-        if flooded.any():
-            for i, rows_i in enumerate(found_rows):
-                keep = ~flooded[rows_i]
-                found_rows[i], found_items[i], found_scores[i] = rows_i[keep], found_items[i][keep], found_scores[i][keep]
+            newly = (np.bincount(np.concatenate(found_rows), minlength=n_rows) > row_cap) & ~flooded
+            if newly.any():
+                flooded |= newly
+                for i, rows_i in enumerate(found_rows):
+                    keep = ~flooded[rows_i]
+                    found_rows[i], found_items[i], found_scores[i] = rows_i[keep], found_items[i][keep], found_scores[i][keep]
 
     rows = np.concatenate(found_rows)
     items = np.concatenate(found_items)
