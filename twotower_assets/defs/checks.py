@@ -31,7 +31,7 @@ from twotower_assets.defs.evaluation import EVALUATION_METRICS, MODEL_NAME
 from twotower_assets.defs.mlflow_tracking import MlflowTracking
 from twotower_assets.defs.partitions import training_date_partitions
 from twotower_assets.warehouse.base import WarehouseResource
-from twotower_assets.warehouse.sql import ITEM_COLUMN, USER_COLUMN, quote_identifier
+from twotower_assets.warehouse.sql import ITEM_COLUMN, USER_COLUMN, count_where, quote_identifier
 
 # Partitioned checks (one result per training date) are a preview feature in Dagster 1.13;
 # without them a backfill's dates would share one check status.
@@ -90,8 +90,8 @@ def split_table_stats(warehouse: WarehouseResource, train_date: dt.date) -> dict
         source = dialect.table(warehouse.table_name(table))
         row = warehouse.query(
             f"SELECT COUNT(*) AS row_count, "
-            f"COALESCE(SUM(CASE WHEN {user} IS NULL THEN 1 ELSE 0 END), 0) AS null_user_ids, "
-            f"COALESCE(SUM(CASE WHEN {item} IS NULL THEN 1 ELSE 0 END), 0) AS null_item_ids, "
+            f"{count_where(f'{user} IS NULL')} AS null_user_ids, "
+            f"{count_where(f'{item} IS NULL')} AS null_item_ids, "
             f"COUNT(DISTINCT {user}) AS users, COUNT(DISTINCT {item}) AS items "
             f"FROM {source} WHERE {column} = {date}",
             params,

@@ -41,7 +41,7 @@ from twotower_assets.defs import tables
 from twotower_assets.model.features import FeatureConfig
 from twotower_assets.model.layers import TEXT_MAX_CHARS
 from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
-from twotower_assets.warehouse.sql import ITEM_COLUMN, USER_COLUMN, Dialect, quote_identifier
+from twotower_assets.warehouse.sql import ITEM_COLUMN, USER_COLUMN, Dialect, count_where, quote_identifier
 
 MIN_DISTINCT = 2
 """Distinct users and distinct items training needs at least."""
@@ -107,10 +107,6 @@ def _non_finite(dialect: Dialect, column: str) -> str:
     return f"(isnan({column}) OR isinf({column}))"
 
 
-def _count(condition: str) -> str:
-    return f"COALESCE(SUM(CASE WHEN {condition} THEN 1 ELSE 0 END), 0)"
-
-
 def _stats_query(
     dialect: Dialect, table: str, schema: pa.Schema, floats: list[str], texts: list[str], distinct: bool
 ) -> tuple[str, dict[str, str]]:
@@ -120,15 +116,16 @@ def _stats_query(
     for i, name in enumerate(ID_COLUMNS):
         column = quote_identifier(name)
         text = column if pa.types.is_string(schema.field(name).type) else f"CAST({column} AS STRING)"
-        selects.append(f"{_count(f'{column} IS NULL OR TRIM({text}) = {chr(39)}{chr(39)}')} AS empty_id_{i}")
+        blank = f"{column} IS NULL OR TRIM({text}) = ''"
+        selects.append(f"{count_where(blank)} AS empty_id_{i}")
         meaning[f"empty_id_{i}"] = name
         if distinct:
             selects.append(f"COUNT(DISTINCT {column}) AS distinct_id_{i}")
     for i, name in enumerate(floats):
-        selects.append(f"{_count(_non_finite(dialect, quote_identifier(name)))} AS non_finite_{i}")
+        selects.append(f"{count_where(_non_finite(dialect, quote_identifier(name)))} AS non_finite_{i}")
         meaning[f"non_finite_{i}"] = name
     for i, name in enumerate(texts):
-        selects.append(f"{_count(f'LENGTH({quote_identifier(name)}) > {TEXT_MAX_CHARS}')} AS long_text_{i}")
+        selects.append(f"{count_where(f'LENGTH({quote_identifier(name)}) > {TEXT_MAX_CHARS}')} AS long_text_{i}")
         meaning[f"long_text_{i}"] = name
     sql = (
         f"SELECT {', '.join(selects)} FROM {dialect.table(table)} "

@@ -216,6 +216,11 @@ def split_queries(dialect: Dialect, source: str, columns: list[str]) -> dict[str
     }
 
 
+def count_where(condition: str) -> str:
+    """SQL counting the rows where ``condition`` holds (0 over no rows, on both warehouses)."""
+    return f"COALESCE(SUM(CASE WHEN {condition} THEN 1 ELSE 0 END), 0)"
+
+
 def training_examples_query(dialect: Dialect, table: str, columns: list[str]) -> str:
     """Rows of one split partition plus each item's share of training rows (logQ correction).
 
