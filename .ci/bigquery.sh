@@ -49,9 +49,9 @@ mkdir -p "$TWOTOWER_HOME" "$DAGSTER_HOME"
 import datetime as dt
 import sys
 
-from twotower_assets.defs import tables
 from twotower_assets.defs.resources import default_warehouse
-from twotower_assets.defs.vector_search import SIMILAR_ITEMS
+from twotower_assets.lib import layout as tables
+from twotower_assets.lib.layout import SIMILAR_ITEMS
 
 day = dt.date.fromisoformat(sys.argv[1])
 warehouse = default_warehouse()
@@ -72,5 +72,9 @@ with warehouse.client() as client:
         columns = [(f.name, f.field_type, f.mode) for f in client.get_table(warehouse.table_name(history)).schema]
         assert columns[-1] == (f"{entity}_embedding", "FLOAT64", "REPEATED"), columns
         assert client.get_table(warehouse.table_name(latest)).table_type == "VIEW", latest
+    # The _latest views follow the champion (the only date here).
+    for view in tables.LATEST_VIEWS.values():
+        dates = warehouse.query(f"SELECT DISTINCT train_date FROM `{warehouse.table_name(view)}`")["train_date"].to_pylist()
+        assert dates == [day], (view, dates)
 print("BigQuery (emulator) tables OK")
 PY

@@ -80,7 +80,7 @@ def main() -> int:
 
     import tensorflow as tf  # noqa: F401
 
-    from twotower_assets.defs.publishing import history_rows, history_schema
+    from twotower_assets.defs.publishing.embeddings import history_rows, history_schema
     from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, load_blocks, save_dataset
     from twotower_assets.model.features import load_feature_config
     from twotower_assets.model.training import TrainingParams, build_model, tower_outputs

@@ -102,8 +102,9 @@ def train(args, directory: Path, mixed_precision: bool, steps: int | None) -> di
     started = time.perf_counter()
     result = train_two_tower(
         load_feature_config("default-features"), FeatureStats.load(directory), load_blocks(directory / "training"),
-        train_rows, None, TrainingParams(embedding_size=64, batch_size=args.batch_size, epochs=1, seed=42),
-        callbacks=[timer], mixed_precision=mixed_precision,
+        train_rows, None,
+        TrainingParams(embedding_size=64, batch_size=args.batch_size, epochs=1, seed=42, mixed_precision=mixed_precision),
+        callbacks=[timer],
     )
     measured = (timer.steps - args.warmup) * args.batch_size
     return {

@@ -65,7 +65,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
 
 from twotower_assets.data.movielens import click_event_table, load_movielens, recent_items  # noqa: E402
-from twotower_assets.model import metrics, plots  # noqa: E402
+from twotower_assets.model import metrics, plots, topk  # noqa: E402
 from twotower_assets.model.datasets import FeatureStatsBuilder, batch_to_features, feature_kinds  # noqa: E402
 from twotower_assets.model.features import load_feature_config, parse_feature_config  # noqa: E402
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN  # noqa: E402
@@ -174,7 +174,7 @@ def top_k_accuracy(
 
     Row i of ``query_vectors`` is test rating i's query; ``seen`` (rows aligned with the
     queries) lists items removed from that query's ranking. Ties count against the true item
-    only for lower item indices, as ``metrics.top_k_items`` breaks them.
+    only for lower item indices, as ``topk.top_k_items`` breaks them.
     """
     ranks = np.empty(len(true_items), np.int64)
     items_t = np.ascontiguousarray(item_vectors, dtype=np.float32).T
@@ -384,7 +384,7 @@ def two_tower(split: Split, index: Index, setup: TowerSetup) -> TowerRun:
     log(f"two-tower [{setup.describe()}]: best validation epoch {best_epochs} of {tuned.epochs_run}")
     train = with_recent(split.train, split.train, k)
     final, kinds, _ = _train(
-        setup, config, train, None, split.items, replace(setup.params, epochs=best_epochs)
+        setup, config, train, None, split.items, setup.params.model_copy(update={"epochs": best_epochs})
     )
     model = final.model
     test = with_recent(split.test, split.train, k)
@@ -522,13 +522,13 @@ def main() -> int:
     exclude = train_matrix[eval_users]
     k_max = max(PROJECT_KS)
     recommendations = {
-        "two-tower (latest query)": metrics.top_k_items(
+        "two-tower (latest query)": topk.top_k_items(
             tower.user_vectors[eval_users], tower.item_vectors, k_max, exclude=exclude
         ),
-        "two-tower (mean query)": metrics.top_k_items(
+        "two-tower (mean query)": topk.top_k_items(
             tower.user_mean_vectors[eval_users], tower.item_vectors, k_max, exclude=exclude
         ),
-        "ease": metrics.top_k_items(dense_train[eval_users], weights.T, k_max, exclude=exclude),
+        "ease": topk.top_k_items(dense_train[eval_users], weights.T, k_max, exclude=exclude),
         "svd": metrics.svd_recommendations(train_matrix, eval_users, k_max, exclude=exclude, n_factors=100, seed=0),
         "popularity": metrics.popularity_recommendations(item_counts, len(eval_users), k_max, exclude=exclude),
         "random": metrics.random_recommendations(len(eval_users), len(index.item_ids), k_max, exclude=exclude, seed=0),

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import float32_matmul_rate, load_average, markdown_table, print_header  # noqa: E402
 
 import twotower_assets  # noqa: E402,F401  (TF environment switches)
-from twotower_assets.defs.recommendations import recommendation_batches  # noqa: E402
-from twotower_assets.model import metrics  # noqa: E402
+from twotower_assets.defs.publishing.recommendations import recommendation_batches  # noqa: E402
+from twotower_assets.model import topk  # noqa: E402
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -117,17 +117,17 @@ def main() -> int:
 
     from threadpoolctl import threadpool_limits
 
-    tiles = [np.ascontiguousarray(items[lo : lo + metrics._TILE_ITEMS].T) for lo in range(0, args.items, metrics._TILE_ITEMS)]
+    tiles = [np.ascontiguousarray(items[lo : lo + topk._TILE_ITEMS].T) for lo in range(0, args.items, topk._TILE_ITEMS)]
 
     def tiled_products(start: int) -> None:
-        tile_buffer = np.empty((metrics._THRESHOLD_BLOCK, metrics._TILE_ITEMS), np.float32)
-        block = users[start : start + metrics._THRESHOLD_BLOCK]
+        tile_buffer = np.empty((topk._THRESHOLD_BLOCK, topk._TILE_ITEMS), np.float32)
+        block = users[start : start + topk._THRESHOLD_BLOCK]
         for tile in tiles:
             np.matmul(block, tile, out=tile_buffer[: len(block), : tile.shape[1]])
 
     def products_parallel():
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(metrics._WORKERS) as pool:
-            list(pool.map(tiled_products, range(0, args.users, metrics._THRESHOLD_BLOCK)))
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(topk._WORKERS) as pool:
+            list(pool.map(tiled_products, range(0, args.users, topk._THRESHOLD_BLOCK)))
 
     same_shape_name = "same-shape products only, as top_k_items runs them (1 BLAS thread x 1 block per core, tiles)"
     same_shape = add(same_shape_name, best_time(products_parallel, args.repeats)[0])
@@ -144,14 +144,14 @@ def main() -> int:
     assert written == args.users
     asset_name = "recommendations asset compute (recommendation_batches)"
     asset_rate = add(asset_name, asset_seconds, "top-k + seen removed + scores + Arrow")
-    topk_seconds, ours = best_time(lambda: metrics.top_k_items(users, items, args.k, exclude=seen, block_size=1024), args.repeats)
+    topk_seconds, ours = best_time(lambda: topk.top_k_items(users, items, args.k, exclude=seen, block_size=1024), args.repeats)
     add("top_k_items (threshold pass)", topk_seconds)
 
     if not args.skip_plain:
         sample = slice(0, min(args.users, 4096))  # the plain pass is slow: time a slice, scale up
         plain = np.empty((sample.stop, args.k), np.int64)
         started = time.perf_counter()
-        metrics._top_k_dense(users, items_t, args.k, seen, 1024, np.arange(sample.stop), plain)
+        topk._top_k_dense(users, items_t, args.k, seen, 1024, np.arange(sample.stop), plain)
         plain_seconds = (time.perf_counter() - started) * args.users / sample.stop
         add("plain pass: argpartition of every score", plain_seconds, f"timed on {sample.stop:,} users, scaled")
         assert np.array_equal(plain, ours[sample]), "threshold pass and plain pass disagree"

@@ -36,8 +36,8 @@ PARTITION = "2026-06-01"
 
 
 def resources(home: Path) -> dict:
-    from twotower_assets.defs.artifacts import ArtifactStore
-    from twotower_assets.defs.mlflow_tracking import MlflowTracking
+    from twotower_assets.lib.artifacts import ArtifactStore
+    from twotower_assets.lib.mlflow_tracking import MlflowTracking
     from twotower_assets.warehouse.duckdb import DuckDBWarehouse
 
     home.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def main() -> int:
     import pyarrow.parquet as pq
     import tensorflow as tf
 
-    from twotower_assets.defs.datasets import SEEN_PAIRS_FILE, TF_DATASETS
+    from twotower_assets.lib.layout import TF_DATASETS, DatasetFiles
     from twotower_assets.model.datasets import batches, dataset_rows, load_blocks, shuffled_batches
     from twotower_assets.model.features import FeatureConfig
     from twotower_assets.model.layers import FeatureStats
@@ -109,7 +109,7 @@ def main() -> int:
     examples = steps * args.batch_size
     feature_config = FeatureConfig.model_validate_json((datasets / "feature_config.json").read_text())
     stats = FeatureStats.load(datasets)
-    pairs = pq.read_table(datasets / SEEN_PAIRS_FILE)
+    pairs = pq.read_table(DatasetFiles(datasets).seen_pairs)
     seen_pairs = (pairs["user_key"], pairs["item_id"])
     print(
         f"{args.events:,} events -> {train_rows:,} training rows; config {args.config_name}, batch {args.batch_size}, "

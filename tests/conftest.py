@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 import twotower_assets  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any TensorFlow import)
-from twotower_assets.defs.artifacts import ArtifactStore
-from twotower_assets.defs.mlflow_tracking import MlflowTracking
+from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,15 +18,19 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._daemon.freshness import FreshnessDaemon
 
 from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
-from twotower_assets.defs import automation, tables
-from twotower_assets.defs.checks import QUALITY_GATE
-from twotower_assets.defs.evaluation import EVALUATION_METRICS
-from twotower_assets.defs.partitions import training_date_partitions
+from twotower_assets.defs.automation import jobs, schedules
+from twotower_assets.lib import conditions, layout
+from twotower_assets.lib.layout import QUALITY_GATE
+from twotower_assets.lib.layout import EVALUATION_METRICS
+from twotower_assets.lib.partitions import training_date_partitions
 from twotower_assets.definitions import defs
 
 NOW = dt.datetime.now(dt.timezone.utc)
-TRAINING_CHAIN = {"tf_datasets", "two_tower_model", EVALUATION_METRICS}
-PUBLISHING = {"match_model", tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY}
+TRAINING_CHAIN = {"tf_datasets", "two_tower_model", layout.MATCH_MODEL, EVALUATION_METRICS}
+"""Up to the quality gate: the candidate MatchModel is registered before it is evaluated."""
+PUBLISHING = {layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY, layout.RECOMMENDATIONS,
+              layout.SIMILAR_ITEMS, layout.ITEM_ANN_INDEX, layout.TWO_TOWER_RETRIEVER, layout.CHAMPION}
+"""Behind the gate: what a date publishes once it passes."""
 
 
 @pytest.fixture
@@ -37,7 +41,7 @@ def instance(tmp_path):
 
 
 def latest_partition(at: dt.datetime) -> str:
-    return automation.training_partition_at(at)
+    return schedules.training_partition_at(at)
 
 
 class Ticks:
@@ -69,7 +73,7 @@ def evaluate_freshness(instance: dg.DagsterInstance, at: dt.datetime) -> dict[st
     with WorkspaceProcessContext(instance, InProcessTestWorkspaceLoadTarget(origin)) as context, freeze_time(at):
         for _ in FreshnessDaemon().run_iteration(context):
             pass
-    records = instance.get_freshness_state_records([dg.AssetKey(k) for k in (tables.TRAINING_EVENTS, "two_tower_model", tables.USER_EMBEDDING_HISTORY)])
+    records = instance.get_freshness_state_records([dg.AssetKey(k) for k in (layout.TRAINING_EVENTS, "two_tower_model", layout.USER_EMBEDDING_HISTORY)])
     return {key.to_user_string(): record.freshness_state.value for key, record in records.items()}
 
 
@@ -89,8 +93,8 @@ def test_new_training_data_retrains_evaluates_and_publishes_that_date(instance, 
     resources = make_resources(tmp_path / "home")
     config = tiny_run_config()["ops"]
     graph = [*ALL_ASSETS, *ALL_CHECKS]
-    source = {"ops": {tables.CLICK_EVENTS: config[tables.CLICK_EVENTS]}}
-    dg.materialize(graph, selection=[tables.CLICK_EVENTS], resources=resources, run_config=source, instance=instance)
+    source = {"ops": {layout.CLICK_EVENTS: config[layout.CLICK_EVENTS]}}
+    dg.materialize(graph, selection=[layout.CLICK_EVENTS], resources=resources, run_config=source, instance=instance)
     assert tick() == {}, "new click events alone wait for the weekly schedule"
 
     # New training data: runs that rebuild the split of two dates (their data checks pass).
@@ -98,7 +102,7 @@ def test_new_training_data_retrains_evaluates_and_publishes_that_date(instance, 
     for date in sorted(dates):
         split = dg.materialize(
             graph,
-            selection=dg.AssetSelection.assets(*tables.SPLIT_TABLES.values()),
+            selection=dg.AssetSelection.assets(*layout.SPLIT_TABLES.values()),
             resources=resources,
             partition_key=date,
             run_config={"ops": {"split_tables": config["split_tables"]}},
@@ -109,7 +113,7 @@ def test_new_training_data_retrains_evaluates_and_publishes_that_date(instance, 
     tick.cursor = result.cursor
     for key in TRAINING_CHAIN | PUBLISHING:
         assert result.get_requested_partitions(dg.AssetKey(key)) == dates, key
-    assert not any(result.get_num_requested(dg.AssetKey(key)) for key in tables.SPLIT_TABLES.values())
+    assert not any(result.get_num_requested(dg.AssetKey(key)) for key in layout.SPLIT_TABLES.values())
     # The quality gate joins the run that evaluates; the split checks already ran with the split.
     assert requested_checks(result) == {QUALITY_GATE}
     assert tick() == {}, "handled: not requested again"
@@ -138,7 +142,7 @@ def test_a_stale_model_is_retrained_once_for_the_latest_date(instance):
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor, evaluation_time=nine_days_later)
     tick.cursor = result.cursor
     today = latest_partition(nine_days_later)
-    for key in {*tables.SPLIT_TABLES.values(), *TRAINING_CHAIN, *PUBLISHING}:
+    for key in {*layout.SPLIT_TABLES.values(), *TRAINING_CHAIN, *PUBLISHING}:
         assert result.get_requested_partitions(dg.AssetKey(key)) == {today}, key
     assert requested_checks(result) == {QUALITY_GATE, "non_empty", "no_null_ids", "users_and_items_in_training", "no_training_pairs"}
     # The FAIL stays until the daemon sees the new materialisation: no second request meanwhile.
@@ -147,13 +151,13 @@ def test_a_stale_model_is_retrained_once_for_the_latest_date(instance):
 
 def test_freshness_policy_follows_the_cadence():
     graph = defs.resolve_asset_graph()
-    for key in (tables.TRAINING_EVENTS, "two_tower_model", tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY):
+    for key in (layout.TRAINING_EVENTS, "two_tower_model", layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY):
         policy = graph.get(dg.AssetKey(key)).freshness_policy
         assert policy.fail_window.to_timedelta() == dt.timedelta(days=8), key
         assert policy.warn_window.to_timedelta() == dt.timedelta(days=7), key
-    with pytest.raises(automation.AutomationSettingsError):
-        automation.retrain_after({"TWOTOWER_RETRAIN_AFTER_DAYS": "soon"})
-    assert automation.retrain_after({"TWOTOWER_RETRAIN_AFTER_DAYS": "15"}) == dt.timedelta(days=15)
+    with pytest.raises(conditions.AutomationSettingsError):
+        conditions.retrain_after({"TWOTOWER_RETRAIN_AFTER_DAYS": "soon"})
+    assert conditions.retrain_after({"TWOTOWER_RETRAIN_AFTER_DAYS": "15"}) == dt.timedelta(days=15)
 
 
 # --------------------------------------------------------------------------- failed quality gate
@@ -199,7 +203,7 @@ def test_a_failed_quality_gate_keeps_the_model_from_being_published(instance, tm
 def test_the_weekly_schedule_trains_the_date_of_its_tick():
     schedule = defs.resolve_schedule_def("weekly_training")
     assert schedule.cron_schedule == "0 3 * * 1"
-    assert schedule.job_name == automation.TRAINING_JOB
+    assert schedule.job_name == jobs.TRAINING_JOB
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     monday = dt.datetime(2026, 6, 1, 3, tzinfo=dt.timezone.utc)
     (request,) = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=monday, repository_def=defs.get_repository_def())).run_requests
@@ -207,15 +211,15 @@ def test_the_weekly_schedule_trains_the_date_of_its_tick():
 
 
 def test_the_schedule_cadence_is_configurable():
-    assert automation.training_cron({"TWOTOWER_TRAINING_WEEKDAY": "Wednesday", "TWOTOWER_TRAINING_HOUR": "5"}) == "0 5 * * 3"
-    assert automation.training_cron({"TWOTOWER_TRAINING_CRON": "30 1 * * 2", "TWOTOWER_TRAINING_WEEKDAY": "fri"}) == "30 1 * * 2"
-    with pytest.raises(automation.AutomationSettingsError, match="weekday"):
-        automation.training_cron({"TWOTOWER_TRAINING_WEEKDAY": "someday"})
-    with pytest.raises(automation.AutomationSettingsError, match="cron"):
-        automation.training_cron({"TWOTOWER_TRAINING_CRON": "every monday"})
-    with pytest.raises(automation.AutomationSettingsError, match="HOUR"):
-        automation.training_cron({"TWOTOWER_TRAINING_HOUR": "25h"})
-    assert automation.build_training_schedule("0 4 * * 3").cron_schedule == "0 4 * * 3"
+    assert schedules.training_cron({"TWOTOWER_TRAINING_WEEKDAY": "Wednesday", "TWOTOWER_TRAINING_HOUR": "5"}) == "0 5 * * 3"
+    assert schedules.training_cron({"TWOTOWER_TRAINING_CRON": "30 1 * * 2", "TWOTOWER_TRAINING_WEEKDAY": "fri"}) == "30 1 * * 2"
+    with pytest.raises(conditions.AutomationSettingsError, match="weekday"):
+        schedules.training_cron({"TWOTOWER_TRAINING_WEEKDAY": "someday"})
+    with pytest.raises(conditions.AutomationSettingsError, match="cron"):
+        schedules.training_cron({"TWOTOWER_TRAINING_CRON": "every monday"})
+    with pytest.raises(conditions.AutomationSettingsError, match="HOUR"):
+        schedules.training_cron({"TWOTOWER_TRAINING_HOUR": "25h"})
+    assert schedules.build_training_schedule("0 4 * * 3").cron_schedule == "0 4 * * 3"
 
 
 def test_the_automation_sensor_runs_by_default_and_targets_everything():
@@ -227,17 +231,17 @@ def test_the_automation_sensor_runs_by_default_and_targets_everything():
 def test_the_training_job_takes_its_run_config_from_a_file(tmp_path):
     from conftest import REPO
 
-    config = automation.load_run_config(REPO / "configs" / "run" / "tiny.yaml")
-    assert tables.CLICK_EVENTS not in config["ops"]
+    config = jobs.load_run_config(REPO / "configs" / "run" / "tiny.yaml")
+    assert layout.CLICK_EVENTS not in config["ops"]
     assert config["ops"]["two_tower_model"]["config"]["epochs"] == 2
-    assert automation.load_run_config(None) is None
-    with pytest.raises(automation.AutomationSettingsError, match="not a file"):
-        automation.load_run_config(tmp_path / "missing.yaml")
+    assert jobs.load_run_config(None) is None
+    with pytest.raises(conditions.AutomationSettingsError, match="not a file"):
+        jobs.load_run_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- just\n- a list\n")
-    with pytest.raises(automation.AutomationSettingsError, match="mapping"):
-        automation.load_run_config(bad)
-    job = defs.resolve_job_def(automation.TRAINING_JOB)
+    with pytest.raises(conditions.AutomationSettingsError, match="mapping"):
+        jobs.load_run_config(bad)
+    job = defs.resolve_job_def(jobs.TRAINING_JOB)
     assert job.partitions_def == training_date_partitions
-    assert tables.CLICK_EVENTS not in {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
+    assert layout.CLICK_EVENTS not in {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
     assert dg.validate_run_config(job, config)

@@ -18,8 +18,9 @@ import dagster as dg
 
 from conftest import REPO, make_resources
 from test_dagster_dev import dagster_home
-from twotower_assets.defs import tables
-from twotower_assets.defs.automation import TRAINING_JOB, TRAINING_POOL
+from twotower_assets.lib import layout
+from twotower_assets.defs.automation.jobs import TRAINING_JOB
+from twotower_assets.lib.conditions import TRAINING_POOL
 
 DATES = ["2026-06-01", "2026-06-02", "2026-06-03"]
 BACKFILL_TIMEOUT_S = 420
@@ -43,8 +44,8 @@ def test_a_backfill_of_three_dates_publishes_three_partitions(tmp_path, monkeypa
 
     # The source is not partitioned: it is materialised once, before the backfill.
     resources = make_resources(tmp_path / "home")
-    source = {"ops": {tables.CLICK_EVENTS: tiny_run_config()["ops"][tables.CLICK_EVENTS]}}
-    dg.materialize(ALL_ASSETS, selection=[tables.CLICK_EVENTS], resources=resources, run_config=source)
+    source = {"ops": {layout.CLICK_EVENTS: tiny_run_config()["ops"][layout.CLICK_EVENTS]}}
+    dg.materialize(ALL_ASSETS, selection=[layout.CLICK_EVENTS], resources=resources, run_config=source)
 
     submitted = subprocess.run(
         [str(bin_dir / "dagster"), "job", "backfill", "-w", "workspace.yaml", "-j", TRAINING_JOB,
@@ -100,7 +101,7 @@ def test_a_backfill_of_three_dates_publishes_three_partitions(tmp_path, monkeypa
         assert instance.event_log_storage.get_concurrency_info(TRAINING_POOL).slot_count == 1
 
     warehouse = resources["warehouse"]
-    for table in (tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY):
-        counts = warehouse.partition_row_counts(table, tables.PARTITION_COLUMN)
+    for table in (layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY):
+        counts = warehouse.partition_row_counts(table, layout.PARTITION_COLUMN)
         assert sorted(str(date) for date in counts) == DATES, table
         assert min(counts.values()) > 0

@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_PARTITION, failure_text, make_resources, materialize_all, tiny_run_config
-from twotower_assets.defs import tables
+from twotower_assets.lib import layout
 from twotower_assets.model.features import FeatureConfigError, load_feature_config
 
 DATE = dt.date.fromisoformat(TINY_PARTITION)
 NEXT_PARTITION = "2026-06-08"  # never split in these tests
-SPLIT_TABLE_KEYS = [tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS, tables.TEST_EVENTS]
+SPLIT_TABLE_KEYS = [layout.TRAINING_EVENTS, layout.VALIDATION_EVENTS, layout.TEST_EVENTS]
 
 
 def config_for(*ops: str, **overrides) -> dict:
@@ -108,7 +108,7 @@ def base_home(tmp_path_factory) -> Path:
     resources = make_resources(home)
     result = materialize_all(
         resources,
-        selection=[tables.CLICK_EVENTS, *SPLIT_TABLE_KEYS, "tf_datasets"],
+        selection=[layout.CLICK_EVENTS, *SPLIT_TABLE_KEYS, "tf_datasets"],
         run_config=config_for("click_events", "split_tables", "tf_datasets"),
     )
     assert result.success
@@ -175,7 +175,7 @@ def test_an_empty_source_table_fails_the_split_and_keeps_the_previous_split(home
     assert {t: resources["warehouse"].partition_row_counts(t, "train_date") for t in SPLIT_TABLE_KEYS} == before
 
 
-@pytest.mark.parametrize("table", [tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS])
+@pytest.mark.parametrize("table", [layout.TRAINING_EVENTS, layout.VALIDATION_EVENTS])
 def test_an_empty_split_fails_the_datasets_before_writing(home, table):
     resources = _resources(home)
     corrupt(resources, f"DELETE FROM {table} WHERE train_date = $d")
@@ -195,10 +195,10 @@ def test_a_date_that_was_never_split_writes_no_datasets(home):
 @pytest.mark.parametrize(
     "table, column, value, n",
     [
-        (tables.TRAINING_EVENTS, "user_id", "NULL", 3),
-        (tables.TRAINING_EVENTS, "item_id", "''", 2),
-        (tables.VALIDATION_EVENTS, "item_id", "'   '", 1),
-        (tables.VALIDATION_EVENTS, "user_id", "NULL", 4),
+        (layout.TRAINING_EVENTS, "user_id", "NULL", 3),
+        (layout.TRAINING_EVENTS, "item_id", "''", 2),
+        (layout.VALIDATION_EVENTS, "item_id", "'   '", 1),
+        (layout.VALIDATION_EVENTS, "user_id", "NULL", 4),
     ],
 )
 def test_null_or_empty_ids_fail_with_table_column_and_count(home, table, column, value, n):
@@ -210,7 +210,7 @@ def test_null_or_empty_ids_fail_with_table_column_and_count(home, table, column,
 
 def test_nan_and_infinite_numeric_features_fail_with_column_and_count(home):
     resources = _resources(home)
-    table = tables.TRAINING_EVENTS
+    table = layout.TRAINING_EVENTS
     corrupt(resources, f"UPDATE {table} SET item_mean_stock_price = 'nan'::DOUBLE WHERE {some_rows(table, 4)}")
     corrupt(resources, f"UPDATE {table} SET item_mean_stock_price = '-inf'::DOUBLE "
                        f"WHERE rowid IN (SELECT rowid FROM {table} WHERE train_date = $d ORDER BY rowid DESC LIMIT 3)")
@@ -315,10 +315,10 @@ def test_bad_training_config_fails_before_training(home, field, value):
 def test_bad_cutoffs_are_config_errors():
     from pydantic import ValidationError
 
-    from twotower_assets.defs.checks import QualityGateConfig
-    from twotower_assets.defs.evaluation import EvaluationConfig
-    from twotower_assets.defs.recommendations import RecommendationsConfig
-    from twotower_assets.defs.vector_search import VectorSearchConfig
+    from twotower_assets.defs.evaluation.quality_gate import QualityGateConfig
+    from twotower_assets.defs.evaluation.assets import EvaluationConfig
+    from twotower_assets.defs.publishing.recommendations import RecommendationsConfig
+    from twotower_assets.defs.publishing.similar_items import VectorSearchConfig
 
     for make, field in [
         (lambda: EvaluationConfig(ks=[]), "ks"),
@@ -372,7 +372,7 @@ def test_k_above_the_catalog_is_capped_at_the_catalog_everywhere(oversized_k):
     ranks = resources["warehouse"].query(
         "SELECT max(neighbor_rank) AS deepest FROM two_tower_similar_items WHERE train_date = $d", {"d": DATE})
     assert ranks["deepest"][0].as_py() == items - 1
-    from twotower_assets.defs.vector_search import VectorSearchConfig
+    from twotower_assets.defs.publishing.similar_items import VectorSearchConfig
 
     with pytest.raises(Exception, match="top_k"):
         VectorSearchConfig(top_k=1001)
@@ -386,12 +386,14 @@ def test_k_above_the_catalog_is_capped_at_the_catalog_everywhere(oversized_k):
 
 @pytest.fixture(scope="module")
 def saved_match_model(tmp_path_factory):
-    from twotower_assets.model.match_model import MatchModel, load_match_model, save_match_model
+    import tensorflow as tf
+
+    from twotower_assets.model.match_model import MatchModel, save_match_model
 
     users, items = np.eye(2, 3, dtype=np.float32), np.eye(4, 3, dtype=np.float32)
     path = tmp_path_factory.mktemp("match_model") / "mm"
     save_match_model(MatchModel(np.array(["u0", "u1"]), users, np.array(["i0", "i1", "i2", "i3"]), items), path)
-    return load_match_model(path)
+    return tf.saved_model.load(str(path))
 
 
 def test_serving_signature_scores_unknown_ids_zero_in_mixed_batches(saved_match_model):

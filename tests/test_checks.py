@@ -12,19 +12,17 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_PARTITION, make_resources, tiny_run_config
-from twotower_assets.defs import tables
-from twotower_assets.defs.checks import (
+from twotower_assets.lib import layout
+from twotower_assets.defs.evaluation.quality_gate import PreviousModel, QualityGateConfig, decide
+from twotower_assets.defs.splits.checks import (
     KNOWN_USERS_AND_ITEMS,
     NO_NULL_IDS,
     NO_TRAINING_PAIRS,
     NON_EMPTY,
-    QUALITY_GATE,
-    PreviousModel,
-    QualityGateConfig,
-    decide,
     split_check_results,
     split_table_stats,
 )
+from twotower_assets.lib.layout import QUALITY_GATE
 
 NEXT_PARTITION = "2026-06-02"
 
@@ -114,10 +112,10 @@ def split_home(tmp_path_factory):
 
     resources = make_resources(tmp_path_factory.mktemp("split") / "home")
     everything = [*ALL_ASSETS, *ALL_CHECKS]
-    dg.materialize(everything, selection=[tables.CLICK_EVENTS], resources=resources, run_config=config_for(tables.CLICK_EVENTS))
+    dg.materialize(everything, selection=[layout.CLICK_EVENTS], resources=resources, run_config=config_for(layout.CLICK_EVENTS))
     result = dg.materialize(
         everything,
-        selection=dg.AssetSelection.assets(*tables.SPLIT_TABLES.values()),
+        selection=dg.AssetSelection.assets(*layout.SPLIT_TABLES.values()),
         resources=resources,
         partition_key=TINY_PARTITION,
         run_config=config_for("split_tables"),
@@ -130,10 +128,10 @@ def test_split_checks_run_with_the_split_and_pass_on_the_real_split(split_home):
     evaluations = result.get_asset_check_evaluations()
     names = {(e.asset_key.to_user_string(), e.check_name) for e in evaluations}
     assert len(evaluations) == 10
-    assert (tables.TEST_EVENTS, NO_TRAINING_PAIRS) in names
-    assert (tables.VALIDATION_EVENTS, KNOWN_USERS_AND_ITEMS) in names
+    assert (layout.TEST_EVENTS, NO_TRAINING_PAIRS) in names
+    assert (layout.VALIDATION_EVENTS, KNOWN_USERS_AND_ITEMS) in names
     assert all(e.passed for e in evaluations), [e.description for e in evaluations if not e.passed]
-    training = next(e for e in evaluations if e.asset_key.to_user_string() == tables.TRAINING_EVENTS and e.check_name == NON_EMPTY)
+    training = next(e for e in evaluations if e.asset_key.to_user_string() == layout.TRAINING_EVENTS and e.check_name == NON_EMPTY)
     assert training.metadata["dagster/row_count"].value > 0
     assert training.metadata["users"].value > 0
 
@@ -146,7 +144,7 @@ def _results(resources, date: str) -> dict[tuple[str, str], dg.AssetCheckResult]
 def test_split_checks_find_an_empty_split(split_home):
     resources, _ = split_home
     results = _results(resources, NEXT_PARTITION)  # never split
-    for table in tables.SPLIT_TABLES.values():
+    for table in layout.SPLIT_TABLES.values():
         assert not results[(table, NON_EMPTY)].passed
         assert results[(table, NON_EMPTY)].description == f"{table} has no rows for this training date"
 
@@ -175,18 +173,18 @@ def test_split_checks_find_null_ids_unknown_users_and_leaked_training_pairs(spli
         params,
     )
     results = _results({**resources, "warehouse": warehouse}, TINY_PARTITION)
-    unknown = results[(tables.VALIDATION_EVENTS, KNOWN_USERS_AND_ITEMS)]
+    unknown = results[(layout.VALIDATION_EVENTS, KNOWN_USERS_AND_ITEMS)]
     assert not unknown.passed
     assert unknown.metadata["rows_with_unknown_user"].value == 1
     assert unknown.metadata["rows_with_unknown_item"].value == 0
-    leaked = results[(tables.TEST_EVENTS, NO_TRAINING_PAIRS)]
+    leaked = results[(layout.TEST_EVENTS, NO_TRAINING_PAIRS)]
     assert not leaked.passed and leaked.metadata["rows_with_training_pair"].value == 2
-    nulls = results[(tables.TRAINING_EVENTS, NO_NULL_IDS)]
+    nulls = results[(layout.TRAINING_EVENTS, NO_NULL_IDS)]
     assert not nulls.passed and nulls.metadata["null_item_ids"].value == 1
     # The checks that should still pass do.
-    assert results[(tables.TEST_EVENTS, KNOWN_USERS_AND_ITEMS)].passed
-    assert results[(tables.VALIDATION_EVENTS, NO_TRAINING_PAIRS)].passed
-    assert results[(tables.VALIDATION_EVENTS, NO_NULL_IDS)].passed
+    assert results[(layout.TEST_EVENTS, KNOWN_USERS_AND_ITEMS)].passed
+    assert results[(layout.VALIDATION_EVENTS, NO_TRAINING_PAIRS)].passed
+    assert results[(layout.VALIDATION_EVENTS, NO_NULL_IDS)].passed
 
 
 def test_a_failed_blocking_data_check_stops_the_datasets_in_the_same_run(split_home, tmp_path):
@@ -205,7 +203,7 @@ def test_a_failed_blocking_data_check_stops_the_datasets_in_the_same_run(split_h
     )
     result = dg.materialize(
         [*ALL_ASSETS, *ALL_CHECKS],
-        selection=dg.AssetSelection.assets("tf_datasets") | dg.AssetSelection.checks_for_assets(*tables.SPLIT_TABLES.values()),
+        selection=dg.AssetSelection.assets("tf_datasets") | dg.AssetSelection.checks_for_assets(*layout.SPLIT_TABLES.values()),
         resources=resources,
         partition_key=TINY_PARTITION,
         run_config=config_for("tf_datasets"),
@@ -213,7 +211,7 @@ def test_a_failed_blocking_data_check_stops_the_datasets_in_the_same_run(split_h
     )
     assert not result.success
     failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
-    assert [(e.asset_key.to_user_string(), e.check_name) for e in failed] == [(tables.TEST_EVENTS, NO_TRAINING_PAIRS)]
+    assert [(e.asset_key.to_user_string(), e.check_name) for e in failed] == [(layout.TEST_EVENTS, NO_TRAINING_PAIRS)]
     assert result.get_asset_materialization_events() == []
 
 
@@ -248,7 +246,7 @@ def test_a_model_that_passes_the_gate_is_published(gated_runs):
     gate = _gate(first)
     assert gate.passed and gate.description == "passed"
     assert gate.metadata["previous_model"].value == "none published before this date"
-    counts = resources["warehouse"].partition_row_counts(tables.ITEM_EMBEDDING_HISTORY, tables.PARTITION_COLUMN)
+    counts = resources["warehouse"].partition_row_counts(layout.ITEM_EMBEDDING_HISTORY, layout.PARTITION_COLUMN)
     assert dt.date.fromisoformat(TINY_PARTITION) in counts
 
 
@@ -266,9 +264,19 @@ def test_a_failed_gate_publishes_nothing_for_the_date_and_says_why(gated_runs):
         _gate(first).metadata["recall_at_50"].value
     )
     materialized = {e.asset_key.to_user_string() for e in second.get_asset_materialization_events()}
-    assert {"two_tower_model", "evaluation_metrics"} <= materialized
-    assert not materialized & {"match_model", tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY}
+    # The candidate is registered before it is judged; nothing behind the gate is written.
+    assert {"two_tower_model", "match_model", "evaluation_metrics"} <= materialized
+    assert not materialized & {layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY, layout.RECOMMENDATIONS,
+                               layout.ITEM_ANN_INDEX, layout.TWO_TOWER_RETRIEVER, layout.CHAMPION}
     warehouse = resources["warehouse"]
-    for table in (tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY):
-        assert list(warehouse.partition_row_counts(table, tables.PARTITION_COLUMN)) == [dt.date.fromisoformat(TINY_PARTITION)]
-    assert not resources["artifacts"].path("match_model", NEXT_PARTITION).exists()
+    for table in (layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY):
+        assert list(warehouse.partition_row_counts(table, layout.PARTITION_COLUMN)) == [dt.date.fromisoformat(TINY_PARTITION)]
+    assert not resources["artifacts"].path(layout.TWO_TOWER_RETRIEVER, NEXT_PARTITION).exists()
+    # The registry keeps the failed candidate, tagged, and champion stays on the date that passed.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    versions = {v.tags["train_date"]: v for v in client.search_model_versions("name = 'two_tower_match'")}
+    assert versions[NEXT_PARTITION].tags["gate"] == "failed"
+    assert versions[TINY_PARTITION].tags["gate"] == "passed"
+    assert client.get_model_version_by_alias("two_tower_match", "champion").tags["train_date"] == TINY_PARTITION

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_PARTITION
-from twotower_assets.defs import tables
+from twotower_assets.lib import layout
 
 LOCATION = "twotower_assets"
 REPOSITORY = "__repository__"
@@ -207,8 +207,8 @@ def test_dagster_dev_serves_the_graph_and_runs_it_like_the_ui(tmp_path):
         assert model["isPartitioned"] and model["pools"] == ["training"] and model["opVersion"] == "1"
         assert model["automationCondition"]["label"] == "retrain"
         assert model["internalFreshnessPolicy"]["__typename"] == "TimeWindowFreshnessPolicy"
-        assert by_key[tables.USER_EMBEDDING_HISTORY]["internalFreshnessPolicy"] is not None
-        assert not by_key[tables.CLICK_EVENTS]["isPartitioned"]
+        assert by_key[layout.USER_EMBEDDING_HISTORY]["internalFreshnessPolicy"] is not None
+        assert not by_key[layout.CLICK_EVENTS]["isPartitioned"]
 
         selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}
         repository = dev.query(REPOSITORY_QUERY, {"selector": selector})
@@ -253,8 +253,8 @@ def test_dagster_dev_serves_the_graph_and_runs_it_like_the_ui(tmp_path):
     from twotower_assets.warehouse.duckdb import DuckDBWarehouse
 
     warehouse = DuckDBWarehouse(path=str(tmp_path / "home" / "warehouse.duckdb"))
-    for table in (tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY):
-        counts = warehouse.partition_row_counts(table, tables.PARTITION_COLUMN)
+    for table in (layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY):
+        counts = warehouse.partition_row_counts(table, layout.PARTITION_COLUMN)
         assert [str(d) for d in counts] == [TINY_PARTITION] and min(counts.values()) > 0
     assert dev.process.poll() is not None, "dagster dev stopped"
 
@@ -274,14 +274,14 @@ def test_terminating_a_run_in_the_ui_stops_training_and_publishes_nothing(tmp_pa
     FAILED with the reason, and no model (not even a partial one) is left for the date."""
     from mlflow import MlflowClient
 
-    from twotower_assets.defs.mlflow_tracking import FAILED_REASON_TAG
+    from twotower_assets.lib.mlflow_tracking import FAILED_REASON_TAG
 
     ops = ("click_events", "split_tables", "tf_datasets", "two_tower_model")
     run_config = yaml.safe_load((REPO / "configs" / "run" / "tiny.yaml").read_text())
     run_config = {"ops": {op: run_config["ops"][op] for op in ops}}
     # Many tiny steps per epoch: training lasts long enough to be terminated mid-epoch.
     run_config["ops"]["two_tower_model"]["config"].update(epochs=1000, batch_size=4)
-    selection = [tables.CLICK_EVENTS, *tables.SPLIT_TABLES.values(), "tf_datasets", "two_tower_model"]
+    selection = [layout.CLICK_EVENTS, *layout.SPLIT_TABLES.values(), "tf_datasets", "two_tower_model"]
 
     with DagsterDev(tmp_path) as dev:
         params = {

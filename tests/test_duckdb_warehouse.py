@@ -5,8 +5,9 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
-from twotower_assets.warehouse.base import WarehouseError
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
+from twotower_assets.warehouse.errors import WarehouseError
+from twotower_assets.warehouse.sql import DUCKDB
 
 DAY1, DAY2 = dt.date(2026, 6, 1), dt.date(2026, 6, 8)
 
@@ -61,6 +62,18 @@ def test_latest_view_shows_only_the_newest_partition(warehouse):
     assert warehouse.query("SELECT item_id FROM history_latest")["item_id"].to_pylist() == ["c"]
 
 
+def test_latest_view_can_follow_a_chosen_partition_and_back(warehouse):
+    """The champion's date, not the newest: a rollback points the view at an older partition."""
+    warehouse.replace_partition("history", "train_date", DAY1, rows(DAY1, ["a", "b"]))
+    warehouse.replace_partition("history", "train_date", DAY2, rows(DAY2, ["c"]))
+    warehouse.create_latest_view("history_latest", "history", "train_date", DAY1)
+    assert sorted(warehouse.query("SELECT item_id FROM history_latest")["item_id"].to_pylist()) == ["a", "b"]
+    warehouse.create_latest_view("history_latest", "history", "train_date", DAY2)
+    assert warehouse.query("SELECT item_id FROM history_latest")["item_id"].to_pylist() == ["c"]
+    with pytest.raises(TypeError, match="datetime.date"):
+        warehouse.create_latest_view("history_latest", "history", "train_date", "2026-01-01' OR 1=1 --")
+
+
 def test_query_values_are_parameters_not_sql(warehouse):
     warehouse.write_table("events", pa.table({"name": ["o'brien", "x"]}))
     result = warehouse.query("SELECT COUNT(*) AS n FROM events WHERE name = $name", {"name": "o'brien"})
@@ -76,3 +89,35 @@ def test_streamed_batches_cover_the_table(warehouse):
     warehouse.write_table("events", pa.table({"x": list(range(1000))}))
     batches = list(warehouse.query_batches("SELECT x FROM events", batch_size=256))
     assert sum(b.num_rows for b in batches) == 1000 and len(batches) >= 4
+
+
+def test_the_dialect_finds_nan_and_infinite_floats(warehouse):
+    warehouse.write_table("floats", pa.table({"x": [1.0, float("nan"), float("inf"), float("-inf"), None]}))
+    result = warehouse.query(f"SELECT x, {DUCKDB.non_finite('x')} AS bad FROM floats")
+    assert result["bad"].to_pylist() == [False, True, True, True, None]
+
+
+def test_a_lock_held_by_another_process_counts_as_transient(tmp_path):
+    """DuckDB's lock error comes from its C module ``_duckdb``; the step retry must see it as transient."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    from twotower_assets.warehouse.errors import is_transient_warehouse_error
+
+    path = tmp_path / "locked.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, sys, time; c = duckdb.connect({str(path)!r}); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(duckdb.Error) as caught:
+            duckdb.connect(str(path))
+        assert "lock" in str(caught.value).lower()
+        assert is_transient_warehouse_error(caught.value)
+        assert not is_transient_warehouse_error(duckdb.CatalogException("Table x does not exist"))
+    finally:
+        holder.kill()
+        holder.wait()

@@ -27,14 +27,14 @@ import pytest
 import yaml
 from conftest import materialize_all, sigkill_once_started, tiny_run_config
 
-from twotower_assets.defs import tables
-from twotower_assets.defs.artifacts import ArtifactStore
-from twotower_assets.defs.mlflow_tracking import FAILED_REASON_TAG, OWNER_PID_TAG, MlflowTracking
+from twotower_assets.lib import layout
+from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.mlflow_tracking import FAILED_REASON_TAG, OWNER_PID_TAG, MlflowTracking
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
 
 PREVIOUS = "2026-05-25"
 EXPERIMENT = "two_tower"
-PUBLISHED = (tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY)
+PUBLISHED = (layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY)
 # Keep MLflow's HTTP retries short here; production keeps MLflow's defaults (7 retries, backoff
 # factor 2, 120 s timeout: a few minutes of retrying, enough for a server restart).
 SHORT_MLFLOW_RETRIES = {

@@ -4,14 +4,15 @@ import datetime as dt
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
-from twotower_assets.defs import tables
-from twotower_assets.warehouse.base import EmptyTableError
+from twotower_assets.lib import layout
+from twotower_assets.warehouse.errors import EmptyTableError
 
 SECOND_PARTITION = "2026-05-25"
 
@@ -40,9 +41,10 @@ def test_every_asset_materialised(graph):
     _, _, result = graph
     materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert {
-        tables.CLICK_EVENTS, tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS, tables.TEST_EVENTS,
+        layout.CLICK_EVENTS, layout.TRAINING_EVENTS, layout.VALIDATION_EVENTS, layout.TEST_EVENTS,
         "tf_datasets", "two_tower_model", "evaluation_metrics", "match_model",
-        tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY,
+        layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY, layout.ITEM_ANN_INDEX,
+        layout.TWO_TOWER_RETRIEVER, layout.CHAMPION,
     } <= materialised
 
 
@@ -59,8 +61,26 @@ def test_mlflow_run_is_finished_with_params_losses_config_and_model(graph):
     assert len(client.get_metric_history(run_id, "loss")) == 2  # two epochs in the tiny config
     assert "recall_at_50" in run.data.metrics and "popularity_recall_at_50" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"feature_config.json", "model", "evaluation"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run_id, "model")} >= {"model/saved_model.pb"}
+    assert {"feature_config.json", "evaluation"} <= artifacts
+    # The MatchModel and the retriever are MLflow logged models of the run (the UI's "Logged models").
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert {m.name for m in logged if m.source_run_id == run_id} == {"match_model", "retriever"}
+
+
+def test_both_models_are_registered_gated_and_champion(graph):
+    _, resources, result = graph
+    client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    run_id = metadata_of(result, "two_tower_model")["mlflow_run_id"].value
+    for name, asset in (("two_tower_match", "match_model"), ("two_tower_retriever", "two_tower_retriever")):
+        [version] = client.search_model_versions(f"name = '{name}'")
+        assert str(version.version) == metadata_of(result, asset)["model_version"].value == "1"
+        assert version.run_id == run_id
+        assert version.tags["train_date"] == TINY_PARTITION
+        assert version.tags["dagster_run_id"] == result.run_id
+        assert version.tags["gate"] == "passed"
+        assert float(version.tags["gate.recall_at_50"]) == pytest.approx(metadata_of(result, "evaluation_metrics")["recall_at_50"].value, rel=1e-5)
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert metadata_of(result, layout.CHAMPION)["champion_train_date"].value == TINY_PARTITION
 
 
 def test_embedding_tables_have_one_row_per_training_user_and_item(graph):
@@ -90,10 +110,13 @@ def test_metrics_table_is_in_the_metadata(graph):
     assert 0.0 <= metadata["recall_at_50"].value <= 1.0
 
 
-def test_match_model_from_mlflow_loads_with_tensorflow_alone(graph, tmp_path):
+def test_match_model_from_mlflow_loads_with_tensorflow_alone(graph, tmp_path, monkeypatch):
+    import mlflow
+
     home, resources, result = graph
-    run_id = metadata_of(result, "two_tower_model")["mlflow_run_id"].value
-    local = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri).download_artifacts(run_id, "model", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", resources["mlflow"].tracking_uri)
+    model = Path(mlflow.artifacts.download_artifacts("models:/two_tower_match@champion", dst_path=str(tmp_path)))
+    local = str(model / "artifacts" / "model")  # the SavedModel, logged under its directory name
     history = resources["warehouse"].query(
         "SELECT user_id, user_embedding FROM two_tower_user_embedding_history ORDER BY user_id LIMIT 1")
     items = resources["warehouse"].query(
@@ -116,15 +139,15 @@ def test_rematerialising_a_partition_replaces_it_and_keeps_the_others(graph):
     home, resources, _ = graph
     warehouse = resources["warehouse"]
     assert materialize_all(resources, SECOND_PARTITION).success
-    before = warehouse.partition_row_counts(tables.USER_EMBEDDING_HISTORY, "train_date")
+    before = warehouse.partition_row_counts(layout.USER_EMBEDDING_HISTORY, "train_date")
     assert set(before) == {dt.date(2026, 5, 25), dt.date(2026, 6, 1)}
-    publish = [tables.USER_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_HISTORY, tables.TRAINING_EVENTS,
-               tables.VALIDATION_EVENTS, tables.TEST_EVENTS]
+    publish = [layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY, layout.TRAINING_EVENTS,
+               layout.VALIDATION_EVENTS, layout.TEST_EVENTS]
     from dagster import AssetSelection
     assert materialize_all(resources, TINY_PARTITION, selection=AssetSelection.assets(*publish),
                            run_config=config_for("split_tables")).success
-    assert warehouse.partition_row_counts(tables.USER_EMBEDDING_HISTORY, "train_date") == before
-    for table in (tables.TRAINING_EVENTS, tables.ITEM_EMBEDDING_HISTORY):
+    assert warehouse.partition_row_counts(layout.USER_EMBEDDING_HISTORY, "train_date") == before
+    for table in (layout.TRAINING_EVENTS, layout.ITEM_EMBEDDING_HISTORY):
         counts = warehouse.partition_row_counts(table, "train_date")
         assert len(counts) == 2
 
@@ -132,21 +155,21 @@ def test_rematerialising_a_partition_replaces_it_and_keeps_the_others(graph):
 def test_a_date_without_events_fails_clearly_and_writes_nothing(tmp_path):
     resources = make_resources(tmp_path)
     assert materialize_all(resources, TINY_PARTITION).success
-    before = resources["warehouse"].partition_row_counts(tables.TRAINING_EVENTS, "train_date")
+    before = resources["warehouse"].partition_row_counts(layout.TRAINING_EVENTS, "train_date")
     from dagster import AssetSelection
     result = materialize_all(resources, "2026-01-02", raise_on_error=False, run_config=config_for("split_tables"),
-                             selection=AssetSelection.assets(tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS, tables.TEST_EVENTS))
+                             selection=AssetSelection.assets(layout.TRAINING_EVENTS, layout.VALIDATION_EVENTS, layout.TEST_EVENTS))
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "no events in [2025-12-03, 2026-01-02)" in str(failure.event_specific_data.error)
-    assert resources["warehouse"].partition_row_counts(tables.TRAINING_EVENTS, "train_date") == before
+    assert resources["warehouse"].partition_row_counts(layout.TRAINING_EVENTS, "train_date") == before
 
 
 def test_a_feature_missing_from_the_data_fails_before_training(tmp_path):
     resources = make_resources(tmp_path)
     assert materialize_all(resources, TINY_PARTITION, run_config=config_for("click_events", "split_tables"),
-                           selection=[tables.CLICK_EVENTS, tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS,
-                                      tables.TEST_EVENTS]).success
+                           selection=[layout.CLICK_EVENTS, layout.TRAINING_EVENTS, layout.VALIDATION_EVENTS,
+                                      layout.TEST_EVENTS]).success
     resources["warehouse"].execute("ALTER TABLE training_events DROP COLUMN item_author")
     result = materialize_all(resources, TINY_PARTITION, raise_on_error=False, selection=["tf_datasets"],
                              run_config=config_for("tf_datasets", tf_datasets={"config_name": "default-features"}))

@@ -150,65 +150,6 @@ def test_capped_ks():
         metrics.capped_ks([0, 5], 10)
 
 
-# ----------------------------------------------------------------------- top_k_items
-
-
-def _brute_top_k(users, items, k, exclude_dense=None):
-    scores = users.astype(np.float64) @ items.astype(np.float64).T
-    if exclude_dense is not None:
-        scores[exclude_dense != 0] = -np.inf
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
-def test_top_k_items_matches_brute_force():
-    rng = np.random.default_rng(1)
-    users, items = rng.normal(size=(7, 4)), rng.normal(size=(20, 4))
-    got = metrics.top_k_items(users, items, k=5)
-    assert got.shape == (7, 5) and got.dtype == np.int64
-    np.testing.assert_array_equal(got, _brute_top_k(users, items, 5))
-
-
-def test_top_k_items_respects_exclude_and_blocking():
-    rng = np.random.default_rng(2)
-    users, items = rng.normal(size=(11, 3)), rng.normal(size=(25, 3))
-    exclude_dense = (rng.random((11, 25)) < 0.3).astype(np.float64)
-    exclude = sp.csr_matrix(exclude_dense)
-    got = metrics.top_k_items(users, items, k=6, exclude=exclude, block_size=1000)
-    for u in range(11):
-        assert not np.isin(got[u], np.flatnonzero(exclude_dense[u])).any()
-    np.testing.assert_array_equal(got, _brute_top_k(users, items, 6, exclude_dense))
-    blocked = metrics.top_k_items(users, items, k=6, exclude=exclude, block_size=3)
-    np.testing.assert_array_equal(blocked, got)
-
-
-def test_top_k_items_argpartition_row_chunks(monkeypatch):
-    # Force argpartition to run 2 rows at a time (25 items -> 50 // 25 = 2).
-    rng = np.random.default_rng(3)
-    users, items = rng.normal(size=(9, 3)), rng.normal(size=(25, 3))
-    monkeypatch.setattr(metrics, "_ARGPARTITION_MAX_ELEMENTS", 50)
-    got = metrics.top_k_items(users, items, k=4, block_size=5)
-    np.testing.assert_array_equal(got, _brute_top_k(users, items, 4))
-
-
-def test_top_k_items_caps_k_and_breaks_ties_by_index():
-    users = np.array([[1.0], [-1.0]])
-    items = np.array([[2.0], [1.0], [2.0], [0.0]])
-    got = metrics.top_k_items(users, items, k=10)
-    # User 0 scores [2, 1, 2, 0] -> 0, 2 (tie, lower index first), 1, 3.
-    # User 1 scores [-2, -1, -2, 0] -> 3, 1, 0, 2.
-    np.testing.assert_array_equal(got, [[0, 2, 1, 3], [3, 1, 0, 2]])
-
-
-def test_top_k_items_exclude_ignores_explicit_zeros_and_fills_tail():
-    users = np.array([[1.0]])
-    items = np.array([[3.0], [2.0], [1.0]])
-    # Stored zero on item 0 (not excluded) and a 1 on item 1 (excluded).
-    exclude = sp.csr_matrix((np.array([0.0, 1.0]), np.array([0, 1]), np.array([0, 2])), shape=(1, 3))
-    np.testing.assert_array_equal(metrics.top_k_items(users, items, 2, exclude=exclude), [[0, 2]])
-    # k = all items: the excluded item is pushed to the tail.
-    np.testing.assert_array_equal(metrics.top_k_items(users, items, 3, exclude=exclude), [[0, 2, 1]])
-
-
 # --------------------------------------------------------------------------- baselines
 
 
@@ -348,7 +289,7 @@ def test_evaluation_does_not_depend_on_the_order_the_warehouse_returns_rows():
     # every metric must not follow it.
     import pyarrow as pa
 
-    from twotower_assets.defs.evaluation import EvaluationConfig, evaluate
+    from twotower_assets.defs.evaluation.assets import EvaluationConfig, evaluate
 
     rng = np.random.default_rng(3)
     users = [f"u{n:02d}" for n in range(40)]

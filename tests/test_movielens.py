@@ -186,7 +186,7 @@ def test_no_ratings(tmp_path):
 
 
 def test_click_events_asset_loads_movielens(tiny_resources):
-    from twotower_assets.defs.source import click_events
+    from twotower_assets.defs.source.assets import click_events
 
     result = dg.materialize(
         [click_events],
@@ -206,7 +206,7 @@ def test_click_events_asset_loads_movielens(tiny_resources):
 
 
 def test_click_events_asset_needs_a_path(tiny_resources):
-    from twotower_assets.defs.source import click_events
+    from twotower_assets.defs.source.assets import click_events
 
     result = dg.materialize(
         [click_events],

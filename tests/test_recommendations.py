@@ -1,4 +1,4 @@
-"""The recommendations asset and the exact threshold pass of top_k_items behind it."""
+"""The recommendations asset (its top-k engine: tests/test_topk.py)."""
 
 from __future__ import annotations
 
@@ -11,73 +11,8 @@ import pytest
 import scipy.sparse as sp
 from conftest import TINY_PARTITION, make_resources, materialize_all
 
-from twotower_assets.defs.recommendations import RECOMMENDATIONS, RECOMMENDATIONS_LATEST, recommendation_batches
-from twotower_assets.model import metrics
-
-# ------------------------------------------------------------------ top_k_items threshold pass
-
-
-def _brute(users, items, k, exclude=None):
-    """Exact reference: float64 scores, excluded -inf, stable sort (ties -> lower index)."""
-    scores = users.astype(np.float64) @ items.astype(np.float64).T
-    if exclude is not None:
-        scores[exclude.toarray() != 0] = -np.inf
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k], scores
-
-
-def _random_case(seed, n_users, n_items, dim, density=0.01):
-    rng = np.random.default_rng(seed)
-    users = rng.normal(size=(n_users, dim))
-    items = rng.normal(size=(n_items, dim))
-    exclude = sp.random(n_users, n_items, density=density, random_state=seed, format="csr")
-    exclude.data[:] = 1.0
-    return users, items, exclude
-
-
-@pytest.mark.parametrize(
-    ("n_users", "n_items", "k", "block_size"),
-    [(300, 5000, 5, 64), (130, 2000, 100, 50), (70, 12000, 40, 1000)],
-    ids=["small-k", "half-catalogue-candidates", "several-tiles"],
-)
-def test_threshold_pass_is_exact(n_users, n_items, k, block_size):
-    assert metrics._threshold_sample_size(n_items, k) is not None  # the pass under test runs
-    users, items, exclude = _random_case(n_users + n_items, n_users, n_items, 8)
-    got, scores = metrics.top_k_items(users, items, k, exclude=exclude, block_size=block_size, return_scores=True)
-    expected, all_scores = _brute(users, items, k, exclude)
-    assert got.dtype == np.int64 and got.shape == (n_users, k)
-    np.testing.assert_array_equal(got, expected)
-    assert scores.dtype == np.float32
-    np.testing.assert_allclose(scores, np.take_along_axis(all_scores, expected, axis=1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(metrics.top_k_items(users, items, k, exclude=exclude, block_size=block_size), got)
-
-
-def test_threshold_pass_redoes_users_whose_threshold_was_too_high(monkeypatch):
-    # Threshold = the best sampled score with ~k expected survivors: many users get fewer
-    # than k survivors and must be redone exactly; the result stays exact.
-    monkeypatch.setattr(metrics, "_SAMPLE_ORDER", 1)
-    monkeypatch.setattr(metrics, "_CANDIDATES_PER_K", 1)
-    users, items, exclude = _random_case(3, 200, 3000, 6, density=0.05)
-    got = metrics.top_k_items(users, items, 30, exclude=exclude, block_size=64)
-    np.testing.assert_array_equal(got, _brute(users, items, 30, exclude)[0])
-
-
-def test_threshold_pass_with_ties_zero_vectors_and_heavy_exclusion():
-    users, items, exclude = _random_case(4, 120, 4000, 5)
-    users[7] = 0.0  # every score 0: every item ties at the threshold (a flooded row)
-    items[100:400] = items[50]  # 301 identical items: ties across tiles
-    exclude = exclude.tolil()
-    exclude[9, :3990] = 1.0  # only 10 unseen items left: the tail holds excluded ones
-    exclude = exclude.tocsr()
-    k = 20
-    got = metrics.top_k_items(users, items, k, exclude=exclude, block_size=32)
-    expected, scores = _brute(users, items, k, exclude)
-    for u in range(len(users)):
-        assert len(set(got[u])) == k
-        # Ties at the cut-off may pick different items; the scores must be the best ones.
-        np.testing.assert_allclose(scores[u, got[u]], scores[u, expected[u]], rtol=1e-5, atol=1e-6)
-    unseen = np.flatnonzero(exclude[9].toarray()[0] == 0)
-    assert set(got[9, :10]) == set(unseen)
-    assert np.isin(got[9, 10:], unseen).sum() == 0
+from twotower_assets.defs.publishing.recommendations import recommendation_batches
+from twotower_assets.lib.layout import RECOMMENDATIONS, RECOMMENDATIONS_LATEST
 
 
 # ------------------------------------------------------------------------- record batches
@@ -112,7 +47,8 @@ def test_recommendation_batches_cut_seen_tails_and_stream_in_chunks():
 @pytest.fixture(scope="module")
 def materialised(tmp_path_factory):
     resources = make_resources(tmp_path_factory.mktemp("recommendations") / "home")
-    selection = dg.AssetSelection.assets(RECOMMENDATIONS).upstream()
+    # With champion: the _latest view is the champion's partition, pointed there by promotion.
+    selection = dg.AssetSelection.assets(RECOMMENDATIONS, "champion").upstream()
     result = materialize_all(resources, TINY_PARTITION, selection=selection)
     assert result.success
     return resources, result

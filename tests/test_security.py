@@ -31,16 +31,20 @@ import pytest
 from dagster_gcp import BigQueryResource
 
 from conftest import REPO
-from twotower_assets.defs.mlflow_tracking import MlflowTracking, checked_tracking_uri, default_mlflow
-from twotower_assets.defs.training import TrainingConfig
+from twotower_assets.defs.resources import default_mlflow
+from twotower_assets.lib.mlflow_tracking import MlflowTracking, checked_tracking_uri
+from twotower_assets.defs.training.trainer import TrainingConfig
 from twotower_assets.model.features import FeatureConfigError, available_configs, load_feature_config, parse_feature_config
-from twotower_assets.warehouse.bigquery import BigQueryWarehouse, query_parameters, vector_index_statement, vector_search_query
+from twotower_assets.warehouse.bigquery import BigQueryWarehouse
+from twotower_assets.warehouse.bigquery_types import query_parameters
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
 from twotower_assets.warehouse.sql import (
     BIGQUERY,
     DUCKDB,
     NeighborSearch,
     UnsafeIdentifierError,
+    bigquery_vector_index_statement,
+    bigquery_vector_search_query,
     check_identifier,
     check_parameter_name,
     check_project_id,
@@ -206,13 +210,13 @@ def test_vector_search_values_are_checked_and_legit_searches_build():
             _search(top_k=bad_k)
     for bad in ("x; DROP TABLE y", "a`b", "a'b"):
         with pytest.raises(UnsafeIdentifierError):
-            vector_index_statement("p.ds.items", bad, "COSINE")
+            bigquery_vector_index_statement("p.ds.items", bad, "COSINE")
         with pytest.raises(UnsafeIdentifierError):
-            vector_index_statement(bad, "item_embedding", "COSINE")
-    assert "`twotower-test.ds.two_tower_item_embedding_history`" in vector_index_statement(
+            bigquery_vector_index_statement(bad, "item_embedding", "COSINE")
+    assert "`twotower-test.ds.two_tower_item_embedding_history`" in bigquery_vector_index_statement(
         "twotower-test.ds.two_tower_item_embedding_history", "item_embedding", "COSINE"
     )
-    assert "VECTOR_SEARCH" in vector_search_query(_search())
+    assert "VECTOR_SEARCH" in bigquery_vector_search_query(_search())
 
 
 # -- feature configs: feature names and the user key become column names ---------------------------
@@ -308,9 +312,11 @@ def _bigquery(**fields) -> BigQueryWarehouse:
 def test_bigquery_refuses_bad_names_before_any_request(bad):
     """Every refusal is an UnsafeIdentifierError, never a connection error: nothing was sent."""
     day = dt.date(2026, 6, 1)
-    hostile = [_bigquery(dataset=bad), _bigquery(bigquery=BigQueryResource(project=bad or "-", location="EU"))]
-    if bad:  # an empty click-event table means "none": the synthetic one
-        hostile.append(_bigquery(click_events_table=bad))
+    hostile = [
+        _bigquery(dataset=bad),
+        _bigquery(bigquery=BigQueryResource(project=bad or "-", location="EU")),
+        _bigquery(external_tables={"click_events": bad}),
+    ]
     for warehouse in hostile:
         with pytest.raises(UnsafeIdentifierError):
             warehouse.check_names()
@@ -491,7 +497,7 @@ def test_the_credential_scan_finds_what_it_looks_for():
 
 DOCUMENTS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 SCRIPTS = [*sorted(str(p.relative_to(REPO)) for p in (REPO / ".ci").iterdir()), "docs/screenshot.sh"]
-SERVICE = re.compile(r"\b(dagster\"?\s+dev|dagster-webserver|mlflow\"?\s+(?:ui|server)|bqemulator\"?,?\s+\"?start)\b[^\n`|]*")
+SERVICE = re.compile(r"\b(dagster\"?\s+dev|dagster-webserver|mlflow\"?\s+(?:ui|server|models\s+serve)|bqemulator\"?,?\s+\"?start)\b[^\n`|]*")
 
 
 def service_commands() -> list[tuple[str, str]]:
@@ -510,7 +516,7 @@ def service_commands() -> list[tuple[str, str]]:
             if name.endswith(".md"):
                 if not _in_code(text, match.start()):
                     continue  # prose that names the command
-                bare = re.fullmatch(r"dagster dev|dagster-webserver|mlflow (?:ui|server)", command)
+                bare = re.fullmatch(r"dagster dev|dagster-webserver|mlflow (?:ui|server|models serve)", command)
                 if bare and text[match.start() - 1:match.end() + 1] == f"`{command}`":
                     continue  # `dagster dev` alone in a sentence names it, it is not a command line
             commands.append((name, command))
@@ -529,6 +535,7 @@ def test_every_documented_server_command_binds_to_loopback():
     commands = service_commands()
     assert {n for n, c in commands if c.startswith("dagster dev")} >= {"README.md", "docs/operations.md"}
     assert {n for n, c in commands if c.startswith("mlflow ui")} >= {"README.md"}
+    assert {n for n, c in commands if c.startswith("mlflow models serve")} >= {"README.md", "docs/serving.md"}
     assert {n for n, c in commands if c.startswith('dagster" dev')} >= {"docs/screenshot.sh"}
     host = re.compile(r"(?:\s-h|\s--host|\s--rest-host)[ =]127\.0\.0\.1\b")
     wrong = [f"{name}: {command}" for name, command in commands if not host.search(command)]

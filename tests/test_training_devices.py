@@ -42,8 +42,9 @@ PREAMBLE = textwrap.dedent(
     stats = builder.build()
     data = load_blocks(directory + "/train")
 
-    def train(batch_size, **kwargs):
-        params = TrainingParams(embedding_size=8, batch_size=batch_size, epochs=3, learning_rate=0.05, seed=1)
+    def train(batch_size, mixed_precision=False, **kwargs):
+        params = TrainingParams(embedding_size=8, batch_size=batch_size, epochs=3, learning_rate=0.05, seed=1,
+                                mixed_precision=mixed_precision)
         return train_two_tower(config, stats, data, rows, None, params, **kwargs)
     """
 )

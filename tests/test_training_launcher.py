@@ -6,7 +6,6 @@ import dagster as dg
 import pytest
 from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
 
-from twotower_assets.defs.training_launcher import pipes_metadata
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +71,3 @@ def test_launcher_setting_is_validated():
             run_config={"ops": {"two_tower_model": {"config": {"training_launcher": "ssh"}}}},
             selection=dg.AssetSelection.assets("two_tower_model"),
         )
-
-
-def test_pipes_metadata_keeps_types():
-    converted = pipes_metadata(
-        {"u": dg.MetadataValue.url("http://x"), "n": dg.MetadataValue.int(3), "m": dg.MetadataValue.md("# t"),
-         "f": dg.MetadataValue.float(0.5), "p": dg.MetadataValue.path("/tmp/a")}
-    )
-    assert converted == {
-        "u": {"raw_value": "http://x", "type": "url"}, "n": {"raw_value": 3, "type": "int"},
-        "m": {"raw_value": "# t", "type": "md"}, "f": {"raw_value": 0.5, "type": "float"},
-        "p": {"raw_value": "/tmp/a", "type": "path"},
-    }

@@ -22,6 +22,7 @@ BigQuery (``TWOTOWER_WAREHOUSE=bigquery``; docs/bigquery.md is the guide):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -68,3 +69,39 @@ def bigquery_click_events_table() -> str | None:
     if warehouse_kind() != "bigquery":
         return None
     return os.environ.get("TWOTOWER_BQ_CLICK_EVENTS_TABLE") or None
+
+
+
+
+@dataclass(frozen=True)
+class BigQuerySettings:
+    """The BigQuery warehouse as the variables above describe it (all read in this module, so the
+    warehouse itself reads no TWOTOWER_* variable)."""
+
+    project: str | None
+    location: str
+    dataset: str
+    endpoint: str | None
+    # The variable's name, not its value: the resource gets an EnvVar, so the key is never shown.
+    credentials_variable: str | None
+    # {table name the pipeline asks for: project.dataset.table read in its place}
+    external_tables: dict[str, str]
+    partition_expiration_days: int
+
+
+def bigquery_settings() -> BigQuerySettings:
+    """The BigQuery variables with their defaults (ValueError for a bad TWOTOWER_ENV)."""
+    # The pipeline's name for the table TWOTOWER_BQ_CLICK_EVENTS_TABLE stands in for.
+    from twotower_assets.lib.layout import CLICK_EVENTS
+
+    env = deployment_env()
+    click_events_table = bigquery_click_events_table()
+    return BigQuerySettings(
+        project=os.environ.get("TWOTOWER_BQ_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT") or None,
+        location=os.environ.get("TWOTOWER_BQ_LOCATION", "EU"),
+        dataset=os.environ.get("TWOTOWER_BQ_DATASET") or f"ml_preproc_{env}",
+        endpoint=os.environ.get("TWOTOWER_BQ_ENDPOINT") or None,
+        credentials_variable="TWOTOWER_GCP_CREDENTIALS" if os.environ.get("TWOTOWER_GCP_CREDENTIALS") else None,
+        external_tables={CLICK_EVENTS: click_events_table} if click_events_table else {},
+        partition_expiration_days=int(os.environ.get("TWOTOWER_BQ_PARTITION_EXPIRATION_DAYS", "183")),
+    )

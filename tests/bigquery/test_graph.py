@@ -11,18 +11,18 @@ from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_c
 from google.cloud import bigquery
 
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
-from twotower_assets.defs import tables
+from twotower_assets.lib import layout
 from twotower_assets.defs.resources import default_warehouse
-from twotower_assets.defs.splits import split_tables
-from twotower_assets.defs.vector_search import SIMILAR_ITEMS
+from twotower_assets.defs.splits.assets import split_tables
+from twotower_assets.lib.layout import SIMILAR_ITEMS
 
 from .conftest import emulator_warehouse
 
 TRAIN_DATE = dt.date.fromisoformat(TINY_PARTITION)
 REPUBLISHED = [
-    *tables.SPLIT_TABLES.values(),
-    tables.USER_EMBEDDING_HISTORY,
-    tables.ITEM_EMBEDDING_HISTORY,
+    *layout.SPLIT_TABLES.values(),
+    layout.USER_EMBEDDING_HISTORY,
+    layout.ITEM_EMBEDDING_HISTORY,
     SIMILAR_ITEMS,
 ]
 
@@ -41,11 +41,11 @@ def test_the_whole_graph_materialises_on_bigquery_and_reruns_replace_partitions(
 
     assert result.success
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert {tables.CLICK_EVENTS, *REPUBLISHED, "tf_datasets", "two_tower_model", "match_model"} <= materialized
+    assert {layout.CLICK_EVENTS, *REPUBLISHED, "tf_datasets", "two_tower_model", "match_model"} <= materialized
     with warehouse.client() as client:
         for entity, table_name, view_name in (
-            ("user", tables.USER_EMBEDDING_HISTORY, tables.USER_EMBEDDING_LATEST),
-            ("item", tables.ITEM_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_LATEST),
+            ("user", layout.USER_EMBEDDING_HISTORY, layout.USER_EMBEDDING_LATEST),
+            ("item", layout.ITEM_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_LATEST),
         ):
             table = client.get_table(warehouse.table_name(table_name))
             assert [(f.name, f.field_type, f.mode) for f in table.schema] == [
@@ -66,7 +66,7 @@ def test_the_whole_graph_materialises_on_bigquery_and_reruns_replace_partitions(
 
     before = partition_counts(warehouse, REPUBLISHED)
     top_k = tiny_run_config()["ops"].get(SIMILAR_ITEMS, {}).get("config", {}).get("top_k", 50)
-    items = before[tables.ITEM_EMBEDDING_HISTORY][TRAIN_DATE]
+    items = before[layout.ITEM_EMBEDDING_HISTORY][TRAIN_DATE]
     assert before[SIMILAR_ITEMS][TRAIN_DATE] == items * min(top_k, items - 1)
 
     rerun = dg.materialize(
@@ -103,16 +103,16 @@ def test_production_click_events_are_an_external_input_of_the_split(bq_emulator,
         try:
             importlib.reload(definitions)  # the code location as `dagster` would load it
             graph = definitions.defs.resolve_asset_graph()
-            assert not graph.get(dg.AssetKey(tables.CLICK_EVENTS)).is_materializable  # external input
-            assert graph.get(dg.AssetKey(tables.TRAINING_EVENTS)).parent_keys == {dg.AssetKey(tables.CLICK_EVENTS)}
-            assert default_warehouse().table_name(tables.CLICK_EVENTS) == source
+            assert not graph.get(dg.AssetKey(layout.CLICK_EVENTS)).is_materializable  # external input
+            assert graph.get(dg.AssetKey(layout.TRAINING_EVENTS)).parent_keys == {dg.AssetKey(layout.CLICK_EVENTS)}
+            assert default_warehouse().table_name(layout.CLICK_EVENTS) == source
             external = [a for a in definitions.ALL_ASSETS if isinstance(a, dg.AssetSpec)]
         finally:
             env.undo()
             importlib.reload(definitions)  # back to the default graph for the other tests
-    assert [a.key for a in external] == [dg.AssetKey(tables.CLICK_EVENTS)]
+    assert [a.key for a in external] == [dg.AssetKey(layout.CLICK_EVENTS)]
 
-    pipeline = emulator_warehouse(bq_emulator, click_events_table=source)
+    pipeline = emulator_warehouse(bq_emulator, external_tables={layout.CLICK_EVENTS: source})
     result = dg.materialize(
         [*external, split_tables],
         resources={"warehouse": pipeline},
@@ -121,8 +121,8 @@ def test_production_click_events_are_an_external_input_of_the_split(bq_emulator,
         instance=dg.DagsterInstance.ephemeral(),
     )
     assert result.success
-    counts = partition_counts(pipeline, tables.SPLIT_TABLES.values())
+    counts = partition_counts(pipeline, layout.SPLIT_TABLES.values())
     assert all(c[TRAIN_DATE] > 0 for c in counts.values())
     assert sum(c[TRAIN_DATE] for c in counts.values()) <= 1200
     # nothing was generated or copied into the pipeline's dataset
-    assert not pipeline.table_exists(f"{pipeline.bigquery.project}.{pipeline.dataset}.{tables.CLICK_EVENTS}")
+    assert not pipeline.table_exists(f"{pipeline.bigquery.project}.{pipeline.dataset}.{layout.CLICK_EVENTS}")

@@ -6,8 +6,8 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
-from twotower_assets.defs import tables
-from twotower_assets.defs.validation import InputDataError, validate_training_input
+from twotower_assets.lib import layout
+from twotower_assets.defs.splits.input_validation import InputDataError, validate_training_input
 from twotower_assets.model.features import load_feature_config
 from twotower_assets.model.layers import TEXT_MAX_CHARS
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
@@ -36,8 +36,8 @@ def split_table(**changes) -> pa.Table:
 
 def outcome(warehouse, training: pa.Table) -> str:
     """The error message, or the counts, with the dataset prefix of table names removed."""
-    warehouse.write_table(warehouse.table_name(tables.TRAINING_EVENTS), training)
-    warehouse.write_table(warehouse.table_name(tables.VALIDATION_EVENTS), split_table())
+    warehouse.write_table(warehouse.table_name(layout.TRAINING_EVENTS), training)
+    warehouse.write_table(warehouse.table_name(layout.VALIDATION_EVENTS), split_table())
     try:
         report = validate_training_input(warehouse, CONFIG, TRAIN_DATE)
         text = repr((report.rows, report.distinct_users, report.distinct_items, report.truncated_texts))

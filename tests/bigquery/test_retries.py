@@ -19,14 +19,10 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 from google.cloud.bigquery import retry as bigquery_retry
 
-from twotower_assets.defs.publishing import history_rows
-from twotower_assets.defs.retries import (
-    WAREHOUSE_RETRY_POLICY,
-    is_transient_warehouse_error,
-    retry_transient_errors_only,
-    uses_warehouse,
-)
-from twotower_assets.warehouse.bigquery import BigQueryWarehouse, is_transient
+from twotower_assets.defs.publishing.embeddings import history_rows
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.warehouse.bigquery import BigQueryWarehouse
+from twotower_assets.warehouse.errors import is_transient_bigquery_error, is_transient_warehouse_error
 
 from .emulator import PROJECT
 from .fault_proxy import FaultProxy
@@ -88,7 +84,7 @@ def api_error(status: int, reason: str) -> Exception:
     ],
 )
 def test_the_predicate_tells_transient_from_permanent(error, transient):
-    assert is_transient(error) is transient
+    assert is_transient_bigquery_error(error) is transient
     assert is_transient_warehouse_error(error) is transient
     wrapped = RuntimeError("while writing")
     wrapped.__cause__ = error
@@ -97,7 +93,8 @@ def test_the_predicate_tells_transient_from_permanent(error, transient):
 
 def test_client_retry_objects_use_the_project_predicate_and_settings():
     warehouse = BigQueryWarehouse(bigquery=BigQueryResource(project=PROJECT), dataset="d", retry_deadline_s=42.0)
-    assert warehouse.api_retry._predicate is is_transient and warehouse.job_retry._predicate is is_transient
+    assert warehouse.api_retry._predicate is is_transient_bigquery_error
+    assert warehouse.job_retry._predicate is is_transient_bigquery_error
     assert warehouse.api_retry._deadline == 42.0 and warehouse.job_retry._deadline == 2400.0
     assert (warehouse.api_retry._initial, warehouse.api_retry._maximum, warehouse.api_retry._multiplier) == (1.0, 32.0, 2.0)
     # Production defaults keep google-cloud-bigquery's deadlines.
@@ -188,6 +185,15 @@ def bq_emulator_client(emulator):
 # -- the Dagster step-level policy ---------------------------------------------------------------
 
 
+def uses_warehouse(asset: object) -> bool:
+    return (
+        isinstance(asset, dg.AssetsDefinition)
+        and not isinstance(asset, dg.AssetChecksDefinition)
+        and asset.is_executable
+        and "warehouse" in asset.required_resource_keys
+    )
+
+
 def test_the_graph_puts_the_warehouse_policy_on_warehouse_assets_only():
     from twotower_assets.definitions import ALL_ASSETS
 
@@ -219,7 +225,7 @@ def events_table_run(warehouse: BigQueryWarehouse, policy: dg.RetryPolicy):
 
 def click_events_run(warehouse: BigQueryWarehouse):
     """The graph's own click_events step (with WAREHOUSE_RETRY_POLICY)."""
-    from twotower_assets.defs.source import click_events
+    from twotower_assets.defs.source.assets import click_events
 
     return dg.materialize(
         [click_events],

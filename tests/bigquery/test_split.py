@@ -7,7 +7,7 @@ import pytest
 from google.cloud import bigquery
 
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
-from twotower_assets.defs import tables
+from twotower_assets.lib import layout
 from twotower_assets.warehouse.bigquery import BigQueryWarehouse
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
 from twotower_assets.warehouse.sql import BIGQUERY, split_queries
@@ -25,19 +25,19 @@ def events() -> pa.Table:
 
 
 def run_split(warehouse, events: pa.Table) -> dict[str, int]:
-    source = warehouse.table_name(tables.CLICK_EVENTS)
+    source = warehouse.table_name(layout.CLICK_EVENTS)
     warehouse.write_table(source, events, CLICK_EVENT_SCHEMA)
     queries = split_queries(warehouse.dialect, source, CLICK_EVENT_SCHEMA.names)
     return warehouse.replace_partition_from_queries(
-        {warehouse.table_name(tables.SPLIT_TABLES[split]): sql for split, sql in queries.items()},
-        tables.PARTITION_COLUMN,
+        {warehouse.table_name(layout.SPLIT_TABLES[split]): sql for split, sql in queries.items()},
+        layout.PARTITION_COLUMN,
         TRAIN_DATE,
         PARAMS,
     )
 
 
 def split_rows(warehouse, split: str) -> list[dict]:
-    table = warehouse.query(f"SELECT * FROM {warehouse.dialect.table(warehouse.table_name(tables.SPLIT_TABLES[split]))}")
+    table = warehouse.query(f"SELECT * FROM {warehouse.dialect.table(warehouse.table_name(layout.SPLIT_TABLES[split]))}")
     return table.sort_by([(k, "ascending") for k in KEYS]).to_pylist()
 
 
@@ -48,10 +48,10 @@ def test_bigquery_split_sql_is_the_duckdb_split(bq_warehouse: BigQueryWarehouse,
 
     assert list(bq_counts.values()) == list(duck_counts.values())
     assert all(count > 0 for count in bq_counts.values())
-    for split in tables.SPLIT_TABLES:
+    for split in layout.SPLIT_TABLES:
         assert split_rows(bq_warehouse, split) == split_rows(duckdb, split), split
 
-    for split, name in tables.SPLIT_TABLES.items():
+    for split, name in layout.SPLIT_TABLES.items():
         table = bq_client.get_table(bq_warehouse.table_name(name))
         assert table.time_partitioning.type_ == bigquery.TimePartitioningType.DAY
         assert table.time_partitioning.field == "train_date"
@@ -63,7 +63,7 @@ def test_rerunning_the_split_replaces_the_partition(bq_warehouse: BigQueryWareho
     first = run_split(bq_warehouse, events)
     second = run_split(bq_warehouse, events)
     assert first == second
-    for split, name in tables.SPLIT_TABLES.items():
+    for split, name in layout.SPLIT_TABLES.items():
         counts = bq_warehouse.partition_row_counts(bq_warehouse.table_name(name), "train_date")
         assert counts == {TRAIN_DATE: first[bq_warehouse.table_name(name)]}
 

@@ -14,12 +14,12 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
-from twotower_assets.defs.publishing import history_rows
-from twotower_assets.defs.vector_search import SIMILAR_ITEMS, similar_item_batches, similar_items
-from twotower_assets.warehouse.base import EmptyTableError, WarehouseError
-from twotower_assets.warehouse.bigquery import vector_index_statement, vector_search_query
+from twotower_assets.defs.publishing.embeddings import history_rows
+from twotower_assets.defs.publishing.similar_items import similar_item_batches, similar_items
+from twotower_assets.lib.layout import SIMILAR_ITEMS
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
-from twotower_assets.warehouse.sql import NeighborSearch
+from twotower_assets.warehouse.errors import EmptyTableError, WarehouseError
+from twotower_assets.warehouse.sql import NeighborSearch, bigquery_vector_index_statement, bigquery_vector_search_query
 
 DAY, OTHER_DAY = dt.date(2026, 6, 1), dt.date(2026, 5, 25)
 SUMMARY = {"mlflow_run_id": "r", "mlflow_experiment_name": "e", "mlflow_run_name": "n"}
@@ -120,7 +120,7 @@ def test_a_date_without_item_vectors_fails_and_keeps_the_previous_result(tmp_pat
 
 
 def test_vector_search_sql_parses_as_bigquery_with_the_requested_search():
-    sql = vector_search_query(search("p.d.items"))
+    sql = bigquery_vector_search_query(search("p.d.items"))
     tree = sqlglot.parse_one(sql, read="bigquery")
     vector_search = tree.find(exp.VectorSearch)
     assert vector_search is not None
@@ -137,7 +137,7 @@ def test_vector_search_sql_parses_as_bigquery_with_the_requested_search():
 
 
 def test_vector_index_statement_is_plain_ddl_with_checked_names():
-    statement = vector_index_statement("p.d.two_tower_item_embedding_history", "item_embedding", "COSINE")
+    statement = bigquery_vector_index_statement("p.d.two_tower_item_embedding_history", "item_embedding", "COSINE")
     assert statement == (
         "CREATE VECTOR INDEX IF NOT EXISTS two_tower_item_embedding_history_item_embedding_index "
         "ON `p.d.two_tower_item_embedding_history`(item_embedding) STORING(train_date) "
@@ -147,7 +147,7 @@ def test_vector_index_statement_is_plain_ddl_with_checked_names():
     parsed = sqlglot.parse_one(statement, read="bigquery")
     assert isinstance(parsed, exp.Command) and parsed.this.upper() == "CREATE"
     with pytest.raises(ValueError):
-        vector_index_statement("p.d.items", "item_embedding) OPTIONS(x", "COSINE")
+        bigquery_vector_index_statement("p.d.items", "item_embedding) OPTIONS(x", "COSINE")
 
 
 def test_bad_searches_are_refused():

@@ -15,15 +15,10 @@ from google.cloud import bigquery
 from conftest import sigkill_once_started
 
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
-from twotower_assets.defs.publishing import history_rows, history_schema
-from twotower_assets.warehouse.base import WarehouseError
-from twotower_assets.warehouse.bigquery import (
-    BigQueryWarehouse,
-    arrow_schema,
-    bigquery_schema,
-    date_literal,
-    normalise_endpoint,
-)
+from twotower_assets.defs.publishing.embeddings import history_rows, history_schema
+from twotower_assets.warehouse.bigquery import BigQueryWarehouse, normalise_endpoint
+from twotower_assets.warehouse.bigquery_types import arrow_schema, bigquery_schema, date_literal
+from twotower_assets.warehouse.errors import WarehouseError
 
 from .emulator import PROJECT
 
@@ -65,7 +60,7 @@ def test_emulator_endpoint_and_literals():
 def test_table_names_are_qualified_and_click_events_can_be_external(bq_warehouse):
     assert bq_warehouse.table_name("training_events") == f"{PROJECT}.{bq_warehouse.dataset}.training_events"
     assert bq_warehouse.table_name("p.d.t") == "p.d.t"
-    external = bq_warehouse.model_copy(update={"click_events_table": "prod-project.raw_prod.click_events"})
+    external = bq_warehouse.model_copy(update={"external_tables": {"click_events": "prod-project.raw_prod.click_events"}})
     assert external.table_name("click_events") == "prod-project.raw_prod.click_events"
     with pytest.raises(ValueError, match="not a plain"):
         bq_warehouse.table_name("x`; DROP TABLE y")
@@ -234,7 +229,7 @@ KILLED_WRITER = textwrap.dedent(
     import datetime as dt, pathlib, sys, time
     import numpy as np
     from dagster_gcp import BigQueryResource
-    from twotower_assets.defs.publishing import history_rows, history_schema
+    from twotower_assets.defs.publishing.embeddings import history_rows, history_schema
     from twotower_assets.warehouse.bigquery import BigQueryWarehouse
 
     endpoint, project, dataset, marker = sys.argv[1:5]

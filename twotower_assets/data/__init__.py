@@ -1,1 +1,1 @@
-"""Data sources: the synthetic click-event generator and the split rules."""
+"""Data sources that produce click events with the production schema: the seeded synthetic generator and MovieLens 100K."""

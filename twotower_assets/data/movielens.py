@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pydantic
+from pydantic import Field
 
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA
 
@@ -96,6 +98,18 @@ ZIP_PREFIX_LENGTH = 2
 for 943 users)."""
 
 DEFAULT_RECENT_ITEMS = 10
+
+
+class MovieLensOptions(pydantic.BaseModel):
+    """How MovieLens 100K is read as click events (the run config of ``click_events`` inherits these)."""
+
+    movielens_path: str | None = Field(
+        default=None,
+        description="Directory of GroupLens's u.data/u.user/u.item or RecBole's ml-100k.inter/.user/.item.",
+    )
+    movielens_recent_items: int = Field(
+        default=10, ge=0, description="Length of the user_recent_items feature (earlier ratings, newest first)."
+    )
 
 
 class MovieLensFormatError(ValueError):

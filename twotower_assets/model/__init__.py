@@ -1,1 +1,1 @@
-"""TensorFlow model code: feature layers, towers, training, MatchModel, metrics. No Dagster here."""
+"""TensorFlow model code: feature layers, towers, training, MatchModel, top-k retrieval, metrics. No Dagster here."""

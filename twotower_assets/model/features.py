@@ -1,6 +1,7 @@
 """Feature configuration: which columns feed each tower, and how.
 
-A config is a JSON file in ``configs/`` (format and the eight production configs: docs/decisions.md)::
+A config is a JSON file in ``configs/`` (format and the eight production configs: docs/decisions.md),
+installed with the package as ``twotower_assets.configs``::
 
     {"user_embedding_layers": {"user_id": {"type": "string", "embedding_size": 64}, ...},
      "item_embedding_layers": {...},
@@ -15,19 +16,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path, PurePath
 from typing import Annotated, Literal
 
 import pydantic
 
-from twotower_assets.warehouse.sql import check_identifier
+from twotower_assets.identifiers import check_identifier
 
 FeatureType = Literal["string", "int", "text", "pretrained"]
 
 ITEM_ID_FEATURE = "item_id"
 """The item tower's key: the column that identifies an item everywhere in the pipeline."""
 
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_PACKAGE = "twotower_assets.configs"
+"""The top-level configs/ directory as a package (pyproject.toml's package-dir), so the configs
+are found through importlib.resources in a wheel as in an editable install."""
 
 
 class FeatureConfigError(ValueError):
@@ -164,26 +169,34 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return result
 
 
+def _config_dir(config_dir: str | Path | None) -> Traversable:
+    """``config_dir`` if given, else the configs installed with the package."""
+    return Path(config_dir) if config_dir else resources.files(CONFIG_PACKAGE)
+
+
 def load_feature_config(name_or_path: str | Path, config_dir: str | Path | None = None) -> FeatureConfig:
     """Load ``configs/<name>.json`` (or an explicit path) and validate it."""
     candidate = Path(name_or_path)
     if candidate.suffix == ".json" or candidate.is_file():
-        path = candidate
+        path, directory = candidate, candidate.parent
     else:
-        path = Path(config_dir or DEFAULT_CONFIG_DIR) / f"{name_or_path}.json"
+        directory = _config_dir(config_dir)
+        path = directory.joinpath(f"{name_or_path}.json")
     if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
+        known = available_configs(directory) if directory.is_dir() else []
         raise FeatureConfigError(f"feature config {path} does not exist (known configs: {known})")
     try:
-        raw = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise FeatureConfigError(f"invalid feature config {path}: not valid JSON ({exc})") from None
     except _DuplicateKeyError as exc:
         raise FeatureConfigError(f"invalid feature config {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise FeatureConfigError(f"invalid feature config {path}: top level must be a JSON object")
-    return parse_feature_config(raw, name=path.stem, source=str(path))
+    return parse_feature_config(raw, name=PurePath(path.name).stem, source=str(path))
 
 
-def available_configs(config_dir: str | Path | None = None) -> list[str]:
-    return sorted(p.stem for p in Path(config_dir or DEFAULT_CONFIG_DIR).glob("*.json"))
+def available_configs(config_dir: str | Path | Traversable | None = None) -> list[str]:
+    """Names of the feature configs (``*.json``) in ``config_dir``, default the installed ones."""
+    directory = config_dir if isinstance(config_dir, Traversable) else _config_dir(config_dir)
+    return sorted(PurePath(entry.name).stem for entry in directory.iterdir() if entry.name.endswith(".json"))

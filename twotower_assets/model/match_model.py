@@ -62,8 +62,3 @@ class MatchModel(tf.Module):
 
 def save_match_model(model: MatchModel, path: str | Path) -> None:
     tf.saved_model.save(model, str(path), signatures={"serving_default": model.serve})
-
-
-def load_match_model(path: str | Path):
-    """The saved MatchModel, callable as ``model([user_ids, item_ids])``."""
-    return tf.saved_model.load(str(path))

@@ -13,7 +13,8 @@ negatives; affordable for thousands of items (MovieLens: 1,682), not for product
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,22 @@ from twotower_assets.model.layers import FeatureStats, build_feature_layer
 
 SAMPLING_PROBABILITY_COLUMN = "item_sampling_probability"
 """Each training row carries its item's share of training rows, for the logQ correction."""
+
+MIXED_POLICY = "mixed_bfloat16"
+"""bfloat16, not float16, on GPUs too: it keeps float32's exponent range and so needs no loss
+scaling, which TFRS's train_step (it computes and applies the gradients itself) does not do."""
+
+
+@contextlib.contextmanager
+def _global_policy(name: str) -> Iterator[None]:
+    """Keras layers take the global dtype policy when they are created: set it for the layers
+    built inside, then put the previous one back (so it cannot leak into later models)."""
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
 
 
 class Tower(tf.keras.Model):
@@ -61,7 +78,13 @@ class Tower(tf.keras.Model):
 
 
 class TwoTowerModel(tfrs.Model):
-    """User and item towers trained with an in-batch softmax retrieval loss."""
+    """User and item towers trained with an in-batch softmax retrieval loss.
+
+    ``mixed_precision``: the towers' layers compute in bfloat16 (:data:`MIXED_POLICY`) and
+    return float32 vectors; the retrieval task, and the layers TFRS creates inside it at call
+    time, stay float32 (its labels and logits must share a dtype, and the softmax is where
+    precision matters).
+    """
 
     def __init__(
         self,
@@ -72,23 +95,28 @@ class TwoTowerModel(tfrs.Model):
         remove_accidental_hits: bool = True,
         catalog: Mapping[str, np.ndarray] | None = None,
         seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
+        mixed_precision: bool = False,
     ):
         super().__init__()
         self.config = config
         self.temperature = temperature
-        self.user_tower = Tower(
-            config.user_embedding_layers, config.user_id_feature, stats, config, embedding_size,
-            name="user_tower",
-        )
-        self.item_tower = Tower(
-            config.item_embedding_layers, config.item_id_feature, stats, config, embedding_size,
-            name="item_tower",
-        )
+        # Only the towers are built under the mixed policy; the task below is created under
+        # the caller's (float32) policy, so no layer's policy has to be changed afterwards.
+        with _global_policy(MIXED_POLICY) if mixed_precision else contextlib.nullcontext():
+            self.user_tower = Tower(
+                config.user_embedding_layers, config.user_id_feature, stats, config, embedding_size,
+                name="user_tower",
+            )
+            self.item_tower = Tower(
+                config.item_embedding_layers, config.item_id_feature, stats, config, embedding_size,
+                name="item_tower",
+            )
         self.remove_accidental_hits = remove_accidental_hits
         self.task = tfrs.tasks.Retrieval(
-            # Mean over the batch, so loss values compare across batch sizes.
+            # One loss per row: compute_loss averages them over the global batch, which the
+            # Keras reductions cannot do under a distribution strategy.
             loss=tf.keras.losses.CategoricalCrossentropy(
-                from_logits=True, reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE
+                from_logits=True, reduction=tf.keras.losses.Reduction.NONE
             ),
             temperature=temperature,
             remove_accidental_hits=remove_accidental_hits,
@@ -145,10 +173,22 @@ class TwoTowerModel(tfrs.Model):
         return self.user_tower(features), self.item_tower(features)
 
     def compute_loss(self, features, training=False):
+        """The mean loss over the global batch (the whole batch on one device).
+
+        Under a distribution strategy each replica sees a slice of the batch and Keras sums
+        the replicas' losses and gradients; :func:`tf.nn.compute_average_loss` divides each
+        replica's sum by the global batch size, so those sums are the global-batch mean.
+        """
         if self.catalog is not None:
-            return self._catalog_loss(features, training)
-        if not training and self.seen is not None:
-            return self._validation_loss(features)
+            losses = self._catalog_losses(features, training)
+        else:
+            # Validation leaves out each user's training items, as the offline evaluation does.
+            losses = self._in_batch_losses(features, mask_seen_pairs=not training and self.seen is not None)
+        return tf.nn.compute_average_loss(losses)
+
+    def _in_batch_losses(self, features, mask_seen_pairs: bool):
+        """Each row's loss in the task's in-batch softmax (temperature, logQ correction,
+        accidental hits), optionally with the batch's seen (user, item) pairs left out."""
         user_vectors, item_vectors = self(features)
         return self.task(
             user_vectors,
@@ -156,37 +196,27 @@ class TwoTowerModel(tfrs.Model):
             candidate_sampling_probability=features[SAMPLING_PROBABILITY_COLUMN],
             candidate_ids=features[self.config.item_id_feature] if self.remove_accidental_hits else None,
             compute_metrics=False,
+            score_mask=self._unseen_pairs(features) if mask_seen_pairs else None,
         )
 
-    def _catalog_loss(self, features, training=False):
-        """Mean cross-entropy of each row's item among all catalogue items (exact softmax)."""
+    def _unseen_pairs(self, features):
+        """(batch, batch) bool, False where row i's user had row j's item in training; the
+        positives (the diagonal) always count. The task gives the False scores its own
+        minimum logit, as it does for accidental hits."""
+        user_index = self.seen_user_index(features[self.config.user_id_feature])
+        item_index = self.seen_item_index(features[self.config.item_id_feature])
+        pair_keys = user_index[:, tf.newaxis] * self.seen_stride + item_index[tf.newaxis, :]
+        seen = self.seen.lookup(pair_keys) > 0
+        positives = tf.eye(tf.shape(seen)[0], dtype=tf.bool)
+        return ~seen | positives
+
+    def _catalog_losses(self, features, training=False):
+        """Each row's cross-entropy of its item among all catalogue items (exact softmax)."""
         user_vectors = self.user_tower(features, training=training)
         item_vectors = self.item_tower(self.catalog, training=training)
         logits = tf.matmul(user_vectors, item_vectors, transpose_b=True) / self.temperature
         labels = self.catalog_row(features[self.config.item_id_feature])
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
-
-    def _validation_loss(self, features):
-        """The in-batch softmax of the task, with each user's training items masked out.
-
-        Same temperature, logQ correction and accidental-hit removal as
-        :class:`tfrs.tasks.Retrieval`; only the masking of seen (user, item) pairs is added.
-        """
-        user_vectors, item_vectors = self(features)
-        logits = tf.matmul(user_vectors, item_vectors, transpose_b=True) / self.temperature
-        probability = tf.cast(features[SAMPLING_PROBABILITY_COLUMN], logits.dtype)
-        logits -= tf.math.log(tf.clip_by_value(probability, 1e-6, 1.0))[tf.newaxis, :]
-        user_index = self.seen_user_index(features[self.config.user_id_feature])
-        item_ids = features[self.config.item_id_feature]
-        item_index = self.seen_item_index(item_ids)
-        pair_keys = user_index[:, tf.newaxis] * self.seen_stride + item_index[tf.newaxis, :]
-        masked = self.seen.lookup(pair_keys) > 0
-        if self.remove_accidental_hits:
-            masked |= tf.equal(item_ids[:, tf.newaxis], item_ids[tf.newaxis, :])
-        diagonal = tf.eye(tf.shape(logits)[0], dtype=tf.bool)
-        logits = tf.where(masked & ~diagonal, tf.constant(-1e9, logits.dtype), logits)
-        labels = tf.range(tf.shape(logits)[0])
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
 
 def _lookup_index(values, vocabulary: list[str]) -> np.ndarray:

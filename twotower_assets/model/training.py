@@ -7,19 +7,20 @@ Uses a GPU when one is visible (memory growth on), the CPU otherwise.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import pydantic
 import tensorflow as tf
+from pydantic import Field
 
 from twotower_assets.model.datasets import batches, is_blocked, shuffled_batches
 from twotower_assets.model.features import FeatureConfig
 from twotower_assets.model.layers import FeatureStats
-from twotower_assets.model.towers import TwoTowerModel
+from twotower_assets.model.towers import MIXED_POLICY, TwoTowerModel
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +48,6 @@ def configure_devices(mixed_precision: bool = False) -> str:
     return device
 
 
-MIXED_POLICY = "mixed_bfloat16"
-"""bfloat16, not float16, on GPUs too: it keeps float32's exponent range and so needs no loss
-scaling, which TFRS's train_step (it computes and applies the gradients itself) does not do."""
-
-
-@contextlib.contextmanager
-def _towers_policy(mixed_precision: bool) -> Iterator[None]:
-    """Build the towers under the mixed policy; everything else (and later models) stays float32.
-
-    Keras layers take the global policy when they are created. The towers' layers compute in
-    bfloat16 and the towers return float32 vectors; the retrieval task, and the layers TFRS
-    creates inside it at call time, must stay float32 (its labels and logits must share a
-    dtype, and the softmax is where precision matters), so the global policy is float32
-    again before training starts.
-    """
-    tf.keras.mixed_precision.set_global_policy(MIXED_POLICY if mixed_precision else "float32")
-    try:
-        yield
-    finally:
-        tf.keras.mixed_precision.set_global_policy("float32")
-
-
 def distribution_strategy() -> tf.distribute.Strategy:
     """MirroredStrategy over every visible GPU when there are several, else the default (one device).
 
@@ -80,33 +59,45 @@ def distribution_strategy() -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def _mean_over_replicas(model: TwoTowerModel, replicas: int) -> None:
-    """Make a replicated model's loss the mean over the global batch, as on one device.
+class TrainingParams(pydantic.BaseModel):
+    """The hyperparameters of :func:`train_two_tower`, with production's defaults.
 
-    Each replica computes the mean loss of its slice; Keras sums the replicas' gradients and
-    their logged losses. Dividing each replica's loss by the replica count makes both sums
-    the global-batch mean -- what ``compile()`` does for the losses it owns (TFRS's
-    ``compute_loss`` is not one of them, so its Retrieval loss also has to be told that a
-    per-replica mean is meant; Keras refuses SUM_OVER_BATCH_SIZE under a strategy otherwise).
+    The one place these defaults live: the Dagster run config of the model asset inherits
+    the fields (constraints and descriptions included), so the Dagster UI shows them too.
     """
-    model.task._loss._allow_sum_over_batch_size = True
-    compute_loss = model.compute_loss
-    model.compute_loss = lambda features, training=False: compute_loss(features, training=training) / replicas
 
+    # Unknown names are refused: a misspelt hyperparameter must not silently train on a default.
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
-@dataclass(frozen=True)
-class TrainingParams:
-    embedding_size: int = 64
-    batch_size: int = 2048
-    epochs: int = 100
-    learning_rate: float = 0.1
-    seed: int = 42
-    temperature: float = 0.05
-    shuffle_buffer: int = 100_000
-    reduce_lr_patience: int = 2
-    early_stopping_patience: int = 10
-    min_delta: float = 0.001
-    remove_accidental_hits: bool = True
+    embedding_size: int = Field(default=64, gt=0, description="Size of the user and item vectors.")
+    batch_size: int = Field(
+        default=2048, gt=0, description="Rows per step; the in-batch softmax draws its negatives from the batch."
+    )
+    epochs: int = Field(
+        default=100, gt=0,
+        description="Upper bound; early stopping usually ends sooner. An epoch is a fifth of the training set.",
+    )
+    learning_rate: float = Field(default=0.1, gt=0, description="Adam's learning rate; ReduceLROnPlateau halves it.")
+    seed: int = Field(default=42, description="Seeds TensorFlow, numpy, Python and the shuffle.")
+    temperature: float = Field(default=0.05, gt=0, description="Softmax temperature: scores are divided by it.")
+    shuffle_buffer: int = Field(
+        default=100_000, gt=0, description="Training rows shuffled together (at most the whole training set)."
+    )
+    reduce_lr_patience: int = Field(
+        default=2, ge=0, description="Epochs without improvement before the learning rate is halved."
+    )
+    early_stopping_patience: int = Field(
+        default=10, ge=0, description="Epochs without improvement before training stops and restores the best weights."
+    )
+    min_delta: float = Field(
+        default=0.001, ge=0, description="The smallest decrease of the monitored loss that counts as an improvement."
+    )
+    remove_accidental_hits: bool = Field(
+        default=True, description="Other rows of the batch with the positive's own item are not negatives."
+    )
+    mixed_precision: bool = Field(
+        default=False, description=f"The towers compute in {MIXED_POLICY} (faster on GPUs); the loss stays float32."
+    )
 
 
 @dataclass
@@ -134,6 +125,7 @@ def build_model(
         remove_accidental_hits=params.remove_accidental_hits,
         catalog=catalog,
         seen_pairs=seen_pairs,
+        mixed_precision=params.mixed_precision,
     )
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=params.learning_rate))
     return model
@@ -147,7 +139,6 @@ def train_two_tower(
     validation_examples: tf.data.Dataset | None,
     params: TrainingParams,
     callbacks: list[tf.keras.callbacks.Callback] | None = None,
-    mixed_precision: bool = False,
     catalog: Mapping[str, np.ndarray] | None = None,
     seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
     strategy: tf.distribute.Strategy | None = None,
@@ -162,17 +153,14 @@ def train_two_tower(
     """
     if train_rows <= 0:
         raise ValueError("the training dataset is empty: nothing to train on")
-    device = configure_devices(mixed_precision)
+    device = configure_devices(params.mixed_precision)
     strategy = strategy or distribution_strategy()
     tf.keras.utils.set_random_seed(params.seed)
     with strategy.scope():
-        with _towers_policy(mixed_precision):
-            model = build_model(config, stats, params, catalog, seen_pairs)
-        if mixed_precision:
-            model.task._set_dtype_policy("float32")  # created with the towers, computes in float32
-        if strategy.num_replicas_in_sync > 1:
-            _mean_over_replicas(model, strategy.num_replicas_in_sync)
-            device += f", MirroredStrategy over {strategy.num_replicas_in_sync} replicas"
+        # The loss is the global-batch mean on any number of replicas (TwoTowerModel.compute_loss).
+        model = build_model(config, stats, params, catalog, seen_pairs)
+    if strategy.num_replicas_in_sync > 1:
+        device += f", MirroredStrategy over {strategy.num_replicas_in_sync} replicas"
 
     batch_size = min(params.batch_size, train_rows)
     steps_per_epoch = max(1, math.ceil(train_rows / batch_size / EPOCH_FRACTION))

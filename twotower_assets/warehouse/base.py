@@ -19,18 +19,11 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
+from twotower_assets.warehouse.errors import WarehouseError
 from twotower_assets.warehouse.sql import Dialect, NeighborSearch
 
 ArrowData = pa.Table | Iterable[pa.RecordBatch]
 QueryParams = Mapping[str, Any]
-
-
-class WarehouseError(RuntimeError):
-    """A warehouse operation that failed with a message worth showing the user."""
-
-
-class EmptyTableError(WarehouseError):
-    """A table (or partition) that must have rows has none."""
 
 
 def as_batches(data: ArrowData, schema: pa.Schema | None = None) -> pa.RecordBatchReader:
@@ -113,8 +106,10 @@ class WarehouseResource(dg.ConfigurableResource):
         """Fill one partition of several tables from SELECTs run in the warehouse, atomically."""
 
     @abstractmethod
-    def create_latest_view(self, view: str, table: str, partition_column: str) -> None:
-        """A view showing only the newest partition of ``table``."""
+    def create_latest_view(
+        self, view: str, table: str, partition_column: str, partition_value: dt.date | None = None
+    ) -> None:
+        """A view of one partition of ``table``: ``partition_value`` (the champion's date), or the newest."""
 
     @property
     def has_vector_search(self) -> bool:

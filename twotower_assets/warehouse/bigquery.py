@@ -18,10 +18,11 @@ How writes stay all-or-nothing:
 
 Transient errors are retried with exponential backoff: every API call with ``retry=`` (429,
 5xx, ``rateLimitExceeded``/``backendError``-style reasons, dropped connections; see
-:func:`is_transient`), and every query job with ``job_retry=`` (a job that failed for a
-transient reason is run again; the writes are idempotent: staging tables have fresh names and
-the partition swap is one transaction). Permanent errors (400, 403 ``accessDenied``, 404) are
-raised at once. Dagster's step-level RetryPolicy (``defs/retries.py``) is the second line for
+:func:`~twotower_assets.warehouse.errors.is_transient_bigquery_error`), and every query job
+with ``job_retry=`` (a job that failed for a transient reason is run again; the writes are
+idempotent: staging tables have fresh names and the partition swap is one transaction). Permanent errors (400, 403 ``accessDenied``, 404) are
+raised at once. Dagster's step-level RetryPolicy (retrying on
+:func:`~twotower_assets.warehouse.errors.is_transient_warehouse_error`) is the second line for
 outages longer than ``retry_deadline_s``.
 
 Staging tables expire after ``staging_expiration_hours`` in case the process dies before it
@@ -31,7 +32,11 @@ would truncate the whole table), so the transaction is the path that is tested.
 
 bqemulator does not bind query parameters inside multi-statement scripts, so the swap script
 carries the partition date as a typed literal rendered from a ``datetime.date`` (never from a
-string); every other value is a query parameter.
+string; :func:`~twotower_assets.warehouse.bigquery_types.date_literal`); every other value is a
+query parameter.
+
+The column and parameter types are in ``bigquery_types.py``, the VECTOR_SEARCH SQL in ``sql.py``,
+the TWOTOWER_* variables ``from_env`` reads in ``twotower_assets/settings.py``.
 """
 
 from __future__ import annotations
@@ -44,35 +49,38 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster_gcp import BigQueryResource
 from dagster_gcp.bigquery.utils import setup_gcp_creds
-import requests.exceptions
-from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
 from google.api_core.client_options import ClientOptions
 from google.api_core.exceptions import NotFound
-from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 from google.cloud.bigquery import retry as bigquery_retry
 from pydantic import Field, PrivateAttr
 
-from twotower_assets.warehouse.base import (
-    ArrowData,
-    QueryParams,
-    WarehouseError,
-    WarehouseResource,
-    as_batches,
+from twotower_assets import settings
+from twotower_assets.warehouse.base import ArrowData, QueryParams, WarehouseResource, as_batches
+from twotower_assets.warehouse.bigquery_types import (
+    arrow_schema,
+    bigquery_schema,
+    date_literal,
+    query_parameters,
+    standard_type,
 )
+from twotower_assets.warehouse.errors import WarehouseError, is_transient_bigquery_error
 from twotower_assets.warehouse.sql import (
+    partition_view_statement,
     BIGQUERY,
     Dialect,
     NeighborSearch,
+    bigquery_vector_index_statement,
+    bigquery_vector_search_query,
     check_identifier,
-    check_parameter_name,
     check_project_id,
     check_table_name,
     quote_identifier,
@@ -81,213 +89,11 @@ from twotower_assets.warehouse.sql import (
 EMULATOR_HOST_VARIABLE = "BIGQUERY_EMULATOR_HOST"
 DAY_MS = 86_400_000
 
-# Arrow <-> BigQuery column types for the tables the pipeline writes and reads.
-_ARROW_TO_BIGQUERY = [
-    (pa.types.is_boolean, "BOOL"),
-    (pa.types.is_integer, "INT64"),
-    (pa.types.is_floating, "FLOAT64"),
-    (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "STRING"),
-    (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "BYTES"),
-    (pa.types.is_date, "DATE"),
-    (lambda t: pa.types.is_timestamp(t) and t.tz is not None, "TIMESTAMP"),
-    (pa.types.is_timestamp, "DATETIME"),
-    (pa.types.is_decimal, "NUMERIC"),
-]
-_BIGQUERY_TO_ARROW = {
-    "BOOL": pa.bool_(),
-    "INT64": pa.int64(),
-    "FLOAT64": pa.float64(),
-    "STRING": pa.string(),
-    "BYTES": pa.binary(),
-    "DATE": pa.date32(),
-    "TIMESTAMP": pa.timestamp("us", tz="UTC"),
-    "DATETIME": pa.timestamp("us"),
-    "NUMERIC": pa.decimal128(38, 9),
-}
-# The REST API still answers with the legacy names.
-_LEGACY_TYPE_NAMES = {"BOOLEAN": "BOOL", "INTEGER": "INT64", "FLOAT": "FLOAT64"}
-
-
-# Error reasons BigQuery documents as retryable (https://cloud.google.com/bigquery/docs/error-messages):
-# API-level and, for a job whose status carries them, job-level.
-TRANSIENT_REASONS = frozenset(
-    {
-        "rateLimitExceeded",
-        "backendError",
-        "internalError",
-        "badGateway",
-        "jobBackendError",
-        "jobInternalError",
-        "jobRateLimitExceeded",
-    }
-)
-# HTTP 429 and 5xx, and the transport failing under the client.
-TRANSIENT_TYPES = (
-    api_exceptions.TooManyRequests,
-    api_exceptions.InternalServerError,
-    api_exceptions.BadGateway,
-    api_exceptions.ServiceUnavailable,
-    api_exceptions.GatewayTimeout,
-    ConnectionError,
-    TimeoutError,
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    auth_exceptions.TransportError,
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a BigQuery error may go away by itself: worth retrying.
-
-    429 and 5xx answers, dropped connections and timeouts, and any answer whose error reason
-    BigQuery documents as retryable (e.g. a 403 ``rateLimitExceeded``). Everything else (400
-    ``invalidQuery``, 403 ``accessDenied``, 404 ``notFound``, a TLS failure) is permanent. A
-    ``RetryError`` (the client's retry deadline ran out) is as transient as its cause.
-    """
-    if isinstance(exc, api_exceptions.RetryError):
-        return exc.cause is not None and is_transient(exc.cause)
-    if isinstance(exc, requests.exceptions.SSLError):
-        return False
-    if isinstance(exc, TRANSIENT_TYPES):
-        return True
-    errors = getattr(exc, "errors", None) or []
-    return any(isinstance(error, dict) and error.get("reason") in TRANSIENT_REASONS for error in errors)
-
-
-def standard_type(field_type: str) -> str:
-    return _LEGACY_TYPE_NAMES.get(field_type.upper(), field_type.upper())
-
-
-def bigquery_schema(schema: pa.Schema) -> list[bigquery.SchemaField]:
-    """BigQuery columns for an Arrow schema: lists become REPEATED, non-nullable REQUIRED."""
-    fields = []
-    for field in schema:
-        arrow_type, mode = field.type, "NULLABLE" if field.nullable else "REQUIRED"
-        if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
-            arrow_type, mode = arrow_type.value_type, "REPEATED"
-        bigquery_type = next((name for test, name in _ARROW_TO_BIGQUERY if test(arrow_type)), None)
-        if bigquery_type is None:
-            raise WarehouseError(f"column {field.name!r}: Arrow type {field.type} has no BigQuery column type")
-        fields.append(bigquery.SchemaField(quote_identifier(field.name), bigquery_type, mode=mode))
-    return fields
-
-
-def arrow_schema(fields: list[bigquery.SchemaField]) -> pa.Schema:
-    """The Arrow schema that query results of these BigQuery columns have."""
-    arrow_fields = []
-    for field in fields:
-        arrow_type = _BIGQUERY_TO_ARROW.get(standard_type(field.field_type))
-        if arrow_type is None:
-            raise WarehouseError(f"column {field.name!r}: BigQuery type {field.field_type} is not supported")
-        if field.mode == "REPEATED":
-            arrow_type = pa.list_(arrow_type)
-        arrow_fields.append(pa.field(field.name, arrow_type, nullable=field.mode != "REQUIRED"))
-    return pa.schema(arrow_fields)
-
-
-def query_parameters(params: QueryParams | None) -> list:
-    """Typed BigQuery query parameters from Python values."""
-    result = []
-    for name, value in (params or {}).items():
-        check_parameter_name(name)
-        if isinstance(value, (list, tuple)):
-            element_type = _parameter_type(value[0]) if value else "STRING"
-            result.append(bigquery.ArrayQueryParameter(name, element_type, [_plain(v) for v in value]))
-        else:
-            result.append(bigquery.ScalarQueryParameter(name, _parameter_type(value), _plain(value)))
-    return result
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") and not isinstance(value, (dt.date, str)) else value
-
-
-def _parameter_type(value) -> str:
-    value = _plain(value)
-    if isinstance(value, bool):
-        return "BOOL"
-    if isinstance(value, int):
-        return "INT64"
-    if isinstance(value, float):
-        return "FLOAT64"
-    if isinstance(value, str):
-        return "STRING"
-    if isinstance(value, dt.datetime):
-        return "TIMESTAMP"
-    if isinstance(value, dt.date):
-        return "DATE"
-    raise WarehouseError(f"no BigQuery query parameter type for {type(value).__name__} value {value!r}")
-
-
-def date_literal(value: dt.date) -> str:
-    """``DATE 'YYYY-MM-DD'`` for scripts, where bqemulator binds no parameters (see module doc)."""
-    if not isinstance(value, dt.date) or isinstance(value, dt.datetime):
-        raise WarehouseError(f"a partition value must be a datetime.date, not {value!r}")
-    return f"DATE '{value.isoformat()}'"
-
 
 def normalise_endpoint(endpoint: str) -> str:
     """``host:port`` (as BIGQUERY_EMULATOR_HOST is often written) becomes ``http://host:port``."""
     endpoint = endpoint.strip().rstrip("/")
     return endpoint if "://" in endpoint else f"http://{endpoint}"
-
-
-def _pair_score(metric: str, left: str, right: str) -> str:
-    """SQL for the similarity of two ARRAY<FLOAT64> expressions (higher is closer).
-
-    BigQuery has no scalar dot product: it is summed over the arrays' positions.
-    """
-    pairs = f"FROM UNNEST({left}) AS x WITH OFFSET AS i JOIN UNNEST({right}) AS y WITH OFFSET AS j ON i = j"
-    if metric == "DOT_PRODUCT":
-        return f"(SELECT SUM(x * y) {pairs})"
-    return f"(SELECT SUM(x * y) / NULLIF(SQRT(SUM(x * x)) * SQRT(SUM(y * y)), 0) {pairs})"
-
-
-def vector_search_query(search: NeighborSearch) -> str:
-    """Top-k neighbours with BigQuery's VECTOR_SEARCH (uses a vector index when there is one).
-
-    VECTOR_SEARCH returns candidate pairs; each pair is then scored exactly from its two vectors
-    (the serving system's "approximate index plus exact re-ranking"), so ``score`` means the same
-    as in the local search whatever sign convention ``distance`` has. For ``exclude_same_key`` one
-    extra candidate is asked for, since an item is its own nearest neighbour.
-    """
-    candidates = search.top_k + 1 if search.exclude_same_key else search.top_k
-    query_key, base_key = quote_identifier(search.query_key), quote_identifier(search.base_key)
-    query_vector, base_vector = quote_identifier(search.query_vector), quote_identifier(search.base_vector)
-    score = _pair_score(search.metric, f"query.{query_vector}", f"base.{base_vector}")
-    same_key = f"\n    WHERE query.{query_key} <> base.{base_key}" if search.exclude_same_key else ""
-    train_date = BIGQUERY.param("train_date")
-    return f"""
-SELECT query_id AS {quote_identifier(search.query_column)}, neighbor_id AS {quote_identifier(search.neighbor_column)},
-  neighbor_rank, score
-FROM (
-  SELECT query_id, neighbor_id, score,
-    ROW_NUMBER() OVER (PARTITION BY query_id ORDER BY score DESC, neighbor_id) AS neighbor_rank
-  FROM (
-    SELECT query.{query_key} AS query_id, base.{base_key} AS neighbor_id, {score} AS score
-    FROM VECTOR_SEARCH(
-      (SELECT {base_key}, {base_vector} FROM {BIGQUERY.table(search.base_table)} WHERE train_date = {train_date}),
-      '{base_vector}',
-      (SELECT {query_key}, {query_vector} FROM {BIGQUERY.table(search.query_table)} WHERE train_date = {train_date}),
-      '{query_vector}',
-      top_k => {candidates},
-      distance_type => '{search.metric}'){same_key}
-  ) AS candidates
-) AS ranked
-WHERE neighbor_rank <= {search.top_k}"""
-
-
-def vector_index_statement(table: str, column: str, metric: str) -> str:
-    """CREATE VECTOR INDEX on ``column``, storing ``train_date`` so the date filter pre-filters."""
-    short_name = check_table_name(table).split(".")[-1]
-    index = quote_identifier(f"{short_name}_{quote_identifier(column)}_index")
-    if metric not in ("DOT_PRODUCT", "COSINE"):
-        raise WarehouseError(f"unknown vector distance {metric!r}")
-    return (
-        f"CREATE VECTOR INDEX IF NOT EXISTS {index} ON {BIGQUERY.table(table)}({column}) "
-        f"STORING(train_date) OPTIONS(index_type = 'IVF', distance_type = '{metric}')"
-    )
 
 
 class BigQueryWarehouse(WarehouseResource):
@@ -302,10 +108,10 @@ class BigQueryWarehouse(WarehouseResource):
         description="REST endpoint of a BigQuery emulator (anonymous credentials); "
         "default: BIGQUERY_EMULATOR_HOST when set, else real BigQuery.",
     )
-    click_events_table: str | None = Field(
-        default=None,
-        description="project.dataset.table of the production click events, read in place of "
-        "the pipeline's own click_events table.",
+    external_tables: dict[str, str] = Field(
+        default={},
+        description="Tables read in place of the dataset's own: {table name the pipeline asks for: "
+        "project.dataset.table}, e.g. the production click events (TWOTOWER_BQ_CLICK_EVENTS_TABLE).",
     )
     partition_expiration_days: int = Field(
         default=183, gt=0, description="Partition expiration of the partitioned tables (about six months)."
@@ -339,36 +145,31 @@ class BigQueryWarehouse(WarehouseResource):
 
     @classmethod
     def from_env(cls) -> "BigQueryWarehouse":
-        """The warehouse the TWOTOWER_* variables describe (settings.py lists them)."""
-        import dagster as dg
-
-        from twotower_assets import settings
-
-        env = settings.deployment_env()
-        project = os.environ.get("TWOTOWER_BQ_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT") or None
-        credentials = dg.EnvVar("TWOTOWER_GCP_CREDENTIALS") if os.environ.get("TWOTOWER_GCP_CREDENTIALS") else None
+        """The warehouse the TWOTOWER_* variables describe (read and listed in settings.py)."""
+        configured = settings.bigquery_settings()
+        credentials = configured.credentials_variable
         warehouse = cls(
             bigquery=BigQueryResource(
-                project=project,
-                location=os.environ.get("TWOTOWER_BQ_LOCATION", "EU"),
-                gcp_credentials=credentials,
+                project=configured.project,
+                location=configured.location,
+                gcp_credentials=dg.EnvVar(credentials) if credentials else None,
             ),
-            dataset=os.environ.get("TWOTOWER_BQ_DATASET") or f"ml_preproc_{env}",
-            endpoint=os.environ.get("TWOTOWER_BQ_ENDPOINT") or None,
-            click_events_table=settings.bigquery_click_events_table(),
-            partition_expiration_days=int(os.environ.get("TWOTOWER_BQ_PARTITION_EXPIRATION_DAYS", "183")),
+            dataset=configured.dataset,
+            endpoint=configured.endpoint,
+            external_tables=configured.external_tables,
+            partition_expiration_days=configured.partition_expiration_days,
         )
         warehouse.check_names()  # a bad name stops the code location from loading, before any job
         return warehouse
 
     def check_names(self) -> None:
-        """Refuse a project, dataset or click-event table that is not a plain name
+        """Refuse a project, dataset or external table that is not a plain name
         (:mod:`twotower_assets.warehouse.sql`), before anything is sent to BigQuery."""
         if self.bigquery.project:
             check_project_id(self.bigquery.project)
         check_identifier(self.dataset, "dataset name")
-        if self.click_events_table:
-            check_table_name(self.click_events_table)
+        for table in self.external_tables.values():
+            check_table_name(table)
 
     # -- retries ------------------------------------------------------------------------------
 
@@ -384,7 +185,7 @@ class BigQueryWarehouse(WarehouseResource):
 
     def _transient_only(self, retry: api_retry.Retry, deadline_s: float) -> api_retry.Retry:
         return (
-            retry.with_predicate(is_transient)
+            retry.with_predicate(is_transient_bigquery_error)
             .with_delay(initial=self.retry_initial_s, maximum=self.retry_maximum_s, multiplier=2.0)
             .with_deadline(deadline_s)
         )
@@ -442,11 +243,10 @@ class BigQueryWarehouse(WarehouseResource):
         return BIGQUERY
 
     def table_name(self, name: str) -> str:
-        """``project.dataset.name`` for a pipeline table; qualified names pass through."""
-        from twotower_assets.defs.tables import CLICK_EVENTS
-
-        if name == CLICK_EVENTS and self.click_events_table:
-            return check_table_name(self.click_events_table)
+        """``project.dataset.name`` for a pipeline table, or the external table configured in its
+        place; qualified names pass through."""
+        if name in self.external_tables:
+            return check_table_name(self.external_tables[name])
         if "." in name:
             return check_table_name(name)
         prefix = f"{self.bigquery.project}." if self.bigquery.project else ""
@@ -589,13 +389,10 @@ class BigQueryWarehouse(WarehouseResource):
                     client.delete_table(staging, not_found_ok=True, retry=self.api_retry)
         return {target: self._partition_rows(target, partition_column, partition_value) for target in selects}
 
-    def create_latest_view(self, view: str, table: str, partition_column: str) -> None:
-        column = quote_identifier(partition_column)
-        source = BIGQUERY.table(table)
-        self.execute(
-            f"CREATE OR REPLACE VIEW {BIGQUERY.table(view)} AS SELECT * FROM {source} "
-            f"WHERE {column} = (SELECT MAX({column}) FROM {source})"
-        )
+    def create_latest_view(
+        self, view: str, table: str, partition_column: str, partition_value: dt.date | None = None
+    ) -> None:
+        self.execute(partition_view_statement(BIGQUERY, view, table, partition_column, partition_value))
 
     # -- vector search --------------------------------------------------------------------------
 
@@ -605,7 +402,7 @@ class BigQueryWarehouse(WarehouseResource):
 
     def nearest_neighbors_query(self, search: NeighborSearch) -> str:
         if self.native_vector_search_enabled:
-            return vector_search_query(search)
+            return bigquery_vector_search_query(search)
         return super().nearest_neighbors_query(search)
 
     def ensure_vector_index(self, table: str, column: str, metric: str, min_rows: int) -> bool:
@@ -613,7 +410,7 @@ class BigQueryWarehouse(WarehouseResource):
             return False
         if (self.get_table(table).num_rows or 0) < min_rows:
             return False
-        self.execute(vector_index_statement(table, column, metric))
+        self.execute(bigquery_vector_index_statement(table, column, metric))
         return True
 
     # -- helpers --------------------------------------------------------------------------------

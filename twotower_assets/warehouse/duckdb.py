@@ -17,16 +17,9 @@ import duckdb
 import pyarrow as pa
 from pydantic import Field
 
-from twotower_assets.warehouse.base import (
-    ArrowData,
-    QueryParams,
-    WarehouseError,
-    WarehouseResource,
-    as_batches,
-)
-from twotower_assets.warehouse.sql import DUCKDB, Dialect, check_table_name, quote_identifier
-
-_LOCK_MESSAGES = ("Could not set lock", "Conflicting lock")
+from twotower_assets.warehouse.base import ArrowData, QueryParams, WarehouseResource, as_batches
+from twotower_assets.warehouse.errors import DUCKDB_LOCK_MESSAGES, WarehouseError
+from twotower_assets.warehouse.sql import DUCKDB, Dialect, check_table_name, partition_view_statement, quote_identifier
 
 
 class DuckDBWarehouse(WarehouseResource):
@@ -58,7 +51,7 @@ class DuckDBWarehouse(WarehouseResource):
                 connection = duckdb.connect(self.path)
                 break
             except duckdb.IOException as exc:
-                if not any(m in str(exc) for m in _LOCK_MESSAGES) or time.monotonic() > deadline:
+                if not any(m in str(exc) for m in DUCKDB_LOCK_MESSAGES) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
         try:
@@ -156,13 +149,10 @@ class DuckDBWarehouse(WarehouseResource):
                 ).fetchone()[0]
         return counts
 
-    def create_latest_view(self, view: str, table: str, partition_column: str) -> None:
-        column = quote_identifier(partition_column)
-        source = DUCKDB.table(table)
-        self.execute(
-            f"CREATE OR REPLACE VIEW {DUCKDB.table(view)} AS SELECT * FROM {source} "
-            f"WHERE {column} = (SELECT MAX({column}) FROM {source})"
-        )
+    def create_latest_view(
+        self, view: str, table: str, partition_column: str, partition_value: dt.date | None = None
+    ) -> None:
+        self.execute(partition_view_statement(DUCKDB, view, table, partition_column, partition_value))
 
 
 @contextlib.contextmanager

@@ -1,127 +1,32 @@
 """SQL shared by the warehouses: the split rules and the per-entity feature reads.
 
 Identifiers (table and column names) cannot be query parameters, so every identifier that
-reaches SQL goes through this module's checks, the one place that defines a safe name:
-:func:`check_identifier` / :func:`quote_identifier` (plain ASCII names, no reserved words),
-:func:`check_project_id` and :func:`check_table_name`. Values (dates, fractions, ids) are
-always query parameters. The statements use the subset of SQL that
-DuckDB and BigQuery share; the few differences live in :class:`Dialect`.
+reaches SQL goes through the checks of :mod:`twotower_assets.identifiers`, the one place that
+defines a safe name: ``check_identifier`` / ``quote_identifier`` (plain ASCII names, no
+reserved words), ``check_project_id`` and ``check_table_name``. Values (dates, fractions, ids)
+are always query parameters. The statements use the subset of SQL that
+DuckDB and BigQuery share; the few differences live in :class:`Dialect`. The exception is
+BigQuery's native vector search (``bigquery_vector_*``), which DuckDB does not have.
 """
 
 from __future__ import annotations
 
-import re
+import datetime as dt
+
 from dataclasses import dataclass
 
-# ASCII only, matched with fullmatch (a "$" would also accept a trailing newline).
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-# GCP project ids: lowercase letters, digits and hyphens, a letter first, no hyphen last (GCP
-# itself asks for 6 to 30 characters; the length is left to BigQuery).
-_PROJECT_ID = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
-# Words reserved in BigQuery's or DuckDB's grammar: refused as names rather than failing as a
-# syntax error (names are written unquoted into SQL).
-RESERVED_WORDS = frozenset(
-    """all analyse analyze and any array as asc assert_rows_modified asymmetric at between both by
-    case cast check collate column constraint contains create cross cube current default deferrable
-    define desc describe distinct do else end enum escape except exclude exists extract false fetch
-    following for foreign from full group grouping groups hash having if ignore in initially inner
-    intersect interval into is join lambda lateral leading left like limit lookup merge natural new
-    no not null nulls of offset on only or order outer over partition pivot pivot_longer pivot_wider
-    placing preceding primary proto qualify range recursive references respect returning right
-    rollup rows select set show some struct summarize symmetric table tablesample then to trailing
-    treat true unbounded union unique unnest unpivot using variadic when where window with within""".split()
+# The identifier rules live in twotower_assets.identifiers (model code checks feature names
+# with them too). Imported here for this module's own SQL, and for the modules that still
+# import these names from here.
+from twotower_assets.identifiers import (  # noqa: F401
+    UnsafeIdentifierError,
+    check_identifier,
+    check_parameter_name,
+    check_project_id,
+    check_table_name,
+    quote_identifier,
 )
-# BigQuery's pseudo-column and system prefixes (case-insensitive).
-RESERVED_PREFIXES = ("_table_", "_file_", "_partition", "_row_timestamp", "__root__", "_colidentifier")
-NAME_RULE = "ASCII letters, digits and underscores, not starting with a digit, at most 128 characters"
-
-
-class UnsafeIdentifierError(ValueError):
-    """A table, dataset, project or column name that is not a plain identifier."""
-
-
-def _shown(name: object) -> str:
-    """The refused value for an error message: escaped (lookalikes and controls visible), cut short."""
-    text = ascii(name)
-    return text if len(text) <= 80 else f"{text[:60]}...{text[-10:]} ({len(name)} characters)"
-
-
-def _why_not_plain(name: object) -> str:
-    if not isinstance(name, str):
-        return f"not a string but {type(name).__name__}"
-    if not name:
-        return "empty"
-    if not name.isascii():
-        return "non-ASCII character"
-    if len(name) > 128:
-        return "too long"
-    if name[0].isdigit():
-        return "starts with a digit"
-    bad = next((c for c in name if not (c.isalnum() or c == "_")), "")
-    return f"character {bad!r} not allowed"
-
-
-def check_identifier(name: str, what: str = "SQL identifier", *, keywords_ok: bool = False) -> str:
-    """``name`` itself if it is a plain identifier, else :class:`UnsafeIdentifierError`.
-
-    The one rule for every name that is written into SQL (tables, datasets, columns, feature
-    names, the user key, the partition column, query-parameter names): values never are; they
-    are query parameters.
-    """
-    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
-        raise UnsafeIdentifierError(f"{what} {_shown(name)} is not a plain name: {_why_not_plain(name)} ({NAME_RULE})")
-    if keywords_ok:
-        return name
-    if name.lower() in RESERVED_WORDS:
-        raise UnsafeIdentifierError(f"{what} {name!r} is not a plain name: a reserved SQL keyword")
-    prefix = next((p for p in RESERVED_PREFIXES if name.lower().startswith(p)), None)
-    if prefix is not None:
-        raise UnsafeIdentifierError(f"{what} {name!r} is not a plain name: BigQuery reserves the prefix {prefix.upper()!r}")
-    return name
-
-
-def quote_identifier(name: str) -> str:
-    """A column (or other) name safe to write into SQL as is: see :func:`check_identifier`."""
-    return check_identifier(name, "column name")
-
-
-def check_parameter_name(name: str) -> str:
-    """A query parameter's name (written ``$name`` / ``@name``, so keywords are fine)."""
-    return check_identifier(name, "query parameter name", keywords_ok=True)
-
-
-def check_project_id(name: str) -> str:
-    """A GCP project id: lowercase letters, digits and single hyphens, starting with a letter."""
-    if not isinstance(name, str) or not _PROJECT_ID.fullmatch(name) or "--" in name:
-        raise UnsafeIdentifierError(
-            f"GCP project id {_shown(name)} is not a plain name: lowercase ASCII letters, digits "
-            "and single hyphens, starting with a letter and not ending with a hyphen"
-        )
-    return name
-
-
-def check_table_name(name: str) -> str:
-    """A table name of up to three dotted parts (project.dataset.table, or dataset.table).
-
-    The project part follows :func:`check_project_id`; the dataset and table parts follow
-    :func:`check_identifier`. Returned unchanged; :meth:`Dialect.table` quotes it.
-    """
-    if not isinstance(name, str) or not name:
-        raise UnsafeIdentifierError(f"table name {_shown(name)} is not a plain table name: empty")
-    parts = name.split(".")
-    if len(parts) > 3:
-        raise UnsafeIdentifierError(
-            f"table name {_shown(name)} is not a plain table name: at most three dotted parts "
-            "(project.dataset.table)"
-        )
-    try:
-        if len(parts) == 3:
-            check_project_id(parts[0])
-        for part, what in zip(parts[-2:][::-1], ("table", "dataset")):
-            check_identifier(part, f"{what} name")
-    except UnsafeIdentifierError as exc:
-        raise UnsafeIdentifierError(f"table name {_shown(name)} is not a plain table name: {exc}") from None
-    return name
+from twotower_assets.warehouse.errors import WarehouseError
 
 
 @dataclass(frozen=True)
@@ -130,10 +35,10 @@ class Dialect:
 
     name: str
     param_prefix: str  # "$" for DuckDB, "@" for BigQuery
-    table_quote: str  # DuckDB: '"', BigQuery: '`'
     int_type: str
     float_type: str
     hex_md5: str  # format string with one {} for the string expression
+    non_finite_test: str  # format string with {0} for the float expression, used twice
 
     def param(self, name: str) -> str:
         return f"{self.param_prefix}{check_parameter_name(name)}"
@@ -144,9 +49,13 @@ class Dialect:
             return f"`{name}`"
         return ".".join(f'"{part}"' for part in name.split("."))
 
+    def non_finite(self, column: str) -> str:
+        """SQL true when the float expression ``column`` (already checked or quoted) is NaN or infinite."""
+        return self.non_finite_test.format(column)
 
-DUCKDB = Dialect("duckdb", "$", '"', "BIGINT", "DOUBLE", "md5({})")
-BIGQUERY = Dialect("bigquery", "@", "`", "INT64", "FLOAT64", "TO_HEX(MD5({}))")
+
+DUCKDB = Dialect("duckdb", "$", "BIGINT", "DOUBLE", "md5({})", "(isnan({0}) OR isinf({0}))")
+BIGQUERY = Dialect("bigquery", "@", "INT64", "FLOAT64", "TO_HEX(MD5({}))", "(IS_NAN({0}) OR IS_INF({0}))")
 
 USER_COLUMN = "user_id"
 ITEM_COLUMN = "item_id"
@@ -189,9 +98,6 @@ holdout AS (
       WHERE t.{USER_COLUMN} = r.{USER_COLUMN} AND t.{ITEM_COLUMN} = r.{ITEM_COLUMN}
     )
 )"""
-
-
-SPLITS = ("training", "validation", "test")
 
 
 def split_queries(dialect: Dialect, source: str, columns: list[str]) -> dict[str, str]:
@@ -294,6 +200,63 @@ class NeighborSearch:
             raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {self.metric!r}")
 
 
+def _bigquery_pair_score(metric: str, left: str, right: str) -> str:
+    """BigQuery SQL for the similarity of two ARRAY<FLOAT64> expressions (higher is closer).
+
+    BigQuery has no scalar dot product: it is summed over the arrays' positions.
+    """
+    pairs = f"FROM UNNEST({left}) AS x WITH OFFSET AS i JOIN UNNEST({right}) AS y WITH OFFSET AS j ON i = j"
+    if metric == "DOT_PRODUCT":
+        return f"(SELECT SUM(x * y) {pairs})"
+    return f"(SELECT SUM(x * y) / NULLIF(SQRT(SUM(x * x)) * SQRT(SUM(y * y)), 0) {pairs})"
+
+
+def bigquery_vector_search_query(search: NeighborSearch) -> str:
+    """Top-k neighbours with BigQuery's VECTOR_SEARCH (uses a vector index when there is one).
+
+    VECTOR_SEARCH returns candidate pairs; each pair is then scored exactly from its two vectors
+    (the serving system's "approximate index plus exact re-ranking"), so ``score`` means the same
+    as in the local search whatever sign convention ``distance`` has. For ``exclude_same_key`` one
+    extra candidate is asked for, since an item is its own nearest neighbour.
+    """
+    candidates = search.top_k + 1 if search.exclude_same_key else search.top_k
+    query_key, base_key = quote_identifier(search.query_key), quote_identifier(search.base_key)
+    query_vector, base_vector = quote_identifier(search.query_vector), quote_identifier(search.base_vector)
+    score = _bigquery_pair_score(search.metric, f"query.{query_vector}", f"base.{base_vector}")
+    same_key = f"\n    WHERE query.{query_key} <> base.{base_key}" if search.exclude_same_key else ""
+    train_date = BIGQUERY.param("train_date")
+    return f"""
+SELECT query_id AS {quote_identifier(search.query_column)}, neighbor_id AS {quote_identifier(search.neighbor_column)},
+  neighbor_rank, score
+FROM (
+  SELECT query_id, neighbor_id, score,
+    ROW_NUMBER() OVER (PARTITION BY query_id ORDER BY score DESC, neighbor_id) AS neighbor_rank
+  FROM (
+    SELECT query.{query_key} AS query_id, base.{base_key} AS neighbor_id, {score} AS score
+    FROM VECTOR_SEARCH(
+      (SELECT {base_key}, {base_vector} FROM {BIGQUERY.table(search.base_table)} WHERE train_date = {train_date}),
+      '{base_vector}',
+      (SELECT {query_key}, {query_vector} FROM {BIGQUERY.table(search.query_table)} WHERE train_date = {train_date}),
+      '{query_vector}',
+      top_k => {candidates},
+      distance_type => '{search.metric}'){same_key}
+  ) AS candidates
+) AS ranked
+WHERE neighbor_rank <= {search.top_k}"""
+
+
+def bigquery_vector_index_statement(table: str, column: str, metric: str) -> str:
+    """BigQuery's CREATE VECTOR INDEX on ``column``, storing ``train_date`` so the date filter pre-filters."""
+    short_name = check_table_name(table).split(".")[-1]
+    index = quote_identifier(f"{short_name}_{quote_identifier(column)}_index")
+    if metric not in VECTOR_METRICS:
+        raise WarehouseError(f"unknown vector distance {metric!r}")
+    return (
+        f"CREATE VECTOR INDEX IF NOT EXISTS {index} ON {BIGQUERY.table(table)}({column}) "
+        f"STORING(train_date) OPTIONS(index_type = 'IVF', distance_type = '{metric}')"
+    )
+
+
 def distinct_pairs_query(dialect: Dialect, table: str, user_key: str) -> str:
     """Distinct (user key, item) pairs of one partition (parameter ``train_date``).
 
@@ -304,3 +267,22 @@ def distinct_pairs_query(dialect: Dialect, table: str, user_key: str) -> str:
 SELECT DISTINCT COALESCE(CAST({key} AS STRING), 'none') AS user_key, {ITEM_COLUMN} AS item_id
 FROM {dialect.table(table)}
 WHERE train_date = {dialect.param("train_date")}"""
+
+
+def partition_view_statement(
+    dialect: Dialect, view: str, table: str, partition_column: str, partition_value: dt.date | None = None
+) -> str:
+    """CREATE OR REPLACE VIEW ``view`` of one partition of ``table``: ``partition_value``, or the newest.
+
+    A view cannot take query parameters, so the date is a literal; it is written from a
+    ``datetime.date`` (``DATE 'YYYY-MM-DD'``, the same in both dialects), never from text.
+    """
+    column = quote_identifier(partition_column)
+    source = dialect.table(table)
+    if partition_value is None:
+        value = f"(SELECT MAX({column}) FROM {source})"
+    elif isinstance(partition_value, dt.date) and not isinstance(partition_value, dt.datetime):
+        value = f"DATE '{partition_value.isoformat()}'"
+    else:
+        raise TypeError(f"partition_value must be a datetime.date, not {type(partition_value).__name__}")
+    return f"CREATE OR REPLACE VIEW {dialect.table(view)} AS SELECT * FROM {source} WHERE {column} = {value}"

@@ -25,7 +25,7 @@ What is refused, per split table read (training and validation) of the training 
 What is only reported (asset metadata): how many text values are longer than
 :data:`~twotower_assets.model.layers.TEXT_MAX_CHARS` characters and will be truncated.
 
-The split data checks (``defs/checks.py``) test the split itself (empty splits, null ids,
+The split data checks (``defs/splits/checks.py``) test the split itself (empty splits, null ids,
 held-out rows unknown to training, leaked pairs); these checks test what a feature config
 reads from it.
 """
@@ -37,11 +37,13 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from twotower_assets.defs import tables
+from twotower_assets.lib import layout
 from twotower_assets.model.features import FeatureConfig
 from twotower_assets.model.layers import TEXT_MAX_CHARS
-from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
-from twotower_assets.warehouse.sql import ITEM_COLUMN, USER_COLUMN, Dialect, count_where, quote_identifier
+from twotower_assets.warehouse.base import WarehouseResource
+from twotower_assets.warehouse.errors import EmptyTableError
+from twotower_assets.warehouse.queries import input_stats_query
+from twotower_assets.warehouse.sql import ITEM_COLUMN, USER_COLUMN
 
 MIN_DISTINCT = 2
 """Distinct users and distinct items training needs at least."""
@@ -101,39 +103,6 @@ def check_column_types(config: FeatureConfig, schema: pa.Schema, table: str) -> 
             raise InputDataError(f"{where}, a {kind} column; {feature_type} features need scalar values")
 
 
-def _non_finite(dialect: Dialect, column: str) -> str:
-    if dialect.name == "bigquery":
-        return f"(IS_NAN({column}) OR IS_INF({column}))"
-    return f"(isnan({column}) OR isinf({column}))"
-
-
-def _stats_query(
-    dialect: Dialect, table: str, schema: pa.Schema, floats: list[str], texts: list[str], distinct: bool
-) -> tuple[str, dict[str, str]]:
-    """One aggregate SELECT over the date's rows, and output alias -> what it counts."""
-    selects = ["COUNT(*) AS row_count"]
-    meaning: dict[str, str] = {}
-    for i, name in enumerate(ID_COLUMNS):
-        column = quote_identifier(name)
-        text = column if pa.types.is_string(schema.field(name).type) else f"CAST({column} AS STRING)"
-        blank = f"{column} IS NULL OR TRIM({text}) = ''"
-        selects.append(f"{count_where(blank)} AS empty_id_{i}")
-        meaning[f"empty_id_{i}"] = name
-        if distinct:
-            selects.append(f"COUNT(DISTINCT {column}) AS distinct_id_{i}")
-    for i, name in enumerate(floats):
-        selects.append(f"{count_where(_non_finite(dialect, quote_identifier(name)))} AS non_finite_{i}")
-        meaning[f"non_finite_{i}"] = name
-    for i, name in enumerate(texts):
-        selects.append(f"{count_where(f'LENGTH({quote_identifier(name)}) > {TEXT_MAX_CHARS}')} AS long_text_{i}")
-        meaning[f"long_text_{i}"] = name
-    sql = (
-        f"SELECT {', '.join(selects)} FROM {dialect.table(table)} "
-        f"WHERE {quote_identifier(tables.PARTITION_COLUMN)} = {dialect.param('train_date')}"
-    )
-    return sql, meaning
-
-
 def validate_training_input(
     warehouse: WarehouseResource, config: FeatureConfig, train_date: dt.date
 ) -> InputReport:
@@ -145,7 +114,7 @@ def validate_training_input(
     """
     report = InputReport()
     layers = {**config.user_embedding_layers, **config.item_embedding_layers}
-    for key in (tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS):
+    for key in (layout.TRAINING_EVENTS, layout.VALIDATION_EVENTS):
         table = warehouse.table_name(key)
         schema = warehouse.table_schema(table)
         config.check_columns(schema.names, source=table)
@@ -155,8 +124,11 @@ def validate_training_input(
         check_column_types(config, schema, table)
         floats = [n for n, s in layers.items() if s.type == "int" and pa.types.is_floating(schema.field(n).type)]
         texts = [n for n, s in layers.items() if s.type == "text"]
-        is_training = key == tables.TRAINING_EVENTS
-        sql, meaning = _stats_query(warehouse.dialect, table, schema, floats, texts, distinct=is_training)
+        is_training = key == layout.TRAINING_EVENTS
+        id_columns = {name: pa.types.is_string(schema.field(name).type) for name in ID_COLUMNS}
+        sql, meaning = input_stats_query(
+            warehouse.dialect, table, id_columns, floats, texts, TEXT_MAX_CHARS, distinct=is_training
+        )
         counts = warehouse.query(sql, {"train_date": train_date}).to_pylist()[0]
         counts = {name: int(value or 0) for name, value in counts.items()}
         on_date = f"for train_date {train_date}"

@@ -1,10 +1,11 @@
 """Top-k recommendations for every user of one training date, written to the warehouse.
 
 Every training user's vector is scored against every item by blocked float32 matrix
-products (:func:`twotower_assets.model.metrics.top_k_items`); the items the user already
+products (:func:`twotower_assets.model.topk.top_k_items`); the items the user already
 has in training are removed, and the best ``k`` remaining items, best first, become one row
 of ``two_tower_recommendations`` (partition ``train_date``). A serving layer that wants
-precomputed lists reads the newest partition through ``two_tower_recommendations_latest``.
+precomputed lists reads the champion's partition through ``two_tower_recommendations_latest``
+(moved by the ``champion`` step).
 
 Like the embedding tables, it is published only for a model that passed the quality gate
 (it depends on the MatchModel, which is gated). Users are processed in chunks that are
@@ -24,19 +25,16 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 from pydantic import Field
 
-from twotower_assets.defs import tables
-from twotower_assets.defs.artifacts import ArtifactStore
-from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
-from twotower_assets.defs.partitions import training_date, training_date_partitions
-from twotower_assets.defs.publishing import MATCH_MODEL, keyed_embeddings
-from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
-from twotower_assets.defs.training import TWO_TOWER_MODEL, load_model_summary
-from twotower_assets.model.metrics import top_k_items
-from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
-from twotower_assets.warehouse.sql import ITEM_COLUMN, quote_identifier
-
-RECOMMENDATIONS = "two_tower_recommendations"
-RECOMMENDATIONS_LATEST = "two_tower_recommendations_latest"
+from twotower_assets.lib import layout
+from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
+from twotower_assets.lib.partitions import training_date, training_date_partitions
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.lib.layout import ModelFiles
+from twotower_assets.model.topk import top_k_items
+from twotower_assets.warehouse.base import WarehouseResource
+from twotower_assets.warehouse.errors import EmptyTableError
+from twotower_assets.warehouse.sql import ITEM_COLUMN, distinct_pairs_query
 
 
 class RecommendationsConfig(dg.Config):
@@ -115,19 +113,10 @@ def recommendation_batches(
         )
 
 
-def _training_pairs(warehouse: WarehouseResource, user_key: str, train_date: dt.date) -> pa.Table:
-    table = warehouse.dialect.table(warehouse.table_name(tables.TRAINING_EVENTS))
-    return warehouse.query(
-        f"SELECT DISTINCT {quote_identifier(user_key)} AS user_key, {ITEM_COLUMN} FROM {table} "
-        f"WHERE {tables.PARTITION_COLUMN} = {warehouse.dialect.param('train_date')}",
-        {"train_date": train_date},
-    )
-
-
 @dg.asset(
-    key=RECOMMENDATIONS,
+    key=layout.RECOMMENDATIONS,
     partitions_def=training_date_partitions,
-    deps=[MATCH_MODEL, TWO_TOWER_MODEL, tables.TRAINING_EVENTS],
+    deps=[layout.MATCH_MODEL, layout.EVALUATION_METRICS, layout.TWO_TOWER_MODEL, layout.TRAINING_EVENTS],
     group_name="publishing",
     kinds={"sql", "numpy"},
     description="Top-k unseen items per training user (blocked matrix products), one partition per training date.",
@@ -142,43 +131,43 @@ def recommendations(
     warehouse: WarehouseResource,
     artifacts: ArtifactStore,
 ) -> dg.MaterializeResult:
-    model_dir = artifacts.require(TWO_TOWER_MODEL, context.partition_key)
-    summary = load_model_summary(model_dir)
-    user_key = summary["user_key"]
+    trained = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
+    summary = trained.summary()
     train_date = training_date(context)
-    user_ids, user_vectors = keyed_embeddings(model_dir / "user_embeddings.parquet", user_key)
-    item_ids, item_vectors = keyed_embeddings(model_dir / "item_embeddings.parquet", ITEM_COLUMN)
+    user_ids, user_vectors = trained.user_vectors(summary.user_key)
+    item_ids, item_vectors = trained.item_vectors()
     if len(user_ids) == 0 or len(item_ids) == 0:
         raise EmptyTableError(f"model {context.partition_key} has no user or no item vectors")
-    seen = seen_matrix(_training_pairs(warehouse, user_key, train_date), user_ids, item_ids)
+    training = warehouse.table_name(layout.TRAINING_EVENTS)
+    pairs = warehouse.query(distinct_pairs_query(warehouse.dialect, training, summary.user_key), {"train_date": train_date})
+    seen = seen_matrix(pairs, user_ids, item_ids)
 
-    qualified = warehouse.table_name(RECOMMENDATIONS)
+    qualified = warehouse.table_name(layout.RECOMMENDATIONS)
     started = time.perf_counter()
     written = warehouse.replace_partition(
         qualified,
-        tables.PARTITION_COLUMN,
+        layout.PARTITION_COLUMN,
         train_date,
         recommendation_batches(
             user_ids, user_vectors, item_ids, item_vectors, seen, config.k, train_date,
-            summary["mlflow_run_id"], config.users_per_batch, config.block_size,
+            summary.mlflow_run_id, config.users_per_batch, config.block_size,
         ),
         schema=recommendations_schema(),
     )
     seconds = time.perf_counter() - started
-    warehouse.create_latest_view(warehouse.table_name(RECOMMENDATIONS_LATEST), qualified, tables.PARTITION_COLUMN)
     # Scoring work: one multiply-add per user, item and vector dimension.
     flops = 2.0 * len(user_ids) * len(item_ids) * user_vectors.shape[1]
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": written,
             "table": qualified,
-            "latest_view": warehouse.table_name(RECOMMENDATIONS_LATEST),
+            "latest_view": warehouse.table_name(layout.RECOMMENDATIONS_LATEST),
             "k": min(config.k, len(item_ids)),
             "users": len(user_ids),
             "items": len(item_ids),
             "seen_pairs_removed": int(seen.nnz),
             "seconds": round(seconds, 2),
             "scoring_gflop_per_s": round(flops / seconds / 1e9, 2) if seconds else 0.0,
-            "mlflow_run_id": summary["mlflow_run_id"],
+            "mlflow_run_id": summary.mlflow_run_id,
         }
     )

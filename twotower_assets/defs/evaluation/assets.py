@@ -5,7 +5,6 @@ with the items the user saw in training removed; relevant items are the user's t
 """
 
 
-import json
 
 import dagster as dg
 import numpy as np
@@ -16,19 +15,20 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from pydantic import Field, field_validator
 
-from twotower_assets.defs import tables
-from twotower_assets.defs.artifacts import ArtifactStore
-from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
-from twotower_assets.defs.mlflow_tracking import MlflowTracking
-from twotower_assets.defs.partitions import training_date, training_date_partitions
-from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
-from twotower_assets.defs.training import TWO_TOWER_MODEL, load_model_summary
+from twotower_assets.lib import layout
+from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
+from twotower_assets.lib.mlflow_tracking import MlflowTracking
+from twotower_assets.lib.partitions import training_date, training_date_partitions
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.lib.layout import EvaluationFiles, ModelFiles
 from twotower_assets.model import metrics, plots
-from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
-from twotower_assets.warehouse.sql import quote_identifier
+from twotower_assets.model.topk import top_k_items
+from twotower_assets.warehouse.base import WarehouseResource
+from twotower_assets.warehouse.errors import EmptyTableError
+from twotower_assets.warehouse.queries import item_attributes_query, pair_counts_query
 
-EVALUATION_METRICS = "evaluation_metrics"
-MODEL_NAME = "two_tower"
+MODEL_NAME = layout.EVALUATED_MODEL
 
 
 class EvaluationConfig(dg.Config):
@@ -51,11 +51,7 @@ class EvaluationConfig(dg.Config):
 
 
 def _pair_counts(warehouse: WarehouseResource, table: str, params: dict) -> pa.Table:
-    return warehouse.query(
-        f"SELECT user_id, item_id, COUNT(*) AS events FROM {warehouse.dialect.table(table)} "
-        f"WHERE train_date = {warehouse.dialect.param('train_date')} GROUP BY user_id, item_id",
-        params,
-    )
+    return warehouse.query(pair_counts_query(warehouse.dialect, table), params)
 
 
 def _matrix(pairs: pa.Table, users: pa.Array, items: pa.Array) -> sp.csr_matrix:
@@ -122,7 +118,7 @@ def evaluate(
     popularity = item_counts / max(train.shape[0], 1)
 
     recommendations = {
-        MODEL_NAME: metrics.top_k_items(user_vectors, item_vectors, k_max, exclude=seen),
+        MODEL_NAME: top_k_items(user_vectors, item_vectors, k_max, exclude=seen),
         "random": metrics.random_recommendations(len(eval_users), len(items), k_max, exclude=seen, seed=config.seed),
         "popularity": metrics.popularity_recommendations(event_counts, len(eval_users), k_max, exclude=seen),
         "svd": metrics.svd_recommendations(train, train_rows_of_eval, k_max, exclude=seen, n_factors=config.svd_factors, seed=config.seed),
@@ -152,16 +148,11 @@ CATEGORY_COLUMNS = ("offer_category_id", "offer_subcategory_id")
 
 def item_categories(warehouse: WarehouseResource, params: dict) -> dict[str, dict[str, str | None]]:
     """Column -> {item_id: value} for each of CATEGORY_COLUMNS the training table has."""
-    table = warehouse.table_name(tables.TRAINING_EVENTS)
+    table = warehouse.table_name(layout.TRAINING_EVENTS)
     present = [c for c in CATEGORY_COLUMNS if c in warehouse.table_schema(table).names]
     if not present:
         return {}
-    values = ", ".join(f"MIN({quote_identifier(c)}) AS {quote_identifier(c)}" for c in present)
-    rows = warehouse.query(
-        f"SELECT item_id, {values} FROM {warehouse.dialect.table(table)} "
-        f"WHERE train_date = {warehouse.dialect.param('train_date')} GROUP BY item_id",
-        params,
-    )
+    rows = warehouse.query(item_attributes_query(warehouse.dialect, table, present), params)
     ids = rows["item_id"].to_pylist()
     return {c: dict(zip(ids, rows[c].to_pylist())) for c in present}
 
@@ -191,9 +182,10 @@ def metrics_markdown(table: pd.DataFrame, segment: str = "all") -> str:
 
 
 @dg.asset(
-    key=EVALUATION_METRICS,
+    key=layout.EVALUATION_METRICS,
     partitions_def=training_date_partitions,
-    deps=[TWO_TOWER_MODEL, tables.TRAINING_EVENTS, tables.TEST_EVENTS],
+    # match_model: the registered candidate is what the quality gate judges and tags.
+    deps=[layout.TWO_TOWER_MODEL, layout.MATCH_MODEL, layout.TRAINING_EVENTS, layout.TEST_EVENTS],
     group_name="evaluation",
     kinds={"python", "mlflow"},
     description="Precision, recall, NDCG, coverage and novelty at k for the model and baselines.",
@@ -209,16 +201,16 @@ def evaluation_metrics(
     artifacts: ArtifactStore,
     mlflow: MlflowTracking,
 ) -> dg.MaterializeResult:
-    model_dir = artifacts.require(TWO_TOWER_MODEL, context.partition_key)
-    summary = load_model_summary(model_dir)
+    model = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
+    summary = model.summary()
     params = {"train_date": training_date(context)}
-    training_pairs = _pair_counts(warehouse, warehouse.table_name(tables.TRAINING_EVENTS), params)
-    test_pairs = _pair_counts(warehouse, warehouse.table_name(tables.TEST_EVENTS), params)
+    training_pairs = _pair_counts(warehouse, warehouse.table_name(layout.TRAINING_EVENTS), params)
+    test_pairs = _pair_counts(warehouse, warehouse.table_name(layout.TEST_EVENTS), params)
     if test_pairs.num_rows == 0:
         raise EmptyTableError(f"test_events has no rows for {context.partition_key}: nothing to evaluate")
     table, counts = evaluate(
-        pq.read_table(model_dir / "user_embeddings.parquet"),
-        pq.read_table(model_dir / "item_embeddings.parquet"),
+        pq.read_table(model.user_embeddings),
+        pq.read_table(model.item_embeddings),
         training_pairs,
         test_pairs,
         config,
@@ -227,13 +219,14 @@ def evaluation_metrics(
     segment_markdown = {
         segment: metrics_markdown(table, segment) for segment in sorted(set(table["segment"]) - {"all"})
     }
-    figures = _figures(table, pq.read_table(model_dir / "item_embeddings.parquet"), warehouse, params)
-    with artifacts.writing(EVALUATION_METRICS, context.partition_key) as out, mlflow.active(summary["mlflow_run_id"]) as run:
-        table.to_csv(out / "metrics.csv", index=False)
+    figures = _figures(table, pq.read_table(model.item_embeddings), warehouse, params)
+    with artifacts.writing(layout.EVALUATION_METRICS, context.partition_key) as directory, mlflow.active(summary.mlflow_run_id) as run:
+        out = EvaluationFiles(directory)
+        table.to_csv(out.metrics, index=False)
         for name, png in figures.items():
-            (out / f"{name}.png").write_bytes(png)
-            run.artifact(out / f"{name}.png", "plots")
-        (out / "counts.json").write_text(json.dumps(counts))
+            out.plot(name).write_bytes(png)
+            run.artifact(out.plot(name), "plots")
+        out.write_counts(counts)
         overall = table[table["segment"] == "all"]
         run.metrics(
             {
@@ -242,7 +235,7 @@ def evaluation_metrics(
                 for name in ("precision", "recall", "ndcg", "coverage", "novelty")
             }
         )
-        run.artifact(out / "metrics.csv", "evaluation")
+        run.artifact(out.metrics, "evaluation")
         run.text(markdown, "metrics.md", "evaluation")
 
     overall = table[table["segment"] == "all"].set_index(["model", "k"])
@@ -255,6 +248,6 @@ def evaluation_metrics(
             f"recall_at_{headline_k}": float(overall.loc[(MODEL_NAME, headline_k), "recall"]),
             f"popularity_recall_at_{headline_k}": float(overall.loc[("popularity", headline_k), "recall"]),
             **counts,
-            "mlflow_run_id": summary["mlflow_run_id"],
+            "mlflow_run_id": summary.mlflow_run_id,
         }
     )

@@ -10,11 +10,13 @@ import datetime as dt
 import dagster as dg
 from pydantic import Field
 
-from twotower_assets.defs import tables
-from twotower_assets.defs.automation import RETRAIN_FRESHNESS, TRAINING_DATA_CONDITION
-from twotower_assets.defs.partitions import training_date, training_date_partitions
-from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
-from twotower_assets.warehouse.base import EmptyTableError, WarehouseError, WarehouseResource
+from twotower_assets.lib import layout
+from twotower_assets.lib.conditions import RETRAIN_FRESHNESS, TRAINING_DATA_CONDITION
+from twotower_assets.lib.partitions import training_date, training_date_partitions
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.warehouse.base import WarehouseResource
+from twotower_assets.warehouse.errors import EmptyTableError, WarehouseError
+from twotower_assets.warehouse.queries import events_in_window_count
 from twotower_assets.warehouse.sql import split_queries
 
 
@@ -25,23 +27,25 @@ class SplitConfig(dg.Config):
     event_day_number: int = Field(default=90, gt=0, description="Days of events before the training date.")
 
 
-SPLIT_SPECS = [
-    dg.AssetSpec(
-        key=table,
-        deps=[tables.CLICK_EVENTS],
-        group_name="splits",
-        kinds={"sql"},
-        description=f"The {split} split of the click events for one training date.",
-        automation_condition=TRAINING_DATA_CONDITION,
-        freshness_policy=RETRAIN_FRESHNESS,
-        code_version="1",
-    )
-    for split, table in tables.SPLIT_TABLES.items()
-]
+def split_specs() -> list[dg.AssetSpec]:
+    """One spec per split table (a function: the defs loader would collect a module-level list)."""
+    return [
+        dg.AssetSpec(
+            key=table,
+            deps=[layout.CLICK_EVENTS],
+            group_name="splits",
+            kinds={"sql"},
+            description=f"The {split} split of the click events for one training date.",
+            automation_condition=TRAINING_DATA_CONDITION,
+            freshness_policy=RETRAIN_FRESHNESS,
+            code_version="1",
+        )
+        for split, table in layout.SPLIT_TABLES.items()
+    ]
 
 
 @dg.multi_asset(
-    specs=SPLIT_SPECS, partitions_def=training_date_partitions, can_subset=False, retry_policy=WAREHOUSE_RETRY_POLICY
+    specs=split_specs(), partitions_def=training_date_partitions, can_subset=False, retry_policy=WAREHOUSE_RETRY_POLICY
 )
 @retry_transient_errors_only
 def split_tables(
@@ -49,17 +53,12 @@ def split_tables(
 ):
     train_date = training_date(context)
     start_date = train_date - dt.timedelta(days=config.event_day_number)
-    source = warehouse.table_name(tables.CLICK_EVENTS)
+    source = warehouse.table_name(layout.CLICK_EVENTS)
     if not warehouse.table_exists(source):
         raise WarehouseError(f"source table {source} does not exist; materialise click_events first")
     columns = warehouse.table_schema(source).names
     params = {"start_date": start_date, "train_date": train_date}
-    count = warehouse.query(
-        f"SELECT COUNT(*) AS n FROM {warehouse.dialect.table(source)} "
-        f"WHERE event_date >= {warehouse.dialect.param('start_date')} "
-        f"AND event_date < {warehouse.dialect.param('train_date')}",
-        params,
-    )["n"][0].as_py()
+    count = warehouse.query(events_in_window_count(warehouse.dialect, source), params)["n"][0].as_py()
     if count == 0:
         # Checked before writing: an empty window must not wipe the previous split.
         raise EmptyTableError(
@@ -68,13 +67,13 @@ def split_tables(
         )
     queries = split_queries(warehouse.dialect, source, columns)
     counts = warehouse.replace_partition_from_queries(
-        {warehouse.table_name(tables.SPLIT_TABLES[split]): sql for split, sql in queries.items()},
-        tables.PARTITION_COLUMN,
+        {warehouse.table_name(layout.SPLIT_TABLES[split]): sql for split, sql in queries.items()},
+        layout.PARTITION_COLUMN,
         train_date,
         {**params, "train_set_size": config.train_set_size},
     )
     context.log.info(f"Split {count} events from {start_date} to {train_date}: {counts}")
-    for split, table in tables.SPLIT_TABLES.items():
+    for split, table in layout.SPLIT_TABLES.items():
         rows = counts[warehouse.table_name(table)]
         yield dg.MaterializeResult(
             asset_key=table,

@@ -6,18 +6,17 @@ input layers are built from. Training and embedding extraction load them from he
 """
 
 
-import json
-
 import dagster as dg
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from twotower_assets.defs import tables
-from twotower_assets.defs.artifacts import ArtifactStore
-from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
-from twotower_assets.defs.partitions import training_date, training_date_partitions
-from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
-from twotower_assets.defs.validation import validate_training_input
+from twotower_assets.lib import layout
+from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
+from twotower_assets.lib.partitions import training_date, training_date_partitions
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.defs.splits.input_validation import validate_training_input
+from twotower_assets.lib.layout import DatasetFiles, DatasetsManifest
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, save_dataset
 from twotower_assets.model.features import load_feature_config
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
@@ -29,8 +28,6 @@ from twotower_assets.warehouse.sql import (
     training_examples_query,
 )
 
-TF_DATASETS = "tf_datasets"
-SEEN_PAIRS_FILE = "seen_pairs.parquet"
 BATCH_ROWS = 65_536
 
 
@@ -41,9 +38,9 @@ class DatasetConfig(dg.Config):
 
 
 @dg.asset(
-    key=TF_DATASETS,
+    key=layout.TF_DATASETS,
     partitions_def=training_date_partitions,
-    deps=[tables.TRAINING_EVENTS, tables.VALIDATION_EVENTS],
+    deps=[layout.TRAINING_EVENTS, layout.VALIDATION_EVENTS],
     group_name="training",
     kinds={"tensorflow"},
     description="Saved tf.data datasets (training, validation, users, items) and feature statistics.",
@@ -59,8 +56,8 @@ def tf_datasets(
     artifacts: ArtifactStore,
 ) -> dg.MaterializeResult:
     feature_config = load_feature_config(config.config_name)
-    training_table = warehouse.table_name(tables.TRAINING_EVENTS)
-    validation_table = warehouse.table_name(tables.VALIDATION_EVENTS)
+    training_table = warehouse.table_name(layout.TRAINING_EVENTS)
+    validation_table = warehouse.table_name(layout.VALIDATION_EVENTS)
     train_date = training_date(context)
     # Every check of the input data, in the warehouse, before anything is read or written
     # (empty splits included: the datasets below are never empty).
@@ -79,45 +76,45 @@ def tf_datasets(
         return warehouse.query_batches(sql, params, batch_size=BATCH_ROWS)
 
     stats_builder = FeatureStatsBuilder(feature_config)
-    with artifacts.writing(TF_DATASETS, context.partition_key) as directory:
+    with artifacts.writing(layout.TF_DATASETS, context.partition_key) as directory:
+        files = DatasetFiles(directory)
         rows = {}
         rows["training"] = save_dataset(
             read(training_examples_query(dialect, training_table, read_columns + pretrained)),
             example_kinds,
-            directory / "training",
+            files.training,
             on_batch=stats_builder.update,
         )
         stats = stats_builder.build()  # fails here, before the other datasets, if no vector is usable
         rows["validation"] = save_dataset(
             read(training_examples_query(dialect, validation_table, read_columns)),
             example_kinds,
-            directory / "validation",
+            files.validation,
         )
         rows["users"] = save_dataset(
             read(latest_row_per_query(dialect, training_table, USER_COLUMN, list(user_kinds))),
             user_kinds,
-            directory / "users",
+            files.users,
         )
         rows["items"] = save_dataset(
             read(latest_row_per_query(dialect, training_table, feature_config.item_id_feature, list(item_kinds))),
             item_kinds,
-            directory / "items",
+            files.items,
         )
         stats.save(directory)
         # The training pairs, so val_loss can leave each user's training items out (decisions.md).
         pq.write_table(
             warehouse.query(distinct_pairs_query(dialect, training_table, feature_config.user_id_feature), params),
-            directory / SEEN_PAIRS_FILE,
+            files.seen_pairs,
         )
-        (directory / "feature_config.json").write_text(feature_config.model_dump_json(indent=2))
-        (directory / "manifest.json").write_text(
-            json.dumps({"config_name": feature_config.name, "rows": rows, "partition": context.partition_key})
-        )
+        files.feature_config.write_text(feature_config.model_dump_json(indent=2))
+        manifest = DatasetsManifest(config_name=feature_config.name, rows=rows, partition=context.partition_key)
+        files.manifest.write_text(manifest.model_dump_json())
 
     return dg.MaterializeResult(
         metadata={
             "config_name": feature_config.name,
-            "path": dg.MetadataValue.path(str(artifacts.path(TF_DATASETS, context.partition_key))),
+            "path": dg.MetadataValue.path(str(artifacts.path(layout.TF_DATASETS, context.partition_key))),
             **{f"{name}_rows": count for name, count in rows.items()},
             "vocabulary_sizes": dg.MetadataValue.json({k: len(v) for k, v in stats.vocabularies.items()}),
             "distinct_users": report.distinct_users,

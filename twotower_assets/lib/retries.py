@@ -4,7 +4,7 @@ Two lines of defence against a warehouse that is briefly unavailable:
 
 1. **Inside each call**: the BigQuery warehouse retries every API call and query job on a
    transient error (429, 5xx, ``rateLimitExceeded``, dropped connections) with exponential
-   backoff for up to ``retry_deadline_s`` (``warehouse/bigquery.py``, :func:`is_transient`).
+   backoff for up to ``retry_deadline_s`` (:func:`~twotower_assets.warehouse.errors.is_transient_warehouse_error`).
    DuckDB waits for another writer's lock (``warehouse/duckdb.py``).
 2. **The whole step**: when that is not enough (an outage longer than the client's deadline),
    :data:`WAREHOUSE_RETRY_POLICY` re-runs the step after an exponential backoff. Every
@@ -34,7 +34,7 @@ import inspect
 
 import dagster as dg
 
-WAREHOUSE_RESOURCE = "warehouse"
+from twotower_assets.warehouse.errors import is_transient_warehouse_error
 
 WAREHOUSE_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3,
@@ -44,30 +44,6 @@ WAREHOUSE_RETRY_POLICY = dg.RetryPolicy(
 )
 """Three more tries after 30 s, 60 s and 120 s (each +/- jitter): with the BigQuery client's
 own 10 minutes of retries per call, a step rides out roughly a quarter of an hour of outage."""
-
-_DUCKDB_LOCK_MESSAGES = ("Could not set lock", "Conflicting lock")
-
-
-def is_transient_warehouse_error(exc: BaseException) -> bool:
-    """Whether ``exc``, or an error it was raised from, may go away by itself."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if _transient(exc):
-            return True
-        exc = exc.__cause__
-    return False
-
-
-def _transient(exc: BaseException) -> bool:
-    from twotower_assets.warehouse.bigquery import is_transient
-
-    if is_transient(exc):
-        return True
-    module = type(exc).__module__ or ""
-    # DuckDB's file lock held by another process for longer than the resource waits.
-    return module.startswith("duckdb") and any(m in str(exc) for m in _DUCKDB_LOCK_MESSAGES)
-
 
 def retry_transient_errors_only(fn):
     """``fn``, raising its non-transient errors as ``Failure(allow_retries=False)``.
@@ -112,12 +88,3 @@ def retry_transient_errors_only(fn):
             raise error from exc
 
     return call
-
-
-def uses_warehouse(asset: object) -> bool:
-    return (
-        isinstance(asset, dg.AssetsDefinition)
-        and not isinstance(asset, dg.AssetChecksDefinition)
-        and asset.is_executable
-        and WAREHOUSE_RESOURCE in asset.required_resource_keys
-    )

@@ -37,7 +37,6 @@ from urllib.parse import urlsplit, urlunsplit
 import dagster as dg
 from pydantic import Field
 
-from twotower_assets import settings
 
 
 OWNER_HOST_TAG = "twotower.host"
@@ -107,6 +106,9 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
         return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def model_version_url(self, name: str, version: str) -> str:
+        return f"{self.ui_url.rstrip('/')}/#/models/{name}/versions/{version}"
 
     @contextlib.contextmanager
     def reporting_failures(self, doing: str) -> Iterator[None]:
@@ -268,12 +270,3 @@ def checked_tracking_uri(uri: str) -> str:
             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead, and remove them from the URI"
         )
     return uri
-
-
-def default_mlflow() -> MlflowTracking:
-    # From the environment as an EnvVar: the Dagster UI then shows the variable's name, never a
-    # URI that may carry a database password (postgresql://user:password@host/db).
-    return MlflowTracking(
-        tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI") if os.environ.get("MLFLOW_TRACKING_URI") else settings.mlflow_tracking_uri(),
-        artifact_root=settings.mlflow_artifact_root(),
-    )

@@ -1,9 +1,12 @@
-"""The raw click events: a seeded synthetic data set with the production schema.
+"""The raw click events, with the production schema, written to the warehouse in use.
+
+Run config ``source`` picks where they come from: ``synthetic`` (default; a seeded generator,
+``twotower_assets/data/synthetic.py``) or ``movielens`` (MovieLens 100K ratings as events).
 
 On BigQuery the click-event table can be an existing production table instead
 (``TWOTOWER_BQ_CLICK_EVENTS_TABLE``, docs/bigquery.md): ``click_events`` is then an external
 asset with the same key, so the graph downstream does not change. Without that variable the
-synthetic events are loaded into BigQuery like into DuckDB (dev, CI, the emulator).
+events are loaded into BigQuery like into DuckDB (dev, CI, the emulator).
 """
 
 
@@ -14,69 +17,54 @@ import dagster as dg
 from pydantic import Field
 
 from twotower_assets import settings
-from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
-from twotower_assets.defs import tables
-from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.data.movielens import MovieLensOptions
+from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticParams, SyntheticSpec, generate_click_events
+from twotower_assets.lib import layout
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.warehouse.base import WarehouseResource
 
 
-class SyntheticEventsConfig(dg.Config):
-    """Size of the synthetic data set. The default materialises the graph in a few minutes
-    on 2 CPU cores; ``configs/run/production-scale.yaml`` is the 10M-event size."""
+class ClickEventsConfig(SyntheticParams, MovieLensOptions, dg.Config):
+    """Where the events come from and, for generated events, how many (the defaults live in
+    :class:`~twotower_assets.data.synthetic.SyntheticParams` and
+    :class:`~twotower_assets.data.movielens.MovieLensOptions`). The default materialises the
+    graph in a few minutes on 2 CPU cores; ``configs/run/production-scale.yaml`` is 10M events."""
 
-    num_users: int = Field(default=2000, gt=0)
-    num_items: int = Field(default=1000, gt=0)
-    num_events: int = Field(default=100_000, gt=0)
-    days: int = Field(default=120, gt=0, description="Days of events, ending at end_date.")
-    end_date: str | None = Field(
-        default=None, description="Last day with events (YYYY-MM-DD); default: today (UTC)."
-    )
-    seed: int = Field(default=7, ge=0)
     source: Literal["synthetic", "movielens"] = Field(
         default="synthetic",
         description="'movielens': load MovieLens 100K from movielens_path instead of generating "
-        "events (docs/benchmarks-movielens.md); the size fields above are then unused.",
+        "events (docs/benchmarks-movielens.md); the size fields are then unused.",
     )
-    movielens_path: str | None = Field(
-        default=None,
-        description="Directory of GroupLens's u.data/u.user/u.item or RecBole's ml-100k.inter/.user/.item.",
-    )
-    movielens_recent_items: int = Field(
-        default=10, ge=0, description="Length of the user_recent_items feature (earlier ratings, newest first)."
+    end_date: str | None = Field(
+        default=None, description="Last day with events (YYYY-MM-DD); default: today (UTC)."
     )
 
     def last_event_date(self) -> dt.date:
         return dt.date.fromisoformat(self.end_date) if self.end_date else dt.datetime.now(dt.UTC).date()
 
     def spec(self) -> SyntheticSpec:
-        return SyntheticSpec(
-            end_date=self.last_event_date(),
-            num_users=self.num_users,
-            num_items=self.num_items,
-            num_events=self.num_events,
-            days=self.days,
-            seed=self.seed,
-        )
+        return SyntheticSpec(end_date=self.last_event_date(), **self.model_dump(include=set(SyntheticParams.model_fields)))
 
 
 @dg.asset(
-    key=tables.CLICK_EVENTS,
+    key=layout.CLICK_EVENTS,
     group_name="source",
-    kinds={"duckdb", "python"},
-    description="Click events (synthetic, seeded) with the production schema.",
+    kinds={settings.warehouse_kind(), "python"},
+    description="Click events with the production schema: generated (seeded synthetic data) or "
+    "loaded from MovieLens 100K, by run config.",
     code_version="1",
     retry_policy=WAREHOUSE_RETRY_POLICY,
 )
 @retry_transient_errors_only
 def click_events(
-    context: dg.AssetExecutionContext, config: SyntheticEventsConfig, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext, config: ClickEventsConfig, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
     if config.source == "movielens":
         return _movielens_click_events(context, config, warehouse)
     spec = config.spec()
     context.log.info(f"Generating {spec.num_events} events over {spec.days} days up to {spec.end_date}")
     rows = warehouse.write_table(
-        warehouse.table_name(tables.CLICK_EVENTS),
+        warehouse.table_name(layout.CLICK_EVENTS),
         (batch for day in generate_click_events(spec) for batch in day.to_batches()),
         schema=CLICK_EVENT_SCHEMA,
     )
@@ -97,7 +85,7 @@ def click_events(
 
 
 def _movielens_click_events(
-    context: dg.AssetExecutionContext, config: SyntheticEventsConfig, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext, config: ClickEventsConfig, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
     """MovieLens ratings as click events, shifted so the last rating falls on end_date."""
     from twotower_assets.data.movielens import MOVIELENS_EVENT_SCHEMA, click_event_table, load_movielens
@@ -109,7 +97,7 @@ def _movielens_click_events(
     )
     context.log.info(f"Loaded {events.num_rows} MovieLens ratings from {config.movielens_path}")
     rows = warehouse.write_table(
-        warehouse.table_name(tables.CLICK_EVENTS), events.to_batches(), schema=MOVIELENS_EVENT_SCHEMA
+        warehouse.table_name(layout.CLICK_EVENTS), events.to_batches(), schema=MOVIELENS_EVENT_SCHEMA
     )
     dates = events["event_date"]
     return dg.MaterializeResult(
@@ -131,7 +119,7 @@ def _movielens_click_events(
 def external_click_events(table: str) -> dg.AssetSpec:
     """The production click events as an external input: read by the split SQL, never written."""
     return dg.AssetSpec(
-        key=tables.CLICK_EVENTS,
+        key=layout.CLICK_EVENTS,
         group_name="source",
         kinds={"bigquery"},
         description=f"Production click events in {table} (external; TWOTOWER_BQ_CLICK_EVENTS_TABLE).",
@@ -139,7 +127,12 @@ def external_click_events(table: str) -> dg.AssetSpec:
     )
 
 
-def click_events_asset() -> dg.AssetsDefinition | dg.AssetSpec:
-    """The synthetic asset, or the external production table when one is configured."""
+@dg.definitions
+def source() -> dg.Definitions:
+    """The generated events, or the external production table when one is configured.
+
+    Chosen when the code location loads (not when this module is imported), so the
+    environment of the process that loads the definitions decides.
+    """
     table = settings.bigquery_click_events_table()
-    return external_click_events(table) if table else click_events
+    return dg.Definitions(assets=[external_click_events(table) if table else click_events])

@@ -10,7 +10,7 @@ Where the neighbours are computed depends on the warehouse:
   also serves query-time searches for any user vector); the candidates are re-scored
   exactly. The result never leaves BigQuery.
 * **DuckDB and emulators** (no ``VECTOR_SEARCH``): the date's item vectors are read as Arrow
-  and scored by blocked float32 matrix products (:func:`~twotower_assets.model.metrics.top_k_items`,
+  and scored by blocked float32 matrix products (:func:`~twotower_assets.model.topk.top_k_items`,
   the same code as the recommendations), streamed back one chunk of items at a time.
   Scoring every pair in SQL instead needed 20 GB at 1M events (docs/benchmarks-scale.md).
 
@@ -28,15 +28,15 @@ import pyarrow as pa
 import scipy.sparse as sp
 from pydantic import Field
 
-from twotower_assets.defs import tables
-from twotower_assets.defs.automation import DOWNSTREAM_CONDITION
-from twotower_assets.defs.partitions import training_date, training_date_partitions
-from twotower_assets.defs.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
-from twotower_assets.model.metrics import top_k_items
-from twotower_assets.warehouse.base import EmptyTableError, WarehouseResource
+from twotower_assets.lib import layout
+from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
+from twotower_assets.lib.partitions import training_date, training_date_partitions
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.model.topk import top_k_items
+from twotower_assets.warehouse.base import WarehouseResource
+from twotower_assets.warehouse.errors import EmptyTableError
+from twotower_assets.warehouse.queries import item_vectors_query
 from twotower_assets.warehouse.sql import NeighborSearch
-
-SIMILAR_ITEMS = "two_tower_similar_items"
 
 
 class VectorSearchConfig(dg.Config):
@@ -109,12 +109,8 @@ def similar_item_batches(
 
 def item_vectors_of(warehouse: WarehouseResource, train_date: dt.date) -> tuple[np.ndarray, np.ndarray]:
     """(ids sorted, float32 matrix) of one partition of the item history table."""
-    table = warehouse.dialect.table(warehouse.table_name(tables.ITEM_EMBEDDING_HISTORY))
-    rows = warehouse.query(
-        f"SELECT item_id, item_embedding FROM {table} "
-        f"WHERE {tables.PARTITION_COLUMN} = {warehouse.dialect.param('train_date')} ORDER BY item_id",
-        {"train_date": train_date},
-    )
+    table = warehouse.table_name(layout.ITEM_EMBEDDING_HISTORY)
+    rows = warehouse.query(item_vectors_query(warehouse.dialect, table), {"train_date": train_date})
     embeddings = rows["item_embedding"].combine_chunks()
     dimension = embeddings.value_lengths()[0].as_py() if len(embeddings) else 0
     if len(embeddings) and not np.all(embeddings.value_lengths().to_numpy() == dimension):
@@ -124,7 +120,7 @@ def item_vectors_of(warehouse: WarehouseResource, train_date: dt.date) -> tuple[
 
 
 def similar_items_search(warehouse: WarehouseResource, config: VectorSearchConfig) -> NeighborSearch:
-    items = warehouse.table_name(tables.ITEM_EMBEDDING_HISTORY)
+    items = warehouse.table_name(layout.ITEM_EMBEDDING_HISTORY)
     return NeighborSearch(
         query_table=items, query_key="item_id", query_vector="item_embedding",
         base_table=items, base_key="item_id", base_vector="item_embedding",
@@ -134,8 +130,8 @@ def similar_items_search(warehouse: WarehouseResource, config: VectorSearchConfi
 
 
 @dg.asset(
-    key=SIMILAR_ITEMS,
-    deps=[tables.ITEM_EMBEDDING_HISTORY],
+    key=layout.SIMILAR_ITEMS,
+    deps=[layout.ITEM_EMBEDDING_HISTORY],
     partitions_def=training_date_partitions,
     group_name="publishing",
     kinds={"sql", "numpy"},
@@ -148,18 +144,18 @@ def similar_items_search(warehouse: WarehouseResource, config: VectorSearchConfi
 @retry_transient_errors_only
 def similar_items(context: dg.AssetExecutionContext, config: VectorSearchConfig, warehouse: WarehouseResource):
     train_date = training_date(context)
-    items = warehouse.table_name(tables.ITEM_EMBEDDING_HISTORY)
-    item_rows = warehouse.partition_row_counts(items, tables.PARTITION_COLUMN).get(train_date, 0)
+    items = warehouse.table_name(layout.ITEM_EMBEDDING_HISTORY)
+    item_rows = warehouse.partition_row_counts(items, layout.PARTITION_COLUMN).get(train_date, 0)
     if item_rows == 0:
         # Checked before writing: an empty search must not replace a previous result.
         raise EmptyTableError(f"{items} has no item embeddings for {train_date}; materialise it first")
-    target = warehouse.table_name(SIMILAR_ITEMS)
+    target = warehouse.table_name(layout.SIMILAR_ITEMS)
     indexed = warehouse.ensure_vector_index(items, "item_embedding", config.metric, config.index_min_rows)
     if warehouse.has_vector_search:
         where = "warehouse VECTOR_SEARCH"
         rows = warehouse.replace_partition_from_queries(
             {target: warehouse.nearest_neighbors_query(similar_items_search(warehouse, config))},
-            tables.PARTITION_COLUMN,
+            layout.PARTITION_COLUMN,
             train_date,
             {"train_date": train_date},
         )[target]
@@ -168,7 +164,7 @@ def similar_items(context: dg.AssetExecutionContext, config: VectorSearchConfig,
         item_ids, vectors = item_vectors_of(warehouse, train_date)
         rows = warehouse.replace_partition(
             target,
-            tables.PARTITION_COLUMN,
+            layout.PARTITION_COLUMN,
             train_date,
             similar_item_batches(item_ids, vectors, config.top_k, config.metric, train_date, config.items_per_batch),
             schema=similar_items_schema(),

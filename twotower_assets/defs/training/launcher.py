@@ -2,23 +2,23 @@
 
 ``TrainingConfig.training_launcher = "pipes"`` makes ``two_tower_model`` start the training
 entry point (``python -m twotower_assets.pipes_training``) through Dagster Pipes instead of
-training in its own process. The entry point runs the same asset code (with the launcher
-set to ``local``) against the same artifact store and MLflow server, and reports the
-materialization back through Pipes, so the asset's metadata, MLflow run and files are the
-same either way. Nothing here schedules anything: Dagster runs the asset, the Pipes client
-starts the process, and the client decides *where* -- a local subprocess here
-(:class:`dagster.PipesSubprocessClient`), a GPU pod with ``dagster_k8s.PipesK8sClient``
-(docs/distributed.md).
+training in its own process. The entry point calls the same training body
+(:func:`~twotower_assets.defs.training.trainer.train_partition`) against the same artifact
+store and MLflow server, and reports the materialization back through Pipes, so the asset's
+metadata, MLflow run and files are the same either way. Nothing here schedules anything:
+Dagster runs the asset, the Pipes client starts the process, and the client decides *where*
+-- a local subprocess here (:class:`dagster.PipesSubprocessClient`), a GPU pod with
+``dagster_k8s.PipesK8sClient`` (docs/distributed.md).
 """
-
 
 import os
 import sys
 
 import dagster as dg
 
-from twotower_assets.defs.artifacts import ArtifactStore
-from twotower_assets.defs.mlflow_tracking import MlflowTracking
+from twotower_assets.defs.training.trainer import TrainingConfig
+from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.mlflow_tracking import MlflowTracking
 
 ENTRY_POINT = [sys.executable, "-m", "twotower_assets.pipes_training"]
 ERROR_MESSAGE = "training_error"
@@ -29,23 +29,9 @@ class LaunchedTrainingError(RuntimeError):
     """The training entry point ran and its training failed; the message is the original error."""
 
 
-# Dagster metadata value classes -> the type names of the Pipes protocol.
-_PIPES_TYPES = {
-    "UrlMetadataValue": "url",
-    "PathMetadataValue": "path",
-    "MarkdownMetadataValue": "md",
-    "JsonMetadataValue": "json",
-    "TextMetadataValue": "text",
-    "FloatMetadataValue": "float",
-    "IntMetadataValue": "int",
-    "BoolMetadataValue": "bool",
-}
-
-
-def pipes_extras(config: dg.Config, artifacts: ArtifactStore, mlflow: MlflowTracking, run_id: str) -> dict:
+def pipes_extras(config: TrainingConfig, artifacts: ArtifactStore, mlflow: MlflowTracking, run_id: str) -> dict:
     """What the entry point needs: the training config and where the artifacts and MLflow live
-    (shared storage and a tracking server when it runs elsewhere). The entry point itself
-    sets the launcher to ``local``, so it never launches again."""
+    (shared storage and a tracking server when it runs elsewhere)."""
     return {
         "training_config": config.model_dump(),
         "artifacts": {"base_dir": artifacts.base_dir},
@@ -54,19 +40,9 @@ def pipes_extras(config: dg.Config, artifacts: ArtifactStore, mlflow: MlflowTrac
     }
 
 
-def pipes_metadata(metadata: dict) -> dict:
-    """A materialization's metadata in the Pipes wire format ({"raw_value", "type"} per entry)."""
-    converted = {}
-    for key, value in metadata.items():
-        kind = _PIPES_TYPES.get(type(value).__name__)
-        raw = value.value if kind else str(getattr(value, "value", value))
-        converted[key] = {"raw_value": raw, "type": kind or "text"}
-    return converted
-
-
 def launch_training(
     context: dg.AssetExecutionContext,
-    config: dg.Config,
+    config: TrainingConfig,
     artifacts: ArtifactStore,
     mlflow: MlflowTracking,
     client: dg.PipesClient | None = None,
@@ -89,9 +65,4 @@ def launch_training(
     errors = [m[ERROR_MESSAGE] for m in invocation.get_custom_messages() if isinstance(m, dict) and ERROR_MESSAGE in m]
     if errors:
         raise LaunchedTrainingError(f"training launched through Pipes failed: {errors[-1]}")
-    result = invocation.get_materialize_result()
-    run_id = result.metadata.get("mlflow_run_id") if result.metadata else None
-    if run_id is not None:
-        # The entry point ran the asset in a run of its own; the MLflow run points at this one.
-        mlflow.client().set_tag(getattr(run_id, "value", run_id), "dagster_run_id", context.run_id)
-    return result
+    return invocation.get_materialize_result()

@@ -1,0 +1,194 @@
+"""Serving what the graph published: the registry, champion, rollback and the real server.
+
+Two dates of the tiny graph are materialised; then ``mlflow models serve`` is started on
+``models:/two_tower_retriever@champion`` exactly as the README says, and its answers are
+checked against the tables the same date published (the tiny catalogue is below the index's
+``min_rows_for_index``, so the index searches exactly and the answers must be equal). The
+``rollback_champion`` job moves the alias and the ``_latest`` views back; a failed gate keeps
+the alias where it was.
+"""
+
+import datetime as dt
+
+import dagster as dg
+import numpy as np
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from test_model_serving import mlflow_models_serve
+from twotower_assets.lib import layout
+
+pytestmark = pytest.mark.slow
+
+OLDER_PARTITION = "2026-05-25"
+MATCH, RETRIEVER = "two_tower_match", "two_tower_retriever"
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    home = tmp_path_factory.mktemp("serving-graph")
+    resources = make_resources(home)
+    for partition in (OLDER_PARTITION, TINY_PARTITION):
+        assert materialize_all(resources, partition).success
+    return home, resources
+
+
+def champion_version(client: MlflowClient, name: str):
+    return client.get_model_version_by_alias(name, "champion")
+
+
+def latest_view_dates(warehouse) -> dict[str, list]:
+    return {
+        view: sorted(set(warehouse.query(f"SELECT train_date FROM {view}")["train_date"].to_pylist()))
+        for view in layout.LATEST_VIEWS.values()
+    }
+
+
+def test_champion_is_the_newest_gated_date_and_the_views_follow_it(published):
+    _, resources = published
+    client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    for name in (MATCH, RETRIEVER):
+        versions = {v.tags["train_date"]: v for v in client.search_model_versions(f"name = '{name}'")}
+        assert set(versions) == {OLDER_PARTITION, TINY_PARTITION}
+        assert all(v.tags["gate"] == "passed" for v in versions.values())
+        assert champion_version(client, name).tags["train_date"] == TINY_PARTITION
+    newest = dt.date.fromisoformat(TINY_PARTITION)
+    assert latest_view_dates(resources["warehouse"]) == {view: [newest] for view in layout.LATEST_VIEWS.values()}
+
+
+def test_a_backfill_of_an_older_date_does_not_take_the_alias_back(published):
+    _, resources = published
+    client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    before = champion_version(client, MATCH).version
+    result = materialize_all(resources, OLDER_PARTITION, selection=dg.AssetSelection.assets(layout.CHAMPION),
+                             run_config={"ops": {}})
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    assert event.materialization.metadata["moved"].value is False
+    assert champion_version(client, MATCH).version == before
+
+
+@pytest.fixture(scope="module")
+def server(published, tmp_path_factory):
+    _, resources = published
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with mlflow_models_serve(f"models:/{RETRIEVER}@champion", resources["mlflow"].tracking_uri, log_path) as url:
+        yield url
+
+
+def invoke(url: str, records: list[dict]) -> list[dict]:
+    response = requests.post(f"{url}/invocations", json={"dataframe_records": records}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def test_served_users_get_the_recommendations_table(published, server):
+    _, resources = published
+    table = resources["warehouse"].query(
+        "SELECT user_id, item_ids, scores FROM two_tower_recommendations_latest ORDER BY user_id"
+    ).to_pylist()
+    sample = table[:: max(1, len(table) // 20)]
+    k = 10
+    answers = invoke(server, [{"user_id": row["user_id"], "k": k} for row in sample])
+    for row, answer in zip(sample, answers):
+        assert answer["source"] == "user"
+        assert answer["scores"] == pytest.approx(row["scores"][:k], abs=1e-4)
+        assert set(answer["item_ids"]) == set(row["item_ids"][:k])
+
+
+def test_served_items_get_the_similar_items_table(published, server):
+    _, resources = published
+    rows = resources["warehouse"].query(
+        "SELECT item_id, similar_item_id, score FROM two_tower_similar_items WHERE train_date = $d "
+        "ORDER BY item_id, neighbor_rank", {"d": dt.date.fromisoformat(TINY_PARTITION)}
+    ).to_pylist()
+    neighbours: dict[str, list] = {}
+    for row in rows:
+        neighbours.setdefault(row["item_id"], []).append(row)
+    items = sorted(neighbours)[:10]
+    k = 5
+    answers = invoke(server, [{"item_id": item, "k": k} for item in items])
+    for item, answer in zip(items, answers):
+        assert answer["source"] == "item"
+        assert item not in answer["item_ids"]
+        assert answer["scores"] == pytest.approx([r["score"] for r in neighbours[item][:k]], abs=1e-4)
+        assert set(answer["item_ids"]) == {r["similar_item_id"] for r in neighbours[item][:k]}
+
+
+def test_an_unknown_user_gets_the_most_popular_items(published, server):
+    _, resources = published
+    counts = resources["warehouse"].query(
+        "SELECT item_id, COUNT(*) AS n FROM training_events WHERE train_date = $d GROUP BY item_id "
+        "ORDER BY n DESC, item_id LIMIT 5", {"d": dt.date.fromisoformat(TINY_PARTITION)}
+    ).to_pylist()
+    [answer] = invoke(server, [{"user_id": "somebody-new", "k": 5}])
+    assert answer["source"] == "popular"
+    assert answer["item_ids"] == [row["item_id"] for row in counts]
+    total = resources["warehouse"].query(
+        "SELECT COUNT(*) AS n FROM training_events WHERE train_date = $d", {"d": dt.date.fromisoformat(TINY_PARTITION)}
+    )["n"][0].as_py()
+    assert answer["scores"] == pytest.approx([row["n"] / total for row in counts])
+
+
+def test_a_bad_request_gets_a_400_and_the_server_keeps_serving(server):
+    response = requests.post(f"{server}/invocations", json={"dataframe_records": [{"user_id": "u0", "k": 0}]}, timeout=60)
+    assert response.status_code == 400 and "k=0 is below 1" in response.json()["message"]
+    assert invoke(server, [{"user_id": "somebody-new", "k": 1}])[0]["source"] == "popular"
+
+
+def rollback(resources, version: str, raise_on_error: bool = True):
+    from twotower_assets.definitions import defs
+
+    job = defs.resolve_job_def("rollback_champion")
+    return job.execute_in_process(
+        run_config={"ops": {"set_champion": {"config": {"match_model_version": version}}}},
+        resources={"warehouse": resources["warehouse"], "mlflow": resources["mlflow"]},
+        raise_on_error=raise_on_error,
+    )
+
+
+def test_rollback_moves_both_aliases_and_the_views_and_refuses_a_failed_version(published, server):
+    _, resources = published
+    client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    older = {v.tags["train_date"]: v for v in client.search_model_versions(f"name = '{MATCH}'")}[OLDER_PARTITION]
+    assert rollback(resources, str(older.version)).success
+    for name in (MATCH, RETRIEVER):
+        version = champion_version(client, name)
+        assert version.tags["train_date"] == OLDER_PARTITION and version.run_id == older.run_id
+    older_date = dt.date.fromisoformat(OLDER_PARTITION)
+    assert latest_view_dates(resources["warehouse"]) == {view: [older_date] for view in layout.LATEST_VIEWS.values()}
+
+    # A version the gate failed cannot be made champion.
+    newest = champion_version(client, MATCH)
+    client.set_model_version_tag(MATCH, str(older.version), "gate", "failed")
+    try:
+        result = rollback(resources, str(older.version), raise_on_error=False)
+    finally:
+        client.set_model_version_tag(MATCH, str(older.version), "gate", "passed")
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "gate=failed" in str(failure.step_failure_data.error)
+    assert champion_version(client, MATCH).version == newest.version
+
+
+def test_a_failed_gate_keeps_the_champion_and_tags_the_version(tmp_path):
+    resources = make_resources(tmp_path)
+    assert materialize_all(resources, OLDER_PARTITION).success
+    client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    champion_before = champion_version(client, MATCH).version
+    # A gate no model can pass: recall must beat popularity by 1000 %.
+    config = tiny_run_config(evaluation_metrics_quality_gate={"min_lift_over_popularity": 10.0})
+    result = materialize_all(resources, TINY_PARTITION, run_config=config, raise_on_error=False)
+    versions = {v.tags["train_date"]: v for v in client.search_model_versions(f"name = '{MATCH}'")}
+    assert versions[TINY_PARTITION].tags["gate"] == "failed"
+    assert float(versions[TINY_PARTITION].tags["gate.min_lift_over_popularity"]) == 10.0
+    assert champion_version(client, MATCH).version == champion_before
+    materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert not materialised & {layout.CHAMPION, layout.TWO_TOWER_RETRIEVER, layout.ITEM_ANN_INDEX,
+                               layout.USER_EMBEDDING_HISTORY}
+    assert np.array_equal(
+        resources["warehouse"].query("SELECT DISTINCT train_date FROM two_tower_user_embedding_latest")["train_date"].to_pylist(),
+        [dt.date.fromisoformat(OLDER_PARTITION)],
+    )

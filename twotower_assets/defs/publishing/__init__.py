@@ -1,0 +1,1 @@
+"""What a model that passed the quality gate publishes."""

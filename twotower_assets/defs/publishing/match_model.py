@@ -1,0 +1,83 @@
+"""The MatchModel: the published model of one training date.
+
+Frozen user and item vectors scored by dot product, keyed by the model's own ids: ``item_id``
+for items and the config's ``input_prediction_feature`` for users (``user_id`` except in
+configs such as ``user-qpi-features``). It is a SavedModel that loads with TensorFlow alone,
+logged to the model's MLflow run as an MLflow model (a pyfunc around the SavedModel) and
+registered (``two_tower_match`` by default), one version per training date. It is registered
+before it is evaluated, so the quality gate can record its verdict on the version it judged;
+the alias ``champion`` moves only after the gate passed and the date is published (``champion``).
+"""
+
+import dagster as dg
+from pydantic import Field
+
+from twotower_assets.lib import layout
+from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
+from twotower_assets.lib.layout import MatchModelFiles, ModelFiles, Registration
+from twotower_assets.lib.mlflow_tracking import MlflowTracking
+from twotower_assets.lib.partitions import training_date_partitions
+from twotower_assets.serving import match_scorer
+from twotower_assets.serving.registry import DAGSTER_RUN_TAG, TRAIN_DATE_TAG
+
+
+class MatchModelConfig(dg.Config):
+    registered_model_name: str = Field(
+        default=match_scorer.REGISTERED_MODEL_NAME,
+        pattern=r"^[A-Za-z0-9_.-]{1,256}$",
+        description="MLflow registered model the MatchModel versions go to.",
+    )
+
+
+@dg.asset(
+    key=layout.MATCH_MODEL,
+    partitions_def=training_date_partitions,
+    deps=[layout.TWO_TOWER_MODEL],
+    group_name="publishing",
+    kinds={"tensorflow", "mlflow"},
+    description="The MatchModel: frozen user and item vectors scored by dot product; an MLflow model, "
+    "registered one version per training date (evaluated and gated next).",
+    automation_condition=DOWNSTREAM_CONDITION,
+    code_version="1",
+)
+def match_model(
+    context: dg.AssetExecutionContext, config: MatchModelConfig, artifacts: ArtifactStore, mlflow: MlflowTracking
+) -> dg.MaterializeResult:
+    from twotower_assets.model.match_model import MatchModel, save_match_model
+
+    trained = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
+    summary = trained.summary()
+    user_ids, user_vectors = trained.user_vectors(summary.user_key)
+    item_ids, item_vectors = trained.item_vectors()
+    model = MatchModel(user_ids, user_vectors, item_ids, item_vectors)
+    with artifacts.writing(layout.MATCH_MODEL, context.partition_key) as directory, mlflow.active(summary.mlflow_run_id) as run:
+        out = MatchModelFiles(directory)
+        save_match_model(model, out.saved_model)
+        with mlflow.reporting_failures(f"registering the MatchModel of {context.partition_key}"):
+            model_uri, version = match_scorer.log_match_model(
+                run.client, summary.mlflow_run_id, out.saved_model, (str(user_ids[0]), str(item_ids[0])),
+                registered_model_name=config.registered_model_name,
+                tags={TRAIN_DATE_TAG: context.partition_key, DAGSTER_RUN_TAG: context.run_id},
+            )
+        out.registration_file.write_text(
+            Registration(name=config.registered_model_name, version=version, model_uri=model_uri).model_dump_json()
+        )
+    path = MatchModelFiles(artifacts.path(layout.MATCH_MODEL, context.partition_key)).saved_model
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(path)),
+            "users": len(user_ids),
+            "items": len(item_ids),
+            "mlflow_run_id": summary.mlflow_run_id,
+            "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(summary.mlflow_experiment_id, summary.mlflow_run_id)),
+            "registered_model": config.registered_model_name,
+            "model_version": version,
+            "model_uri": model_uri,
+            "model_version_url": dg.MetadataValue.url(mlflow.model_version_url(config.registered_model_name, version)),
+            "usage": dg.MetadataValue.md(
+                f"```python\nimport numpy as np, tensorflow as tf\nmatch_model = tf.saved_model.load('{path}')\n"
+                f"match_model([np.array(['{user_ids[0]}']), np.array(['{item_ids[0]}'])])\n```"
+            ),
+        }
+    )

@@ -1,0 +1,1 @@
+"""Click events: the raw input of the graph."""

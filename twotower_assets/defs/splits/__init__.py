@@ -1,0 +1,1 @@
+"""The training / validation / test tables of each training date, and their checks."""

@@ -1,0 +1,1 @@
+"""The tf.data input and the trained two-tower model of each training date."""

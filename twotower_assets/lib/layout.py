@@ -1,0 +1,279 @@
+"""Every asset key, warehouse table and artifact file of the graph, in one place.
+
+Asset modules import names from here instead of from each other, so the code of an asset
+never depends on the module of another asset: the data flows through the keys below, the
+imports do not follow it.
+
+* **Keys**: asset keys double as the unqualified warehouse table names (``warehouse.table_name``
+  adds the dataset or schema).
+* **Artifact files**: a file-based asset partition owns one directory of the
+  :class:`~twotower_assets.lib.artifacts.ArtifactStore`; the classes below name the files in
+  it, so a file name is written once.
+* **ModelSummary**: what training records next to the model (the MLflow run, the user key,
+  the history), read by evaluation and publishing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pydantic
+
+from twotower_assets.warehouse import queries as warehouse_queries
+
+# --------------------------------------------------------------------------- asset keys / tables
+
+CLICK_EVENTS = "click_events"
+TRAINING_EVENTS = "training_events"
+VALIDATION_EVENTS = "validation_events"
+TEST_EVENTS = "test_events"
+SPLIT_TABLES = {"training": TRAINING_EVENTS, "validation": VALIDATION_EVENTS, "test": TEST_EVENTS}
+
+TF_DATASETS = "tf_datasets"
+TWO_TOWER_MODEL = "two_tower_model"
+EVALUATION_METRICS = "evaluation_metrics"
+MATCH_MODEL = "match_model"
+
+USER_EMBEDDING_HISTORY = "two_tower_user_embedding_history"
+ITEM_EMBEDDING_HISTORY = "two_tower_item_embedding_history"
+USER_EMBEDDING_LATEST = "two_tower_user_embedding_latest"
+ITEM_EMBEDDING_LATEST = "two_tower_item_embedding_latest"
+RECOMMENDATIONS = "two_tower_recommendations"
+RECOMMENDATIONS_LATEST = "two_tower_recommendations_latest"
+SIMILAR_ITEMS = "two_tower_similar_items"
+ITEM_ANN_INDEX = "item_ann_index"
+TWO_TOWER_RETRIEVER = "two_tower_retriever"
+CHAMPION = "champion"
+"""The promotion step: moves the registry alias ``champion`` and the ``_latest`` views to a date."""
+
+LATEST_VIEWS = {
+    USER_EMBEDDING_HISTORY: USER_EMBEDDING_LATEST,
+    ITEM_EMBEDDING_HISTORY: ITEM_EMBEDDING_LATEST,
+    RECOMMENDATIONS: RECOMMENDATIONS_LATEST,
+}
+"""Table -> the view of its champion partition, what consumers read."""
+
+EVALUATED_MODEL = "two_tower"
+"""The trained model's name in the evaluation metrics table (beside random, popularity, svd)."""
+
+QUALITY_GATE = "quality_gate"
+"""The blocking check on ``evaluation_metrics`` that decides whether a model is published."""
+
+PARTITION_COLUMN = warehouse_queries.PARTITION_COLUMN
+"""The column every partitioned table is partitioned by: the training date."""
+
+# --------------------------------------------------------------------------- artifact files
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """One training date's saved tf.data input (written by ``tf_datasets``)."""
+
+    root: Path
+
+    @property
+    def training(self) -> Path:
+        return self.root / "training"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation"
+
+    @property
+    def users(self) -> Path:
+        return self.root / "users"
+
+    @property
+    def items(self) -> Path:
+        return self.root / "items"
+
+    @property
+    def seen_pairs(self) -> Path:
+        """The distinct training (user key, item) pairs, so val_loss can leave them out."""
+        return self.root / "seen_pairs.parquet"
+
+    @property
+    def feature_config(self) -> Path:
+        return self.root / "feature_config.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+
+class DatasetsManifest(pydantic.BaseModel):
+    """What ``tf_datasets`` wrote: the feature config, the row counts, the partition."""
+
+    config_name: str
+    rows: dict[str, int]
+    partition: str
+
+
+class ModelSummary(pydantic.BaseModel):
+    """What training records next to a model: the MLflow run it logged to and what it learnt."""
+
+    mlflow_run_id: str
+    mlflow_experiment_id: str
+    mlflow_experiment_name: str
+    mlflow_run_name: str
+    config_name: str
+    user_key: str = pydantic.Field(description="The user column the user vectors are keyed by.")
+    epochs_run: int
+    history: dict[str, list[float]]
+    train_seconds: float
+    examples_per_second: float
+    device: str
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """One training date's trained model (written by ``two_tower_model``)."""
+
+    root: Path
+
+    @property
+    def user_tower(self) -> Path:
+        return self.root / "user_tower"
+
+    @property
+    def item_tower(self) -> Path:
+        return self.root / "item_tower"
+
+    @property
+    def user_embeddings(self) -> Path:
+        """Parquet: the user id columns and ``embedding`` for every training user."""
+        return self.root / "user_embeddings.parquet"
+
+    @property
+    def item_embeddings(self) -> Path:
+        """Parquet: ``item_id`` and ``embedding`` for every training item."""
+        return self.root / "item_embeddings.parquet"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    def summary(self) -> ModelSummary:
+        return ModelSummary.model_validate_json(self.summary_file.read_text())
+
+    def user_vectors(self, user_key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct values of ``user_key`` (sorted) and one vector each."""
+        return keyed_vectors(self.user_embeddings, user_key)
+
+    def item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Item ids (sorted) and one vector each."""
+        return keyed_vectors(self.item_embeddings, "item_id")
+
+    def write_summary(self, summary: ModelSummary) -> None:
+        self.summary_file.write_text(summary.model_dump_json(indent=2))
+
+
+def keyed_vectors(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids of ``key`` (sorted) and one vector each (the first row of each id)."""
+    table = pq.read_table(path, columns=[key, "embedding"])
+    ids = table[key].to_numpy(zero_copy_only=False).astype(str)
+    vectors = np.stack(table["embedding"].combine_chunks().flatten().to_numpy().reshape(len(ids), -1))
+    unique_ids, first = np.unique(ids, return_index=True)
+    return unique_ids, vectors[first]
+
+
+@dataclass(frozen=True)
+class EvaluationFiles:
+    """One training date's evaluation (written by ``evaluation_metrics``)."""
+
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        """CSV: model, segment, k, precision, recall, ndcg, coverage, novelty."""
+        return self.root / "metrics.csv"
+
+    @property
+    def counts(self) -> Path:
+        return self.root / "counts.json"
+
+    def plot(self, name: str) -> Path:
+        return self.root / f"{name}.png"
+
+    def write_counts(self, counts: dict[str, int]) -> None:
+        self.counts.write_text(json.dumps(counts))
+
+
+class Registration(pydantic.BaseModel):
+    """A registered MLflow model version written by an asset."""
+
+    name: str
+    version: str
+    model_uri: str
+
+
+@dataclass(frozen=True)
+class MatchModelFiles:
+    """One training date's MatchModel (written by ``match_model``)."""
+
+    root: Path
+
+    @property
+    def saved_model(self) -> Path:
+        """The SavedModel directory, loadable with TensorFlow alone."""
+        return self.root / "model"
+
+    @property
+    def registration_file(self) -> Path:
+        return self.root / "registration.json"
+
+    def registration(self) -> Registration:
+        return Registration.model_validate_json(self.registration_file.read_text())
+
+
+@dataclass(frozen=True)
+class ItemIndexFiles:
+    """One training date's ANN index of the item vectors (written by ``item_ann_index``)."""
+
+    root: Path
+
+    @property
+    def index(self) -> Path:
+        """The LanceDB directory (when the index lives in the artifact store)."""
+        return self.root / "lancedb"
+
+    @property
+    def remote_uri_file(self) -> Path:
+        """Holds the index's URI when it lives elsewhere (``gs://...``)."""
+        return self.root / "uri.txt"
+
+    def uri(self) -> str:
+        """Where the index is: the URI recorded, or the local LanceDB directory."""
+        return self.remote_uri_file.read_text().strip() if self.remote_uri_file.is_file() else str(self.index)
+
+
+@dataclass(frozen=True)
+class RetrieverFiles:
+    """One training date's retriever inputs and registration (written by ``two_tower_retriever``)."""
+
+    root: Path
+
+    @property
+    def user_vectors(self) -> Path:
+        """Parquet: ``user_id`` (the model's user key) and ``embedding``."""
+        return self.root / "user_vectors.parquet"
+
+    @property
+    def seen_pairs(self) -> Path:
+        """Parquet: ``user_id``, ``item_id`` of every training pair."""
+        return self.root / "seen_pairs.parquet"
+
+    @property
+    def registration_file(self) -> Path:
+        return self.root / "registration.json"
+
+    def registration(self) -> Registration:
+        return Registration.model_validate_json(self.registration_file.read_text())
