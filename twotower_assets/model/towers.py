@@ -68,6 +68,17 @@ class Tower(tf.keras.Model):
         ]
         self.hidden = tf.keras.layers.Dense(2 * embedding_size, activation="relu")
         self.projection = tf.keras.layers.Dense(embedding_size)
+        self.embedding_size = embedding_size
+
+    def get_config(self) -> dict:
+        """What describes the tower, for Keras' saving: its features and vector size.
+
+        The vocabularies and statistics live in the weights and the SavedModel restores the
+        traced tower, so a tower is never rebuilt from this config (no ``from_config``). Without
+        it Keras warns on every save that the constructor's FeatureStats cannot be serialised.
+        """
+        return {"name": self.name, "feature_names": self.feature_names, "input_keys": self.input_keys,
+                "embedding_size": self.embedding_size}
 
     def call(self, inputs):
         parts = [layer(inputs[key]) for layer, key in zip(self.feature_layers, self.input_keys)]
