@@ -5,16 +5,28 @@ Loaded by ``dagster dev`` (workspace.yaml / pyproject ``[tool.dagster]``), ``dg`
 ``dagster asset materialize -m twotower_assets.definitions``.
 """
 
+import warnings
 from pathlib import Path
 
 import dagster as dg
 
-# One process runs a whole run: TensorFlow loads once, and DuckDB's single-writer file is
-# never opened by two steps of the same run at once (docs/decisions.md).
-defs = dg.Definitions.merge(
-    dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
-    dg.Definitions(executor=dg.in_process_executor),
-)
+from twotower_assets import settings
+
+
+def with_owners_and_tags(spec: dg.AssetSpec) -> dg.AssetSpec:
+    """Every asset's owners and tags, from the environment (``settings.asset_owners/asset_tags``)."""
+    return spec.merge_attributes(owners=settings.asset_owners(), tags=settings.asset_tags())
+
+
+with warnings.catch_warnings():
+    # map_asset_specs is a preview API in Dagster 1.13; it is the one place owners and tags are set.
+    warnings.simplefilter("ignore", dg.PreviewWarning)
+    # One process runs a whole run: TensorFlow loads once, and DuckDB's single-writer file is
+    # never opened by two steps of the same run at once (docs/decisions.md).
+    defs = dg.Definitions.merge(
+        dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
+        dg.Definitions(executor=dg.in_process_executor),
+    ).map_asset_specs(func=with_owners_and_tags)
 
 ALL_ASSETS = list(defs.assets or [])
 """The assets, for materialising the graph in process (tests, benches)."""

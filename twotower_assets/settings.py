@@ -5,6 +5,8 @@
 ``TWOTOWER_WAREHOUSE`` ``duckdb`` (default) or ``bigquery``.
 ``MLFLOW_TRACKING_URI`` overrides the local MLflow store (``sqlite:///$TWOTOWER_HOME/mlflow.db``).
 ``TWOTOWER_DUCKDB_MEMORY_LIMIT`` DuckDB's memory limit (default ``4GB``; past it DuckDB spills to disk).
+``TWOTOWER_ASSET_OWNERS`` owners of every asset, comma-separated (default ``team:recommendations``).
+``TWOTOWER_ASSET_TAGS``   tags of every asset, ``key=value`` comma-separated (default ``pipeline=two_tower``).
 
 BigQuery (``TWOTOWER_WAREHOUSE=bigquery``; docs/bigquery.md is the guide):
 
@@ -105,3 +107,21 @@ def bigquery_settings() -> BigQuerySettings:
         external_tables={CLICK_EVENTS: click_events_table} if click_events_table else {},
         partition_expiration_days=int(os.environ.get("TWOTOWER_BQ_PARTITION_EXPIRATION_DAYS", "183")),
     )
+
+
+def asset_owners() -> list[str]:
+    """``TWOTOWER_ASSET_OWNERS``: comma-separated owners of every asset (emails or ``team:name``)."""
+    raw = os.environ.get("TWOTOWER_ASSET_OWNERS", "team:recommendations")
+    return [owner.strip() for owner in raw.split(",") if owner.strip()]
+
+
+def asset_tags() -> dict[str, str]:
+    """``TWOTOWER_ASSET_TAGS``: ``key=value`` pairs, comma-separated, put on every asset."""
+    raw = os.environ.get("TWOTOWER_ASSET_TAGS", "pipeline=two_tower")
+    tags = {}
+    for pair in filter(None, (p.strip() for p in raw.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"TWOTOWER_ASSET_TAGS must be key=value pairs separated by commas, not {raw!r}")
+        tags[key.strip()] = value.strip()
+    return tags

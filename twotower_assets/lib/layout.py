@@ -106,11 +106,18 @@ class DatasetFiles:
 
 
 class DatasetsManifest(pydantic.BaseModel):
-    """What ``tf_datasets`` wrote: the feature config, the row counts, the partition."""
+    """What ``tf_datasets`` wrote: the feature config, the row counts, the partition, and the
+    warehouse tables (with the columns read) each dataset came from."""
 
     config_name: str
     rows: dict[str, int]
     partition: str
+    source_tables: dict[str, str] = {}
+    columns: dict[str, str] = {}
+
+    @classmethod
+    def read(cls, path: Path) -> DatasetsManifest:
+        return cls.model_validate_json(path.read_text())
 
 
 class ModelSummary(pydantic.BaseModel):

@@ -22,6 +22,7 @@ from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.lib.layout import EvaluationFiles, ModelFiles
+from twotower_assets.lib.metadata import rounded
 from twotower_assets.model import metrics, plots
 from twotower_assets.model.topk import top_k_items
 from twotower_assets.warehouse.base import WarehouseResource
@@ -171,14 +172,39 @@ def _figures(table: pd.DataFrame, item_embeddings: pa.Table, warehouse: Warehous
     return figures
 
 
+METRICS_SHOWN = ("recall", "precision", "ndcg", "coverage", "novelty")
+
+
 def metrics_markdown(table: pd.DataFrame, segment: str = "all") -> str:
-    wide = table[table["segment"] == segment].pivot(index="k", columns="model", values=["recall", "precision", "ndcg"])
-    lines = ["| k | metric | " + " | ".join(wide["recall"].columns) + " |", "|---|---|" + "---|" * len(wide["recall"].columns)]
+    """One row per (k, metric), one column per model, and the model's lift over popularity."""
+    wide = table[table["segment"] == segment].pivot(index="k", columns="model", values=list(METRICS_SHOWN))
+    models = list(wide["recall"].columns)
+    lift = MODEL_NAME in models and "popularity" in models
+    header = "| k | metric | " + " | ".join(models) + (" | lift vs popularity |" if lift else " |")
+    lines = [header, "|---|---|" + "---|" * (len(models) + lift)]
     for k in wide.index:
-        for metric in ("recall", "precision", "ndcg"):
-            values = " | ".join(f"{wide.loc[k, (metric, m)]:.4f}" for m in wide[metric].columns)
+        for metric in METRICS_SHOWN:
+            values = " | ".join(f"{wide.loc[k, (metric, m)]:.4f}" for m in models)
+            if lift:
+                baseline = wide.loc[k, (metric, "popularity")]
+                ratio = wide.loc[k, (metric, MODEL_NAME)] / baseline if baseline else float("nan")
+                values += f" | {ratio:.2f}x"
             lines.append(f"| {k} | {metric} | {values} |")
     return "\n".join(lines)
+
+
+def log_metric_curves(run, overall: pd.DataFrame) -> None:
+    """Each metric of each model as a curve over k (MLflow step = k), beside the flat names.
+
+    ``recall`` (the model) and ``popularity_recall`` etc. draw one chart per metric with k on
+    the x axis; ``recall_at_50`` etc. stay for comparisons across runs and the quality gate.
+    """
+    for k, rows in overall.groupby("k"):
+        run.metrics(
+            {(name if row.model == MODEL_NAME else f"{row.model}_{name}"): getattr(row, name)
+             for row in rows.itertuples() for name in METRICS_SHOWN},
+            step=int(k),
+        )
 
 
 @dg.asset(
@@ -235,6 +261,7 @@ def evaluation_metrics(
                 for name in ("precision", "recall", "ndcg", "coverage", "novelty")
             }
         )
+        log_metric_curves(run, overall)
         run.artifact(out.metrics, "evaluation")
         run.text(markdown, "metrics.md", "evaluation")
 
@@ -245,9 +272,14 @@ def evaluation_metrics(
             "metrics": dg.MetadataValue.md(markdown),
             **{f"metrics_{segment}_users": dg.MetadataValue.md(text) for segment, text in segment_markdown.items()},
             **{f"plot_{name}": dg.MetadataValue.md(plots.markdown_image(png, name)) for name, png in figures.items()},
-            f"recall_at_{headline_k}": float(overall.loc[(MODEL_NAME, headline_k), "recall"]),
-            f"popularity_recall_at_{headline_k}": float(overall.loc[("popularity", headline_k), "recall"]),
+            f"recall_at_{headline_k}": rounded(overall.loc[(MODEL_NAME, headline_k), "recall"]),
+            f"popularity_recall_at_{headline_k}": rounded(overall.loc[("popularity", headline_k), "recall"]),
+            f"lift_over_popularity_at_{headline_k}": rounded(
+                overall.loc[(MODEL_NAME, headline_k), "recall"] / overall.loc[("popularity", headline_k), "recall"]
+                if overall.loc[("popularity", headline_k), "recall"] else float("nan")
+            ),
             **counts,
             "mlflow_run_id": summary.mlflow_run_id,
+            "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(summary.mlflow_experiment_id, summary.mlflow_run_id)),
         }
     )

@@ -14,10 +14,13 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 
+from twotower_assets import settings
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION, RETRAIN_FRESHNESS
 from twotower_assets.lib.layout import ModelFiles
+from twotower_assets.lib.metadata import table_metadata
+from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.warehouse.base import WarehouseResource
@@ -61,7 +64,7 @@ def _embedding_history_asset(entity: str, table: str, view: str):
         # evaluation_metrics: its blocking quality gate keeps a failed model out of the table.
         deps=[layout.MATCH_MODEL, layout.EVALUATION_METRICS],
         group_name="publishing",
-        kinds={"sql"},
+        kinds={settings.warehouse_kind()},
         description=f"{entity.capitalize()} embeddings, one partition per training date; view {view} shows the "
         "champion's (moved by the champion step).",
         automation_condition=DOWNSTREAM_CONDITION,
@@ -71,7 +74,7 @@ def _embedding_history_asset(entity: str, table: str, view: str):
     )
     @retry_transient_errors_only
     def _asset(
-        context: dg.AssetExecutionContext, warehouse: WarehouseResource, artifacts: ArtifactStore
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource, artifacts: ArtifactStore, mlflow: MlflowTracking
     ) -> dg.MaterializeResult:
         trained = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
         summary = trained.summary()
@@ -83,11 +86,11 @@ def _embedding_history_asset(entity: str, table: str, view: str):
         )
         return dg.MaterializeResult(
             metadata={
-                "dagster/row_count": written,
-                "table": qualified,
+                **table_metadata(qualified, history_schema(entity), written),
                 "latest_view": warehouse.table_name(view),
                 "embedding_size": int(vectors.shape[1]),
                 "mlflow_run_id": summary.mlflow_run_id,
+                "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(summary.mlflow_experiment_id, summary.mlflow_run_id)),
             }
         )
 

@@ -25,9 +25,12 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 from pydantic import Field
 
+from twotower_assets import settings
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
+from twotower_assets.lib.metadata import table_metadata
+from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.lib.layout import ModelFiles
@@ -118,7 +121,7 @@ def recommendation_batches(
     partitions_def=training_date_partitions,
     deps=[layout.MATCH_MODEL, layout.EVALUATION_METRICS, layout.TWO_TOWER_MODEL, layout.TRAINING_EVENTS],
     group_name="publishing",
-    kinds={"sql", "numpy"},
+    kinds={settings.warehouse_kind(), "numpy"},
     description="Top-k unseen items per training user (blocked matrix products), one partition per training date.",
     automation_condition=DOWNSTREAM_CONDITION,
     code_version="1",
@@ -130,6 +133,7 @@ def recommendations(
     config: RecommendationsConfig,
     warehouse: WarehouseResource,
     artifacts: ArtifactStore,
+    mlflow: MlflowTracking,
 ) -> dg.MaterializeResult:
     trained = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
     summary = trained.summary()
@@ -159,8 +163,7 @@ def recommendations(
     flops = 2.0 * len(user_ids) * len(item_ids) * user_vectors.shape[1]
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": written,
-            "table": qualified,
+            **table_metadata(qualified, recommendations_schema(), written),
             "latest_view": warehouse.table_name(layout.RECOMMENDATIONS_LATEST),
             "k": min(config.k, len(item_ids)),
             "users": len(user_ids),
@@ -169,5 +172,6 @@ def recommendations(
             "seconds": round(seconds, 2),
             "scoring_gflop_per_s": round(flops / seconds / 1e9, 2) if seconds else 0.0,
             "mlflow_run_id": summary.mlflow_run_id,
+            "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(summary.mlflow_experiment_id, summary.mlflow_run_id)),
         }
     )

@@ -28,8 +28,10 @@ import pyarrow as pa
 import scipy.sparse as sp
 from pydantic import Field
 
+from twotower_assets import settings
 from twotower_assets.lib import layout
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
+from twotower_assets.lib.metadata import table_metadata
 from twotower_assets.lib.partitions import training_date, training_date_partitions
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.model.topk import top_k_items
@@ -134,7 +136,7 @@ def similar_items_search(warehouse: WarehouseResource, config: VectorSearchConfi
     deps=[layout.ITEM_EMBEDDING_HISTORY],
     partitions_def=training_date_partitions,
     group_name="publishing",
-    kinds={"sql", "numpy"},
+    kinds={settings.warehouse_kind(), "numpy"},
     description="Top-k similar items per item (itself excluded), one partition per training date; "
     "VECTOR_SEARCH on BigQuery, blocked matrix products elsewhere.",
     automation_condition=DOWNSTREAM_CONDITION,
@@ -172,8 +174,7 @@ def similar_items(context: dg.AssetExecutionContext, config: VectorSearchConfig,
     context.log.info(f"Similar items for {train_date}: {rows} rows by {where} (vector index: {indexed})")
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": rows,
-            "table": target,
+            **table_metadata(target, similar_items_schema(), rows),
             "items": item_rows,
             "top_k": min(config.top_k, item_rows - 1),
             "metric": config.metric,

@@ -20,6 +20,7 @@ from twotower_assets import settings
 from twotower_assets.data.movielens import MovieLensOptions
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticParams, SyntheticSpec, generate_click_events
 from twotower_assets.lib import layout
+from twotower_assets.lib.metadata import column_schema
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.warehouse.base import WarehouseResource
 
@@ -77,9 +78,7 @@ def click_events(
             "num_users": spec.num_users,
             "num_items": spec.num_items,
             "seed": spec.seed,
-            "dagster/column_schema": dg.TableSchema(
-                columns=[dg.TableColumn(f.name, str(f.type)) for f in CLICK_EVENT_SCHEMA]
-            ),
+            "dagster/column_schema": column_schema(CLICK_EVENT_SCHEMA),
         }
     )
 
@@ -109,9 +108,7 @@ def _movielens_click_events(
             "last_event_date": dates[-1].as_py().isoformat(),
             "num_users": len(events["user_id"].unique()),
             "num_items": len(events["item_id"].unique()),
-            "dagster/column_schema": dg.TableSchema(
-                columns=[dg.TableColumn(f.name, str(f.type)) for f in MOVIELENS_EVENT_SCHEMA]
-            ),
+            "dagster/column_schema": column_schema(MOVIELENS_EVENT_SCHEMA),
         }
     )
 

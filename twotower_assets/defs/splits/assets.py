@@ -10,8 +10,10 @@ import datetime as dt
 import dagster as dg
 from pydantic import Field
 
+from twotower_assets import settings
 from twotower_assets.lib import layout
 from twotower_assets.lib.conditions import RETRAIN_FRESHNESS, TRAINING_DATA_CONDITION
+from twotower_assets.lib.metadata import table_metadata
 from twotower_assets.lib.partitions import training_date, training_date_partitions
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.warehouse.base import WarehouseResource
@@ -34,7 +36,7 @@ def split_specs() -> list[dg.AssetSpec]:
             key=table,
             deps=[layout.CLICK_EVENTS],
             group_name="splits",
-            kinds={"sql"},
+            kinds={settings.warehouse_kind()},
             description=f"The {split} split of the click events for one training date.",
             automation_condition=TRAINING_DATA_CONDITION,
             freshness_policy=RETRAIN_FRESHNESS,
@@ -74,11 +76,11 @@ def split_tables(
     )
     context.log.info(f"Split {count} events from {start_date} to {train_date}: {counts}")
     for split, table in layout.SPLIT_TABLES.items():
-        rows = counts[warehouse.table_name(table)]
+        qualified = warehouse.table_name(table)
         yield dg.MaterializeResult(
             asset_key=table,
             metadata={
-                "dagster/row_count": rows,
+                **table_metadata(qualified, warehouse.table_schema(qualified), counts[qualified]),
                 "source_events": count,
                 "window_start": start_date.isoformat(),
                 "window_end_exclusive": train_date.isoformat(),

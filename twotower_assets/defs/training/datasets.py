@@ -108,7 +108,11 @@ def tf_datasets(
             files.seen_pairs,
         )
         files.feature_config.write_text(feature_config.model_dump_json(indent=2))
-        manifest = DatasetsManifest(config_name=feature_config.name, rows=rows, partition=context.partition_key)
+        manifest = DatasetsManifest(
+            config_name=feature_config.name, rows=rows, partition=context.partition_key,
+            source_tables={"training": training_table, "validation": validation_table},
+            columns={name: kind for name, kind in example_kinds.items()},
+        )
         files.manifest.write_text(manifest.model_dump_json())
 
     return dg.MaterializeResult(

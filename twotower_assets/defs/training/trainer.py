@@ -25,7 +25,8 @@ from pydantic import Field
 
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
-from twotower_assets.lib.layout import DatasetFiles, ModelFiles, ModelSummary
+from twotower_assets.lib.layout import DatasetFiles, DatasetsManifest, ModelFiles, ModelSummary
+from twotower_assets.lib.metadata import rounded
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.model.training import TrainingParams
 from twotower_assets.warehouse.sql import USER_COLUMN
@@ -132,6 +133,12 @@ def train_partition(
             }
         )
         run.artifact(datasets.feature_config)
+        manifest = DatasetsManifest.read(datasets.manifest)
+        for split, table in manifest.source_tables.items():
+            run.input_table(
+                f"{table}@{partition_key}", f"{table} WHERE train_date = {partition_key}",
+                manifest.rows.get(split, 0), split, manifest.columns,
+            )
         log_epoch = tf.keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: run.metrics(
                 {k: v for k, v in (logs or {}).items() if k in ("loss", "val_loss", "lr")}, step=epoch
@@ -189,8 +196,8 @@ def train_partition(
         "config_name": _value(feature_config.name, "text"),
         "device": _value(result.device, "text"),
         "epochs_run": _value(result.epochs_run, "int"),
-        "final_loss": _value(history["loss"][-1], "float"),
-        "best_val_loss": _value(min(history["val_loss"]) if "val_loss" in history else float("nan"), "float"),
+        "final_loss": _value(rounded(history["loss"][-1]), "float"),
+        "best_val_loss": _value(rounded(min(history["val_loss"])) if "val_loss" in history else float("nan"), "float"),
         "training_seconds": _value(round(train_seconds, 2), "float"),
         "examples_per_second": _value(round(summary.examples_per_second, 1), "float"),
         "users": _value(len(user_vectors), "int"),
