@@ -245,3 +245,15 @@ def test_the_training_job_takes_its_run_config_from_a_file(tmp_path):
     assert job.partitions_def == training_date_partitions
     assert layout.CLICK_EVENTS not in {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
     assert dg.validate_run_config(job, config)
+
+
+def test_each_ready_made_run_config_is_a_job_whose_launchpad_starts_from_it():
+    from conftest import REPO
+
+    for name, file in (("quickstart", "quickstart.yaml"), ("tiny", "tiny.yaml"),
+                       ("production_scale", "production-scale.yaml")):
+        job = defs.resolve_job_def(f"two_tower_training_{name}")
+        expected = jobs.load_run_config(REPO / "configs" / "run" / file)
+        assert job.partitioned_config is not None
+        assert job.partitioned_config.get_run_config_for_partition_key(TINY_PARTITION) == expected
+        assert layout.CLICK_EVENTS not in expected.get("ops", {})

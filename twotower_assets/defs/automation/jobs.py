@@ -7,6 +7,7 @@ Environment (read when the code location loads):
 """
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from twotower_assets.lib.partitions import training_date_partitions
 TRAINING_JOB = "two_tower_training"
 
 
-def load_run_config(path: str | Path | None) -> dict[str, Any] | None:
+def load_run_config(path: str | Path | Any | None) -> dict[str, Any] | None:
     """Run config for the training job from a YAML file, without the unpartitioned source.
 
     The same file drives ``dagster asset materialize -c`` of the whole graph, which includes
@@ -28,7 +29,7 @@ def load_run_config(path: str | Path | None) -> dict[str, Any] | None:
     """
     if not path:
         return None
-    path = Path(path)
+    path = path if hasattr(path, "read_text") and not isinstance(path, str) else Path(path)
     if not path.is_file():
         raise AutomationSettingsError(f"TWOTOWER_RUN_CONFIG points to {path}, which is not a file")
     config = yaml.safe_load(path.read_text()) or {}
@@ -51,4 +52,35 @@ training_job = dg.define_asset_job(
         "Everything that depends on the training date, with its checks: split, datasets, training, "
         "evaluation and quality gate, MatchModel, embedding layout. One run per date."
     ),
+)
+
+
+def preset_job(name: str, run_config_file: str, description: str):
+    """The training job with a packaged run config (``configs/run/<file>``) as its defaults.
+
+    Asset jobs have no presets; a job per ready-made run config makes each one click away in
+    the UI, and its Launchpad starts from that config (editable before launching).
+    """
+    return dg.define_asset_job(
+        name,
+        selection=dg.AssetSelection.all() - dg.AssetSelection.assets(layout.CLICK_EVENTS),
+        partitions_def=training_date_partitions,
+        config=load_run_config(resources.files("twotower_assets.configs") / "run" / run_config_file),
+        run_tags=TRAINING_RUN_TAGS,
+        description=description,
+    )
+
+
+training_job_quickstart = preset_job(
+    "two_tower_training_quickstart", "quickstart.yaml",
+    "The training job with configs/run/quickstart.yaml: the README's size (batch 512 on the default data).",
+)
+training_job_tiny = preset_job(
+    "two_tower_training_tiny", "tiny.yaml",
+    "The training job with configs/run/tiny.yaml: a smoke run in about a minute (needs click_events "
+    "generated with the tiny size, see the file).",
+)
+training_job_production_scale = preset_job(
+    "two_tower_training_production_scale", "production-scale.yaml",
+    "The training job with configs/run/production-scale.yaml: production sizes (10M events).",
 )
