@@ -236,6 +236,8 @@ def test_invalid_builds_raise_and_leave_the_previous_index(flat):
         ItemIndex.build(uri, ids, vectors[:599])
     with pytest.raises(ValueError, match="duplicated"):
         ItemIndex.build(uri, np.array([*ids[:-1], ids[0]]), vectors)
+    with pytest.raises(ValueError, match="more than the 600 items"):
+        ItemIndex.build(uri, ids, vectors, num_partitions=601, min_rows_for_index=100)
     _assert_unchanged(uri, ids, vectors)
 
 

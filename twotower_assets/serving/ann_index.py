@@ -73,6 +73,9 @@ and 64 keeps the candidate table of one call small (bench/serving.py, 200,000 x 
 _FLAT_SCORE_BLOCK = 256
 """Queries scored together in a flat (exact) search: bounds the score matrix in memory."""
 
+_LANCEDB_SAMPLE_RATE = 256
+"""LanceDB's default training vectors per IVF partition (IvfPq / HnswSq sample_rate)."""
+
 _RANK_BLOCK_ELEMENTS = 250_000
 """Candidate vector elements gathered at once for the exact re-rank (float64: 2 MB, about
 20 queries of 200 candidates x 64 dims). Blocks that stay in cache re-ranked at ~80 us a
@@ -92,15 +95,17 @@ def _local_path(uri: str) -> str:
 
 
 def default_num_partitions(rows: int) -> int:
-    """IVF partitions: one per 250 items (800 at 200,000 items), at most 4,096.
+    """IVF partitions: one per 125 items (1,600 at 200,000 items), at most 4,096.
 
-    From the sweep at 200,000 x 64 (docs/benchmarks-serving.md), refine_factor 2: 800 and
-    1,600 partitions reach recall@100 0.97-0.98 probing 5-10 of them, for ~0.26-0.27 CPU ms
-    per batched query (LanceDB's fixed cost per query, whatever the codes scanned); 400
-    needed 20 probes (0.39 ms) for 0.968, 3,200 gained nothing. 800 of the two: the smaller
-    centroid table and no slower a build.
+    From the sweeps at 200,000 x 64 (docs/benchmarks-serving.md), refine_factor 2: 1,600
+    partitions gave recall@100 0.987-0.993 probing 2-20 of them; 800 gave 0.965-0.981 and
+    3,200 0.985-0.994 from 3 probes (0.946 at 2), all for ~0.2-0.35 CPU ms per batched query, which
+    is LanceDB's fixed cost per query rather than the codes scanned. Smaller partitions
+    leave smaller residuals for PQ to encode, so the PQ ranking of the candidates is
+    better; 3,200 took longer to build (69-77 s against 43-56 s, under load 5-6). Not
+    measured beyond 200,000 items; the cap keeps the k-means of a large catalogue bounded.
     """
-    return max(1, min(4096, round(rows / 250)))
+    return max(1, min(4096, round(rows / 125)))
 
 
 def default_hnsw_partitions(rows: int) -> int:
@@ -117,8 +122,9 @@ def default_num_sub_vectors(dimension: int) -> int:
     """PQ sub-vectors: d / 8, at least 8 (8 at 64 dims), a divisor of d as LanceDB requires.
 
     8 dimensions per 8-bit code is LanceDB's fast (SIMD) layout and, with the exact re-rank,
-    reaches recall@100 0.97 at 64 dims; 16 sub-vectors gained 0.003-0.01 at the same
-    nprobes for builds 1.2-3.4x as long. At least 8 codes: at 16 dims, 4 codes of 4 dims
+    reaches recall@100 0.99 at 64 dims (1,600 partitions); at 200-800 partitions 16
+    sub-vectors gained 0.003-0.01 at the same nprobes for builds 1.2-3.4x as long. At
+    least 8 codes: at 16 dims, 4 codes of 4 dims
     ranked so loosely that recall@10 stayed at 0.81 with 4x re-ranking; 8 codes of 2 dims
     gave 0.98.
     """
@@ -127,19 +133,20 @@ def default_num_sub_vectors(dimension: int) -> int:
 
 
 def default_nprobes(num_partitions: int) -> int:
-    """Partitions probed per query: 1.25% of them, at least 8 (10 of 800 at 200,000 items).
+    """Partitions probed per query: 1 in 160, at least 8 (10 of 1,600 at 200,000 items).
 
-    At 800 partitions recall@100 was 0.968-0.971 / 0.975-0.977 / 0.979-0.980 probing
-    5 / 10 / 20 (refine 2, two sweeps); 10 costs about the same CPU as 5 and keeps a margin
-    above 0.95 for data less clustered than the bench's.
+    At 1,600 partitions recall@100 was 0.989 / 0.993 / 0.991 / 0.989 / 0.987 probing
+    2 / 3 / 5 / 10 / 20 (refine 2): the bench's clustered data needs very few; 10 keeps a
+    margin for embeddings less clustered than that, for about the same CPU per query.
     """
-    return max(1, min(num_partitions, max(8, math.ceil(num_partitions / 80))))
+    return max(1, min(num_partitions, max(8, math.ceil(num_partitions / 160))))
 
 
 DEFAULT_REFINE_FACTOR = 2
 """Candidates taken from the index per wanted result, then re-ranked exactly in memory.
 PQ distances alone give recall@100 ~0.70 at 200,000 x 64; re-ranking 2x the wanted count
-gives 0.97-0.98; 3x adds ~0.01 for ~40% more CPU per query (the sweep). LanceDB's own
+gives 0.99 at the default 1,600 partitions (0.97-0.98 at 800, where 3x added ~0.01 for
+~40% more CPU per query). LanceDB's own
 refine_factor re-reads every candidate's vector from the table: 8.4 CPU ms per query
 against 0.3 for this in-memory re-rank."""
 
@@ -261,6 +268,8 @@ class ItemIndex:
 
         rows, dimension = matrix.shape
         indexed = rows >= min_rows_for_index
+        if indexed and num_partitions is not None and num_partitions > rows:
+            raise ValueError(f"num_partitions={num_partitions} is more than the {rows} items to partition")
         settings: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "index_type": index_type if indexed else FLAT,
@@ -641,13 +650,22 @@ async def _open_async_table(uri: str, version: int) -> Any:
 
 
 def _index_config(settings: dict[str, Any]) -> Any:
+    """LanceDB index configuration for the settings, trained on enough rows for every partition.
+
+    LanceDB samples num_partitions x sample_rate (256 by default) vectors for k-means and,
+    when the table holds fewer, silently trains fewer partitions (781 of 800 at 200,000
+    rows). Lowering the rate to rows / partitions trains exactly the partitions asked for,
+    so the settings stored and reported are the index's own.
+    """
+    sample_rate = max(1, min(_LANCEDB_SAMPLE_RATE, settings["rows"] // settings["num_partitions"]))
     if settings["index_type"] == "IVF_PQ":
         return IvfPq(
             distance_type="dot",
             num_partitions=settings["num_partitions"],
             num_sub_vectors=settings["num_sub_vectors"],
+            sample_rate=sample_rate,
         )
-    return HnswSq(distance_type="dot", num_partitions=settings["num_partitions"])
+    return HnswSq(distance_type="dot", num_partitions=settings["num_partitions"], sample_rate=sample_rate)
 
 
 def _tagged_version(table: Any) -> int | None:
