@@ -22,8 +22,8 @@ DEV_PID=""
 cleanup() {
   if [ -n "$DEV_PID" ] && kill -0 "$DEV_PID" 2>/dev/null; then
     kill -TERM -- "-$DEV_PID" 2>/dev/null || true   # dagster dev's own process group
-    for _ in $(seq 15); do kill -0 "$DEV_PID" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$DEV_PID" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$DEV_PID" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$DEV_PID" 2>/dev/null || true   # whatever is left of the group
   fi
   rm -rf "$WORK"
 }
@@ -41,7 +41,10 @@ echo "materialising the tiny graph (log: $WORK/materialize.log)"
 
 PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 echo "starting dagster dev on 127.0.0.1:$PORT"
-setsid "$BIN/dagster" dev -w workspace.yaml -h 127.0.0.1 -p "$PORT" > "$WORK/dev.log" 2>&1 &
+# A background job of a script starts with SIGINT ignored, and `dagster dev` then ignores SIGTERM
+# too (docs/operations.md, "Stopping dagster dev"): env restores both, so cleanup() stops it.
+setsid env --default-signal=INT,TERM "$BIN/dagster" dev -w workspace.yaml -h 127.0.0.1 -p "$PORT" \
+  > "$WORK/dev.log" 2>&1 &
 DEV_PID=$!
 disown "$DEV_PID"   # stopped by cleanup(), no job-status noise from bash
 

@@ -1,9 +1,12 @@
 """Screenshot of the Dagster UI's global asset graph with every group expanded.
 
-Used by ``docs/screenshot.sh``. Chromium's ``--screenshot`` flag cannot press keys, and the
-graph page starts with its groups collapsed, so this drives headless Chromium over the
-DevTools protocol instead: open the page, wait for the graph, press the UI's own "expand all
-groups" shortcut (Alt+E), wait, save the PNG.
+Used by ``docs/screenshot.sh``. Chromium's ``--screenshot`` flag cannot press keys or click,
+and the graph page starts with its groups collapsed, so this drives headless Chromium over the
+DevTools protocol instead: open the page, wait for the graph, hide the side panels, press the
+UI's own "expand all groups" shortcut (Alt+E), switch the graph to its vertical orientation
+from the graph's settings menu (this graph's horizontal layout is taller than it is wide),
+double-click the graph's background (the UI's "zoom to fit": the graph does not refit by
+itself after a re-layout), wait, save the PNG.
 
     python docs/screenshot_graph.py http://127.0.0.1:3000/asset-groups out.png
 """
@@ -22,7 +25,8 @@ from pathlib import Path
 
 import websockets
 
-WIDTH, HEIGHT = 1800, 1050
+# Wide and tall enough that the fitted graph draws each asset with its name readable.
+WIDTH, HEIGHT = 1800, 1350
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -35,6 +39,23 @@ CHROMIUM_FLAGS = [
     f"--window-size={WIDTH},{HEIGHT}",
     "--remote-debugging-port=0",
 ]
+
+
+# A point of the graph's background (not a node, a group or a control) in the window.
+EMPTY_GRAPH_POINT = """(() => {
+  const svg = Array.from(document.querySelectorAll('svg')).find(s => +s.getAttribute('width') > 300);
+  if (!svg) return null;
+  const viewport = svg.parentElement.parentElement;
+  const r = viewport.getBoundingClientRect();
+  for (let fy = 0.05; fy < 0.95; fy += 0.05) {
+    for (let fx = 0.05; fx < 0.9; fx += 0.05) {
+      const x = r.left + fx * r.width, y = r.top + fy * r.height;
+      const el = document.elementFromPoint(x, y);
+      if (el === viewport || el === svg || el === svg.parentElement) return [x, y];
+    }
+  }
+  return null;
+})()"""
 
 
 class DevTools:
@@ -64,6 +85,24 @@ class DevTools:
             await asyncio.sleep(0.5)
         raise TimeoutError(f"page never satisfied {expression!r}")
 
+    async def click_menu_item(self, menu_button_icon: str, item: str, timeout_s: float = 30) -> None:
+        """Open the menu behind the (last) button showing ``menu_button_icon`` and click ``item``."""
+        await self.evaluate(
+            f"Array.from(document.querySelectorAll('button'))"
+            f".filter(b => b.querySelector('[aria-label=\"{menu_button_icon}\"]')).pop().click()"
+        )
+        find_item = (
+            "Array.from(document.querySelectorAll('[role=menuitem]'))"
+            f".find(e => e.innerText.includes({json.dumps(item)}))"
+        )
+        await self.wait_for(f"!!{find_item}", timeout_s)
+        await self.evaluate(f"{find_item}.click()")
+
+    async def double_click(self, x: float, y: float) -> None:
+        for count in (1, 2):
+            for kind in ("mousePressed", "mouseReleased"):
+                await self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=count)
+
     async def press_alt(self, key: str) -> None:
         for kind in ("keyDown", "keyUp"):
             await self.call(
@@ -89,7 +128,16 @@ async def screenshot(url: str, out: Path, port: int) -> None:
         )
         await asyncio.sleep(2)
         await tools.press_alt("e")  # the UI's "expand all groups" shortcut
-        await asyncio.sleep(8)  # re-layout and zoom-to-fit animation
+        await tools.wait_for("Array.from(document.querySelectorAll('svg foreignObject'))"
+                             ".some(e => e.textContent.trim() === 'champion')", 60)
+        await asyncio.sleep(3)  # re-layout
+        await tools.click_menu_item("settings", "Change graph to vertical orientation")
+        await asyncio.sleep(3)  # re-layout
+        point = await tools.evaluate(EMPTY_GRAPH_POINT)
+        if not point:
+            raise RuntimeError("no empty background in the graph to double-click")
+        await tools.double_click(*point)  # the graph's "zoom to fit"
+        await asyncio.sleep(5)  # zoom animation
         shot = await tools.call("Page.captureScreenshot", format="png")
         out.write_bytes(base64.b64decode(shot["data"]))
 
