@@ -38,20 +38,22 @@ from twotower_assets.model.features import FeatureConfigError, available_configs
 from twotower_assets.warehouse.bigquery import BigQueryWarehouse
 from twotower_assets.warehouse.bigquery_types import query_parameters
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
-from twotower_assets.warehouse.sql import (
-    BIGQUERY,
-    DUCKDB,
-    NeighborSearch,
+from twotower_assets.identifiers import (
     UnsafeIdentifierError,
-    bigquery_vector_index_statement,
-    bigquery_vector_search_query,
     check_identifier,
     check_parameter_name,
     check_project_id,
     check_table_name,
+    quote_identifier,
+)
+from twotower_assets.warehouse.sql import (
+    BIGQUERY,
+    DUCKDB,
+    NeighborSearch,
+    bigquery_vector_index_statement,
+    bigquery_vector_search_query,
     distinct_pairs_query,
     latest_row_per_query,
-    quote_identifier,
     split_queries,
     training_examples_query,
 )

@@ -8,7 +8,8 @@ import pytest
 
 from twotower_assets.data.synthetic import SyntheticSpec, generate_all
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
-from twotower_assets.warehouse.sql import DUCKDB, UnsafeIdentifierError, latest_row_per_query, split_queries, training_examples_query
+from twotower_assets.identifiers import UnsafeIdentifierError
+from twotower_assets.warehouse.sql import DUCKDB, latest_row_per_query, split_queries, training_examples_query
 
 TRAIN_DATE = dt.date(2026, 3, 1)
 D = lambda day: TRAIN_DATE - dt.timedelta(days=day)  # noqa: E731  (n days before the training date)

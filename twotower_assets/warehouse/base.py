@@ -131,7 +131,7 @@ class WarehouseResource(dg.ConfigurableResource):
         return False
 
     def partition_row_counts(self, name: str, partition_column: str) -> dict[dt.date, int]:
-        from twotower_assets.warehouse.sql import quote_identifier
+        from twotower_assets.identifiers import quote_identifier
 
         column = quote_identifier(partition_column)
         result = self.query(

@@ -73,17 +73,14 @@ from twotower_assets.warehouse.bigquery_types import (
     standard_type,
 )
 from twotower_assets.warehouse.errors import WarehouseError, is_transient_bigquery_error
+from twotower_assets.identifiers import check_identifier, check_project_id, check_table_name, quote_identifier
 from twotower_assets.warehouse.sql import (
-    partition_view_statement,
     BIGQUERY,
     Dialect,
     NeighborSearch,
     bigquery_vector_index_statement,
     bigquery_vector_search_query,
-    check_identifier,
-    check_project_id,
-    check_table_name,
-    quote_identifier,
+    partition_view_statement,
 )
 
 EMULATOR_HOST_VARIABLE = "BIGQUERY_EMULATOR_HOST"

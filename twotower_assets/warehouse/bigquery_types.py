@@ -9,7 +9,7 @@ from google.cloud import bigquery
 
 from twotower_assets.warehouse.base import QueryParams
 from twotower_assets.warehouse.errors import WarehouseError
-from twotower_assets.warehouse.sql import check_parameter_name, quote_identifier
+from twotower_assets.identifiers import check_parameter_name, quote_identifier
 
 # Arrow <-> BigQuery column types for the tables the pipeline writes and reads.
 _ARROW_TO_BIGQUERY = [

@@ -19,7 +19,8 @@ from pydantic import Field
 
 from twotower_assets.warehouse.base import ArrowData, QueryParams, WarehouseResource, as_batches
 from twotower_assets.warehouse.errors import DUCKDB_LOCK_MESSAGES, WarehouseError
-from twotower_assets.warehouse.sql import DUCKDB, Dialect, check_table_name, partition_view_statement, quote_identifier
+from twotower_assets.identifiers import check_table_name, quote_identifier
+from twotower_assets.warehouse.sql import DUCKDB, Dialect, partition_view_statement
 
 
 class DuckDBWarehouse(WarehouseResource):

@@ -7,13 +7,13 @@ and dataset queries live in :mod:`twotower_assets.warehouse.sql`.
 
 from __future__ import annotations
 
+from twotower_assets.identifiers import quote_identifier
 from twotower_assets.warehouse.sql import (
     DATE_COLUMN,
     ITEM_COLUMN,
     USER_COLUMN,
     Dialect,
     count_where,
-    quote_identifier,
 )
 
 PARTITION_COLUMN = "train_date"

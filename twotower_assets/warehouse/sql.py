@@ -16,16 +16,8 @@ import datetime as dt
 from dataclasses import dataclass
 
 # The identifier rules live in twotower_assets.identifiers (model code checks feature names
-# with them too). Imported here for this module's own SQL, and for the modules that still
-# import these names from here.
-from twotower_assets.identifiers import (  # noqa: F401
-    UnsafeIdentifierError,
-    check_identifier,
-    check_parameter_name,
-    check_project_id,
-    check_table_name,
-    quote_identifier,
-)
+# with them too).
+from twotower_assets.identifiers import check_parameter_name, check_table_name, quote_identifier
 from twotower_assets.warehouse.errors import WarehouseError
 
 
