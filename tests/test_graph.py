@@ -58,6 +58,7 @@ def test_mlflow_run_is_finished_with_params_losses_config_and_model(graph):
     assert run.data.tags["dagster_run_id"] == result.run_id
     assert {"learning_rate", "embedding_size", "batch_size", "user_count", "item_count",
             "user_feature_count", "item_feature_count", "config_name"} <= set(run.data.params)
+    assert run.data.params["optimizer"] == "lazy_adam"  # the default, recorded for comparisons
     assert len(client.get_metric_history(run_id, "loss")) == 2  # two epochs in the tiny config
     assert "recall_at_50" in run.data.metrics and "popularity_recall_at_50" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run_id)}

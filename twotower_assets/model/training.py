@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pydantic
@@ -20,6 +21,7 @@ from pydantic import Field
 from twotower_assets.model.datasets import batches, is_blocked, shuffled_batches
 from twotower_assets.model.features import FeatureConfig
 from twotower_assets.model.layers import FeatureStats
+from twotower_assets.model.optimizers import make_optimizer
 from twotower_assets.model.towers import MIXED_POLICY, TwoTowerModel
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,13 @@ class TrainingParams(pydantic.BaseModel):
         description="Upper bound; early stopping usually ends sooner. An epoch is a fifth of the training set.",
     )
     learning_rate: float = Field(default=0.1, gt=0, description="Adam's learning rate; ReduceLROnPlateau halves it.")
+    optimizer: Literal["lazy_adam", "adam"] = Field(
+        default="lazy_adam",
+        description="lazy_adam: Adam that updates only the embedding rows (and their moments) a batch "
+        "touched, much faster on large id tables (twotower_assets/model/optimizers.py, "
+        "docs/benchmarks-training.md). adam: stock Keras Adam, which updates every row on every "
+        "step (the behaviour before this option existed).",
+    )
     seed: int = Field(default=42, description="Seeds TensorFlow, numpy, Python and the shuffle.")
     temperature: float = Field(default=0.05, gt=0, description="Softmax temperature: scores are divided by it.")
     shuffle_buffer: int = Field(
@@ -117,6 +126,7 @@ def build_model(
     catalog: Mapping[str, np.ndarray] | None = None,
     seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TwoTowerModel:
+    """The model of ``params``, compiled with its optimizer (``params.optimizer``)."""
     model = TwoTowerModel(
         config,
         stats,
@@ -127,7 +137,7 @@ def build_model(
         seen_pairs=seen_pairs,
         mixed_precision=params.mixed_precision,
     )
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=params.learning_rate))
+    model.compile(optimizer=make_optimizer(params.optimizer, params.learning_rate))
     return model
 
 

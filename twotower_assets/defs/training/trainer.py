@@ -117,6 +117,7 @@ def train_partition(
                 "environment": "local" if "sqlite" in mlflow.tracking_uri else "remote",
                 "config_name": feature_config.name,
                 "learning_rate": params.learning_rate,
+                "optimizer": params.optimizer,
                 "epochs": params.epochs,
                 "embedding_size": params.embedding_size,
                 "batch_size": params.batch_size,
