@@ -18,6 +18,17 @@ import tensorflow as tf
 from twotower_assets.model.features import FeatureConfig, FeatureConfigError, FeatureSpec
 
 TEXT_MAX_TOKENS = 10_000
+
+
+def vocabulary_array(values) -> np.ndarray:
+    """A vocabulary as a numpy object array, the form lookup layers are given.
+
+    Keras tracks a layer's Python-list attributes element by element: a lookup layer built from
+    a list of 1M ids made every ``model.weights`` / ``get_weights()`` walk 1M strings (15 s per
+    EarlyStopping snapshot at 1M users, docs/benchmarks-training.md). A numpy array is one
+    untracked attribute.
+    """
+    return np.asarray(list(values), dtype=object)
 TEXT_MAX_CHARS = 1_000
 """Text values are cut to their first 1,000 characters when read (model/datasets.py): a
 multi-megabyte value would otherwise become hundreds of thousands of tokens, and a batch is
@@ -87,7 +98,7 @@ class StringFeature(tf.keras.layers.Layer):
 
     def __init__(self, vocabulary: list[str], embedding_size: int, **kwargs):
         super().__init__(**kwargs)
-        self.lookup = tf.keras.layers.StringLookup(vocabulary=list(vocabulary), num_oov_indices=1)
+        self.lookup = tf.keras.layers.StringLookup(vocabulary=vocabulary_array(vocabulary), num_oov_indices=1)
         self.embedding = tf.keras.layers.Embedding(len(vocabulary) + 1, embedding_size)
 
     def call(self, inputs):
@@ -116,7 +127,7 @@ class TextFeature(tf.keras.layers.Layer):
     def __init__(self, vocabulary: list[str], embedding_size: int, **kwargs):
         super().__init__(**kwargs)
         self.vectorize = tf.keras.layers.TextVectorization(
-            max_tokens=TEXT_MAX_TOKENS, output_mode="int", vocabulary=list(vocabulary)
+            max_tokens=TEXT_MAX_TOKENS, output_mode="int", vocabulary=vocabulary_array(vocabulary)
         )
         self.embedding = tf.keras.layers.Embedding(TEXT_MAX_TOKENS, embedding_size, mask_zero=True)
         self.pooling = tf.keras.layers.GlobalAveragePooling1D()
@@ -140,7 +151,7 @@ class PretrainedFeature(tf.keras.layers.Layer):
     def __init__(self, ids: list[str], vectors: np.ndarray, **kwargs):
         super().__init__(**kwargs)
         vectors = np.asarray(vectors, dtype=np.float32)
-        self.lookup = tf.keras.layers.StringLookup(vocabulary=list(ids), num_oov_indices=1)
+        self.lookup = tf.keras.layers.StringLookup(vocabulary=vocabulary_array(ids), num_oov_indices=1)
         table = np.vstack([np.zeros((1, vectors.shape[1]), np.float32), vectors])
         self.embedding = tf.keras.layers.Embedding(
             table.shape[0],

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from twotower_assets.model.layers import vocabulary_array
+
 _IDS = tf.TensorSpec([None], tf.string)
 
 
@@ -28,7 +30,7 @@ class _IdEmbedding(tf.Module):
         ids = np.asarray(ids).astype(str)
         if len(set(ids.tolist())) != len(ids):
             raise ValueError(f"{name}: ids are not unique")
-        self.lookup = tf.keras.layers.StringLookup(vocabulary=ids.tolist(), num_oov_indices=1)
+        self.lookup = tf.keras.layers.StringLookup(vocabulary=vocabulary_array(ids), num_oov_indices=1)
         table = np.vstack([np.zeros((1, vectors.shape[1]), np.float32), vectors.astype(np.float32)])
         self.table = tf.Variable(table, trainable=False, name="embeddings")
 

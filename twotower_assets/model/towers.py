@@ -23,7 +23,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from twotower_assets.model.features import FeatureConfig, FeatureSpec
-from twotower_assets.model.layers import FeatureStats, build_feature_layer
+from twotower_assets.model.layers import FeatureStats, build_feature_layer, vocabulary_array
 
 SAMPLING_PROBABILITY_COLUMN = "item_sampling_probability"
 """Each training row carries its item's share of training rows, for the logQ correction."""
@@ -153,8 +153,8 @@ class TwoTowerModel(tfrs.Model):
         """
         users = stats.vocabularies[self.config.user_id_feature]
         items = stats.vocabularies[self.config.item_id_feature]
-        self.seen_user_index = tf.keras.layers.StringLookup(vocabulary=users, num_oov_indices=1)
-        self.seen_item_index = tf.keras.layers.StringLookup(vocabulary=items, num_oov_indices=1)
+        self.seen_user_index = tf.keras.layers.StringLookup(vocabulary=vocabulary_array(users), num_oov_indices=1)
+        self.seen_item_index = tf.keras.layers.StringLookup(vocabulary=vocabulary_array(items), num_oov_indices=1)
         self.seen_stride = tf.constant(len(items) + 1, tf.int64)
         keys = _lookup_index(user_keys, users) * (len(items) + 1) + _lookup_index(item_ids, items)
         keys = np.unique(keys)
@@ -178,7 +178,7 @@ class TwoTowerModel(tfrs.Model):
             raise ValueError(f"{len(unknown)} training items are not in the catalog (first: {unknown[0]!r})")
         self.catalog = {name: tf.constant(catalog[name]) for name in columns}
         # Label of a training row: its item's row in the catalogue (num_oov_indices=0: rows 0..n-1).
-        self.catalog_row = tf.keras.layers.StringLookup(vocabulary=ids, num_oov_indices=0)
+        self.catalog_row = tf.keras.layers.StringLookup(vocabulary=vocabulary_array(ids), num_oov_indices=0)
 
     def call(self, features):
         return self.user_tower(features), self.item_tower(features)
@@ -205,7 +205,7 @@ class TwoTowerModel(tfrs.Model):
             user_vectors,
             item_vectors,
             candidate_sampling_probability=features[SAMPLING_PROBABILITY_COLUMN],
-            candidate_ids=features[self.config.item_id_feature] if self.remove_accidental_hits else None,
+            candidate_ids=_integer_ids(features[self.config.item_id_feature]) if self.remove_accidental_hits else None,
             compute_metrics=False,
             score_mask=self._unseen_pairs(features) if mask_seen_pairs else None,
         )
@@ -228,6 +228,19 @@ class TwoTowerModel(tfrs.Model):
         logits = tf.matmul(user_vectors, item_vectors, transpose_b=True) / self.temperature
         labels = self.catalog_row(features[self.config.item_id_feature])
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+
+def _integer_ids(ids: tf.Tensor) -> tf.Tensor:
+    """Item ids as int64 fingerprints, for the task's accidental-hit mask.
+
+    The mask compares every pair of candidates in the batch (4096 x 4096 at production
+    size): 440 ms a step on strings, 17 ms on integers (docs/benchmarks-training.md). Two
+    different ids collide with probability ~2^-63 per pair, and a collision only drops one
+    negative from one row's softmax.
+    """
+    if ids.dtype != tf.string:
+        return ids
+    return tf.strings.to_hash_bucket_fast(ids, tf.int64.max)
 
 
 def _lookup_index(values, vocabulary: list[str]) -> np.ndarray:
