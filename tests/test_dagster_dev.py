@@ -42,7 +42,7 @@ def free_port() -> int:
 def dagster_home(path: Path) -> Path:
     """A DAGSTER_HOME with the project's instance settings, telemetry off (no network)."""
     path.mkdir(parents=True, exist_ok=True)
-    settings = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    settings = yaml.safe_load((REPO / "configs" / "dagster.yaml").read_text())
     settings["telemetry"] = {"enabled": False}
     (path / "dagster.yaml").write_text(yaml.safe_dump(settings))
     return path
