@@ -17,6 +17,7 @@ Keeps its data under --home (default /tmp/twotower-scale) for a look afterwards.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import shutil
 import sys
@@ -58,6 +59,16 @@ def graph_steps() -> list[tuple[str, list[str], bool]]:
         (name, [k.to_user_string() for k in steps[name].keys], steps[name].partitions_def is not None)
         for name in ordered
     ]
+
+
+def previous_day(date: str) -> str:
+    return (dt.date.fromisoformat(date) - dt.timedelta(days=1)).isoformat()
+
+
+def event_window_start(run_config: dict) -> str:
+    """First event day the split of PARTITION reads (``split_tables``' ``event_day_number``)."""
+    days = run_config.get("ops", {}).get("split_tables", {}).get("config", {}).get("event_day_number", 90)
+    return (dt.date.fromisoformat(PARTITION) - dt.timedelta(days=days)).isoformat()
 
 
 def main() -> int:
@@ -124,7 +135,11 @@ def main() -> int:
             str(Path(PYTHON).with_name("dagster")), "asset", "materialize",
             "-m", "twotower_assets.definitions", "--select", ",".join(keys), "-c", str(config_path),
         ]
-        if partitioned:
+        if op == "click_events":
+            # One partition per event day: the step writes the window the training date
+            # reads (the split's event_day_number days before it), as one single-run backfill.
+            cli += ["--partition-range", f"{event_window_start(run_config)}...{previous_day(PARTITION)}"]
+        elif partitioned:
             cli += ["--partition", PARTITION]
         load = os.getloadavg()[0]
         result = run_measured(cli, env=env, log_path=home / "logs" / f"{op}.log",

@@ -12,6 +12,7 @@ import datetime as dt
 import dagster as dg
 import pytest
 from dagster._core.remote_origin import InProcessCodeLocationOrigin
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from dagster._core.test_utils import InProcessTestWorkspaceLoadTarget, freeze_time
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.workspace.context import WorkspaceProcessContext
@@ -22,7 +23,7 @@ from twotower_assets.defs.automation import jobs, schedules
 from twotower_assets.lib import conditions, layout
 from twotower_assets.lib.layout import QUALITY_GATE
 from twotower_assets.lib.layout import EVALUATION_METRICS
-from twotower_assets.lib.partitions import training_date_partitions
+from twotower_assets.lib.partitions import EVENT_WINDOW_DAYS, EVENT_WINDOW_MAPPING, training_date_partitions
 from twotower_assets.definitions import defs
 
 NOW = dt.datetime.now(dt.timezone.utc)
@@ -94,7 +95,11 @@ def test_new_training_data_retrains_evaluates_and_publishes_that_date(instance, 
     config = tiny_run_config()["ops"]
     graph = [*ALL_ASSETS, *ALL_CHECKS]
     source = {"ops": {layout.CLICK_EVENTS: config[layout.CLICK_EVENTS]}}
-    dg.materialize(graph, selection=[layout.CLICK_EVENTS], resources=resources, run_config=source, instance=instance)
+    # An events backfill (one run over the days both dates read, BackfillPolicy.single_run).
+    events = dg.materialize(graph, selection=[layout.CLICK_EVENTS], resources=resources, run_config=source,
+                            instance=instance, tags={ASSET_PARTITION_RANGE_START_TAG: "2026-05-02",
+                                                     ASSET_PARTITION_RANGE_END_TAG: "2026-06-01"})
+    assert events.success
     assert tick() == {}, "new click events alone wait for the weekly schedule"
 
     # New training data: runs that rebuild the split of two dates (their data checks pass).
@@ -119,6 +124,42 @@ def test_new_training_data_retrains_evaluates_and_publishes_that_date(instance, 
     assert tick() == {}, "handled: not requested again"
 
 
+def test_new_event_days_retrain_the_latest_date_when_switched_on(instance):
+    # TWOTOWER_RETRAIN_ON_NEW_EVENTS=true: the split condition with NEW_EVENT_DAYS, on a graph of
+    # the same shape (event days -> the split of the latest date, through the window mapping).
+    assert not conditions.retrain_on_new_events({})
+    assert conditions.retrain_on_new_events({"TWOTOWER_RETRAIN_ON_NEW_EVENTS": "true"})
+    with pytest.raises(conditions.AutomationSettingsError):
+        conditions.retrain_on_new_events({"TWOTOWER_RETRAIN_ON_NEW_EVENTS": "daily"})
+
+    events = dg.AssetSpec("click_events", partitions_def=training_date_partitions)
+    split = dg.AssetSpec(
+        "training_events", partitions_def=training_date_partitions,
+        deps=[dg.AssetDep("click_events", partition_mapping=EVENT_WINDOW_MAPPING)],
+        automation_condition=conditions.training_data_condition(on_new_events=True),
+    )
+    small = dg.Definitions(assets=[events, split])
+    latest = dt.date.fromisoformat(latest_partition(NOW))
+    window = [(latest - dt.timedelta(days=d)).isoformat() for d in range(1, EVENT_WINDOW_DAYS + 1)]
+
+    def tick(cursor=None):
+        result = dg.evaluate_automation_conditions(defs=small, instance=instance, cursor=cursor, evaluation_time=NOW)
+        return result.get_requested_partitions(dg.AssetKey("training_events")), result.cursor
+
+    requested, cursor = tick()
+    assert requested == set()
+    for day in window[1:]:  # all but yesterday: not yet
+        report(instance, ["click_events"], day)
+    requested, cursor = tick(cursor)
+    assert requested == set(), "a day of the window is missing"
+    report(instance, ["click_events"], window[0])  # yesterday's events land
+    requested, cursor = tick(cursor)
+    assert requested == {latest.isoformat()}
+    requested, cursor = tick(cursor)
+    assert requested == set(), "handled: not requested again"
+    assert conditions.TRAINING_DATA_CONDITION is conditions.RETRAIN_WHEN_STALE  # off by default
+
+
 def requested_checks(result) -> set[str]:
     return {r.key.name for r in result.results if isinstance(r.key, dg.AssetCheckKey) and not r.true_subset.is_empty}
 
@@ -131,13 +172,18 @@ def test_a_stale_model_is_retrained_once_for_the_latest_date(instance):
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         report(instance, [key], trained if graph.get(key).partitions_def else None)
+    # The event days the latest date nine days from now reads exist (the source keeps growing).
+    nine_days_later = NOW + dt.timedelta(days=9)
+    latest = dt.date.fromisoformat(latest_partition(nine_days_later))
+    for day in range(1, EVENT_WINDOW_DAYS + 1):
+        report(instance, [layout.CLICK_EVENTS], (latest - dt.timedelta(days=day)).isoformat())
 
     tick = Ticks(instance)
     one_day_later = NOW + dt.timedelta(days=1)
     assert set(evaluate_freshness(instance, one_day_later).values()) == {"PASS"}
     assert tick(one_day_later) == {}
 
-    nine_days_later = NOW + dt.timedelta(days=9)  # past the 8-day fail window
+    # nine_days_later: past the 8-day fail window
     assert set(evaluate_freshness(instance, nine_days_later).values()) == {"FAIL"}
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor, evaluation_time=nine_days_later)
     tick.cursor = result.cursor

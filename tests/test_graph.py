@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from mlflow import MlflowClient
 
@@ -158,12 +161,122 @@ def test_a_date_without_events_fails_clearly_and_writes_nothing(tmp_path):
     assert materialize_all(resources, TINY_PARTITION).success
     before = resources["warehouse"].partition_row_counts(layout.TRAINING_EVENTS, "train_date")
     from dagster import AssetSelection
-    result = materialize_all(resources, "2026-01-02", raise_on_error=False, run_config=config_for("split_tables"),
+    result = materialize_all(resources, "2026-03-10", raise_on_error=False, run_config=config_for("split_tables"),
                              selection=AssetSelection.assets(layout.TRAINING_EVENTS, layout.VALIDATION_EVENTS, layout.TEST_EVENTS))
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert "no events in [2025-12-03, 2026-01-02)" in str(failure.event_specific_data.error)
+    error = str(failure.event_specific_data.error)
+    assert "MissingEventDaysError" in error
+    # From the first partition (2026-03-03, the first day with data) on: earlier days precede the data.
+    assert "7 event days are missing: 2026-03-03..2026-03-09" in error
+    assert "--select click_events --partition-range 2026-03-03...2026-03-09" in error
     assert resources["warehouse"].partition_row_counts(layout.TRAINING_EVENTS, "train_date") == before
+
+
+def _events_by_day(warehouse) -> dict:
+    table = warehouse.query("SELECT * FROM click_events ORDER BY event_date, user_id, item_id, event_hour")
+    days = {}
+    for day in sorted(set(table["event_date"].to_pylist())):
+        days[day] = table.filter(pc.equal(table["event_date"], pa.scalar(day, pa.date32())))
+    return days
+
+
+def test_materialize_all_on_a_date_fills_only_the_missing_days_of_its_window(tmp_path):
+    # Date A with the tiny size, then an earlier date B with another size, on one instance: B's
+    # run writes the days of its window A's run did not, and leaves A's days as they were.
+    resources = make_resources(tmp_path)
+    warehouse = resources["warehouse"]
+    split = [layout.CLICK_EVENTS, *layout.SPLIT_TABLES.values()]
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        first = materialize_all(resources, TINY_PARTITION, selection=split, instance=instance,
+                                run_config=config_for("click_events", "split_tables"))
+        assert first.success
+        a_days = _events_by_day(warehouse)
+        assert sorted(a_days) == [dt.date(2026, 5, 2) + dt.timedelta(days=i) for i in range(30)]
+        assert {t.num_rows for t in a_days.values()} == {300}  # 12,000 events over 40 days
+
+        bigger = config_for("click_events", "split_tables", click_events={"num_events": 24_000})
+        second = materialize_all(resources, "2026-05-10", selection=split, instance=instance, run_config=bigger)
+        assert second.success
+        b_days = _events_by_day(warehouse)
+        for day, events in a_days.items():
+            assert b_days[day].equals(events), day  # A's days untouched
+        new = sorted(set(b_days) - set(a_days))
+        assert new == [dt.date(2026, 4, 10) + dt.timedelta(days=i) for i in range(22)]
+        assert {b_days[d].num_rows for d in new} == {600}
+        [result] = [e for e in second.get_asset_materialization_events()
+                    if e.asset_key.to_user_string() == layout.CLICK_EVENTS and e.partition == "2026-05-10"]
+        assert result.materialization.metadata["kept_days"].value == "2026-05-02..2026-05-10"
+        # Dagster knows every day either run wrote: the health bar counts them.
+        assert instance.get_materialized_partitions(dg.AssetKey(layout.CLICK_EVENTS)) >= {
+            d.isoformat() for d in [*a_days, *new]}
+
+
+def test_an_events_backfill_rewrites_exactly_its_days(tmp_path):
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+    from twotower_assets.definitions import ALL_ASSETS
+
+    resources = make_resources(tmp_path)
+    warehouse = resources["warehouse"]
+    tiny = config_for("click_events")
+    assert materialize_all(resources, TINY_PARTITION, selection=[layout.CLICK_EVENTS, *layout.SPLIT_TABLES.values()],
+                           run_config=config_for("click_events", "split_tables")).success
+    before = _events_by_day(warehouse)
+    # One run over a range (BackfillPolicy.single_run), another size: only those days change.
+    other = config_for("click_events", click_events={"num_events": 4_000})
+    result = dg.materialize(
+        ALL_ASSETS, selection=[layout.CLICK_EVENTS], resources=resources, run_config=other,
+        tags={ASSET_PARTITION_RANGE_START_TAG: "2026-05-10", ASSET_PARTITION_RANGE_END_TAG: "2026-05-12"},
+    )
+    assert result.success
+    after = _events_by_day(warehouse)
+    changed = {d for d in before if not after[d].equals(before[d])}
+    assert changed == {dt.date(2026, 5, 10), dt.date(2026, 5, 11), dt.date(2026, 5, 12)}
+    assert {after[d].num_rows for d in changed} == {100}
+    # Backfilling them again with the first size brings back exactly the first rows.
+    again = dg.materialize(
+        ALL_ASSETS, selection=[layout.CLICK_EVENTS], resources=resources, run_config=tiny,
+        tags={ASSET_PARTITION_RANGE_START_TAG: "2026-05-10", ASSET_PARTITION_RANGE_END_TAG: "2026-05-12"},
+    )
+    assert again.success
+    assert all(_events_by_day(warehouse)[d].equals(before[d]) for d in before)
+
+
+def test_the_split_of_a_date_reads_exactly_its_window_of_event_days(tmp_path):
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+    from twotower_assets.definitions import ALL_ASSETS, defs
+    from twotower_assets.lib.partitions import EVENT_WINDOW_DAYS
+
+    # Dagster's view: the split of D depends on the event days [D - 90, D - 1].
+    graph = defs.resolve_asset_graph()
+    mapping = graph.get_partition_mapping(dg.AssetKey(layout.TRAINING_EVENTS), dg.AssetKey(layout.CLICK_EVENTS))
+    days = graph.get(dg.AssetKey(layout.CLICK_EVENTS)).partitions_def
+    upstream = mapping.get_upstream_mapped_partitions_result_for_partitions(
+        graph.get(dg.AssetKey(layout.TRAINING_EVENTS)).partitions_def.subset_with_partition_keys([TINY_PARTITION]),
+        graph.get(dg.AssetKey(layout.TRAINING_EVENTS)).partitions_def, days,
+    ).partitions_subset.get_partition_keys()
+    first = dt.date(2026, 6, 1) - dt.timedelta(days=EVENT_WINDOW_DAYS)
+    assert list(upstream) == [(first + dt.timedelta(days=i)).isoformat() for i in range(EVENT_WINDOW_DAYS)]
+
+    # The SQL: events of a wider range are written; the split of D holds exactly the window's.
+    resources = make_resources(tmp_path)
+    warehouse = resources["warehouse"]
+    assert dg.materialize(
+        ALL_ASSETS, selection=[layout.CLICK_EVENTS], resources=resources,
+        run_config=config_for("click_events", click_events={"end_date": "2026-06-10"}),
+        tags={ASSET_PARTITION_RANGE_START_TAG: "2026-04-20", ASSET_PARTITION_RANGE_END_TAG: "2026-06-10"},
+    ).success
+    assert materialize_all(resources, TINY_PARTITION, selection=list(layout.SPLIT_TABLES.values()),
+                           run_config=config_for("split_tables")).success
+    window = warehouse.query(
+        "SELECT COUNT(*) AS n, MIN(event_date) AS lo, MAX(event_date) AS hi FROM click_events "
+        "WHERE event_date >= DATE '2026-05-02' AND event_date < DATE '2026-06-01'")
+    split = warehouse.query(
+        "SELECT COUNT(*) AS n, MIN(event_date) AS lo, MAX(event_date) AS hi FROM ("
+        + " UNION ALL ".join(f"SELECT event_date FROM {t} WHERE train_date = DATE '2026-06-01'"
+                             for t in layout.SPLIT_TABLES.values()) + ")")
+    assert split["lo"][0].as_py() == dt.date(2026, 5, 2) and split["hi"][0].as_py() == dt.date(2026, 5, 31)
+    assert split["n"][0].as_py() <= window["n"][0].as_py()
 
 
 def test_a_feature_missing_from_the_data_fails_before_training(tmp_path):

@@ -188,21 +188,30 @@ def test_no_ratings(tmp_path):
 def test_click_events_asset_loads_movielens(tiny_resources):
     from twotower_assets.defs.source.assets import click_events
 
+    # An events backfill of every event day from the first partition to end_date, in one run.
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+    from twotower_assets.lib.partitions import PARTITIONS_START
+
     result = dg.materialize(
         [click_events],
         resources={"warehouse": tiny_resources["warehouse"]},
         run_config={"ops": {"click_events": {"config": {
             "source": "movielens", "movielens_path": str(GROUPLENS), "end_date": "2026-05-31",
         }}}},
+        tags={ASSET_PARTITION_RANGE_START_TAG: PARTITIONS_START, ASSET_PARTITION_RANGE_END_TAG: "2026-05-31"},
     )
     assert result.success
+    everything = click_event_table(load_movielens(GROUPLENS), dt.date(2026, 5, 31))
+    in_range = [d for d in everything["event_date"].to_pylist() if d >= dt.date.fromisoformat(PARTITIONS_START)]
     warehouse = tiny_resources["warehouse"]
     table = warehouse.query(f"SELECT * FROM {warehouse.dialect.table(warehouse.table_name('click_events'))}")
-    assert table.num_rows == 13
-    assert max(table["event_date"].to_pylist()) == dt.date(2026, 5, 31)
+    assert table.num_rows == len(in_range) > 0
+    assert sorted(table["event_date"].to_pylist()) == sorted(in_range)
     assert set(MOVIELENS_EVENT_SCHEMA.names) <= set(table.column_names)
-    metadata = result.asset_materializations_for_node("click_events")[0].metadata
-    assert metadata["dagster/row_count"].value == 13 and metadata["source"].value == "movielens"
+    [materialisation] = {m.partition: m for m in result.asset_materializations_for_node("click_events")
+                         if m.partition == "2026-05-31"}.values()
+    metadata = materialisation.metadata
+    assert metadata["dagster/row_count"].value == len(in_range) and metadata["source"].value == "movielens"
 
 
 def test_click_events_asset_needs_a_path(tiny_resources):
@@ -212,6 +221,7 @@ def test_click_events_asset_needs_a_path(tiny_resources):
         [click_events],
         resources={"warehouse": tiny_resources["warehouse"]},
         run_config={"ops": {"click_events": {"config": {"source": "movielens"}}}},
+        partition_key="2026-05-31",
         raise_on_error=False,
     )
     assert not result.success
@@ -319,7 +329,7 @@ def test_whole_graph_on_movielens_files(tmp_path, tiny_resources):
         run_config=run_config,
     )
     assert result.success
-    source = result.asset_materializations_for_node("click_events")[0].metadata
+    [source] = [m.metadata for m in result.asset_materializations_for_node("click_events") if m.partition == "2026-06-01"]
     assert source["source"].value == "movielens" and source["last_event_date"].value == "2026-05-31"
     training = result.asset_materializations_for_node("two_tower_model")[0].metadata
     assert training["config_name"].value == "movielens-features" and training["items"].value == 40

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib import image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from twotower_assets.model import plots
 
@@ -58,6 +59,21 @@ def test_embedding_pca_png_with_and_without_categories():
     categories = [f"c{i % 20}" for i in range(299)] + [None]  # more than MAX_CATEGORIES, one null
     assert _image(plots.embedding_pca_png(vectors, categories)).shape[0] > 100
     assert _image(plots.embedding_pca_png(vectors)).shape[0] > 100
+
+
+def test_embedding_pca_legend_is_ordered_by_count_and_beside_the_points():
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(60, 4))
+    categories = ["rare"] * 5 + ["common"] * 40 + ["middle"] * 15
+    figure = plots.embedding_pca_figure(vectors, categories)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    axis = figure.axes[0]
+    legend = axis.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["common (40)", "middle (15)", "rare (5)"]
+    renderer = canvas.get_renderer()
+    legend_box, axes_box = legend.get_window_extent(renderer), axis.get_window_extent(renderer)
+    assert legend_box.x0 >= axes_box.x1  # to the right of the axes: it covers no point
 
 
 def test_embedding_pca_errors():

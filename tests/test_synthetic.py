@@ -11,7 +11,9 @@ from twotower_assets.data.synthetic import (
     SyntheticSpec,
     category_vocabularies,
     event_dates,
+    events_on,
     events_per_day,
+    generate_days,
     generate_all,
     generate_click_events,
 )
@@ -75,13 +77,39 @@ def test_row_counts():
     spec = SyntheticSpec(end_date=END, num_users=100, num_items=50, num_events=1003, days=10)
     counts = [t.num_rows for t in generate_click_events(spec)]
     assert counts == events_per_day(spec)
-    assert counts == [101, 101, 101] + [100] * 7
+    # 100 a day; the 3 left over go to the dates whose ordinal % 10 is 0, 1 or 2.
+    extra = [1 if date.toordinal() % 10 < 3 else 0 for date in event_dates(spec)]
+    assert sum(extra) == 3
+    assert counts == [100 + e for e in extra]
     assert sum(counts) == spec.num_events
-    # fewer events than days: empty tables for the last days, still typed
+    # fewer events than days: empty tables on the other days, still typed
     small = SyntheticSpec(end_date=END, num_users=10, num_items=40, num_events=3, days=5)
     tables = list(generate_click_events(small))
-    assert [t.num_rows for t in tables] == [1, 1, 1, 0, 0]
+    assert [t.num_rows for t in tables] == [1 if d.toordinal() % 5 < 3 else 0 for d in event_dates(small)]
     assert generate_all(small).num_rows == 3
+
+
+def test_any_days_consecutive_days_hold_num_events():
+    spec = SyntheticSpec(end_date=END, num_users=100, num_items=50, num_events=1003, days=10)
+    for shift in range(12):
+        dates = [END - datetime.timedelta(days=shift + i) for i in range(10)]
+        assert sum(events_on(spec, d) for d in dates) == 1003
+
+
+def test_a_day_is_the_same_alone_or_inside_any_range():
+    # Backfilling one day must write exactly the rows a backfill of a longer range writes for it.
+    spec = SyntheticSpec(end_date=END, num_users=300, num_items=100, num_events=1003, days=10)
+    day = END - datetime.timedelta(days=4)
+    alone = dict(generate_days(spec, [day]))[day]
+    week = dict(generate_days(spec, [END - datetime.timedelta(days=i) for i in range(7)]))
+    later = dict(generate_days(spec, [day + datetime.timedelta(days=400), day]))
+    assert alone.num_rows == events_on(spec, day) > 0
+    assert alone.equals(week[day]) and alone.equals(later[day])
+    # outside the spec's own range too: the generator fills any day
+    far = END + datetime.timedelta(days=100)
+    first, second = dict(generate_days(spec, [far])), dict(generate_days(spec, [far, day]))
+    assert first[far].num_rows == events_on(spec, far) and first[far].equals(second[far])
+    assert set(first[far].column("event_date").to_pylist()) == {far}
 
 
 def test_total_row_count(table):

@@ -7,7 +7,8 @@ import uuid
 import dagster as dg
 import pyarrow as pa
 import pytest
-from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from conftest import TINY_PARTITION, failure_text, make_resources, materialize_all, tiny_run_config
+from dagster._core.definitions.observe import observe  # what the UI's 'Observe' runs; not exported
 from google.cloud import bigquery
 
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
@@ -63,6 +64,11 @@ def test_the_whole_graph_materialises_on_bigquery_and_reruns_replace_partitions(
             latest = warehouse.query(f"SELECT train_date, {entity}_embedding FROM `{warehouse.table_name(view_name)}`")
             assert latest.num_rows > 0 and set(latest["train_date"].to_pylist()) == {TRAIN_DATE}
             assert set(pa.compute.list_value_length(latest[f"{entity}_embedding"]).to_pylist()) == {8}
+        # The events: one DAY partition per event day, the training window of the tiny config.
+        events = client.get_table(warehouse.table_name(layout.CLICK_EVENTS))
+        assert events.time_partitioning.field == "event_date"
+        days = warehouse.partition_row_counts(warehouse.table_name(layout.CLICK_EVENTS), "event_date")
+        assert sorted(days) == [TRAIN_DATE - dt.timedelta(days=d) for d in range(30, 0, -1)]
 
     before = partition_counts(warehouse, REPUBLISHED)
     top_k = tiny_run_config()["ops"].get(SIMILAR_ITEMS, {}).get("config", {}).get("top_k", 50)
@@ -90,9 +96,12 @@ def _all_assets():
 def test_production_click_events_are_an_external_input_of_the_split(bq_emulator, monkeypatch):
     raw = emulator_warehouse(bq_emulator, dataset=f"raw_{uuid.uuid4().hex[:8]}")
     source = raw.table_name("click_events")
+    # 30 days, the window of the run config below, but for two days that have not landed yet.
     spec = SyntheticSpec(end_date=TRAIN_DATE - dt.timedelta(days=1), num_users=60, num_items=40,
-                         num_events=1200, days=10, seed=5)
-    raw.write_table(source, pa.concat_tables(generate_click_events(spec)), CLICK_EVENT_SCHEMA)
+                         num_events=1200, days=30, seed=5)
+    late = {TRAIN_DATE - dt.timedelta(days=1), TRAIN_DATE - dt.timedelta(days=2)}
+    days = [d for d in generate_click_events(spec) if d["event_date"][0].as_py() not in late]
+    raw.write_table(source, pa.concat_tables(days), CLICK_EVENT_SCHEMA)
 
     definitions = importlib.import_module("twotower_assets.definitions")
     with monkeypatch.context() as env:
@@ -106,20 +115,38 @@ def test_production_click_events_are_an_external_input_of_the_split(bq_emulator,
             assert not graph.get(dg.AssetKey(layout.CLICK_EVENTS)).is_materializable  # external input
             assert graph.get(dg.AssetKey(layout.TRAINING_EVENTS)).parent_keys == {dg.AssetKey(layout.CLICK_EVENTS)}
             assert default_warehouse().table_name(layout.CLICK_EVENTS) == source
-            external = [a for a in definitions.ALL_ASSETS if isinstance(a, dg.AssetSpec)]
+            assert graph.get(dg.AssetKey(layout.CLICK_EVENTS)).is_observable  # observed for new days
+            external = [a for a in definitions.ALL_ASSETS if isinstance(a, dg.AssetsDefinition) and a.is_observable]
         finally:
             env.undo()
             importlib.reload(definitions)  # back to the default graph for the other tests
     assert [a.key for a in external] == [dg.AssetKey(layout.CLICK_EVENTS)]
 
     pipeline = emulator_warehouse(bq_emulator, external_tables={layout.CLICK_EVENTS: source})
-    result = dg.materialize(
-        [*external, split_tables],
-        resources={"warehouse": pipeline},
-        partition_key=TINY_PARTITION,
-        run_config={"ops": {"split_tables": {"config": {"train_set_size": 0.8, "event_day_number": 30}}}},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    instance = dg.DagsterInstance.ephemeral()
+    split_config = {"ops": {"split_tables": {"config": {"train_set_size": 0.8, "event_day_number": 30}}}}
+
+    def split():
+        return dg.materialize([*external, split_tables], resources={"warehouse": pipeline}, partition_key=TINY_PARTITION,
+                              run_config=split_config, instance=instance, raise_on_error=False)
+
+    # The observation: one data version (the row count) per event day of the table.
+    observed = observe(external, resources={"warehouse": pipeline}, instance=instance)
+    assert observed.success
+    versions = {e.partition: e.asset_observation_data.asset_observation.data_version
+                for e in observed.all_events if e.event_type_value == "ASSET_OBSERVATION"}
+    assert len(versions) == 28 and set(versions.values()) == {"40"}
+
+    missing = split()
+    assert not missing.success
+    assert "2 event days are missing: 2026-05-30..2026-05-31" in failure_text(missing)
+    assert not pipeline.table_exists(pipeline.table_name(layout.TRAINING_EVENTS)), "nothing written"
+
+    # The late days land; the next observation sees them, and the split runs.
+    raw.write_table(source, pa.concat_tables(list(generate_click_events(spec))), CLICK_EVENT_SCHEMA)
+    observed = observe(external, resources={"warehouse": pipeline}, instance=instance)
+    assert len([e for e in observed.all_events if e.event_type_value == "ASSET_OBSERVATION"]) == 30
+    result = split()
     assert result.success
     counts = partition_counts(pipeline, layout.SPLIT_TABLES.values())
     assert all(c[TRAIN_DATE] > 0 for c in counts.values())

@@ -16,7 +16,9 @@ only on the seed and the universe sizes (users, items, categories,
 subcategories, pretrained dimension), never on ``days``/``end_date``/
 ``num_events``.  The events of one calendar date depend only on the universe,
 that date and that day's event count (the day's draws use
-``np.random.default_rng([seed, date.toordinal()])``).
+``np.random.default_rng([seed, date.toordinal()])``; the count, ``events_on``, is the
+daily volume ``num_events / days`` and depends on the date alone), so any range of days
+can be generated, and a day is the same alone or inside any range (``generate_days``).
 
 Events are generated one day at a time (``generate_click_events`` yields one
 ``pa.Table`` per day), so 10M events / 1M users / 200k items fit comfortably
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Annotated, Iterator
+from typing import Annotated, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -43,8 +45,10 @@ __all__ = [
     "build_universe",
     "category_vocabularies",
     "event_dates",
+    "events_on",
     "events_per_day",
     "generate_click_events",
+    "generate_days",
     "generate_all",
 ]
 
@@ -138,17 +142,21 @@ class SyntheticParams(pydantic.BaseModel):
 
     num_users: _WholeNumber = Field(default=2000, gt=0, description="Users in the universe.")
     num_items: _WholeNumber = Field(default=1000, gt=0, description="Items in the universe.")
-    num_events: _WholeNumber = Field(default=100_000, gt=0, description="Click events over all days.")
-    days: _WholeNumber = Field(default=120, gt=0, description="Days of events, ending at end_date.")
+    num_events: _WholeNumber = Field(default=100_000, gt=0, description="Click events over `days` days.")
+    days: _WholeNumber = Field(
+        default=120, gt=0,
+        description="Days that hold num_events: the daily volume is num_events / days, on any day generated.",
+    )
     seed: _WholeNumber = Field(default=7, ge=0, description="Everything generated is derived from it.")
 
 
 class SyntheticSpec(SyntheticParams):
     """Sizes, seed and dates of a synthetic data set.
 
-    ``end_date`` is the last day that has events; the ``days`` dates ending at
-    ``end_date`` (inclusive) each get ``num_events // days`` events, the
-    remainder going to the first days.
+    ``end_date`` is the last day of the default range: the ``days`` dates ending at
+    ``end_date`` (inclusive) hold ``num_events`` events, ``num_events // days`` a day plus
+    one on the dates :func:`events_on` gives the remainder to. Any other date can be
+    generated too (:func:`generate_days`), at the same daily volume.
     """
 
     # Strict: a date, or a datetime (its date is used); "2024-03-31" is not converted.
@@ -191,10 +199,20 @@ def event_dates(spec: SyntheticSpec) -> list[datetime.date]:
     ]
 
 
+def events_on(spec: SyntheticSpec, date: datetime.date) -> int:
+    """Event count of one calendar date: ``num_events / days`` is the daily volume.
+
+    The remainder of the division goes to the dates whose ordinal modulo ``days`` is below
+    it, so the count depends on the date alone (not on which range is generated) and any
+    ``days`` consecutive dates hold exactly ``num_events`` events.
+    """
+    base, rem = divmod(spec.num_events, spec.days)
+    return base + (1 if date.toordinal() % spec.days < rem else 0)
+
+
 def events_per_day(spec: SyntheticSpec) -> list[int]:
     """Event count of each date of :func:`event_dates` (sums to num_events)."""
-    base, rem = divmod(spec.num_events, spec.days)
-    return [base + (1 if i < rem else 0) for i in range(spec.days)]
+    return [events_on(spec, date) for date in event_dates(spec)]
 
 
 # --------------------------------------------------------------------------
@@ -617,9 +635,23 @@ def generate_click_events(spec: SyntheticSpec) -> Iterator[pa.Table]:
 
     Days whose event count is zero (num_events < days) yield empty tables.
     """
+    for _, table in generate_days(spec, event_dates(spec)):
+        yield table
+
+
+def generate_days(
+    spec: SyntheticSpec, dates: Iterable[datetime.date]
+) -> Iterator[tuple[datetime.date, pa.Table]]:
+    """Yield ``(date, events of that date)`` for any dates, in the order given.
+
+    A date's events depend only on the universe (seed and sizes), the date and the daily
+    volume (:func:`events_on`), never on the other dates generated with it: one day generated
+    alone equals that day inside any range, so days can be backfilled one at a time.
+    ``spec.end_date`` and ``spec.days`` bound nothing here.
+    """
     uni = build_universe(spec)
-    for date, n in zip(event_dates(spec), events_per_day(spec)):
-        yield _day_table(spec, uni, date, n)
+    for date in dates:
+        yield date, _day_table(spec, uni, date, events_on(spec, date))
 
 
 def generate_all(spec: SyntheticSpec) -> pa.Table:

@@ -14,6 +14,8 @@ Environment (read when the code location loads):
 
 ``TWOTOWER_RETRAIN_AFTER_DAYS`` freshness fail window of model, training data and embeddings
                                 (default ``8``: the weekly cadence plus a day of grace)
+``TWOTOWER_RETRAIN_ON_NEW_EVENTS`` ``true``: a new event day of the latest training date's
+                                window retrains that date (default ``false``: weekly cadence)
 """
 
 import datetime as dt
@@ -113,9 +115,37 @@ RETRAIN_WHEN_STALE = (
 (the weekly run did not happen or failed). ``newly_true`` + ``since_last_handled`` request it
 once per FAIL, not again on every tick until the daemon re-evaluates freshness."""
 
-TRAINING_DATA_CONDITION = RETRAIN_WHEN_STALE
-"""Split tables: rebuilt for the latest date when stale. New click events alone do not
-retrain: the source grows every day and the cadence is weekly (the schedule takes them)."""
+NEW_EVENT_DAYS = (
+    AC.in_latest_time_window()
+    & AC.any_deps_match(AC.newly_updated()).since_last_handled()
+    & ~AC.any_deps_missing()
+    & ~AC.any_deps_in_progress()
+    & _IDLE
+).with_label("new_event_days")
+"""Rebuild the latest training date's split when an event day of its window is new: a
+materialised day, or, for an observed external table (BigQuery), a day whose row count
+(its data version) changed. Only once every day of the window is there."""
+
+
+def retrain_on_new_events(env: Mapping[str, str] = os.environ) -> bool:
+    raw = env.get("TWOTOWER_RETRAIN_ON_NEW_EVENTS", "").strip().lower()
+    if raw not in {"", "0", "false", "no", "1", "true", "yes"}:
+        raise AutomationSettingsError(f"TWOTOWER_RETRAIN_ON_NEW_EVENTS must be true or false, not {raw!r}")
+    return raw in {"1", "true", "yes"}
+
+
+def training_data_condition(on_new_events: bool) -> dg.AutomationCondition:
+    """The split tables' condition: stale-only (weekly cadence) or also on new event days."""
+    if on_new_events:
+        return (RETRAIN_WHEN_STALE | NEW_EVENT_DAYS).with_label("retrain_on_new_data")
+    return RETRAIN_WHEN_STALE
+
+
+TRAINING_DATA_CONDITION = training_data_condition(retrain_on_new_events())
+"""Split tables: rebuilt for the latest date when stale. By default new click events alone do
+not retrain: the source grows every day and the cadence is weekly (the schedule takes them).
+With ``TWOTOWER_RETRAIN_ON_NEW_EVENTS=true`` a new event day of the latest date's window
+rebuilds its split, and the model follows (``MODEL_CONDITION``): retraining on new data."""
 
 MODEL_CONDITION = (DEPS_UPDATED | RETRAIN_WHEN_STALE).with_label("retrain")
 """The model retrains when its training data has new data, and when it is stale."""

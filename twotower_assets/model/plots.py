@@ -24,11 +24,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 __all__ = [
+    "embedding_pca_figure",
     "embedding_pca_png",
+    "histograms_png",
     "loss_curves_png",
     "markdown_image",
     "metric_vs_k_png",
     "pca_2d",
+    "series_over_dates_png",
 ]
 
 MAX_PCA_POINTS = 20_000
@@ -110,6 +113,17 @@ def embedding_pca_png(
     seed: int = 0,
 ) -> bytes:
     """Scatter of the vectors' 2-D PCA, one colour per category (the most frequent ones)."""
+    return _png(embedding_pca_figure(vectors, categories, title, seed))
+
+
+def embedding_pca_figure(
+    vectors: np.ndarray,
+    categories: Sequence[str] | None = None,
+    title: str = "Item embeddings (PCA)",
+    seed: int = 0,
+) -> Figure:
+    """The figure of :func:`embedding_pca_png`: the legend lists the largest category first,
+    with its count, beside the axes."""
     vectors = np.asarray(vectors)
     labels = None
     if categories is not None:
@@ -121,7 +135,7 @@ def embedding_pca_png(
         vectors = vectors[keep]
         labels = labels[keep] if labels is not None else None
     points = pca_2d(vectors)
-    figure = Figure(figsize=(6.4, 5.2))
+    figure = Figure(figsize=(6.4 if labels is None else 8.0, 5.2), layout="constrained")
     axis = figure.subplots()
     if labels is None:
         axis.scatter(points[:, 0], points[:, 1], s=6, alpha=0.6)
@@ -134,12 +148,15 @@ def embedding_pca_png(
         colours = matplotlib.colormaps["tab20"]
         for number, name in enumerate(shown + (["other"] if len(ranked) > MAX_CATEGORIES else [])):
             mask = grouped == name
-            axis.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.6, label=name, color=colours(number))
-        axis.legend(fontsize="x-small", markerscale=2, loc="best")
+            axis.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.6, label=f"{name} ({int(mask.sum()):,})",
+                         color=colours(number))
+        # Largest category first, with its count; outside the axes so it never covers points.
+        axis.legend(fontsize="x-small", markerscale=2, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                    borderaxespad=0.0, title="category (points)", title_fontsize="x-small")
     axis.set_xlabel("PC 1")
     axis.set_ylabel("PC 2")
     axis.set_title(title)
-    return _png(figure)
+    return figure
 
 
 def loss_curves_png(history: Mapping[str, Sequence[float]], title: str = "Training loss") -> bytes:
@@ -157,4 +174,41 @@ def loss_curves_png(history: Mapping[str, Sequence[float]], title: str = "Traini
     axis.set_title(title)
     axis.grid(True, alpha=0.3)
     axis.legend()
+    return _png(figure)
+
+
+def histograms_png(series: Mapping[str, Sequence[float]], xlabel: str, title: str, bins: int = 20) -> bytes:
+    """One outlined histogram per named series on shared axes (e.g. per-user Jaccard@10 and @100)."""
+    figure = Figure(figsize=(6.0, 3.8))
+    axis = figure.subplots()
+    for name, values in series.items():
+        values = np.asarray(values, dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values):
+            axis.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{name} (mean {values.mean():.3f})")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("count")
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+    if series:
+        axis.legend()
+    return _png(figure)
+
+
+def series_over_dates_png(points: Mapping[str, Mapping[str, float]], title: str, ylabel: str = "") -> bytes:
+    """One line per series over dates: ``points`` maps a date (ISO text) to series -> value."""
+    dates = sorted(points)
+    names = sorted({name for values in points.values() for name in values})
+    figure = Figure(figsize=(6.0, 3.8))
+    axis = figure.subplots()
+    for name in names:
+        xs = [d for d in dates if name in points[d]]
+        axis.plot(xs, [points[d][name] for d in xs], marker="o", label=name)
+    axis.set_xlabel("training date")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+    axis.tick_params(axis="x", labelrotation=30)
+    if names:
+        axis.legend()
     return _png(figure)

@@ -22,10 +22,12 @@ TRAINING_JOB = "two_tower_training"
 
 
 def load_run_config(path: str | Path | Any | None) -> dict[str, Any] | None:
-    """Run config for the training job from a YAML file, without the unpartitioned source.
+    """Run config for the training job from a YAML file, without the event source.
 
     The same file drives ``dagster asset materialize -c`` of the whole graph, which includes
-    ``click_events``; the partitioned job does not, so its entry is dropped here.
+    ``click_events``; the training job does not (a training never writes event days:
+    docs/operations.md, "Backfilling events vs backfilling trainings"), so its entry is
+    dropped here.
     """
     if not path:
         return None
@@ -77,8 +79,8 @@ training_job_quickstart = preset_job(
 )
 training_job_tiny = preset_job(
     "two_tower_training_tiny", "tiny.yaml",
-    "The training job with configs/run/tiny.yaml: a smoke run in about a minute (needs click_events "
-    "generated with the tiny size, see the file).",
+    "The training job with configs/run/tiny.yaml: a smoke run in about a minute (needs the event days "
+    "of its window: an events backfill of click_events with the same file, docs/operations.md).",
 )
 training_job_production_scale = preset_job(
     "two_tower_training_production_scale", "production-scale.yaml",
