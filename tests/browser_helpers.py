@@ -148,6 +148,7 @@ class MlflowUI:
     def __enter__(self) -> "MlflowUI":
         mlflow = Path(sys.executable).with_name("mlflow")
         env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no detached job workers (conftest.py)
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [str(mlflow), "ui", "--host", "127.0.0.1", "--port", str(self.port),

@@ -15,6 +15,10 @@ from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.warehouse.duckdb import DuckDBWarehouse
 
+# `mlflow server` / `mlflow ui` of MLflow 3 start a job runner whose ~10 huey workers detach
+# from the server's process group and outlive it; the tests need no server-side jobs.
+os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_PARTITION = "2026-06-01"
 

@@ -81,7 +81,10 @@ class MlflowServer:
                         return
             except OSError:
                 time.sleep(0.3)
-        raise RuntimeError("mlflow server did not answer /health")
+        # Not left running for the rest of the session (its job runner starts ~10 workers).
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        raise RuntimeError(f"mlflow server did not answer /health in {timeout_s:.0f} s")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -194,7 +197,7 @@ class Stack:
         assert self.client.get_run(new_run_id).info.status == "FINISHED"
         artifacts = self.resources["artifacts"]
         assert (artifacts.path("match_model", date) / "model" / "saved_model.pb").exists()
-        assert not artifacts.path("two_tower_model", date).with_name(f"{date}.partial").exists()
+        assert not artifacts.partials("two_tower_model", date)  # the killed writer's scratch is collected
         for table in PUBLISHED:
             data = self.resources["warehouse"].query(
                 f"SELECT mlflow_run_id FROM {table} WHERE train_date = $d", {"d": dt.date.fromisoformat(date)})
@@ -259,7 +262,7 @@ def test_training_terminated_mid_epoch_ends_its_own_run_failed(stack):
     assert terminated.info.status == "FAILED"
     assert "Interrupt" in terminated.data.tags[FAILED_REASON_TAG]
     stack.assert_nothing_published(date)
-    assert not stack.resources["artifacts"].path("two_tower_model", date).with_name(f"{date}.partial").exists()
+    assert not stack.resources["artifacts"].partials("two_tower_model", date)
     assert stack.snapshot(PREVIOUS) == stack.previous
 
 
@@ -381,4 +384,4 @@ def test_a_run_that_cannot_end_finished_leaves_no_artifact(tmp_path):
 
     model_dir = artifacts.path("two_tower_model", "2026-06-01")
     assert (model_dir / "model.txt").read_text() == "previous"
-    assert not model_dir.with_name(model_dir.name + ".partial").exists()
+    assert not artifacts.partials("two_tower_model", "2026-06-01")

@@ -19,6 +19,9 @@ strictly before the event's second): a causal feature, known when the event happ
 lets the user tower describe *what the user is watching lately*; see
 docs/benchmarks-movielens.md for what it does to retrieval quality.
 
+Ids are kept exactly as written; an empty id, one with whitespace, or one repeated in the
+users or items file is refused naming the id and its line(s).
+
 Errors: every problem with the files (missing file, wrong header, malformed line, unknown
 id, no ratings) raises :class:`MovieLensFormatError` naming the file and, where there is
 one, the line.
@@ -182,6 +185,33 @@ def _integer(file: Path, number: int, field: str, value: str) -> int:
         raise MovieLensFormatError(f"{file}, line {number}: {field} {value!r} is not a number") from None
 
 
+def _id(file: Path, number: int, field: str, value: str) -> str:
+    """An id exactly as the file spells it, or an error naming the id and its line.
+
+    Ids are data: one stripped here ('trail ' -> 'trail') is a different id from the one
+    serving is asked about, so it would score 0. Ids with whitespace are refused rather than
+    kept, because ``user_recent_items`` is a space-separated list of item ids and an id with
+    a space cannot round-trip through it (docs/decisions.md, "Ids are data").
+    """
+    if not value or any(char.isspace() for char in value):
+        raise MovieLensFormatError(
+            f"{file}, line {number}: {field} {value!r} is empty or contains whitespace; ids are used "
+            "exactly as written and must not (fix the id in the file)"
+        )
+    return value
+
+
+def _unique_ids(file: Path, field: str, ids: list[tuple[int, str]]) -> None:
+    """Each id once per file; a repeat names the id and both lines."""
+    first_line: dict[str, int] = {}
+    for number, value in ids:
+        if value in first_line:
+            raise MovieLensFormatError(
+                f"{file}: duplicate {field} {value!r} on line {first_line[value]} and line {number}"
+            )
+        first_line[value] = number
+
+
 def _year(value: str) -> int | None:
     """The four-digit year in a release date or year field, or None (e.g. 'unknown')."""
     found = re.search(r"(\d{4})", value or "")
@@ -193,8 +223,8 @@ def _ratings_table(file: Path, rows: list[tuple[int, list[str]]]) -> pa.Table:
         raise MovieLensFormatError(f"{file} has no ratings")
     return pa.table(
         {
-            "user_id": [parts[0].strip() for _, parts in rows],
-            "item_id": [parts[1].strip() for _, parts in rows],
+            "user_id": [_id(file, n, "user_id", parts[0]) for n, parts in rows],
+            "item_id": [_id(file, n, "item_id", parts[1]) for n, parts in rows],
             "rating": [_integer(file, n, "rating", parts[2]) for n, parts in rows],
             "timestamp": [_integer(file, n, "timestamp", parts[3]) for n, parts in rows],
         },
@@ -203,9 +233,11 @@ def _ratings_table(file: Path, rows: list[tuple[int, list[str]]]) -> pa.Table:
 
 
 def _users_table(file: Path, rows: list[tuple[int, list[str]]]) -> pa.Table:
+    user_ids = [(n, _id(file, n, "user_id", parts[0])) for n, parts in rows]
+    _unique_ids(file, "user_id", user_ids)
     return pa.table(
         {
-            "user_id": [parts[0].strip() for _, parts in rows],
+            "user_id": [user_id for _, user_id in user_ids],
             "age": [_integer(file, n, "age", parts[1]) for n, parts in rows],
             "gender": [parts[2].strip() for _, parts in rows],
             "occupation": [parts[3].strip() for _, parts in rows],
@@ -233,6 +265,7 @@ def _load_grouplens(path: Path) -> MovieLens:
         user_file, [(n, _split(user_file, n, line, "|", 5)) for n, line in _read_lines(user_file, "latin-1")]
     )
     items = {"item_id": [], "title": [], "genres": [], "release_year": []}
+    item_lines = []
     flags = len(GROUPLENS_GENRES)
     for number, line in _read_lines(item_file, "latin-1"):
         parts = _split(item_file, number, line, "|", 5 + flags)
@@ -240,17 +273,23 @@ def _load_grouplens(path: Path) -> MovieLens:
         if any(flag not in ("0", "1") for flag in genre_flags):
             raise MovieLensFormatError(f"{item_file}, line {number}: genre flags must be 0 or 1")
         title = parts[1].strip()
-        items["item_id"].append(parts[0].strip())
+        items["item_id"].append(_id(item_file, number, "item_id", parts[0]))
+        item_lines.append(number)
         # RecBole's title drops the "(1995)" suffix; drop it here too so both layouts agree.
         items["title"].append(_TITLE_YEAR.sub("", title))
         items["genres"].append(" ".join(g for g, flag in zip(GROUPLENS_GENRES, genre_flags) if flag == "1"))
         # The title's year, as RecBole's release_year; the release date when the title has none.
         items["release_year"].append(_title_year(title) or _year(parts[2]))
+    _unique_ids(item_file, "item_id", list(zip(item_lines, items["item_id"])))
     return MovieLens(ratings, users, pa.table(items, schema=ITEM_SCHEMA), source=str(path))
 
 
 def _recbole_rows(file: Path, required: dict[str, str]) -> list[dict[str, str]]:
-    """Rows of an atomic file as dicts keyed by the wanted output names."""
+    """Rows of an atomic file as dicts keyed by the wanted output names.
+
+    Attribute values are whitespace-stripped; ids (``*_id``) are kept exactly (checked by
+    :func:`_id` where they are read).
+    """
     lines = _read_lines(file, "utf-8")
     if not lines:
         raise MovieLensFormatError(f"{file} is empty (expected a header line)")
@@ -262,7 +301,9 @@ def _recbole_rows(file: Path, required: dict[str, str]) -> list[dict[str, str]]:
     rows = []
     for number, line in lines[1:]:
         parts = _split(file, number, line, "\t", len(header))
-        rows.append({"_line": number, **{out: parts[i].strip() for out, i in positions.items()}})
+        rows.append(
+            {"_line": number, **{out: parts[i] if out.endswith("_id") else parts[i].strip() for out, i in positions.items()}}
+        )
     return rows
 
 
@@ -295,9 +336,11 @@ def _load_recbole(path: Path) -> MovieLens:
     item_rows = _recbole_rows(
         item_file, {"item_id": "item_id", "movie_title": "title", "release_year": "release_year", "class": "genres"}
     )
+    item_ids = [(r["_line"], _id(item_file, r["_line"], "item_id", r["item_id"])) for r in item_rows]
+    _unique_ids(item_file, "item_id", item_ids)
     items = pa.table(
         {
-            "item_id": [r["item_id"] for r in item_rows],
+            "item_id": [item_id for _, item_id in item_ids],
             "title": [_TITLE_YEAR.sub("", r["title"]) for r in item_rows],
             "genres": [r["genres"] for r in item_rows],
             # A few rows lack the year field but keep "(1995)" in the title.
@@ -310,9 +353,7 @@ def _load_recbole(path: Path) -> MovieLens:
 
 def _check_references(data: MovieLens) -> None:
     for table, key, what in ((data.users, "user_id", "users"), (data.items, "item_id", "items")):
-        ids = table[key]
-        if pc.count_distinct(ids).as_py() != len(ids):
-            raise MovieLensFormatError(f"{data.source}: duplicate {key} in the {what} file")
+        ids = table[key]  # unique: checked with line numbers when the file was read
         unknown = pc.filter(data.ratings[key], pc.invert(pc.is_in(data.ratings[key], value_set=ids)))
         if len(unknown):
             raise MovieLensFormatError(

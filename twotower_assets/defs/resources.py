@@ -24,7 +24,11 @@ def default_warehouse() -> WarehouseResource:
     from twotower_assets.warehouse.duckdb import DuckDBWarehouse
 
     limit = settings.duckdb_memory_limit()
-    return DuckDBWarehouse(path=str(settings.duckdb_path()), **({"memory_limit": limit} if limit else {}))
+    return DuckDBWarehouse(
+        path=str(settings.duckdb_path()),
+        path_setting="TWOTOWER_DUCKDB_PATH" if os.environ.get("TWOTOWER_DUCKDB_PATH") else "TWOTOWER_HOME",
+        **({"memory_limit": limit} if limit else {}),
+    )
 
 
 def default_mlflow() -> MlflowTracking:
@@ -33,6 +37,9 @@ def default_mlflow() -> MlflowTracking:
     return MlflowTracking(
         tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI") if os.environ.get("MLFLOW_TRACKING_URI") else settings.mlflow_tracking_uri(),
         artifact_root=settings.mlflow_artifact_root(),
+        # Named in the run-start check's error (the default store lives in TWOTOWER_HOME).
+        tracking_uri_setting="MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "TWOTOWER_HOME",
+        artifact_root_setting="TWOTOWER_MLFLOW_ARTIFACTS" if os.environ.get("TWOTOWER_MLFLOW_ARTIFACTS") else "TWOTOWER_HOME",
     )
 
 

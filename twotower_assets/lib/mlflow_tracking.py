@@ -38,6 +38,8 @@ from urllib.parse import urlsplit, urlunsplit
 import dagster as dg
 from pydantic import Field
 
+from twotower_assets.preflight import check_artifact_root, check_mlflow_store
+
 
 
 OWNER_HOST_TAG = "twotower.host"
@@ -107,6 +109,17 @@ class MlflowTracking(dg.ConfigurableResource):
     tracking_uri: str = Field(description="MLflow tracking URI (sqlite:///... locally).")
     artifact_root: str = Field(default="", description="Artifact location for new experiments.")
     ui_url: str = Field(default="http://127.0.0.1:5000", description="Base URL of the MLflow UI.")
+    tracking_uri_setting: str = Field(
+        default="MLFLOW_TRACKING_URI", description="The variable tracking_uri comes from, named in errors."
+    )
+    artifact_root_setting: str = Field(
+        default="TWOTOWER_MLFLOW_ARTIFACTS", description="The variable artifact_root comes from, named in errors."
+    )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Fail the run at its start when the store cannot be written (twotower_assets/preflight.py)."""
+        check_mlflow_store(checked_tracking_uri(self.tracking_uri), self.tracking_uri_setting)
+        check_artifact_root(self.artifact_root, self.artifact_root_setting)
 
     def client(self):
         from mlflow import MlflowClient

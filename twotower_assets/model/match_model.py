@@ -64,3 +64,38 @@ class MatchModel(tf.Module):
 
 def save_match_model(model: MatchModel, path: str | Path) -> None:
     tf.saved_model.save(model, str(path), signatures={"serving_default": model.serve})
+
+
+class MatchModelProbeError(RuntimeError):
+    """A saved MatchModel that does not load, or does not score as its vectors say."""
+
+
+PROBE_PAIRS = 8
+
+
+def probe_match_model(path: str | Path, user_ids, user_vectors, item_ids, item_vectors) -> None:
+    """Load the SavedModel at ``path`` and score a few pairs, right after saving, before publishing.
+
+    The first :data:`PROBE_PAIRS` (user, item) pairs must score the dot product of their
+    vectors, and an unknown pair 0. A truncated or corrupted SavedModel fails here, naming the
+    path, instead of being registered and only failing when serving loads it.
+    """
+    n = min(PROBE_PAIRS, len(user_ids), len(item_ids))
+    users = np.asarray(user_ids).astype(str)[:n]
+    items = np.asarray(item_ids).astype(str)[:n]
+    expected = np.sum(np.asarray(user_vectors, np.float32)[:n] * np.asarray(item_vectors, np.float32)[:n], axis=1)
+    unknown = "\x00probe-unknown"
+    try:
+        loaded = tf.saved_model.load(str(path))
+        scores = loaded.signatures["serving_default"](
+            user_id=tf.constant([*users, unknown]), item_id=tf.constant([*items, unknown])
+        )["score"].numpy()
+    except Exception as exc:  # any load or call failure means the files are unusable
+        raise MatchModelProbeError(
+            f"MatchModel at {path} does not load or score: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from exc
+    if not np.allclose(scores[:n], expected, rtol=1e-4, atol=1e-5) or scores[n] != 0:
+        raise MatchModelProbeError(
+            f"MatchModel at {path} scores {scores[:n].tolist()} (unknown pair: {scores[n]}) for "
+            f"{list(zip(users.tolist(), items.tolist()))}, but its vectors give {expected.tolist()} (and 0)"
+        )

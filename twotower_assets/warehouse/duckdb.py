@@ -20,6 +20,7 @@ from pydantic import Field
 from twotower_assets.warehouse.base import ArrowData, QueryParams, WarehouseResource, as_batches
 from twotower_assets.warehouse.errors import DUCKDB_LOCK_MESSAGES, WarehouseError
 from twotower_assets.identifiers import check_table_name, quote_identifier
+from twotower_assets.preflight import check_writable_directory
 from twotower_assets.warehouse.sql import DUCKDB, Dialect, partition_view_statement
 
 
@@ -35,6 +36,12 @@ class DuckDBWarehouse(WarehouseResource):
         "RAM) let the 10M-event split take 13 GB; 4 GB leaves room for TensorFlow in the same run "
         "(env TWOTOWER_DUCKDB_MEMORY_LIMIT).",
     )
+
+    path_setting: str = Field(default="the DuckDB path", description="The variable path comes from, named in errors.")
+
+    def setup_for_execution(self, context) -> None:
+        # At the start of the run, before any step writes (twotower_assets/preflight.py).
+        check_writable_directory(Path(self.path).parent, self.path_setting, "the directory of the DuckDB file")
 
     @property
     def dialect(self) -> Dialect:

@@ -19,6 +19,7 @@ from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION, RETRAIN_FRESHNESS
 from twotower_assets.lib.layout import ModelFiles
+from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.metadata import table_metadata
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
@@ -78,6 +79,7 @@ def _embedding_history_asset(entity: str, table: str, view: str):
     ) -> dg.MaterializeResult:
         trained = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
         summary = trained.summary()
+        check_model_datasets(artifacts, context.partition_key, summary, table)
         ids, vectors = trained.user_vectors(summary.user_key) if entity == "user" else trained.item_vectors()
         rows = history_rows(entity, training_date(context), summary.model_dump(), ids, vectors)
         qualified = warehouse.table_name(table)

@@ -16,6 +16,7 @@ from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.layout import MatchModelFiles, ModelFiles, Registration
+from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date_partitions
 from twotower_assets.serving import match_scorer
@@ -44,16 +45,19 @@ class MatchModelConfig(dg.Config):
 def match_model(
     context: dg.AssetExecutionContext, config: MatchModelConfig, artifacts: ArtifactStore, mlflow: MlflowTracking
 ) -> dg.MaterializeResult:
-    from twotower_assets.model.match_model import MatchModel, save_match_model
+    from twotower_assets.model.match_model import MatchModel, probe_match_model, save_match_model
 
     trained = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
     summary = trained.summary()
+    datasets_version = check_model_datasets(artifacts, context.partition_key, summary, "match_model")
     user_ids, user_vectors = trained.user_vectors(summary.user_key)
     item_ids, item_vectors = trained.item_vectors()
     model = MatchModel(user_ids, user_vectors, item_ids, item_vectors)
     with artifacts.writing(layout.MATCH_MODEL, context.partition_key) as directory, mlflow.active(summary.mlflow_run_id) as run:
         out = MatchModelFiles(directory)
         save_match_model(model, out.saved_model)
+        # Loaded back and scored before it is logged, registered or moved into place.
+        probe_match_model(out.saved_model, user_ids, user_vectors, item_ids, item_vectors)
         with mlflow.reporting_failures(f"registering the MatchModel of {context.partition_key}"):
             model_uri, version = match_scorer.log_match_model(
                 run.client, summary.mlflow_run_id, out.saved_model, (str(user_ids[0]), str(item_ids[0])),
@@ -70,6 +74,9 @@ def match_model(
             "users": len(user_ids),
             "items": len(item_ids),
             "mlflow_run_id": summary.mlflow_run_id,
+            "version": artifacts.current_version(layout.MATCH_MODEL, context.partition_key),
+            "model_version_trained": artifacts.version_of(trained.root),
+            "datasets_version": datasets_version,
             "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(summary.mlflow_experiment_id, summary.mlflow_run_id)),
             "registered_model": config.registered_model_name,
             "model_version": version,

@@ -15,7 +15,8 @@ from twotower_assets.defs.publishing.champion import move_champion
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
-from twotower_assets.lib.layout import MatchModelFiles, RetrieverFiles
+from twotower_assets.lib.layout import MatchModelFiles, ModelFiles, RetrieverFiles
+from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date_partitions
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
@@ -42,6 +43,8 @@ from twotower_assets.warehouse.base import WarehouseResource
 def champion(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource, artifacts: ArtifactStore, mlflow: MlflowTracking
 ) -> dg.MaterializeResult:
+    summary = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key)).summary()
+    check_model_datasets(artifacts, context.partition_key, summary, "champion")
     match = MatchModelFiles(artifacts.require(layout.MATCH_MODEL, context.partition_key)).registration()
     served = RetrieverFiles(artifacts.require(layout.TWO_TOWER_RETRIEVER, context.partition_key)).registration()
     with mlflow.reporting_failures(f"moving the champion alias to {context.partition_key}"):

@@ -21,6 +21,7 @@ from pydantic import Field
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
+from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.layout import DatasetFiles, ItemIndexFiles, MatchModelFiles, ModelFiles, Registration, RetrieverFiles
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
@@ -124,8 +125,9 @@ def two_tower_retriever(
 ) -> dg.MaterializeResult:
     trained = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
     summary = trained.summary()
+    datasets_version = check_model_datasets(artifacts, context.partition_key, summary, "two_tower_retriever")
     index_dir = ItemIndexFiles(artifacts.require(layout.ITEM_ANN_INDEX, context.partition_key)).uri()
-    seen_pairs = DatasetFiles(artifacts.require(layout.TF_DATASETS, context.partition_key)).seen_pairs
+    seen_pairs = DatasetFiles(artifacts.require(layout.TF_DATASETS, context.partition_key, datasets_version)).seen_pairs
     match = MatchModelFiles(artifacts.require(layout.MATCH_MODEL, context.partition_key)).registration()
     # The gate judged the MatchModel of this date; its verdict and numbers go on the retriever too.
     match_tags = mlflow.client().get_model_version(match.name, match.version).tags
