@@ -47,6 +47,8 @@ RECOMMENDATIONS_LATEST = "two_tower_recommendations_latest"
 SIMILAR_ITEMS = "two_tower_similar_items"
 ITEM_ANN_INDEX = "item_ann_index"
 TWO_TOWER_RETRIEVER = "two_tower_retriever"
+MODEL_COMPARISON = "model_comparison"
+"""What changed between a date's model and the champion before it (overlap, churn, drift)."""
 CHAMPION = "champion"
 """The promotion step: moves the registry alias ``champion`` and the ``_latest`` views to a date."""
 
@@ -128,6 +130,9 @@ class ModelSummary(pydantic.BaseModel):
     mlflow_experiment_name: str
     mlflow_run_name: str
     config_name: str
+    datasets_version: str = pydantic.Field(
+        default="", description="The tf_datasets version trained on (lib/artifacts.py); '' before issue 17."
+    )
     user_key: str = pydantic.Field(description="The user column the user vectors are keyed by.")
     epochs_run: int
     history: dict[str, list[float]]

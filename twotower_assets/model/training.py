@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -107,6 +107,13 @@ class TrainingParams(pydantic.BaseModel):
     mixed_precision: bool = Field(
         default=False, description=f"The towers compute in {MIXED_POLICY} (faster on GPUs); the loss stays float32."
     )
+    warm_start: Literal["none", "champion", "previous"] = Field(
+        default="none",
+        description="none: random initial weights. champion: start from the champion model's weights; "
+        "previous: from the newest earlier date's model. Embedding rows are mapped by id (carried-over "
+        "ids keep their rows, new ids start fresh), Dense layers are copied when their shapes match, "
+        "the optimiser restarts (twotower_assets/model/warm_start.py). No such model: a cold start.",
+    )
 
 
 @dataclass
@@ -152,6 +159,7 @@ def train_two_tower(
     catalog: Mapping[str, np.ndarray] | None = None,
     seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    initialize: Callable[[TwoTowerModel], object] | None = None,
 ) -> TrainingResult:
     """Fit the towers; returns the model with the best validation weights restored.
 
@@ -160,6 +168,8 @@ def train_two_tower(
     ``seen_pairs``: the training (user key, item id) pairs; val_loss then does not count a
     user's training items as negatives, as the offline evaluation does.
     ``strategy``: where to train; default :func:`distribution_strategy` (all GPUs if several).
+    ``initialize``: called with the built model (variables created) before fitting, e.g. a
+    warm start (:func:`twotower_assets.model.warm_start.warm_start`).
     """
     if train_rows <= 0:
         raise ValueError("the training dataset is empty: nothing to train on")
@@ -169,6 +179,9 @@ def train_two_tower(
     with strategy.scope():
         # The loss is the global-batch mean on any number of replicas (TwoTowerModel.compute_loss).
         model = build_model(config, stats, params, catalog, seen_pairs)
+        if initialize is not None:
+            model(next(iter(batches(train_examples, 2))))  # creates the variables to initialise
+            initialize(model)
     if strategy.num_replicas_in_sync > 1:
         device += f", MirroredStrategy over {strategy.num_replicas_in_sync} replicas"
 

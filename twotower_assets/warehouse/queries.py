@@ -139,6 +139,14 @@ def item_vectors_query(dialect: Dialect, table: str) -> str:
     )
 
 
+def user_vectors_query(dialect: Dialect, table: str) -> str:
+    """``user_id, user_embedding`` of one partition of the user history table, by id (``train_date``)."""
+    return (
+        f"SELECT user_id, user_embedding FROM {dialect.table(table)} "
+        f"WHERE {_on_date(dialect)} ORDER BY user_id"
+    )
+
+
 def item_event_counts_query(dialect: Dialect, table: str) -> str:
     """``item_id, events``: events per item of one partition (parameter ``train_date``)."""
     return (

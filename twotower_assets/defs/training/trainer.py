@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from dagster_pipes import PipesMetadataValue
 from pydantic import Field
 
+from twotower_assets.defs.training.warm_start_source import resolve_warm_start
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.layout import DatasetFiles, DatasetsManifest, ModelFiles, ModelSummary
@@ -94,6 +95,7 @@ def train_partition(
     from twotower_assets.model.layers import FeatureStats
     from twotower_assets.model.plots import loss_curves_png, markdown_image
     from twotower_assets.model.training import tower_outputs, train_two_tower
+    from twotower_assets.model.warm_start import load_towers, warm_start
 
     datasets = DatasetFiles(artifacts.require(layout.TF_DATASETS, partition_key))
     feature_config = FeatureConfig.model_validate_json(datasets.feature_config.read_text())
@@ -102,6 +104,8 @@ def train_partition(
     validation_rows = dataset_rows(datasets.validation)
     params = TrainingParams(**config.model_dump(include=set(TrainingParams.model_fields)))
     run_name = config.run_name or f"two_tower_{partition_key}"
+    # Resolved before the run starts: a champion that cannot be read fails here, not mid-training.
+    start_from = resolve_warm_start(params.warm_start, partition_key, artifacts, mlflow)
     # A run of this date left RUNNING by a process that died (SIGKILL, OOM) ends FAILED first.
     abandoned = mlflow.fail_abandoned_runs(config.experiment_name, partition_key, dagster_run_id, dagster_run_is_over)
     for abandoned_run_id, reason in abandoned.items():
@@ -124,6 +128,8 @@ def train_partition(
                 "seed": params.seed,
                 "temperature": params.temperature,
                 "full_catalog_softmax": config.full_catalog_softmax,
+                "warm_start": params.warm_start,
+                "warm_start_from": start_from.label,
                 "train_date": partition_key,
                 "training_rows": train_rows,
                 "validation_rows": validation_rows,
@@ -145,6 +151,14 @@ def train_partition(
                 {k: v for k, v in (logs or {}).items() if k in ("loss", "val_loss", "lr")}, step=epoch
             )
         )
+        warm_report = {}
+
+        def initialize(model) -> None:
+            report = warm_start(model, *load_towers(start_from.model.user_tower, start_from.model.item_tower))
+            warm_report.update(report.summary())
+            run.dict(warm_report, "warm_start.json")
+
+        log_info(f"Warm start ({params.warm_start}): {start_from.reason}")
         started = time.perf_counter()
         result = train_two_tower(
             feature_config,
@@ -156,6 +170,7 @@ def train_partition(
             callbacks=[log_epoch],
             catalog=_catalog(load_dataset(datasets.items)) if config.full_catalog_softmax else None,
             seen_pairs=_seen_pairs(datasets.seen_pairs),
+            initialize=initialize if start_from.model is not None else None,
         )
         train_seconds = time.perf_counter() - started
         log_info(f"Trained on {result.device}: {result.epochs_run} epochs in {train_seconds:.1f}s")
@@ -177,6 +192,7 @@ def train_partition(
             mlflow_experiment_name=config.experiment_name,
             mlflow_run_name=run_name,
             config_name=feature_config.name,
+            datasets_version=artifacts.version_of(datasets.root),  # the immutable version read above
             user_key=user_key,
             epochs_run=result.epochs_run,
             history=result.history,
@@ -196,6 +212,9 @@ def train_partition(
         "mlflow_run_url": _value(mlflow.run_url(experiment_id, run_id), "url"),
         "config_name": _value(feature_config.name, "text"),
         "device": _value(result.device, "text"),
+        "warm_start_from": _value(start_from.label, "text"),
+        "warm_start_reason": _value(start_from.reason, "text"),
+        **{f"warm_start/{k}": _value(v) for k, v in warm_report.items() if not isinstance(v, str)},
         "epochs_run": _value(result.epochs_run, "int"),
         "final_loss": _value(rounded(history["loss"][-1]), "float"),
         "best_val_loss": _value(rounded(min(history["val_loss"])) if "val_loss" in history else float("nan"), "float"),
