@@ -301,7 +301,7 @@ class TowerSetup:
         dropped = f", without {list(self.drop_features)}" if self.drop_features else ""
         return (
             f"{self.config_name}{dropped}; {loss}; E={p.embedding_size}, temperature {p.temperature}, "
-            f"Adam {p.learning_rate}, batch {p.batch_size}, recent items {self.recent_items}"
+            f"{p.optimizer} {p.learning_rate}, seed {p.seed}, batch {p.batch_size}, recent items {self.recent_items}"
         )
 
 
@@ -449,6 +449,10 @@ def main() -> int:
     parser.add_argument("--cold-user-max-ratings", type=int, default=30,
                         help="users with at most this many training ratings form the 'cold' segment")
     parser.add_argument("--ablations", action="store_true", help="also train the feature / loss ablations")
+    parser.add_argument("--training-seed", type=int, default=SEED,
+                        help="seed of the two-tower training only (the split stays seeded with 42)")
+    parser.add_argument("--optimizer", choices=["lazy_adam", "adam"], default=TrainingParams().optimizer,
+                        help="the two-tower's optimizer (TrainingParams.optimizer)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -486,6 +490,8 @@ def main() -> int:
     results["ease"] = both_countings(dense_train[test_users], weights.T, test_items, seen_rows)
 
     setup = TowerSetup()
+    setup = replace(setup, params=setup.params.model_copy(
+        update={"seed": args.training_seed, "optimizer": args.optimizer}))
     tower = timed("two-tower", two_tower, split, index, setup)
     results["two-tower"] = both_countings(tower.test_queries, tower.item_vectors, test_items, seen_rows)
     results["two-tower (per user, latest query)"] = both_countings(
@@ -540,7 +546,9 @@ def main() -> int:
     seconds["project evaluation"] = time.perf_counter() - t0
     total = time.perf_counter() - started
 
-    command = "python bench/movielens.py" + (" --ablations" if args.ablations else "")
+    command = "python bench/movielens.py" + (" --ablations" if args.ablations else "") + (
+        f" --training-seed {args.training_seed}" if args.training_seed != SEED else "") + (
+        f" --optimizer {args.optimizer}" if args.optimizer != TrainingParams().optimizer else "")
     print("## MovieLens 100K: TFRS basic-retrieval protocol\n")
     print(f"Machine at start: {machine_at_start}  ")
     print(f"Machine at end: {machine()}  ")

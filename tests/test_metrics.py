@@ -238,6 +238,20 @@ def test_svd_caps_factors_and_user_rows_select_users():
     assert subset[0, 0] >= 10 and subset[1, 0] < 10
 
 
+@pytest.mark.parametrize("shape", [(60, 25), (25, 60)])  # more users than items, and fewer
+def test_svd_ranks_by_the_truncated_svd_scores(shape):
+    """Against numpy's dense SVD: scores U_f S_f V_f^T of the sampled users, seen items removed."""
+    rng = np.random.default_rng(3)
+    train = sp.csr_matrix((rng.random(shape) < 0.3).astype(np.float64))
+    rows, factors, k = np.array([4, 0, 17, 9]), 5, 6
+    u, s, vt = np.linalg.svd(train.toarray(), full_matrices=False)
+    scores = (u[rows, :factors] * s[:factors]) @ vt[:factors]
+    scores[train[rows].toarray() > 0] = -np.inf
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    got = metrics.svd_recommendations(train, rows, k, exclude=train[rows], n_factors=factors)
+    np.testing.assert_array_equal(got, expected)
+
+
 # ------------------------------------------------------------------------ segments
 
 

@@ -22,6 +22,7 @@ from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.lib.layout import EvaluationFiles, ModelFiles
+from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.metadata import rounded
 from twotower_assets.model import metrics, plots
 from twotower_assets.model.topk import top_k_items
@@ -118,15 +119,24 @@ def evaluate(
     event_counts = _event_counts_per_item(training_pairs, items)
     popularity = item_counts / max(train.shape[0], 1)
 
-    recommendations = {
-        MODEL_NAME: top_k_items(user_vectors, item_vectors, k_max, exclude=seen),
-        "random": metrics.random_recommendations(len(eval_users), len(items), k_max, exclude=seen, seed=config.seed),
-        "popularity": metrics.popularity_recommendations(event_counts, len(eval_users), k_max, exclude=seen),
-        "svd": metrics.svd_recommendations(train, train_rows_of_eval, k_max, exclude=seen, n_factors=config.svd_factors, seed=config.seed),
+    recommenders = {
+        MODEL_NAME: lambda: top_k_items(user_vectors, item_vectors, k_max, exclude=seen),
+        "random": lambda: metrics.random_recommendations(len(eval_users), len(items), k_max, exclude=seen, seed=config.seed),
+        "popularity": lambda: metrics.popularity_recommendations(event_counts, len(eval_users), k_max, exclude=seen),
+        "svd": lambda: metrics.svd_recommendations(
+            train, train_rows_of_eval, k_max, exclude=seen, n_factors=config.svd_factors, seed=config.seed
+        ),
     }
     train_events = np.asarray(seen.sum(axis=1)).ravel()
     segments = np.where(train_events <= config.cold_user_max_events, "cold", "warm")
-    table = metrics.evaluate_recommenders(recommendations, relevant, popularity, config.ks, user_segments=segments)
+    # One model's (users x k_max) list at a time: 50,000 x 1,000 int64 is 400 MB each.
+    table = pd.concat(
+        [
+            metrics.evaluate_recommenders({name: recommend()}, relevant, popularity, config.ks, user_segments=segments)
+            for name, recommend in recommenders.items()
+        ],
+        ignore_index=True,
+    )
     counts = {
         "evaluated_users": int(len(eval_users)),
         "catalog_items": int(len(items)),
@@ -229,6 +239,7 @@ def evaluation_metrics(
 ) -> dg.MaterializeResult:
     model = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
     summary = model.summary()
+    check_model_datasets(artifacts, context.partition_key, summary, "evaluation_metrics")
     params = {"train_date": training_date(context)}
     training_pairs = _pair_counts(warehouse, warehouse.table_name(layout.TRAINING_EVENTS), params)
     test_pairs = _pair_counts(warehouse, warehouse.table_name(layout.TEST_EVENTS), params)

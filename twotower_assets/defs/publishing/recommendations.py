@@ -1,6 +1,15 @@
 """Top-k recommendations for every user of one training date, written to the warehouse.
 
-Every training user's vector is scored against every item by blocked float32 matrix
+Where they are computed depends on the warehouse, as for the similar items:
+
+* **BigQuery** (``native_vector_search``): in the warehouse, by ``VECTOR_SEARCH`` with the
+  user embedding history as queries over the item embedding history, over-fetching by the
+  largest number of items a user has seen and removing the seen pairs by an anti-join
+  (:mod:`twotower_assets.warehouse.recommendation_sql`); nothing leaves BigQuery, so the
+  work scales with it rather than with this machine.
+* **DuckDB and emulators**: locally, as below.
+
+Locally, every training user's vector is scored against every item by blocked float32 matrix
 products (:func:`twotower_assets.model.topk.top_k_items`); the items the user already
 has in training are removed, and the best ``k`` remaining items, best first, become one row
 of ``two_tower_recommendations`` (partition ``train_date``). A serving layer that wants
@@ -33,10 +42,16 @@ from twotower_assets.lib.metadata import table_metadata
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
-from twotower_assets.lib.layout import ModelFiles
+from twotower_assets.lib.layout import ModelFiles, ModelSummary
 from twotower_assets.model.topk import top_k_items
 from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.errors import EmptyTableError
+from twotower_assets.warehouse.recommendation_sql import (
+    MAX_CANDIDATES,
+    RecommendationSearch,
+    max_seen_items_query,
+    recommendations_query,
+)
 from twotower_assets.warehouse.sql import ITEM_COLUMN, distinct_pairs_query
 
 
@@ -46,6 +61,13 @@ class RecommendationsConfig(dg.Config):
         default=32_768, gt=0, description="Users scored and written per record batch (bounds memory)."
     )
     block_size: int = Field(default=1024, gt=0, description="Users per matrix product inside a batch (at most 1024 are used).")
+    extra_candidates: int | None = Field(
+        default=None,
+        ge=0,
+        description="In-warehouse search only: candidates fetched per user beyond k, to make up for "
+        "the seen items removed afterwards. Default: the most items any one user has seen (exact), "
+        f"capped so that k + extra stays within {MAX_CANDIDATES}.",
+    )
 
 
 def recommendations_schema() -> pa.Schema:
@@ -119,12 +141,15 @@ def recommendation_batches(
 @dg.asset(
     key=layout.RECOMMENDATIONS,
     partitions_def=training_date_partitions,
-    deps=[layout.MATCH_MODEL, layout.EVALUATION_METRICS, layout.TWO_TOWER_MODEL, layout.TRAINING_EVENTS],
+    # The embedding histories are what the in-warehouse (BigQuery) search reads.
+    deps=[layout.MATCH_MODEL, layout.EVALUATION_METRICS, layout.TWO_TOWER_MODEL, layout.TRAINING_EVENTS,
+          layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY],
     group_name="publishing",
     kinds={settings.warehouse_kind(), "numpy"},
-    description="Top-k unseen items per training user (blocked matrix products), one partition per training date.",
+    description="Top-k unseen items per training user, one partition per training date; VECTOR_SEARCH "
+    "on BigQuery, blocked matrix products elsewhere.",
     automation_condition=DOWNSTREAM_CONDITION,
-    code_version="1",
+    code_version="2",
     retry_policy=WAREHOUSE_RETRY_POLICY,
 )
 @retry_transient_errors_only
@@ -138,10 +163,67 @@ def recommendations(
     trained = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
     summary = trained.summary()
     train_date = training_date(context)
+    if warehouse.has_vector_search:
+        metadata = _in_warehouse(warehouse, config, summary, train_date)
+    else:
+        metadata = _locally(warehouse, config, trained, summary, train_date)
+    return dg.MaterializeResult(
+        metadata={
+            **metadata,
+            "latest_view": warehouse.table_name(layout.RECOMMENDATIONS_LATEST),
+            "mlflow_run_id": summary.mlflow_run_id,
+            "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(summary.mlflow_experiment_id, summary.mlflow_run_id)),
+        }
+    )
+
+
+def _in_warehouse(
+    warehouse: WarehouseResource, config: RecommendationsConfig, summary: ModelSummary, train_date: dt.date
+) -> dict:
+    """VECTOR_SEARCH over the embedding histories, seen pairs removed by an anti-join, in BigQuery."""
+    users = warehouse.table_name(layout.USER_EMBEDDING_HISTORY)
+    items = warehouse.table_name(layout.ITEM_EMBEDDING_HISTORY)
+    user_rows = warehouse.partition_row_counts(users, layout.PARTITION_COLUMN).get(train_date, 0)
+    item_rows = warehouse.partition_row_counts(items, layout.PARTITION_COLUMN).get(train_date, 0)
+    if user_rows == 0 or item_rows == 0:
+        # Checked before writing: an empty search must not replace a previous result.
+        raise EmptyTableError(f"{users} or {items} has no vectors for {train_date}; materialise them first")
+    training = warehouse.table_name(layout.TRAINING_EVENTS)
+    k = min(config.k, item_rows, MAX_CANDIDATES)
+    extra = config.extra_candidates
+    if extra is None:
+        seen = warehouse.query(max_seen_items_query(warehouse.dialect, training, summary.user_key), {"train_date": train_date})
+        extra = int(seen["max_seen_items"][0].as_py() or 0)
+    extra = min(extra, MAX_CANDIDATES - k)
+    search = RecommendationSearch(users, items, training, summary.user_key, k, extra)
+    qualified = warehouse.table_name(layout.RECOMMENDATIONS)
+    started = time.perf_counter()
+    written = warehouse.replace_partition_from_queries(
+        {qualified: recommendations_query(warehouse.dialect, search)},
+        layout.PARTITION_COLUMN,
+        train_date,
+        {"train_date": train_date, "mlflow_run_id": summary.mlflow_run_id},
+    )[qualified]
+    return {
+        **table_metadata(qualified, recommendations_schema(), written),
+        "computed_by": "warehouse VECTOR_SEARCH",
+        "k": k,
+        "candidates_per_user": search.candidates,
+        "users": user_rows,
+        "items": item_rows,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _locally(
+    warehouse: WarehouseResource, config: RecommendationsConfig, trained: ModelFiles, summary: ModelSummary,
+    train_date: dt.date,
+) -> dict:
+    """Blocked matrix products on this machine, streamed into the warehouse."""
     user_ids, user_vectors = trained.user_vectors(summary.user_key)
     item_ids, item_vectors = trained.item_vectors()
     if len(user_ids) == 0 or len(item_ids) == 0:
-        raise EmptyTableError(f"model {context.partition_key} has no user or no item vectors")
+        raise EmptyTableError(f"the model of {train_date} has no user or no item vectors")
     training = warehouse.table_name(layout.TRAINING_EVENTS)
     pairs = warehouse.query(distinct_pairs_query(warehouse.dialect, training, summary.user_key), {"train_date": train_date})
     seen = seen_matrix(pairs, user_ids, item_ids)
@@ -161,17 +243,13 @@ def recommendations(
     seconds = time.perf_counter() - started
     # Scoring work: one multiply-add per user, item and vector dimension.
     flops = 2.0 * len(user_ids) * len(item_ids) * user_vectors.shape[1]
-    return dg.MaterializeResult(
-        metadata={
-            **table_metadata(qualified, recommendations_schema(), written),
-            "latest_view": warehouse.table_name(layout.RECOMMENDATIONS_LATEST),
-            "k": min(config.k, len(item_ids)),
-            "users": len(user_ids),
-            "items": len(item_ids),
-            "seen_pairs_removed": int(seen.nnz),
-            "seconds": round(seconds, 2),
-            "scoring_gflop_per_s": round(flops / seconds / 1e9, 2) if seconds else 0.0,
-            "mlflow_run_id": summary.mlflow_run_id,
-            "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(summary.mlflow_experiment_id, summary.mlflow_run_id)),
-        }
-    )
+    return {
+        **table_metadata(qualified, recommendations_schema(), written),
+        "computed_by": "local blocked matrix products",
+        "k": min(config.k, len(item_ids)),
+        "users": len(user_ids),
+        "items": len(item_ids),
+        "seen_pairs_removed": int(seen.nnz),
+        "seconds": round(seconds, 2),
+        "scoring_gflop_per_s": round(flops / seconds / 1e9, 2) if seconds else 0.0,
+    }
