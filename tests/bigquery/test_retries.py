@@ -224,11 +224,12 @@ def events_table_run(warehouse: BigQueryWarehouse, policy: dg.RetryPolicy):
 
 
 def click_events_run(warehouse: BigQueryWarehouse):
-    """The graph's own click_events step (with WAREHOUSE_RETRY_POLICY)."""
+    """The graph's own click_events step (with WAREHOUSE_RETRY_POLICY), for one event day."""
     from twotower_assets.defs.source.assets import click_events
 
     return dg.materialize(
         [click_events],
+        partition_key="2026-05-31",
         resources={"warehouse": warehouse},
         run_config={"ops": {"click_events": {"config": {
             "num_users": 20, "num_items": 40, "num_events": 200, "days": 3, "end_date": "2026-05-31", "seed": 1}}}},
