@@ -72,13 +72,13 @@ def test_parse_vector_rejects_bad_values():
     assert parse_vector("[1, NaN]", 2) is None
 
 
-def learnable_table(n_rows: int = 4000, seed: int = 0) -> pa.Table:
+def learnable_table(n_rows: int = 4000, seed: int = 0, n_users: int = 200, n_groups: int = 8) -> pa.Table:
     """Users of group g click only items of group g: a retrieval model must learn the groups."""
     rng = np.random.default_rng(seed)
-    users = rng.integers(0, 200, n_rows)
-    groups = users % 8
+    users = rng.integers(0, n_users, n_rows)
+    groups = users % n_groups
     items = groups * 10 + rng.integers(0, 10, n_rows)
-    counts = np.bincount(items, minlength=80)
+    counts = np.bincount(items, minlength=10 * n_groups)
     return pa.table(
         {
             "user_id": [f"u{u}" for u in users],

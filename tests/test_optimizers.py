@@ -7,11 +7,11 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pydantic
 import pytest
 import tensorflow as tf
 
+from test_model import learnable_table
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, load_dataset, save_dataset
 from twotower_assets.model.features import load_feature_config
 from twotower_assets.model.optimizers import LazyAdam, make_optimizer
@@ -121,33 +121,13 @@ def test_amsgrad_is_refused():
         LazyAdam(amsgrad=True)
 
 
-def tiny_table(n_rows: int = 3000, seed: int = 0) -> pa.Table:
-    """Users of group g click only items of group g (tiny-features' columns)."""
-    rng = np.random.default_rng(seed)
-    users = rng.integers(0, 150, n_rows)
-    groups = users % 6
-    items = groups * 10 + rng.integers(0, 10, n_rows)
-    counts = np.bincount(items, minlength=60)
-    return pa.table({
-        "user_id": [f"u{u}" for u in users],
-        "item_id": [f"i{i}" for i in items],
-        "booking_cnt": rng.integers(0, 5, n_rows),
-        "user_queries": [f"topic{g} words" for g in groups],
-        "offer_category_id": [f"c{g}" for g in groups],
-        "item_names": [f"name{g} thing" for g in groups],
-        "item_mean_stock_price": rng.random(n_rows) * 20,
-        "item_image_embedding": [json.dumps([float(g)] * 16) for g in groups],
-        SAMPLING_PROBABILITY_COLUMN: counts[items] / n_rows,
-    })
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     config = load_feature_config("tiny-features")
     kinds = {**feature_kinds(config), SAMPLING_PROBABILITY_COLUMN: "number"}
     builder = FeatureStatsBuilder(config)
     directory = tmp_path_factory.mktemp("optimizer-data")
-    rows = save_dataset(tiny_table().to_batches(max_chunksize=1000), kinds, directory / "train", on_batch=builder.update)
+    rows = save_dataset(learnable_table(3000, n_users=150, n_groups=6).to_batches(max_chunksize=1000), kinds, directory / "train", on_batch=builder.update)
     return config, builder.build(), load_dataset(directory / "train"), rows
 
 
