@@ -67,7 +67,10 @@ def previous_day(date: str) -> str:
 
 def event_window_start(run_config: dict) -> str:
     """First event day the split of PARTITION reads (``split_tables``' ``event_day_number``)."""
-    days = run_config.get("ops", {}).get("split_tables", {}).get("config", {}).get("event_day_number", 90)
+    from twotower_assets.defs.splits.assets import SplitConfig
+
+    split = run_config.get("ops", {}).get("split_tables", {}).get("config", {})
+    days = SplitConfig(**split).event_day_number
     return (dt.date.fromisoformat(PARTITION) - dt.timedelta(days=days)).isoformat()
 
 
