@@ -95,3 +95,58 @@ def test_feature_absent_from_data_is_named():
 def test_unknown_config_name_lists_the_known_ones():
     with pytest.raises(FeatureConfigError, match="default-features"):
         load_feature_config("no-such-config")
+
+
+HISTORY_USER = {"user_id": {"type": "string", "embedding_size": 8}}
+
+
+@pytest.mark.parametrize(
+    "user_layers, item_layers, expected",
+    [
+        (
+            {**HISTORY_USER, "user_recent_items": {"type": "history", "embedding_size": 4}},
+            GOOD_ITEM,
+            "history feature 'user_recent_items' has embedding_size 4 but it shares the item tower's 'item_id' embedding of size 8",
+        ),
+        (
+            HISTORY_USER,
+            {**GOOD_ITEM, "item_recent_users": {"type": "history", "embedding_size": 8}},
+            "history feature 'item_recent_users' must be in user_embedding_layers",
+        ),
+        (
+            {"user_id": {"type": "string", "embedding_size": 8, "pooling": "mean"}},
+            GOOD_ITEM,
+            "'pooling' and 'length' apply only to features of type 'history'",
+        ),
+        (
+            {**HISTORY_USER, "user_recent_items": {"type": "history", "embedding_size": 8, "pooling": "max"}},
+            GOOD_ITEM,
+            "feature 'user_recent_items' in user_embedding_layers",
+        ),
+        (
+            {**HISTORY_USER, "user_recent_items": {"type": "history", "embedding_size": 8, "length": 0}},
+            GOOD_ITEM,
+            "Input should be greater than 0",
+        ),
+    ],
+)
+def test_history_feature_mistakes_are_named(tmp_path, user_layers, item_layers, expected):
+    path = _write(tmp_path, {"user_embedding_layers": user_layers, "item_embedding_layers": item_layers})
+    with pytest.raises(FeatureConfigError) as error:
+        load_feature_config(path)
+    assert path in str(error.value)
+    assert expected in str(error.value)
+
+
+def test_history_feature_defaults_and_settings(tmp_path):
+    path = _write(tmp_path, {
+        "user_embedding_layers": {**HISTORY_USER,
+                                  "recent": {"type": "history", "embedding_size": 8},
+                                  "recent_attention": {"type": "history", "embedding_size": 8, "pooling": "attention", "length": 50}},
+        "item_embedding_layers": GOOD_ITEM,
+    })
+    config = load_feature_config(path)
+    assert list(config.history_features) == ["recent", "recent_attention"]
+    assert (config.history_features["recent"].history_pooling, config.history_features["recent"].history_length) == ("mean", 20)
+    assert (config.history_features["recent_attention"].history_pooling,
+            config.history_features["recent_attention"].history_length) == ("attention", 50)

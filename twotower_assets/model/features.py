@@ -25,7 +25,12 @@ import pydantic
 
 from twotower_assets.identifiers import check_identifier
 
-FeatureType = Literal["string", "int", "text", "pretrained"]
+FeatureType = Literal["string", "int", "text", "pretrained", "history"]
+
+HistoryPooling = Literal["mean", "attention"]
+
+DEFAULT_HISTORY_LENGTH = 20
+"""Items a ``history`` feature keeps per event when the config does not say (newest first)."""
 
 ITEM_ID_FEATURE = "item_id"
 """The item tower's key: the column that identifies an item everywhere in the pipeline."""
@@ -47,6 +52,24 @@ class FeatureSpec(pydantic.BaseModel):
     type: FeatureType
     # Strict: "8", 8.0 and true are mistakes in a config file, not sizes.
     embedding_size: Annotated[int, pydantic.Field(strict=True, gt=0)]
+    # Only for ``history`` features: how the history items' vectors are pooled into one, and
+    # how many of the user's latest earlier items the warehouse keeps per event.
+    pooling: HistoryPooling | None = None
+    length: Annotated[int, pydantic.Field(strict=True, gt=0)] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _history_settings_only_on_history(self) -> FeatureSpec:
+        if self.type != "history" and (self.pooling is not None or self.length is not None):
+            raise ValueError("'pooling' and 'length' apply only to features of type 'history'")
+        return self
+
+    @property
+    def history_pooling(self) -> HistoryPooling:
+        return self.pooling or "mean"
+
+    @property
+    def history_length(self) -> int:
+        return self.length or DEFAULT_HISTORY_LENGTH
 
 
 class FeatureConfig(pydantic.BaseModel):
@@ -89,6 +112,18 @@ class FeatureConfig(pydantic.BaseModel):
             raise ValueError(f"missing id feature {ITEM_ID_FEATURE!r} in item_embedding_layers")
         if self.item_embedding_layers[ITEM_ID_FEATURE].type != "string":
             raise ValueError(f"id feature {ITEM_ID_FEATURE!r} must have type 'string'")
+        # A history is a list of item ids embedded with the item tower's id embedding (shared
+        # weights), so it belongs to the user tower and has the item id's vector size.
+        item_id_size = self.item_embedding_layers[ITEM_ID_FEATURE].embedding_size
+        for name, spec in self.item_embedding_layers.items():
+            if spec.type == "history":
+                raise ValueError(f"history feature {name!r} must be in user_embedding_layers")
+        for name, spec in self.user_embedding_layers.items():
+            if spec.type == "history" and spec.embedding_size != item_id_size:
+                raise ValueError(
+                    f"history feature {name!r} has embedding_size {spec.embedding_size} but it shares "
+                    f"the item tower's {ITEM_ID_FEATURE!r} embedding of size {item_id_size}"
+                )
         # The input statistics are kept per column, so one column cannot be two kinds of feature.
         for name in self.user_embedding_layers.keys() & self.item_embedding_layers.keys():
             user_type = self.user_embedding_layers[name].type
@@ -115,6 +150,11 @@ class FeatureConfig(pydantic.BaseModel):
     @property
     def item_columns(self) -> list[str]:
         return list(self.item_embedding_layers)
+
+    @property
+    def history_features(self) -> dict[str, FeatureSpec]:
+        """User-tower features computed by the warehouse from the user's earlier events."""
+        return {name: spec for name, spec in self.user_embedding_layers.items() if spec.type == "history"}
 
     def columns_of_type(self, feature_type: FeatureType) -> list[str]:
         """Distinct columns of one feature type across both towers, in config order."""
