@@ -43,6 +43,47 @@ def test_interrupted_partition_write_keeps_the_old_partition(warehouse):
     assert warehouse.query("SELECT item_id FROM history ORDER BY item_id")["item_id"].to_pylist() == ["a", "b"]
 
 
+DAY3 = dt.date(2026, 6, 15)
+
+
+def _stream(*tables):
+    return (batch for table in tables for batch in table.to_batches())
+
+
+def test_replace_partitions_writes_listed_days_in_one_go_and_keeps_the_rest(warehouse):
+    warehouse.replace_partition("history", "train_date", DAY1, rows(DAY1, ["a", "b"]))
+    warehouse.replace_partition("history", "train_date", DAY2, rows(DAY2, ["c"]))
+    new = [rows(DAY2, ["x", "y", "z"]), rows(DAY3, ["w"])]
+    # DAY1 is not listed: kept; DAY2 replaced; DAY3 new; a listed day with no rows is emptied.
+    counts = warehouse.replace_partitions("history", "train_date", [DAY2, DAY3], _stream(*new), schema=new[0].schema)
+    assert counts == {DAY2: 3, DAY3: 1}
+    assert warehouse.partition_row_counts("history", "train_date") == {DAY1: 2, DAY2: 3, DAY3: 1}
+    emptied = warehouse.replace_partitions("history", "train_date", [DAY3], _stream(rows(DAY3, [])), schema=new[0].schema)
+    assert emptied == {DAY3: 0}
+    assert warehouse.partition_row_counts("history", "train_date") == {DAY1: 2, DAY2: 3}
+
+
+def test_replace_partitions_refuses_a_row_of_an_unlisted_day_and_writes_nothing(warehouse):
+    warehouse.replace_partition("history", "train_date", DAY1, rows(DAY1, ["a", "b"]))
+    stray = [rows(DAY2, ["x"]), rows(DAY1, ["overwritten?"])]
+    with pytest.raises(WarehouseError, match="train_date = 2026-06-01, which is not one of the partitions"):
+        warehouse.replace_partitions("history", "train_date", [DAY2], _stream(*stray), schema=stray[0].schema)
+    assert warehouse.query("SELECT item_id FROM history ORDER BY item_id")["item_id"].to_pylist() == ["a", "b"]
+
+
+def test_interrupted_multi_day_write_keeps_every_old_day(warehouse):
+    warehouse.replace_partition("history", "train_date", DAY1, rows(DAY1, ["a", "b"]))
+    warehouse.replace_partition("history", "train_date", DAY2, rows(DAY2, ["c"]))
+
+    def dying_stream():
+        yield rows(DAY1, ["x"]).to_batches()[0]
+        raise ConnectionError("stream cut")
+
+    with pytest.raises(Exception, match="stream cut"):
+        warehouse.replace_partitions("history", "train_date", [DAY1, DAY2], dying_stream(), schema=rows(DAY1, ["q"]).schema)
+    assert warehouse.partition_row_counts("history", "train_date") == {DAY1: 2, DAY2: 1}
+
+
 def test_write_table_failure_keeps_the_old_table(warehouse):
     warehouse.write_table("events", pa.table({"x": [1, 2, 3]}))
 

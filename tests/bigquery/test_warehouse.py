@@ -136,6 +136,19 @@ def test_replace_partition_touches_one_partition_and_reruns_never_duplicate(bq_w
     assert sorted_rows(after, "item_id") == sorted_rows(june_8, "item_id")
 
 
+def test_replace_partitions_writes_each_listed_day_and_refuses_an_unlisted_one(bq_warehouse):
+    name = bq_warehouse.table_name("two_tower_item_embedding_history")
+    june_15 = JUNE_8 + dt.timedelta(days=7)
+    bq_warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 5))
+    stream = [item_rows(JUNE_8, 2), item_rows(june_15, 4)]
+    counts = bq_warehouse.replace_partitions(name, "train_date", [JUNE_8, june_15],
+                                             (b for t in stream for b in t.to_batches()), schema=stream[0].schema)
+    assert counts == {JUNE_8: 2, june_15: 4}
+    with pytest.raises(WarehouseError, match="not one of the partitions being written"):
+        bq_warehouse.replace_partitions(name, "train_date", [JUNE_8], item_rows(JUNE_1, 9))
+    assert bq_warehouse.partition_row_counts(name, "train_date") == {JUNE_1: 5, JUNE_8: 2, june_15: 4}
+
+
 def test_latest_view_shows_the_newest_partition(bq_warehouse, bq_client):
     name = bq_warehouse.table_name("two_tower_item_embedding_history")
     view = bq_warehouse.table_name("two_tower_item_embedding_latest")

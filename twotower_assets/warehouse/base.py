@@ -13,17 +13,28 @@ from __future__ import annotations
 
 import datetime as dt
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from twotower_assets.warehouse.errors import WarehouseError
 from twotower_assets.warehouse.sql import Dialect, NeighborSearch
 
 ArrowData = pa.Table | Iterable[pa.RecordBatch]
 QueryParams = Mapping[str, Any]
+
+
+def check_partition_values(rows: pa.Table | pa.RecordBatch, column: str, values: Sequence[dt.date]) -> None:
+    """Raise unless every row's ``column`` is one of ``values`` (a write must not touch other partitions)."""
+    if column not in rows.schema.names:
+        raise WarehouseError(f"the rows have no partition column {column!r} (columns: {rows.schema.names})")
+    outside = pc.invert(pc.fill_null(pc.is_in(rows[column], value_set=pa.array(list(values), rows.schema.field(column).type)), False))
+    if pc.any(outside).as_py():
+        example = pc.filter(rows[column], outside)[0].as_py()
+        raise WarehouseError(f"a row has {column} = {example}, which is not one of the partitions being written")
 
 
 def as_batches(data: ArrowData, schema: pa.Schema | None = None) -> pa.RecordBatchReader:
@@ -94,6 +105,30 @@ class WarehouseResource(dg.ConfigurableResource):
 
         Creates the table when it does not exist. Rows of other partitions are untouched.
         """
+
+    def replace_partitions(
+        self,
+        name: str,
+        partition_column: str,
+        partition_values: Sequence[dt.date],
+        data: ArrowData,
+        schema: pa.Schema | None = None,
+    ) -> dict[dt.date, int]:
+        """Replace the rows of every value in ``partition_values`` with ``data``; each value's new count.
+
+        ``data`` is the rows of all those partitions (a stream is fine); a row whose value is not
+        listed is an error and nothing is written. This default replaces one partition at a time
+        and holds ``data`` in memory; DuckDB overrides it with one transaction over a stream.
+        """
+        rows = as_batches(data, schema).read_all()
+        check_partition_values(rows, partition_column, partition_values)
+        column = rows[partition_column]
+        return {
+            value: self.replace_partition(
+                name, partition_column, value, rows.filter(pc.equal(column, pa.scalar(value, column.type))), schema=schema
+            )
+            for value in partition_values
+        }
 
     @abstractmethod
     def replace_partition_from_queries(

@@ -25,6 +25,7 @@ emulator).
 
 
 import datetime as dt
+import itertools
 from collections.abc import Iterator
 from typing import Literal
 
@@ -163,16 +164,21 @@ def click_events(
         f"{len(kept)} already materialised and kept"
     )
     own_keys = set(context.partition_keys)
-    for day, events in days_of(config, days):
-        schema = events.schema
-        rows[day] = warehouse.replace_partition(table, DATE_COLUMN, day, events, schema=schema)
+    generated = iter(days_of(config, days))
+    first = next(generated, None)
+    if first is not None:
+        schema = first[1].schema
+        # One stream of every day's rows: the warehouse writes them in one transaction.
+        batches = (batch for _, events in itertools.chain([first], generated) for batch in events.to_batches())
+        rows = warehouse.replace_partitions(table, DATE_COLUMN, days, batches, schema=schema)
+    for day, count in rows.items():
         key = day.isoformat()
         if key not in own_keys and event_day_partitions.has_partition_key(key):
             # A day of the training window: recorded as that day's partition (the run's own
             # partitions are recorded by the result below).
             context.log_event(dg.AssetMaterialization(
                 asset_key=context.asset_key, partition=key,
-                metadata={"dagster/row_count": rows[day], "source": config.source, "written_by_training_run": True},
+                metadata={"dagster/row_count": count, "source": config.source, "written_by_training_run": True},
             ))
     metadata = {
         "dagster/row_count": sum(rows.values()),
