@@ -327,3 +327,54 @@ def test_evaluation_does_not_depend_on_the_order_the_warehouse_returns_rows():
         table, _ = evaluate(user_embeddings, item_embeddings, training.take(shuffle(training.num_rows)),
                             test.take(shuffle(test.num_rows)), config)
         pd.testing.assert_frame_equal(table, expected, check_exact=False, rtol=1e-9)
+
+
+def _two_blocks() -> sp.csr_matrix:
+    """a, b co-occur twice (n_a = 3, n_b = 2); c, d once (n_c = 1, n_d = 2); no pair across the blocks."""
+    rows = [[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]]
+    return sp.csr_matrix(np.array(rows, dtype=np.float32))
+
+
+def test_ease_weights_match_the_closed_form_by_hand():
+    # With two items that co-occur n_ab times, B = I - P diag(1/diag P), P = (X'X + lambda I)^-1
+    # gives B[a, b] = n_ab / (n_a + lambda) and B[b, a] = n_ab / (n_b + lambda) (Steck 2019).
+    weights = metrics.ease_item_weights(_two_blocks(), regulariser=1.0)
+    expected = np.zeros((4, 4))
+    expected[0, 1], expected[1, 0] = 2 / (3 + 1), 2 / (2 + 1)
+    expected[2, 3], expected[3, 2] = 1 / (1 + 1), 1 / (2 + 1)
+    np.testing.assert_allclose(weights, expected, atol=1e-6)
+
+
+def test_ease_recommends_co_occurring_items_and_skips_seen():
+    train = _two_blocks()
+    # User 2 has a: b (2/4) first, then c and d (score 0) by index. User 4 has d: c (1/3) first.
+    top = metrics.ease_recommendations(train, np.array([2, 4]), 3, exclude=train[[2, 4]], regulariser=1.0)
+    assert top.tolist() == [[1, 2, 3], [2, 0, 1]]
+
+
+def test_ease_refuses_a_catalogue_above_its_bound():
+    with pytest.raises(ValueError, match="EASE needs a dense 4 x 4 item matrix; the bound is 3 items"):
+        metrics.ease_recommendations(_two_blocks(), np.array([0]), 2, regulariser=1.0, max_items=3)
+
+
+def test_evaluation_reports_ease_under_its_bound_and_says_why_not_above_it():
+    import pyarrow as pa
+
+    from twotower_assets.defs.evaluation.assets import EvaluationConfig, evaluate
+
+    train = _two_blocks()
+    users, items = [f"u{n}" for n in range(5)], ["a", "b", "c", "d"]
+    rows, cols = train.nonzero()
+    training = pa.table({"user_id": [users[r] for r in rows], "item_id": [items[c] for c in cols], "events": [1] * len(rows)})
+    test = pa.table({"user_id": ["u2", "u4"], "item_id": ["b", "c"], "events": [1, 1]})
+    vectors = lambda ids, key: pa.table({key: ids, "embedding": [[1.0, float(n)] for n in range(len(ids))]})  # noqa: E731
+    config = EvaluationConfig(ks=[1, 2], num_users=10, svd_factors=1, ease_regulariser=1.0)
+    table, counts = evaluate(vectors(users, "user_id"), vectors(items, "item_id"), training, test, config)
+    ease = table[(table["model"] == "ease") & (table["segment"] == "all")].set_index("k")
+    # u2 (has a) gets b first, u4 (has d) gets c first (the weights above): both hit at k = 1.
+    assert ease.loc[1, "recall"] == 1.0 and ease.loc[1, "precision"] == 1.0
+    assert counts["ease"] == "evaluated"
+
+    _, counts = evaluate(vectors(users, "user_id"), vectors(items, "item_id"), training, test,
+                         EvaluationConfig(ks=[1], num_users=10, svd_factors=1, ease_max_items=3))
+    assert counts["ease"] == "left out: 4 items is above ease_max_items (3)"

@@ -215,7 +215,7 @@ class EvaluationFiles:
     def plot(self, name: str) -> Path:
         return self.root / f"{name}.png"
 
-    def write_counts(self, counts: dict[str, int]) -> None:
+    def write_counts(self, counts: dict[str, int | str]) -> None:
         self.counts.write_text(json.dumps(counts))
 
 
