@@ -1,0 +1,64 @@
+"""The public in-memory API: other splits than the graph's, trained with the product's model."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from twotower_assets.model import in_memory
+from twotower_assets.model.features import parse_feature_config
+from twotower_assets.model.training import TrainingParams
+
+EVENTS = pa.table({
+    "user_id": ["u1", "u1", "u1", "u2", "u2", "u3"],
+    "item_id": ["a", "b", "c", "a", "d", "b"],
+    "event_timestamp": [1, 3, 3, 5, 2, 9],
+})
+
+
+def test_leave_last_out_holds_out_each_users_latest_event():
+    split = in_memory.leave_last_out(EVENTS)
+    # u1's latest second holds b and c: the larger item id (c) is the test row; u3 has one event.
+    assert sorted(zip(split.test["user_id"].to_pylist(), split.test["item_id"].to_pylist())) == [("u1", "c"), ("u2", "a")]
+    assert sorted(zip(split.train["user_id"].to_pylist(), split.train["item_id"].to_pylist())) == [
+        ("u1", "a"), ("u1", "b"), ("u2", "d"), ("u3", "b")]
+    # The same split whatever the row order.
+    shuffled = in_memory.leave_last_out(EVENTS.take(pa.array([5, 3, 1, 0, 4, 2])))
+    assert sorted(shuffled.test["item_id"].to_pylist()) == sorted(split.test["item_id"].to_pylist())
+
+
+def test_leave_last_out_names_a_missing_column():
+    with pytest.raises(ValueError, match="no column 'event_timestamp'"):
+        in_memory.leave_last_out(EVENTS.drop_columns(["event_timestamp"]))
+
+
+def test_random_split_is_seeded_and_disjoint():
+    events = pa.table({"user_id": [f"u{n % 7}" for n in range(100)], "item_id": [f"i{n}" for n in range(100)]})
+    first, again = in_memory.random_split(events, 0.2, seed=3), in_memory.random_split(events, 0.2, seed=3)
+    assert first.test.num_rows == 20 and first.train.num_rows == 80
+    assert first.test["item_id"].to_pylist() == again.test["item_id"].to_pylist()
+    assert not set(first.test["item_id"].to_pylist()) & set(first.train["item_id"].to_pylist())
+    with pytest.raises(ValueError, match="test_share"):
+        in_memory.random_split(events, 1.0)
+
+
+def test_fit_on_a_leave_last_out_split_learns_the_groups():
+    # Users of group g click only items of group g (as tests/test_model.py's learnable table):
+    # trained on a leave-last-out split, each held-out user scores its group's items higher.
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 200, 4000)
+    items = (users % 8) * 10 + rng.integers(0, 10, 4000)
+    events = pa.table({"user_id": [f"u{u}" for u in users], "item_id": [f"i{i}" for i in items],
+                       "event_timestamp": np.arange(4000)})
+    config = parse_feature_config({
+        "user_embedding_layers": {"user_id": {"type": "string", "embedding_size": 8}},
+        "item_embedding_layers": {"item_id": {"type": "string", "embedding_size": 8}},
+    }, "groups", "test")
+    split = in_memory.leave_last_out(events)
+    assert split.test.num_rows == 200
+    fitted = in_memory.fit(config, split.train, split.test,
+                           TrainingParams(embedding_size=8, batch_size=64, epochs=20, learning_rate=0.05, seed=3))
+    catalogue = pa.table({"item_id": [f"i{n}" for n in range(80)]})
+    scores = in_memory.tower_vectors(fitted, "user", split.test) @ in_memory.tower_vectors(fitted, "item", catalogue).T
+    user_group = np.array([int(u[1:]) % 8 for u in split.test["user_id"].to_pylist()])
+    same = user_group[:, None] == (np.arange(80) // 10)[None, :]
+    assert scores[same].mean() > scores[~same].mean() + 0.2
