@@ -154,7 +154,14 @@ def main() -> int:
         topk._top_k_dense(users, items_t, args.k, seen, 1024, np.arange(sample.stop), plain)
         plain_seconds = (time.perf_counter() - started) * args.users / sample.stop
         add("plain pass: argpartition of every score", plain_seconds, f"timed on {sample.stop:,} users, scaled")
-        assert np.array_equal(plain, ours[sample]), "threshold pass and plain pass disagree"
+        # The two passes multiply in different blocks, so float32 scores can differ in the last
+        # bit and two items a rounding error apart swap (seen once in 4,096 users x 100): the
+        # lists must match score for score, to float32 rounding.
+        def scores_of(lists):
+            return np.einsum("ud,ukd->uk", users[sample].astype(np.float64), items[lists].astype(np.float64))
+        assert np.allclose(scores_of(plain), scores_of(ours[sample]), rtol=0, atol=1e-6), "threshold pass and plain pass disagree"
+        swapped = int((plain != ours[sample]).any(axis=1).sum())
+        print(f"  plain vs threshold pass: {swapped} of {sample.stop:,} lists differ only by float32 near-ties", file=sys.stderr)
 
     import tensorflow as tf
     import tensorflow_recommenders as tfrs
