@@ -1,8 +1,7 @@
-"""Warm start vs cold start on consecutive weekly dates of the synthetic data.
+"""Warm start vs cold start on consecutive weekly dates of the synthetic data or of MovieLens.
 
-The graph prepares three weekly training dates (click_events, the splits, tf_datasets; the
-synthetic source of ``--users/--items/--events``), then, per seed, this script trains in
-process with the product's code (``train_two_tower``, the trainer's inputs: saved blocks,
+The graph prepares three weekly training dates (click_events, the splits, tf_datasets), then,
+per seed, this script trains in process with the product's code (``train_two_tower``, the trainer's inputs: saved blocks,
 seen pairs for val_loss):
 
 * date 1, cold: the model the next week starts from;
@@ -17,11 +16,25 @@ Jaccard@10 of the top-10 lists of shared users and item-neighbour overlap@50
 (``twotower_assets.model.comparison``). The summary gives warm/cold ratios per date
 (mean over seeds) and the seed spread of recall.
 
+Sources (``--source``):
+
+* ``synthetic`` (default): the seeded generator (``--users/--items/--events``, 60 days ending
+  2026-05-31), 30 event days per date, the tiny run config's features;
+* ``movielens``: MovieLens 100K split by time (``--data``: GroupLens's or RecBole's ml-100k
+  files; the bench reads them, the product never needs them). The product's MovieLens source
+  (``configs/run/movielens.yaml``: ``click_events`` shifts every rating by whole days so the
+  last one falls on 2026-05-31, a 240-day window that holds all 215 days of ratings, feature
+  config ``movielens-features``, its embedding size, batch, learning rate and temperature).
+  A date D trains on the ratings before D, so 2026-05-18, 2026-05-25 and 2026-06-01 see the
+  ratings up to 05-17, 05-24 and 05-31: each week adds that week's newer ratings (1,382 and
+  2,278 of the 100,000) and moves every user's chronological 80% cut.
+
 Target (issue 15): warm reaches the cold best val_loss in at most half the cold epochs, at
 equal recall within the seed spread.
 
     python bench/warm_start.py                    # 3 seeds, 3 weekly dates, ~2,000 users
     python bench/warm_start.py --seeds 1 --epochs 10   # a quick look
+    python bench/warm_start.py --source movielens --data data/ml-100k --epochs 20
 """
 
 from __future__ import annotations
@@ -38,7 +51,41 @@ from _common import REPO, markdown_table, print_header  # noqa: E402
 
 DATES = ["2026-05-18", "2026-05-25", "2026-06-01"]
 EVENT_DAYS = 30
-"""Event days each date trains on (tiny.yaml's event_day_number)."""
+"""Event days each synthetic date trains on (tiny.yaml's event_day_number)."""
+LAST_EVENT_DAY = "2026-05-31"
+RUN_CONFIGS = {"synthetic": "configs/run/tiny.yaml", "movielens": "configs/run/movielens.yaml"}
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The ops config of click_events, the splits and tf_datasets for ``args.source``."""
+    import yaml
+
+    config = yaml.safe_load((REPO / RUN_CONFIGS[args.source]).read_text())
+    ops = {op: config["ops"][op] for op in ("click_events", "split_tables", "tf_datasets")}
+    if args.source == "movielens":
+        ops["click_events"]["config"].update({"movielens_path": str(Path(args.data).resolve()), "end_date": LAST_EVENT_DAY})
+    else:
+        ops["click_events"]["config"].update(
+            {"num_users": args.users, "num_items": args.items, "num_events": args.events, "days": 60,
+             "end_date": LAST_EVENT_DAY, "seed": 7}
+        )
+        ops["split_tables"]["config"].update({"train_set_size": 0.8, "event_day_number": EVENT_DAYS})
+    return ops
+
+
+def model_defaults(args: argparse.Namespace) -> dict:
+    """Embedding size, batch, learning rate and temperature: the source's run config
+    (movielens.yaml) for MovieLens, the synthetic bench's own for the synthetic data; a flag
+    given on the command line wins."""
+    if args.source == "movielens":
+        import yaml
+
+        model = yaml.safe_load((REPO / RUN_CONFIGS["movielens"]).read_text())["ops"]["two_tower_model"]["config"]
+        defaults = {name: model[name] for name in ("embedding_size", "batch_size", "learning_rate", "temperature")}
+    else:
+        defaults = {"embedding_size": 32, "batch_size": 512, "learning_rate": 0.05}
+    given = {name: getattr(args, name) for name in ("embedding_size", "batch_size", "learning_rate", "temperature")}
+    return {**defaults, **{name: value for name, value in given.items() if value is not None}}
 
 
 def prepare(home: Path, args: argparse.Namespace) -> dict:
@@ -46,7 +93,6 @@ def prepare(home: Path, args: argparse.Namespace) -> dict:
     import datetime as dt
 
     import dagster as dg
-    import yaml
 
     from twotower_assets.definitions import ALL_ASSETS, ALL_CHECKS
     from twotower_assets.lib.artifacts import ArtifactStore
@@ -59,23 +105,24 @@ def prepare(home: Path, args: argparse.Namespace) -> dict:
         "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=(home / "mlartifacts").as_uri()),
         "artifacts": ArtifactStore(base_dir=str(home / "artifacts")),
     }
-    config = yaml.safe_load((REPO / "configs/run/tiny.yaml").read_text())
-    config["ops"]["click_events"]["config"].update(
-        {"num_users": args.users, "num_items": args.items, "num_events": args.events, "days": 60,
-         "end_date": "2026-05-31", "seed": 7}
-    )
-    ops = {op: config["ops"][op] for op in ("click_events", "split_tables", "tf_datasets")}
-    ops["split_tables"]["config"].update({"train_set_size": 0.8, "event_day_number": EVENT_DAYS})
-    # The events first, every day in one run (an events backfill over a partition range), then
-    # the splits and datasets of each date.
-    first_day = (dt.date.fromisoformat(DATES[0]) - dt.timedelta(days=EVENT_DAYS)).isoformat()
-    events = dg.materialize(
-        ALL_ASSETS, selection=["click_events"], resources=resources, run_config={"ops": {"click_events": ops.pop("click_events")}},
-        instance=dg.DagsterInstance.ephemeral(),
-        tags={"dagster/asset_partition_range_start": first_day, "dagster/asset_partition_range_end": "2026-05-31"},
-    )
-    assert events.success
+    ops = run_config(args)
+    window = ops["split_tables"]["config"]["event_day_number"]
     selection = ["training_events", "validation_events", "test_events", "tf_datasets"]
+    if args.source == "movielens":
+        # MovieLens's 240-day window reaches before the first event-day partition, so no
+        # events backfill can write it: each date's run includes click_events, which (as in
+        # a training run of the whole graph) writes the days of its window not yet written.
+        selection.insert(0, "click_events")
+    else:
+        # The events first, every day in one run (an events backfill over a partition range),
+        # then the splits and datasets of each date.
+        first_day = (dt.date.fromisoformat(DATES[0]) - dt.timedelta(days=window)).isoformat()
+        events = dg.materialize(
+            ALL_ASSETS, selection=["click_events"], resources=resources, run_config={"ops": {"click_events": ops.pop("click_events")}},
+            instance=dg.DagsterInstance.ephemeral(),
+            tags={"dagster/asset_partition_range_start": first_day, "dagster/asset_partition_range_end": LAST_EVENT_DAY},
+        )
+        assert events.success
     for date in DATES:
         result = dg.materialize(
             [*ALL_ASSETS, *ALL_CHECKS], selection=selection, resources=resources, partition_key=date,
@@ -119,8 +166,7 @@ def train(resources: dict, date: str, seed: int, args: argparse.Namespace, sourc
     stats = FeatureStats.load(datasets.root)
     pairs = pq.read_table(datasets.seen_pairs)
     params = TrainingParams(
-        embedding_size=args.embedding_size, batch_size=args.batch_size, epochs=args.epochs, learning_rate=0.05,
-        seed=seed, early_stopping_patience=args.patience, warm_start="previous" if source else "none",
+        **model_defaults(args), epochs=args.epochs, seed=seed, early_stopping_patience=args.patience, warm_start="previous" if source else "none",
     )
     clock = EpochClock()
     result = train_two_tower(
@@ -175,24 +221,33 @@ def reach(history: dict, ends: list[float], target: float) -> tuple[int | None, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=["synthetic", "movielens"], default="synthetic")
+    parser.add_argument("--data", default=None, help="MovieLens 100K directory (--source movielens).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--events", type=int, default=60_000)
-    parser.add_argument("--embedding-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--embedding-size", type=int, default=None, help="Default: 32 (synthetic), movielens.yaml's.")
+    parser.add_argument("--batch-size", type=int, default=None, help="Default: 512 (synthetic), movielens.yaml's.")
+    parser.add_argument("--learning-rate", type=float, default=None, help="Default: 0.05 (synthetic), movielens.yaml's.")
+    parser.add_argument("--temperature", type=float, default=None, help="Default: TrainingParams' (synthetic), movielens.yaml's.")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--patience", type=int, default=5, help="EarlyStopping patience (production: 10).")
     parser.add_argument("--home", default=None)
     args = parser.parse_args()
+    if args.source == "movielens" and not args.data:
+        parser.error("--source movielens needs --data (the ml-100k directory)")
 
     import twotower_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
     home = Path(args.home or tempfile.mkdtemp(prefix="twotower-warm-start-"))
     print_header("Warm start vs cold start, consecutive weekly dates", "python bench/warm_start.py " + " ".join(sys.argv[1:]))
-    print(f"Synthetic source: {args.users} users, {args.items} items, {args.events} events over 60 days; dates "
-          f"{', '.join(DATES)}; embedding {args.embedding_size}, batch {args.batch_size}, up to {args.epochs} "
-          f"epochs, EarlyStopping patience {args.patience}, learning rate 0.05.\n", flush=True)
+    model = model_defaults(args)
+    source = (f"MovieLens 100K from {args.data}, ratings shifted to end {LAST_EVENT_DAY}, 240-day window"
+              if args.source == "movielens" else
+              f"Synthetic source: {args.users} users, {args.items} items, {args.events} events over 60 days")
+    print(f"{source}; dates {', '.join(DATES)}; {model}, up to {args.epochs} epochs, EarlyStopping patience "
+          f"{args.patience}.\n", flush=True)
     resources = prepare(home, args)
     rows = []
     for seed in args.seeds:

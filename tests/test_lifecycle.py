@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 
 from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
 from twotower_assets.definitions import ALL_ASSETS
-from twotower_assets.defs.evaluation.comparison import figures_by_date
+from twotower_assets.defs.evaluation.comparison import figures_by_warm_start
 from twotower_assets.defs.training.warm_start_source import previous_model_date, resolve_warm_start
 from twotower_assets.lib import layout
 
@@ -96,10 +96,11 @@ def test_a_low_churn_threshold_warns_without_blocking(two_dates):
     )
     check = churn_check(result)
     assert result.success and not check.passed and "Jaccard@10" in check.description
-    # The overlap-over-dates plot reads earlier materialisations: the second date's, not the
-    # first's (it had nothing to compare with).
-    history = figures_by_date(instance)
-    assert set(history) == {TINY_PARTITION} and 0.0 <= history[TINY_PARTITION]["jaccard_at_10"] <= 1.0
+    # The overlap-over-dates plot reads earlier materialisations, grouped by the model's
+    # warm_start: the second date's, not the first's (it had nothing to compare with).
+    history = figures_by_warm_start(instance)
+    assert set(history) == {"champion"} and set(history["champion"]) == {TINY_PARTITION}
+    assert 0.0 <= history["champion"][TINY_PARTITION]["jaccard_at_10"] <= 1.0
 
 
 def test_previous_picks_the_newest_earlier_saved_model(two_dates):

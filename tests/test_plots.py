@@ -92,6 +92,25 @@ def test_loss_curves():
         plots.loss_curves_png({"val_loss": [1.0]})
 
 
+def test_grouped_series_share_a_colour_per_series_and_a_line_style_per_group():
+    groups = {
+        "none": {"2026-05-25": {"jaccard": 0.3, "overlap": 0.6}, "2026-05-18": {"jaccard": 0.2, "overlap": 0.5}},
+        "previous": {"2026-06-01": {"jaccard": 0.7}, "2026-05-25": {"jaccard": 0.6}},
+    }
+    figure = plots.grouped_series_over_dates_figure(groups, "overlap")
+    [axis] = figure.axes
+    lines = {line.get_label(): line for line in axis.get_lines()}
+    assert set(lines) == {"jaccard (none)", "overlap (none)", "jaccard (previous)"}
+    # Dates in calendar order across both groups, one shared axis.
+    assert [tick.get_text() for tick in axis.get_xticklabels()] == ["2026-05-18", "2026-05-25", "2026-06-01"]
+    assert list(lines["jaccard (none)"].get_xdata()) == [0, 1] and list(lines["jaccard (none)"].get_ydata()) == [0.2, 0.3]
+    assert list(lines["jaccard (previous)"].get_xdata()) == [1, 2]
+    assert lines["jaccard (none)"].get_color() == lines["jaccard (previous)"].get_color()
+    assert lines["jaccard (none)"].get_linestyle() != lines["jaccard (previous)"].get_linestyle()
+    assert lines["jaccard (none)"].get_linestyle() == lines["overlap (none)"].get_linestyle()
+    assert plots.grouped_series_over_dates_png(groups, "overlap").startswith(b"\x89PNG")
+
+
 def test_markdown_image_is_a_data_uri_of_the_png():
     png = plots.loss_curves_png({"loss": [2.0, 1.0]})
     markdown = plots.markdown_image(png, "loss")

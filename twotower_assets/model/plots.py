@@ -31,6 +31,8 @@ __all__ = [
     "markdown_image",
     "metric_vs_k_png",
     "pca_2d",
+    "grouped_series_over_dates_figure",
+    "grouped_series_over_dates_png",
     "series_over_dates_png",
 ]
 
@@ -193,6 +195,50 @@ def histograms_png(series: Mapping[str, Sequence[float]], xlabel: str, title: st
     if series:
         axis.legend()
     return _png(figure)
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def grouped_series_over_dates_figure(
+    groups: Mapping[str, Mapping[str, Mapping[str, float]]], title: str, ylabel: str = ""
+) -> Figure:
+    """Series over dates for several groups of runs on one axis: ``groups`` maps a group
+    (e.g. a ``warm_start`` setting) to date (ISO text) -> series -> value.
+
+    One colour per series and one line style per group, so the same figure of two groups
+    (cold and warm starts) reads side by side; labels say ``series (group)``.
+    """
+    names = sorted({name for points in groups.values() for values in points.values() for name in values})
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    figure = Figure(figsize=(6.4, 4.0))
+    axis = figure.subplots()
+    # Dates as categories in calendar order across all groups, so the groups share the x axis.
+    dates = sorted({date for points in groups.values() for date in points})
+    position = {date: i for i, date in enumerate(dates)}
+    for index, group in enumerate(sorted(groups)):
+        points = groups[group]
+        for name in names:
+            xs = [d for d in sorted(points) if name in points[d]]
+            if xs:
+                axis.plot([position[d] for d in xs], [points[d][name] for d in xs], marker="o",
+                          color=colours[name], linestyle=LINE_STYLES[index % len(LINE_STYLES)], label=f"{name} ({group})")
+    axis.set_xticks(range(len(dates)), dates)
+    axis.set_xlabel("training date")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+    axis.tick_params(axis="x", labelrotation=30)
+    if names:
+        axis.legend(fontsize="small")
+    return figure
+
+
+def grouped_series_over_dates_png(
+    groups: Mapping[str, Mapping[str, Mapping[str, float]]], title: str, ylabel: str = ""
+) -> bytes:
+    """:func:`grouped_series_over_dates_figure` as PNG bytes."""
+    return _png(grouped_series_over_dates_figure(groups, title, ylabel))
 
 
 def series_over_dates_png(points: Mapping[str, Mapping[str, float]], title: str, ylabel: str = "") -> bytes:

@@ -10,9 +10,15 @@ recommendations (each model ranks its own catalogue; seen items are not removed,
 compare the models, not the users' histories), item-neighbour overlap@50, coverage and mean
 popularity of the recommended items for both models, the share of new and dropped users and
 items, the Procrustes residual and the distribution of each user's change after alignment.
-Each figure is a float in the metadata, so the Dagster UI plots it over dates (a backfill of
-weekly dates with and without ``warm_start`` shows the difference); the markdown table and the
-histograms go to the UI and to the date's MLflow run.
+Each figure is a float in the metadata, so the Dagster UI plots it over dates; the markdown
+table and the histograms go to the UI and to the date's MLflow run.
+
+Overlap over dates, cold vs warm: the asset records the model's ``warm_start`` setting (the
+MLflow param its training logged) and draws ``overlap_over_dates`` from the earlier
+materialisations grouped by that setting, the newest of each (setting, date), one line style
+per setting. Backfilling the same dates once with ``warm_start: none`` and once with
+``previous`` in one Dagster instance therefore shows both series on one plot (also as JSON
+metadata, ``overlap_over_dates``; docs/operations.md, docs/decisions.md).
 
 The ``churn`` check (non-blocking, WARN) flags a date whose recommendations or ids changed
 more than configured. Without an earlier champion the asset says so and records no figures.
@@ -100,18 +106,34 @@ OVER_DATES = ("jaccard_at_10", "jaccard_at_100", "item_neighbour_overlap_at_50")
 """The figures drawn over dates (a backfill's dates side by side)."""
 
 
-def figures_by_date(instance: dg.DagsterInstance, limit: int = 200) -> dict[str, dict[str, float]]:
-    """Date -> the :data:`OVER_DATES` figures of the newest earlier materialisation of each date."""
+WARM_START = "warm_start"
+"""Metadata key of the compared model's ``warm_start`` setting: what the series are grouped by."""
+UNRECORDED = "not recorded"
+"""The group of materialisations from before the setting was recorded."""
+
+
+def model_warm_start(mlflow: MlflowTracking, run_id: str) -> str:
+    """The ``warm_start`` setting the model's training logged (``none`` for runs without it)."""
+    with mlflow.reporting_failures("reading the model's warm_start param"):
+        return mlflow.client().get_run(run_id).data.params.get(WARM_START, "none")
+
+
+def figures_by_warm_start(instance: dg.DagsterInstance, limit: int = 200) -> dict[str, dict[str, dict[str, float]]]:
+    """warm_start setting -> date -> the :data:`OVER_DATES` figures of the newest earlier
+    materialisation of that date with that setting."""
     records = instance.fetch_materializations(dg.AssetKey(layout.MODEL_COMPARISON), limit=limit).records
-    by_date: dict[str, dict[str, float]] = {}
-    for record in records:  # newest first: the first record of a date is its latest
+    groups: dict[str, dict[str, dict[str, float]]] = {}
+    for record in records:  # newest first: the first record of a (setting, date) is its latest
         materialization = record.asset_materialization
-        if materialization is None or materialization.partition is None or materialization.partition in by_date:
+        if materialization is None or materialization.partition is None:
             continue
-        values = {name: materialization.metadata[name].value for name in OVER_DATES if name in materialization.metadata}
-        if values:
+        metadata = materialization.metadata
+        group = metadata[WARM_START].value if WARM_START in metadata else UNRECORDED
+        by_date = groups.setdefault(group, {})
+        values = {name: metadata[name].value for name in OVER_DATES if name in metadata}
+        if values and materialization.partition not in by_date:
             by_date[materialization.partition] = values
-    return by_date
+    return {group: by_date for group, by_date in groups.items() if by_date}
 
 
 def churn_verdict(summary: dict[str, float], config: ComparisonConfig) -> tuple[bool, list[str]]:
@@ -192,10 +214,13 @@ def model_comparison(
         figures["user_vector_change"] = plots.histograms_png(
             {"||old R - new||": result.user_change}, "distance after Procrustes alignment", "User-vector change"
         )
-    over_dates = figures_by_date(context.instance)
-    over_dates[context.partition_key] = {name: result.summary[name] for name in OVER_DATES if name in result.summary}
-    figures["overlap_over_dates"] = plots.series_over_dates_png(
-        over_dates, "Overlap with the champion before each date", "mean overlap"
+    setting = model_warm_start(mlflow, summary.mlflow_run_id)
+    over_dates = figures_by_warm_start(context.instance)
+    over_dates.setdefault(setting, {})[context.partition_key] = {
+        name: result.summary[name] for name in OVER_DATES if name in result.summary
+    }
+    figures["overlap_over_dates"] = plots.grouped_series_over_dates_png(
+        over_dates, "Overlap with the champion before each date, by warm_start", "mean overlap"
     )
     passed, reasons = churn_verdict(result.summary, config)
     with artifacts.writing(layout.MODEL_COMPARISON, context.partition_key) as directory, mlflow.active(summary.mlflow_run_id) as run:
@@ -211,6 +236,12 @@ def model_comparison(
         metadata={
             "compared_with": previous_date,
             "champion_mlflow_run_id": previous_run,
+            WARM_START: setting,
+            "overlap_over_dates": dg.MetadataValue.json({
+                group: {date: {name: round(value, 4) for name, value in values.items()}
+                        for date, values in sorted(by_date.items())}
+                for group, by_date in sorted(over_dates.items())
+            }),
             "comparison": dg.MetadataValue.md(markdown),
             **{name: rounded(value) for name, value in result.summary.items()},
             **{f"plot_{name}": dg.MetadataValue.md(plots.markdown_image(png, name)) for name, png in figures.items()},
