@@ -36,6 +36,17 @@ popularity, SVD and EASE baselines, overall and for light vs heavy users.
     .venv/bin/python bench/movielens.py                      # data: ../shared/data/ml-100k
     .venv/bin/python bench/movielens.py --data ~/ml-100k --out /tmp/movielens-bench
     .venv/bin/python bench/movielens.py --ablations          # + feature / loss ablations (~2 min each)
+    .venv/bin/python bench/movielens.py --skip-tutorial --recent-encoding history --recent-items 50 \
+        --seeds 42 43 44                                     # issue 16: one vector per user, 3 seeds
+
+Two-tower options: ``--recent-encoding history`` makes ``user_recent_items`` a ``history``
+feature (the item ids embedded with the item tower's own id embedding, shared weights, pooled
+by ``--history-pooling mean|attention``) instead of a text feature with its own token table;
+``--recent-items N`` is how many latest training ratings the queries see (training rows: before
+the rating; the one vector per user: at the end of training); ``--mixed-negatives M`` adds M
+uniform catalogue negatives per step (Yang et al. 2020); ``--full-catalog-softmax``,
+``--temperature``, ``--embedding-size``, ``--max-epochs``. ``--seeds`` trains once per seed and
+prints the per-user metrics as mean ± sample standard deviation [min, max] beside EASE.
 
 ``--data`` takes GroupLens's u.data/u.user/u.item or RecBole's ml-100k.inter/.user/.item.
 ``--out`` writes results.json, metrics.csv and the plots (PNG).
@@ -137,6 +148,25 @@ def with_recent(events: pd.DataFrame, history: pd.DataFrame, k: int, at_end: boo
         events["user_id"].to_numpy(), times, history["user_id"].to_numpy(), history["item_id"].to_numpy(),
         history["event_timestamp"].to_numpy(), k,
     )
+    return out
+
+
+def with_other_items(events: pd.DataFrame, history: pd.DataFrame, k: int) -> pd.DataFrame:
+    """``events`` with user_recent_items = the user's ``k`` latest ratings in ``history`` at its end,
+    leaving out the event's own item: the query the one-vector-per-user evaluation gives a user
+    (all their training ratings, newest first), minus the item to be predicted.
+
+    Not causal (an event sees its user's later ratings), on purpose: on a random split a test
+    rating is any of the user's ratings, not the next one, and the one vector per user is
+    computed from the whole training history; training each rating on the same kind of query
+    is what EASE does too (every training item predicted from the user's other items).
+    """
+    latest = with_recent(events, history, k + 1, at_end=True)["user_recent_items"]
+    own = events["item_id"].astype(str).to_numpy()
+    out = events.copy()
+    out["user_recent_items"] = [
+        " ".join([m for m in items.split() if m != item][:k]) for items, item in zip(latest, own)
+    ]
     return out
 
 
@@ -288,6 +318,13 @@ class TowerSetup:
 
     config_name: str = "movielens-features"
     recent_items: int = 10
+    # text: user_recent_items is a text feature (its own token table, configs/movielens-features);
+    # history: a history feature over the same column, sharing the item tower's id embedding.
+    recent_encoding: str = "text"
+    history_pooling: str = "mean"
+    # causal: a training rating's query sees the user's ratings strictly before it (next-item);
+    # others: the user's latest training ratings at the end of training, minus its own item.
+    training_history: str = "causal"
     full_catalog_softmax: bool = False
     params: TrainingParams = TrainingParams(
         embedding_size=64, batch_size=1024, epochs=100, learning_rate=0.01, seed=SEED, temperature=0.1,
@@ -298,22 +335,34 @@ class TowerSetup:
     def describe(self) -> str:
         p = self.params
         loss = "exact softmax over all movies" if self.full_catalog_softmax else "in-batch softmax + logQ"
+        if p.mixed_negatives:
+            loss += f" + {p.mixed_negatives} uniform catalogue negatives (mixed)"
         dropped = f", without {list(self.drop_features)}" if self.drop_features else ""
+        recent = (
+            f"history ({self.history_pooling}, shared item id embedding)" if self.recent_encoding == "history" else "text"
+        )
         return (
             f"{self.config_name}{dropped}; {loss}; E={p.embedding_size}, temperature {p.temperature}, "
-            f"{p.optimizer} {p.learning_rate}, seed {p.seed}, batch {p.batch_size}, recent items {self.recent_items}"
+            f"{p.optimizer} {p.learning_rate}, seed {p.seed}, batch {p.batch_size}, max epochs {p.epochs}, "
+            f"recent items {self.recent_items} as {recent}, training rows see {self.training_history} ratings"
         )
 
 
 def _feature_config(setup: TowerSetup):
     config = load_feature_config(setup.config_name)
-    if not setup.drop_features:
+    if not setup.drop_features and setup.recent_encoding == "text":
         return config
     raw = json.loads(config.model_dump_json())
     for tower in ("user_embedding_layers", "item_embedding_layers"):
         raw[tower] = {k: v for k, v in raw[tower].items() if k not in setup.drop_features}
+    if setup.recent_encoding == "history" and "user_recent_items" in raw["user_embedding_layers"]:
+        # Same column, same place in the concatenation; the history shares item_id's embedding.
+        raw["user_embedding_layers"]["user_recent_items"] = {
+            "type": "history", "embedding_size": raw["item_embedding_layers"]["item_id"]["embedding_size"],
+            "pooling": setup.history_pooling, "length": setup.recent_items,
+        }
     raw.pop("name")
-    return parse_feature_config(raw, name=f"{config.name}-ablation", source="bench ablation")
+    return parse_feature_config(raw, name=f"{config.name}-variant", source="bench variant")
 
 
 def _examples(frame: pd.DataFrame, kinds: dict, counts: pd.Series, total: int) -> tuple[dict, pa.RecordBatch]:
@@ -346,7 +395,7 @@ def _train(setup: TowerSetup, config, train: pd.DataFrame, validation: pd.DataFr
         len(train),
         validation_data,
         params,
-        catalog=catalog if setup.full_catalog_softmax else None,
+        catalog=catalog if setup.full_catalog_softmax or params.mixed_negatives else None,
     )
     return result, kinds, catalog
 
@@ -376,13 +425,18 @@ def two_tower(split: Split, index: Index, setup: TowerSetup) -> TowerRun:
     started = time.perf_counter()
     config = _feature_config(setup)
     k = setup.recent_items
-    fit = with_recent(split.fit, split.fit, k)
-    validation = with_recent(split.validation, split.fit, k)
+    if setup.training_history == "others":
+        fit = with_other_items(split.fit, split.fit, k)
+        validation = with_other_items(split.validation, split.fit, k)
+    else:
+        fit = with_recent(split.fit, split.fit, k)
+        validation = with_recent(split.validation, split.fit, k)
     tuned, _, _ = _train(setup, config, fit, validation, split.items, setup.params)
     val_losses = tuned.history.get("val_loss", [])
     best_epochs = int(np.argmin(val_losses)) + 1 if val_losses else tuned.epochs_run
     log(f"two-tower [{setup.describe()}]: best validation epoch {best_epochs} of {tuned.epochs_run}")
-    train = with_recent(split.train, split.train, k)
+    train = with_other_items(split.train, split.train, k) if setup.training_history == "others" else with_recent(
+        split.train, split.train, k)
     final, kinds, _ = _train(
         setup, config, train, None, split.items, setup.params.model_copy(update={"epochs": best_epochs})
     )
@@ -440,6 +494,26 @@ def project_table(table: pd.DataFrame, segment: str = "all") -> str:
     return "\n".join(lines)
 
 
+SEED_METRICS = (("recall", 100), ("ndcg", 10), ("recall", 10), ("ndcg", 100))
+
+
+def seeds_table(per_seed: pd.DataFrame, project: pd.DataFrame) -> str:
+    """Per model: mean ± sample standard deviation [min, max] over seeds; EASE (no seed) beside them."""
+    rows = per_seed[per_seed["segment"] == "all"]
+    lines = ["| model | seeds | " + " | ".join(f"{m}@{k}" for m, k in SEED_METRICS) + " |",
+             "|---|---:|" + "---:|" * len(SEED_METRICS)]
+    for model, group in rows.groupby("model", sort=False):
+        cells = []
+        for metric, k in SEED_METRICS:
+            values = group[group["k"] == k][metric].to_numpy()
+            spread = values.std(ddof=1) if len(values) > 1 else 0.0
+            cells.append(f"{values.mean():.4f} ± {spread:.4f} [{values.min():.4f}, {values.max():.4f}]")
+        lines.append(f"| {model} | {group['seed'].nunique()} | " + " | ".join(cells) + " |")
+    ease = project[(project["segment"] == "all") & (project["model"] == "ease")].set_index("k")
+    lines.append("| ease | - | " + " | ".join(f"{ease.loc[k, m]:.4f}" for m, k in SEED_METRICS) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MovieLens 100K directory (either layout)")
@@ -453,7 +527,27 @@ def main() -> int:
                         help="seed of the two-tower training only (the split stays seeded with 42)")
     parser.add_argument("--optimizer", choices=["lazy_adam", "adam"], default=TrainingParams().optimizer,
                         help="the two-tower's optimizer (TrainingParams.optimizer)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="train the two-tower once per seed and print mean ± spread (default: --training-seed)")
+    parser.add_argument("--recent-items", type=int, default=TowerSetup.recent_items,
+                        help="how many of the user's latest training ratings the query sees")
+    parser.add_argument("--recent-encoding", choices=["text", "history"], default="text",
+                        help="user_recent_items as a text feature, or a history feature sharing item_id's embedding")
+    parser.add_argument("--history-pooling", choices=["mean", "attention"], default="mean")
+    parser.add_argument("--training-history", choices=["causal", "others"], default="causal",
+                        help="a training rating's recent items: those strictly before it, or the user's latest "
+                        "training ratings at the end of training without the rating itself (with_other_items)")
+    parser.add_argument("--mixed-negatives", type=int, default=0,
+                        help="uniform catalogue negatives per step beside the in-batch ones (Yang et al. 2020)")
+    parser.add_argument("--full-catalog-softmax", action="store_true", help="exact softmax over all movies")
+    parser.add_argument("--temperature", type=float, default=TowerSetup().params.temperature)
+    parser.add_argument("--embedding-size", type=int, default=TowerSetup().params.embedding_size,
+                        help="the towers' output size (the feature embeddings keep the config's sizes)")
+    parser.add_argument("--max-epochs", type=int, default=TowerSetup().params.epochs,
+                        help="upper bound of the early-stopped run (an epoch is a fifth of the ratings)")
+    parser.add_argument("--skip-tutorial", action="store_true", help="do not train the TFRS tutorial model")
     args = parser.parse_args()
+    seeds = args.seeds or [args.training_seed]
 
     started = time.perf_counter()
     machine_at_start = machine()
@@ -475,8 +569,10 @@ def main() -> int:
     seen_rows = train_matrix[test_users]
 
     results: dict[str, dict[str, dict[int, float]]] = {}
-    tut_users, tut_items, tfrs_eval = timed("tfrs-tutorial", tutorial_model, split, index, args.tutorial_epochs)
-    results["tfrs-tutorial"] = both_countings(tut_users[test_users], tut_items, test_items, seen_rows)
+    tfrs_eval = {}
+    if not args.skip_tutorial:
+        tut_users, tut_items, tfrs_eval = timed("tfrs-tutorial", tutorial_model, split, index, args.tutorial_epochs)
+        results["tfrs-tutorial"] = both_countings(tut_users[test_users], tut_items, test_items, seen_rows)
 
     item_counts = np.asarray(train_matrix.sum(axis=0)).ravel()
     # Popularity as a rank-1 "model": a constant query against each item's count.
@@ -489,10 +585,20 @@ def main() -> int:
     dense_train = train_matrix.toarray()
     results["ease"] = both_countings(dense_train[test_users], weights.T, test_items, seen_rows)
 
-    setup = TowerSetup()
-    setup = replace(setup, params=setup.params.model_copy(
-        update={"seed": args.training_seed, "optimizer": args.optimizer}))
-    tower = timed("two-tower", two_tower, split, index, setup)
+    setup = TowerSetup(
+        recent_items=args.recent_items, recent_encoding=args.recent_encoding, history_pooling=args.history_pooling,
+        training_history=args.training_history,
+        full_catalog_softmax=args.full_catalog_softmax,
+    )
+    setup = replace(setup, params=setup.params.model_copy(update={
+        "seed": seeds[0], "optimizer": args.optimizer, "mixed_negatives": args.mixed_negatives,
+        "temperature": args.temperature, "embedding_size": args.embedding_size, "epochs": args.max_epochs,
+    }))
+    towers = {}
+    for seed in seeds:
+        seeded = replace(setup, params=setup.params.model_copy(update={"seed": seed}))
+        towers[seed] = timed(f"two-tower seed {seed}", two_tower, split, index, seeded)
+    tower = towers[seeds[0]]
     results["two-tower"] = both_countings(tower.test_queries, tower.item_vectors, test_items, seen_rows)
     results["two-tower (per user, latest query)"] = both_countings(
         tower.user_vectors[test_users], tower.item_vectors, test_items, seen_rows
@@ -543,12 +649,19 @@ def main() -> int:
     segments = np.where(train_counts <= args.cold_user_max_ratings, "cold", "warm")
     popularity_share = np.asarray((train_matrix > 0).sum(axis=0)).ravel() / train_matrix.shape[0]
     project = metrics.evaluate_recommenders(recommendations, relevant, popularity_share, PROJECT_KS, user_segments=segments)
+    # One vector per user for every seed's model, beside EASE (deterministic: evaluated once).
+    per_seed = []
+    for seed, run in towers.items():
+        frame = metrics.evaluate_recommenders({
+            "two-tower (latest query)": topk.top_k_items(run.user_vectors[eval_users], run.item_vectors, k_max, exclude=exclude),
+            "two-tower (mean query)": topk.top_k_items(run.user_mean_vectors[eval_users], run.item_vectors, k_max, exclude=exclude),
+        }, relevant, popularity_share, PROJECT_KS)
+        per_seed.append(frame.assign(seed=seed))
+    per_seed_metrics = pd.concat(per_seed, ignore_index=True)
     seconds["project evaluation"] = time.perf_counter() - t0
     total = time.perf_counter() - started
 
-    command = "python bench/movielens.py" + (" --ablations" if args.ablations else "") + (
-        f" --training-seed {args.training_seed}" if args.training_seed != SEED else "") + (
-        f" --optimizer {args.optimizer}" if args.optimizer != TrainingParams().optimizer else "")
+    command = "python bench/movielens.py" + "".join(f" {a}" for a in sys.argv[1:])
     print("## MovieLens 100K: TFRS basic-retrieval protocol\n")
     print(f"Machine at start: {machine_at_start}  ")
     print(f"Machine at end: {machine()}  ")
@@ -564,6 +677,8 @@ def main() -> int:
           + ", ".join(f"{t['lambda']:g}: {t['top10']:.4f}/{t['top100']:.4f}" for t in ease_trials) + " (top-10/top-100, seen removed)")
     print(f"two-tower: {setup.describe()}; best epoch {tower.best_epochs} (an epoch is a fifth of the "
           f"training ratings) on the validation slice, refitted on all training ratings; {tower.seconds:.0f} s")
+    if len(seeds) > 1:
+        print("two-tower best epochs per seed: " + ", ".join(f"{s}: {r.best_epochs} ({r.seconds:.0f} s)" for s, r in towers.items()))
     for name, description in ablations.items():
         print(f"{name}: {description}")
     print("\n### The project's evaluation (per test user, full catalogue, training items removed)\n")
@@ -574,12 +689,24 @@ def main() -> int:
         print(f"\n{segment} users:\n")
         print(project_table(project, segment))
 
+    print(f"\n### One vector per user over {len(seeds)} training seed(s) {seeds} (all users)\n")
+    print(seeds_table(per_seed_metrics, project))
+
     tutorial_top100 = results["two-tower"]["tutorial"][100]
     checks = {
         f"tutorial counting top-100 >= {TARGET_TUTORIAL_TOP100}": tutorial_top100 >= TARGET_TUTORIAL_TOP100,
         "seen removed top-10 >= EASE": results["two-tower"]["seen_removed"][10] >= results["ease"]["seen_removed"][10],
         "seen removed top-100 >= EASE": results["two-tower"]["seen_removed"][100] >= results["ease"]["seen_removed"][100],
     }
+    # Issue 16's target: one vector per user, mean over the seeds at least EASE's.
+    seed_all = per_seed_metrics[per_seed_metrics["segment"] == "all"]
+    ease_all = project[(project["segment"] == "all") & (project["model"] == "ease")].set_index("k")
+    for query in ("latest query", "mean query"):
+        rows = seed_all[seed_all["model"] == f"two-tower ({query})"]
+        for metric, k in SEED_METRICS[:2]:
+            mean = rows[rows["k"] == k][metric].mean()
+            checks[f"one vector per user ({query}) {metric}@{k} {mean:.4f} >= EASE {ease_all.loc[k, metric]:.4f}"] = (
+                mean >= ease_all.loc[k, metric])
     print("\n### Targets (two-tower)\n")
     for name, passed in checks.items():
         print(f"- {'PASS' if passed else 'FAIL'}: {name}")
@@ -587,6 +714,7 @@ def main() -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         project.to_csv(args.out / "metrics.csv", index=False)
+        per_seed_metrics.to_csv(args.out / "metrics_per_seed.csv", index=False)
         (args.out / "results.json").write_text(json.dumps(
             {"results": results, "tfrs_evaluate": tfrs_eval, "ease_lambda": ease_lambda, "ease_trials": ease_trials,
              "two_tower": setup.describe(), "best_epochs": tower.best_epochs, "seconds": seconds, "total_seconds": total,

@@ -164,11 +164,79 @@ class PretrainedFeature(tf.keras.layers.Layer):
         return self.embedding(self.lookup(inputs))
 
 
+class HistoryFeature(tf.keras.layers.Layer):
+    """A user's earlier items (space-separated ids, newest first) -> one pooled vector.
+
+    The ids are embedded with the item tower's own id layer (``item_ids``: the same
+    StringLookup and Embedding objects), so a history item and a candidate item are one
+    variable row, trained by both towers' gradients. Only the first ``length`` ids count.
+    Padding and ids outside the item vocabulary (lookup row 0, the OOV row) are masked out.
+
+    ``pooling``: ``mean`` averages the valid items (no valid item: zeros); ``attention``
+    weighs them by a softmax over the valid positions of a learned score per item,
+    ``v . tanh(W e + b)`` plus a learned bias per position (recency), and also returns zeros
+    for an empty history.
+    """
+
+    def __init__(self, item_ids: StringFeature, length: int, pooling: str = "mean", **kwargs):
+        super().__init__(**kwargs)
+        if pooling not in ("mean", "attention"):
+            raise ValueError(f"unknown history pooling {pooling!r} (mean or attention)")
+        self.item_ids = item_ids
+        self.length = int(length)
+        self.pooling = pooling
+        if pooling == "attention":
+            size = item_ids.embedding.output_dim
+            self.attention_hidden = tf.keras.layers.Dense(size, activation="tanh")
+            self.attention_score = tf.keras.layers.Dense(1, use_bias=False)
+            self.position_bias = self.add_weight(
+                name="position_bias", shape=(self.length,), initializer="zeros", trainable=True
+            )
+
+    def item_positions(self, inputs):
+        """(batch, length) lookup rows of the first ``length`` ids; 0 for padding and unknown ids."""
+        ids = tf.strings.split(tf.reshape(inputs, (-1,)))[:, : self.length]
+        ids = ids.to_tensor(default_value="", shape=(None, self.length))
+        return self.item_ids.lookup(ids)
+
+    def attention_weights(self, embedded, valid):
+        """Softmax over the valid positions of each row; a row without any is all zeros."""
+        scores = tf.squeeze(self.attention_score(self.attention_hidden(embedded)), axis=-1)
+        scores = tf.cast(scores, tf.float32) + self.position_bias
+        scores = tf.where(valid, scores, tf.fill(tf.shape(scores), -1e9))
+        weights = tf.nn.softmax(scores, axis=-1)
+        return tf.where(valid, weights, tf.zeros_like(weights))
+
+    def call(self, inputs):
+        positions = self.item_positions(inputs)
+        valid = positions > 0
+        embedded = tf.cast(self.item_ids.embedding(positions), tf.float32)
+        if self.pooling == "attention":
+            weights = self.attention_weights(embedded, valid)
+        else:
+            mask = tf.cast(valid, tf.float32)
+            weights = mask / tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
+        return tf.reduce_sum(embedded * weights[:, :, tf.newaxis], axis=1)
+
+
 def build_feature_layer(
-    name: str, spec: FeatureSpec, stats: FeatureStats, config: FeatureConfig
+    name: str,
+    spec: FeatureSpec,
+    stats: FeatureStats,
+    config: FeatureConfig,
+    item_id_layer: StringFeature | None = None,
 ) -> tf.keras.layers.Layer:
-    """The input layer for one configured feature, from the statistics of the training table."""
+    """The input layer for one configured feature, from the statistics of the training table.
+
+    ``item_id_layer``: the item tower's id layer, which a ``history`` feature shares.
+    """
     layer_name = f"{name}_{spec.type}"
+    if spec.type == "history":
+        if item_id_layer is None:
+            raise FeatureConfigError(
+                f"config {config.name!r}: history feature {name!r} needs the item tower's id layer (build it first)"
+            )
+        return HistoryFeature(item_id_layer, spec.history_length, spec.history_pooling, name=layer_name)
     if spec.type == "string":
         return StringFeature(stats.vocabularies[name], spec.embedding_size, name=layer_name)
     if spec.type == "int":

@@ -9,6 +9,11 @@ Opt-in (``catalog``): an exact softmax over every item of a small catalogue inst
 in-batch negatives. Each step then scores every user of the batch against every item, so
 the user's other items (and, with a history feature, the items it has just seen) are always
 negatives; affordable for thousands of items (MovieLens: 1,682), not for production's 200,000.
+
+Opt-in (``mixed_negatives`` > 0, with ``catalog``): mixed negative sampling (Yang et al. 2020,
+"Mixed Negative Sampling for Learning Two-tower Neural Networks in Recommendations"): each
+training step scores the batch's items plus ``mixed_negatives`` items drawn uniformly from the
+catalogue, so rarely clicked items are negatives too, not only the popular ones a batch holds.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ class Tower(tf.keras.Model):
         stats: FeatureStats,
         config: FeatureConfig,
         embedding_size: int,
+        item_id_layer: tf.keras.layers.Layer | None = None,
         **kwargs,
     ):
+        """``item_id_layer``: the item tower's id layer, shared by the user tower's history features."""
         super().__init__(**kwargs)
         self.feature_names = list(features)
         # Pretrained vectors are looked up by the tower's id; every other layer reads its column.
@@ -64,7 +71,7 @@ class Tower(tf.keras.Model):
             id_feature if spec.type == "pretrained" else name for name, spec in features.items()
         ]
         self.feature_layers = [
-            build_feature_layer(name, spec, stats, config) for name, spec in features.items()
+            build_feature_layer(name, spec, stats, config, item_id_layer) for name, spec in features.items()
         ]
         self.hidden = tf.keras.layers.Dense(2 * embedding_size, activation="relu")
         self.projection = tf.keras.layers.Dense(embedding_size)
@@ -107,21 +114,30 @@ class TwoTowerModel(tfrs.Model):
         catalog: Mapping[str, np.ndarray] | None = None,
         seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
         mixed_precision: bool = False,
+        mixed_negatives: int = 0,
     ):
         super().__init__()
+        if mixed_negatives < 0:
+            raise ValueError(f"mixed_negatives must be >= 0, got {mixed_negatives}")
+        if mixed_negatives and catalog is None:
+            raise ValueError("mixed_negatives samples items from the catalogue: pass catalog too")
+        self.mixed_negatives = int(mixed_negatives)
         self.config = config
         self.temperature = temperature
         # Only the towers are built under the mixed policy; the task below is created under
         # the caller's (float32) policy, so no layer's policy has to be changed afterwards.
         with _global_policy(MIXED_POLICY) if mixed_precision else contextlib.nullcontext():
-            self.user_tower = Tower(
-                config.user_embedding_layers, config.user_id_feature, stats, config, embedding_size,
-                name="user_tower",
-            )
-            self.item_tower = Tower(
+            # The item tower first: the user tower's history features share its id layer.
+            item_tower = Tower(
                 config.item_embedding_layers, config.item_id_feature, stats, config, embedding_size,
                 name="item_tower",
             )
+            item_id_layer = item_tower.feature_layers[item_tower.feature_names.index(config.item_id_feature)]
+            self.user_tower = Tower(
+                config.user_embedding_layers, config.user_id_feature, stats, config, embedding_size,
+                item_id_layer=item_id_layer, name="user_tower",
+            )
+            self.item_tower = item_tower
         self.remove_accidental_hits = remove_accidental_hits
         self.task = tfrs.tasks.Retrieval(
             # One loss per row: compute_loss averages them over the global batch, which the
@@ -190,10 +206,13 @@ class TwoTowerModel(tfrs.Model):
         the replicas' losses and gradients; :func:`tf.nn.compute_average_loss` divides each
         replica's sum by the global batch size, so those sums are the global-batch mean.
         """
-        if self.catalog is not None:
+        if self.catalog is not None and self.mixed_negatives and training:
+            losses = self._mixed_negative_losses(features, training)
+        elif self.catalog is not None and not self.mixed_negatives:
             losses = self._catalog_losses(features, training)
         else:
             # Validation leaves out each user's training items, as the offline evaluation does.
+            # With mixed negatives it stays in-batch: a random draw would make val_loss noisy.
             losses = self._in_batch_losses(features, mask_seen_pairs=not training and self.seen is not None)
         return tf.nn.compute_average_loss(losses)
 
@@ -227,6 +246,41 @@ class TwoTowerModel(tfrs.Model):
         item_vectors = self.item_tower(self.catalog, training=training)
         logits = tf.matmul(user_vectors, item_vectors, transpose_b=True) / self.temperature
         labels = self.catalog_row(features[self.config.item_id_feature])
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+
+    def _mixed_negative_losses(self, features, training=False, sampled_rows=None):
+        """Each row's cross-entropy of its item among the batch's items and uniform catalogue items.
+
+        Logits are cosine / temperature minus the log of each candidate's expected count among
+        the step's candidates, per source (the sampled-softmax correction): a batch item
+        ``batch_size * p`` (p: its share of training rows, the logQ correction), a uniform item
+        ``mixed_negatives / catalogue size``. A candidate with the row's own item id, other
+        than the positive itself, is left out (accidental hit). ``sampled_rows``: catalogue rows
+        to use instead of a random draw (tests).
+        """
+        user_vectors, item_vectors = self(features)
+        catalog_size = tf.shape(self.catalog[self.config.item_id_feature])[0]
+        if sampled_rows is None:
+            sampled_rows = tf.random.uniform([self.mixed_negatives], 0, catalog_size, dtype=tf.int32)
+        sampled = {name: tf.gather(column, sampled_rows) for name, column in self.catalog.items()}
+        sampled_vectors = self.item_tower(sampled, training=training)
+        batch_size = tf.cast(tf.shape(user_vectors)[0], tf.float32)
+        probability = tf.cast(features[SAMPLING_PROBABILITY_COLUMN], tf.float32)
+        in_batch = tf.matmul(user_vectors, item_vectors, transpose_b=True) / self.temperature
+        in_batch -= tf.math.log(batch_size * probability)[tf.newaxis, :]
+        uniform = tf.matmul(user_vectors, sampled_vectors, transpose_b=True) / self.temperature
+        uniform -= tf.math.log(tf.cast(tf.size(sampled_rows), tf.float32) / tf.cast(catalog_size, tf.float32))
+        ids = _integer_ids(features[self.config.item_id_feature])
+        sampled_ids = _integer_ids(sampled[self.config.item_id_feature])
+        if self.remove_accidental_hits:
+            positives = tf.eye(tf.shape(in_batch)[0], dtype=tf.bool)
+            in_batch_hits = (ids[:, tf.newaxis] == ids[tf.newaxis, :]) & ~positives
+            in_batch = tf.where(in_batch_hits, tf.fill(tf.shape(in_batch), -1e9), in_batch)
+            uniform_hits = ids[:, tf.newaxis] == sampled_ids[tf.newaxis, :]
+            uniform = tf.where(uniform_hits, tf.fill(tf.shape(uniform), -1e9), uniform)
+        logits = tf.concat([in_batch, uniform], axis=1)
+        labels = tf.range(tf.shape(in_batch)[0])
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
 

@@ -104,6 +104,12 @@ class TrainingParams(pydantic.BaseModel):
     remove_accidental_hits: bool = Field(
         default=True, description="Other rows of the batch with the positive's own item are not negatives."
     )
+    mixed_negatives: int = Field(
+        default=0, ge=0,
+        description="Catalogue items drawn uniformly per step as extra negatives beside the batch's own "
+        "(mixed negative sampling, Yang et al. 2020); needs a catalogue of every item's features. "
+        "0: in-batch negatives only.",
+    )
     mixed_precision: bool = Field(
         default=False, description=f"The towers compute in {MIXED_POLICY} (faster on GPUs); the loss stays float32."
     )
@@ -143,6 +149,7 @@ def build_model(
         catalog=catalog,
         seen_pairs=seen_pairs,
         mixed_precision=params.mixed_precision,
+        mixed_negatives=params.mixed_negatives,
     )
     model.compile(optimizer=make_optimizer(params.optimizer, params.learning_rate))
     return model

@@ -31,7 +31,13 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from twotower_assets.model.layers import NumericFeature, PretrainedFeature, StringFeature, TextFeature
+from twotower_assets.model.layers import (
+    HistoryFeature,
+    NumericFeature,
+    PretrainedFeature,
+    StringFeature,
+    TextFeature,
+)
 
 @dataclass(frozen=True)
 class RowMapping:
@@ -164,8 +170,26 @@ def _warm_start_tower(prefix: str, new_tower, old_tower, report: WarmStartReport
             report.embeddings[name] = mapping
         elif isinstance(layer, NumericFeature):
             _copy_dense(name, layer.dense, old.dense, report)
+        elif isinstance(layer, HistoryFeature):
+            _warm_start_history(name, layer, old, report)
     _copy_dense(f"{prefix}/hidden", new_tower.hidden, _head(old_tower)[0], report)
     _copy_dense(f"{prefix}/projection", new_tower.projection, _head(old_tower)[1], report)
+
+
+def _warm_start_history(name: str, layer: HistoryFeature, old, report: WarmStartReport) -> None:
+    """A history's item vectors are the item tower's id table, mapped with the item tower; only
+    attention pooling's own weights (scoring layers, position biases) are copied, by shape."""
+    if layer.pooling != "attention":
+        return
+    old_hidden, old_score = getattr(old, "attention_hidden", None), getattr(old, "attention_score", None)
+    old_bias = [w for w in getattr(old, "weights", []) if "position_bias" in w.name]
+    if old_hidden is None or old_score is None or len(old_bias) != 1 or old_bias[0].shape != layer.position_bias.shape:
+        report.fresh.append(name)  # mean pooling before, or another history length
+        return
+    _copy_dense(f"{name}/attention_hidden", layer.attention_hidden, old_hidden, report)
+    _copy_dense(f"{name}/attention_score", layer.attention_score, old_score, report)
+    layer.position_bias.assign(old_bias[0].numpy())
+    report.copied.append(f"{name}/position_bias")
 
 
 def _head(tower) -> tuple:
