@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from twotower_assets.data.movielens import recent_items
 from twotower_assets.data.synthetic import SyntheticSpec, generate_all
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, load_dataset, save_dataset
 from twotower_assets.model.features import available_configs, load_feature_config
@@ -23,9 +24,25 @@ def events() -> pa.Table:
     return table.append_column(SAMPLING_PROBABILITY_COLUMN, pa.array([share[i] for i in table["item_id"].to_pylist()]))
 
 
+def with_histories(events: pa.Table, config) -> pa.Table:
+    """The history columns the split SQL would add (tests/test_history_feature.py checks the SQL
+    against this same reference, recent_items, with the hour as the time)."""
+    if not config.history_features:
+        return events
+    ordered = events.sort_by([("event_date", "ascending"), ("event_hour", "ascending"), ("item_id", "ascending")])
+    days = np.array(pc.cast(ordered["event_date"], pa.int32()))
+    time = days.astype(np.int64) * 24 + np.array(ordered["event_hour"])
+    users, items = np.array(ordered["user_id"].to_pylist()), np.array(ordered["item_id"].to_pylist())
+    for name, spec in config.history_features.items():
+        values = recent_items(users, time, users, items, time, spec.history_length)
+        ordered = ordered.append_column(name, pa.array(values, pa.string()))
+    return ordered
+
+
 @pytest.mark.parametrize("config_name", [c for c in available_configs() if c != "movielens-features"])
 def test_config_trains_one_epoch(config_name, events, tmp_path):
     config = load_feature_config(config_name)
+    events = with_histories(events, config)
     config.check_columns(events.column_names)
     kinds = {**feature_kinds(config), SAMPLING_PROBABILITY_COLUMN: "number"}
     builder = FeatureStatsBuilder(config)

@@ -39,22 +39,29 @@ BLOCK_ROWS = 1024
 
 
 def feature_kinds(config: FeatureConfig) -> dict[str, str]:
-    """Column -> "string", "text" or "number" for every column the towers read.
+    """Column -> "string", "text", "history" or "number" for every column the towers read.
 
     String and id columns are strings, text columns strings cut to TEXT_MAX_CHARS
-    characters, int features numbers. Pretrained features are looked up by id, so their own
-    column is read only to build the statistics.
+    characters, int features numbers. History columns are strings of space-separated item ids
+    (the split computes them); a null is the empty history, not an id. Pretrained features are
+    looked up by id, so their own column is read only to build the statistics.
     """
     kinds = {config.user_id_feature: "string", config.item_id_feature: "string"}
     for layers in (config.user_embedding_layers, config.item_embedding_layers):
         for name, spec in layers.items():
             if spec.type != "pretrained":
-                kinds[name] = {"int": "number", "text": "text"}.get(spec.type, "string")
+                kinds[name] = {"int": "number", "text": "text", "history": "history"}.get(spec.type, "string")
     return kinds
 
 
 def _strings(column: pa.ChunkedArray | pa.Array, kind: str = "string") -> pa.ChunkedArray | pa.Array:
-    """A string column with nulls filled; text cut to TEXT_MAX_CHARS characters (in Arrow)."""
+    """A string column with nulls filled; text cut to TEXT_MAX_CHARS characters (in Arrow).
+
+    A history's null is ``""`` (no earlier items): ``"none"`` would read as an item id. Its
+    length is bounded by the feature's N ids, so it is not cut.
+    """
+    if kind == "history":
+        return pc.fill_null(column.cast(pa.string()), "")
     filled = pc.fill_null(column.cast(pa.string()), MISSING_STRING)
     return pc.utf8_slice_codeunits(filled, 0, TEXT_MAX_CHARS) if kind == "text" else filled
 
@@ -220,7 +227,11 @@ class _DistinctStrings:
 
 
 class FeatureStatsBuilder:
-    """Accumulates vocabularies, moments, distinct texts and pretrained vectors over batches."""
+    """Accumulates vocabularies, moments, distinct texts and pretrained vectors over batches.
+
+    History features collect nothing: their ids are looked up in the item id's vocabulary
+    (the item tower's id embedding, shared).
+    """
 
     def __init__(self, config: FeatureConfig):
         self.config = config

@@ -77,13 +77,15 @@ def input_stats_query(
     texts: list[str],
     text_max_chars: int,
     distinct: bool,
+    histories: list[str] = (),
 ) -> tuple[str, dict[str, str]]:
     """One aggregate over a split partition for the training-input checks (parameter ``train_date``).
 
     ``id_columns``: id column -> whether it is a string column (others are cast to compare
     with ''). Returns the SQL and output alias -> the column it counts for: ``empty_id_i``
     (null or blank ids), ``distinct_id_i`` (when ``distinct``), ``non_finite_i`` (NaN or
-    infinite floats), ``long_text_i`` (texts over ``text_max_chars``), plus ``row_count``.
+    infinite floats), ``long_text_i`` (texts over ``text_max_chars``), ``null_history_i`` (NULL
+    history values: the split writes '' for none), plus ``row_count``.
     """
     selects = ["COUNT(*) AS row_count"]
     meaning: dict[str, str] = {}
@@ -101,6 +103,9 @@ def input_stats_query(
     for i, name in enumerate(texts):
         selects.append(f"{count_where(f'LENGTH({quote_identifier(name)}) > {int(text_max_chars)}')} AS long_text_{i}")
         meaning[f"long_text_{i}"] = name
+    for i, name in enumerate(histories):
+        selects.append(f"{count_where(f'{quote_identifier(name)} IS NULL')} AS null_history_{i}")
+        meaning[f"null_history_{i}"] = name
     sql = f"SELECT {', '.join(selects)} FROM {dialect.table(table)} WHERE {_on_date(dialect)}"
     return sql, meaning
 

@@ -12,7 +12,7 @@ BigQuery's native vector search (``bigquery_vector_*``), which DuckDB does not h
 from __future__ import annotations
 
 import datetime as dt
-
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 # The identifier rules live in twotower_assets.identifiers (model code checks feature names
@@ -55,19 +55,103 @@ DATE_COLUMN = "event_date"
 # Ties inside a day are broken by hour then item, so the chronological cut is reproducible.
 EVENT_ORDER = "event_date, event_hour, item_id"
 EVENT_ORDER_DESC = "event_date DESC, event_hour DESC, item_id DESC"
+TIMESTAMP_COLUMN = "event_timestamp"
+"""A source column of event times in seconds (MovieLens has one); histories use it when present."""
 
 
 def _column_list(columns: list[str], prefix: str = "") -> str:
     return ", ".join(f"{prefix}{quote_identifier(c)}" for c in columns)
 
 
-def _ranked_events(dialect: Dialect, source: str, columns: list[str]) -> str:
+def history_time_columns(columns: Sequence[str]) -> list[str]:
+    """The columns that say when an event happened, for histories: ``event_timestamp`` (seconds)
+    when the table has it, else ``event_date, event_hour`` (the production schema's finest time).
+
+    Events at the same time are not each other's history: they were made together (a MovieLens
+    user rates several movies in one second; an hour is the production table's resolution).
+    """
+    return [TIMESTAMP_COLUMN] if TIMESTAMP_COLUMN in columns else [DATE_COLUMN, "event_hour"]
+
+
+def _check_history(history: Mapping[str, int]) -> dict[str, int]:
+    checked = {}
+    for name, length in history.items():
+        quote_identifier(name)
+        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+            raise ValueError(f"history feature {name!r} needs a length >= 1, not {length!r}")
+        checked[name] = length
+    return checked
+
+
+def _history_list(lags: list[str]) -> str:
+    """The non-null values of ``lags`` joined by spaces, '' when there is none (both dialects:
+    an array literal, and ARRAY_TO_STRING / array_to_string skip NULL elements)."""
+    return f"COALESCE(ARRAY_TO_STRING([{', '.join(lags)}], ' '), '')"
+
+
+def _history_ctes(dialect: Dialect, source: str, columns: list[str], history: dict[str, int]) -> str:
+    """``windowed``: the window's events plus one column per history feature (see split_queries).
+
+    A history depends only on the user and the event's time, so it is computed on the key
+    columns (one sort of user, time and item) once per (user, time) and joined to the wide
+    rows by those keys: the wide rows are not sorted (issue 13).
+    """
     cols = _column_list(columns)
+    time_columns = [quote_identifier(c) for c in history_time_columns(columns)]
+    time = ", ".join(time_columns)
+    user, item = quote_identifier(USER_COLUMN), quote_identifier(ITEM_COLUMN)
+    order = f"PARTITION BY {user} ORDER BY {time}, {item}"
+    longest = max(history.values())
+    lags = [f"LAG(CAST({item} AS STRING), {k}) OVER ({order})" for k in range(1, longest + 1)]
+    lists = ",\n    ".join(
+        f"{_history_list(lags[:length])} AS {quote_identifier(f'history_{i}')}"
+        for i, length in enumerate(history.values())
+    )
+    # A row's lags are the rows just before it in (time, item) order. For the first row of a
+    # group of events at the same time those are all strictly earlier, and the group's rows
+    # all take that row's lists: an event never sees one made at the same time (nor itself).
+    first_of_time = " OR ".join(
+        f"LAG({c}) OVER ({order}) IS NULL OR LAG({c}) OVER ({order}) <> {c}" for c in time_columns
+    )
+    joined = ", ".join(
+        f"COALESCE(h.{quote_identifier(f'history_{i}')}, '') AS {quote_identifier(name)}"
+        for i, name in enumerate(history)
+    )
+    on = " AND ".join(f"e.{c} = h.{c}" for c in [user, *time_columns])
     return f"""
-windowed AS (
+window_events AS (
   SELECT {cols} FROM {dialect.table(source)}
   WHERE {DATE_COLUMN} >= {dialect.param("start_date")} AND {DATE_COLUMN} < {dialect.param("train_date")}
 ),
+history_keys AS (
+  SELECT {user}, {time},
+    CASE WHEN {first_of_time} THEN 1 ELSE 0 END AS first_of_time,
+    {lists}
+  FROM window_events
+),
+histories AS (
+  SELECT * FROM history_keys WHERE first_of_time = 1
+),
+windowed AS (
+  SELECT {_column_list(columns, "e.")}, {joined}
+  FROM window_events AS e LEFT JOIN histories AS h ON {on}
+),"""
+
+
+def _ranked_events(
+    dialect: Dialect, source: str, columns: list[str], history: dict[str, int] | None = None
+) -> str:
+    if history:
+        windowed = _history_ctes(dialect, source, columns, history)
+        columns = [*columns, *history]
+    else:
+        windowed = f"""
+windowed AS (
+  SELECT {_column_list(columns)} FROM {dialect.table(source)}
+  WHERE {DATE_COLUMN} >= {dialect.param("start_date")} AND {DATE_COLUMN} < {dialect.param("train_date")}
+),"""
+    cols = _column_list(columns)
+    return f"""{windowed}
 ranked AS (
   SELECT {cols},
     ROW_NUMBER() OVER (PARTITION BY {USER_COLUMN} ORDER BY {EVENT_ORDER}) AS event_rank,
@@ -101,7 +185,9 @@ holdout AS (
 )"""
 
 
-def split_queries(dialect: Dialect, source: str, columns: list[str]) -> dict[str, str]:
+def split_queries(
+    dialect: Dialect, source: str, columns: list[str], history: Mapping[str, int] | None = None
+) -> dict[str, str]:
     """One SELECT per split over the events in ``[start_date, train_date)``.
 
     Parameters: ``start_date`` and ``train_date`` (DATE), ``train_set_size`` (FLOAT64).
@@ -116,11 +202,29 @@ def split_queries(dialect: Dialect, source: str, columns: list[str]) -> dict[str
     Only the ranking of the key columns (``ranked_keys``) is needed for the training pairs,
     and the wide rows are filtered, not sorted (issue 13: they went through the window sort
     once per split; bench/split_speed.py).
+
+    ``history`` (feature name -> length N, from the feature config's ``history`` features)
+    adds one column per feature to every split: the user's N latest items strictly before the
+    event (:func:`history_time_columns`; events at the same time excluded), newest first
+    (ties by item id, descending), space-separated, ``''`` when there is none. It is computed
+    from the window's events, all of them (training, held-out and dropped alike), with LAG
+    over each user's events: the one analytic form that is deterministic in both warehouses
+    (BigQuery's analytic ARRAY_AGG / STRING_AGG take no ORDER BY of their own). Events before
+    the window are not read: the split depends on the window's event days only.
     """
     for required in (USER_COLUMN, ITEM_COLUMN, DATE_COLUMN, "event_hour"):
         if required not in columns:
             raise ValueError(f"source table {source} has no column {required!r}")
-    prefix = "WITH " + _ranked_events(dialect, source, columns)
+    history = _check_history(history or {})
+    for name in history:
+        if name in columns:
+            raise ValueError(
+                f"source table {source} already has a column {name!r}, but {name!r} is a history "
+                "feature the split computes from the click events; rename the feature in the "
+                "config or the column in the source"
+            )
+    prefix = "WITH " + _ranked_events(dialect, source, columns, history)
+    columns = [*columns, *history]
     cols = _column_list(columns)
     even = "STRPOS('02468ace', SUBSTR(split_hash, 32, 1)) > 0"
     return {
@@ -153,20 +257,63 @@ WHERE train_date = {dialect.param("train_date")}
 ORDER BY {dialect.hex_md5.format(key)}, {cols}"""
 
 
-def latest_row_per_query(dialect: Dialect, table: str, key: str, columns: list[str]) -> str:
+def latest_row_per_query(
+    dialect: Dialect,
+    table: str,
+    key: str,
+    columns: list[str],
+    history: Mapping[str, int] | None = None,
+    time_columns: Sequence[str] = (DATE_COLUMN, "event_hour"),
+) -> str:
     """One row per ``key``: its most recent training event (parameter ``train_date``).
 
     Events of one key at the same date, hour and item are told apart by their values (largest
     first), so the chosen row does not depend on how the warehouse scans the table.
+
+    ``history`` (feature name -> length N; ``key`` must then be ``user_id``): those columns are
+    not the latest row's own (its history *before* that event) but the user's N latest items
+    of the table's rows up to and including the latest event (events at the latest time too),
+    newest first by ``time_columns`` then item id descending: the history a user has on the
+    training date, which the user's published vector and evaluation query describe.
     """
-    selected = sorted(set(columns) | {key})
+    history = _check_history(history or {})
+    if history and key != USER_COLUMN:
+        raise ValueError(f"history features are per {USER_COLUMN!r}, not per {key!r}")
+    selected = sorted((set(columns) | {key}) - set(history))
     cols = _column_list(selected)
     ties = ", ".join(f"{quote_identifier(c)} DESC" for c in selected)
-    return f"""
+    latest = f"""
 SELECT {cols} FROM {dialect.table(table)}
 WHERE train_date = {dialect.param("train_date")}
-QUALIFY ROW_NUMBER() OVER (PARTITION BY {quote_identifier(key)} ORDER BY {EVENT_ORDER_DESC}, {ties}) = 1
-ORDER BY {quote_identifier(key)}"""
+QUALIFY ROW_NUMBER() OVER (PARTITION BY {quote_identifier(key)} ORDER BY {EVENT_ORDER_DESC}, {ties}) = 1"""
+    if not history:
+        return f"{latest}\nORDER BY {quote_identifier(key)}"
+    user, item = quote_identifier(USER_COLUMN), quote_identifier(ITEM_COLUMN)
+    newest_first = ", ".join(f"{quote_identifier(c)} DESC" for c in time_columns) + f", {item} DESC"
+    lists = ", ".join(
+        f"STRING_AGG(CASE WHEN recency <= {length} THEN item_text END, ' ' ORDER BY recency) "
+        f"AS {quote_identifier(name)}"
+        for name, length in history.items()
+    )
+    filled = ", ".join(f"COALESCE(h.{quote_identifier(n)}, '') AS {quote_identifier(n)}" for n in history)
+    return f"""
+WITH latest AS ({latest}
+),
+recent AS (
+  SELECT {user}, item_text, recency FROM (
+    SELECT {user}, CAST({item} AS STRING) AS item_text,
+      ROW_NUMBER() OVER (PARTITION BY {user} ORDER BY {newest_first}) AS recency
+    FROM {dialect.table(table)}
+    WHERE train_date = {dialect.param("train_date")}
+  ) AS numbered
+  WHERE recency <= {max(history.values())}
+),
+histories AS (
+  SELECT {user}, {lists} FROM recent GROUP BY {user}
+)
+SELECT {_column_list(selected, "l.")}, {filled}
+FROM latest AS l LEFT JOIN histories AS h ON l.{user} = h.{user}
+ORDER BY l.{user}"""
 
 
 # -- nearest neighbours (vector search) ---------------------------------------------------------

@@ -28,6 +28,7 @@ from twotower_assets.lib.partitions import (
     training_date_partitions,
 )
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.model.features import load_feature_config
 from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.errors import EmptyTableError, WarehouseError
 from twotower_assets.warehouse.event_days import event_day_counts_query
@@ -41,6 +42,11 @@ class SplitConfig(dg.Config):
     )
     event_day_number: int = Field(
         default=EVENT_WINDOW_DAYS, gt=0, description="Days of events before the training date."
+    )
+    config_name: str = Field(
+        default="default-features",
+        description="Feature config (configs/, name without .json) whose history features the split "
+        "computes from the click events; give tf_datasets the same name.",
     )
 
 
@@ -105,6 +111,8 @@ def split_tables(
             f"--partition-range {min(missing)}...{max(missing)} -c <run config>"
         )
     columns = warehouse.table_schema(source).names
+    # History features are computed here, from the window's click events, never read from the source.
+    history = {name: spec.history_length for name, spec in load_feature_config(config.config_name).history_features.items()}
     params = {"start_date": start_date, "train_date": train_date}
     count = warehouse.query(events_in_window_count(warehouse.dialect, source), params)["n"][0].as_py()
     if count == 0:
@@ -113,7 +121,7 @@ def split_tables(
             f"{source} has no events in [{start_date}, {train_date}): nothing to split for "
             f"training date {train_date} (event_day_number={config.event_day_number})"
         )
-    queries = split_queries(warehouse.dialect, source, columns)
+    queries = split_queries(warehouse.dialect, source, columns, history)
     counts = warehouse.replace_partition_from_queries(
         {warehouse.table_name(layout.SPLIT_TABLES[split]): sql for split, sql in queries.items()},
         layout.PARTITION_COLUMN,

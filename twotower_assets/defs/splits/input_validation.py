@@ -8,10 +8,12 @@ the values by one aggregate query per split table (the date is a query parameter
 
 What is refused, per split table read (training and validation) of the training date:
 
-* a configured feature that is not a column (:meth:`FeatureConfig.check_columns`);
+* a configured feature that is not a column (:meth:`FeatureConfig.check_columns`); a missing
+  ``history`` column is named as what it is: the split computes it from the click events (it
+  is never a source column), so the split of that date was made for another feature config;
 * a column of the wrong type: an ``int`` feature on a non-numeric column, a ``string`` or
-  ``text`` feature (or an id) on a binary or nested column, a ``pretrained`` feature on a
-  non-string column. Binary columns are refused rather than decoded: DuckDB VARCHAR and
+  ``text`` feature (or an id) on a binary or nested column, a ``pretrained`` or ``history``
+  feature on a non-string column. Binary columns are refused rather than decoded: DuckDB VARCHAR and
   BigQuery STRING are valid UTF-8 by construction, so bytes that are not UTF-8 can only come
   from BLOB / BYTES columns; cast them in the source;
 * no rows for the date;
@@ -94,6 +96,11 @@ def check_column_types(config: FeatureConfig, schema: pa.Schema, table: str) -> 
             raise InputDataError(
                 f"{where}, a {kind} column; pretrained features need a string column of JSON lists"
             )
+        if feature_type == "history" and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise InputDataError(
+                f"{where}, a {kind} column; history features need the split's string column of "
+                "space-separated item ids"
+            )
         if feature_type in ("string", "text", "id") and _is_binary(kind):
             raise InputDataError(
                 f"{where}, a binary column: its bytes need not be UTF-8 text; cast it to a string "
@@ -117,6 +124,14 @@ def validate_training_input(
     for key in (layout.TRAINING_EVENTS, layout.VALIDATION_EVENTS):
         table = warehouse.table_name(key)
         schema = warehouse.table_schema(table)
+        for name in config.history_features:
+            if name not in schema.names:
+                raise InputDataError(
+                    f"{table} has no column {name!r}: history feature "
+                    f"{name!r} of config {config.name!r} is computed by split_tables from the click "
+                    f"events; materialise split_tables with config_name {config.name!r} "
+                    "(ops.split_tables.config.config_name) for this date first"
+                )
         config.check_columns(schema.names, source=table)
         for name in ID_COLUMNS:
             if name not in schema.names:
@@ -127,7 +142,8 @@ def validate_training_input(
         is_training = key == layout.TRAINING_EVENTS
         id_columns = {name: pa.types.is_string(schema.field(name).type) for name in ID_COLUMNS}
         sql, meaning = input_stats_query(
-            warehouse.dialect, table, id_columns, floats, texts, TEXT_MAX_CHARS, distinct=is_training
+            warehouse.dialect, table, id_columns, floats, texts, TEXT_MAX_CHARS, distinct=is_training,
+            histories=list(config.history_features),
         )
         counts = warehouse.query(sql, {"train_date": train_date}).to_pylist()[0]
         counts = {name: int(value or 0) for name, value in counts.items()}
@@ -149,6 +165,14 @@ def validate_training_input(
                 )
             if alias.startswith("long_text") and bad:
                 report.truncated_texts[f"{table}.{name}"] = bad
+            if alias.startswith("null_history") and bad:
+                # The split writes '' for no history, never NULL: this date was split without it.
+                raise InputDataError(
+                    f"{table}.{name} is NULL in {bad} rows {on_date}: history feature {name!r} of "
+                    f"config {config.name!r} is computed by split_tables, and this date was split for "
+                    f"another config; materialise split_tables with config_name {config.name!r} "
+                    "(ops.split_tables.config.config_name) for this date first"
+                )
         if is_training:
             report.distinct_users, report.distinct_items = counts["distinct_id_0"], counts["distinct_id_1"]
             for name, distinct in zip(ID_COLUMNS, (report.distinct_users, report.distinct_items)):

@@ -24,6 +24,7 @@ from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.sql import (
     USER_COLUMN,
     distinct_pairs_query,
+    history_time_columns,
     latest_row_per_query,
     training_examples_query,
 )
@@ -91,8 +92,12 @@ def tf_datasets(
             example_kinds,
             files.validation,
         )
+        # A history feature of the user's row holds the items up to its latest event, inclusive
+        # (the user's history on the training date), not the history before that event.
+        history = {name: spec.history_length for name, spec in feature_config.history_features.items()}
+        time_columns = history_time_columns(warehouse.table_schema(training_table).names)
         rows["users"] = save_dataset(
-            read(latest_row_per_query(dialect, training_table, USER_COLUMN, list(user_kinds))),
+            read(latest_row_per_query(dialect, training_table, USER_COLUMN, list(user_kinds), history, time_columns)),
             user_kinds,
             files.users,
         )
