@@ -26,6 +26,7 @@ FEATURE_CONFIGS = [
     "test-4-features",
     "user-qpi-features",
     # This project's own.
+    "default-features-history",
     "movielens-features",
     "tiny-features",
 ]
