@@ -296,7 +296,7 @@ def test_the_training_job_takes_its_run_config_from_a_file(tmp_path):
 def test_each_ready_made_run_config_is_a_job_whose_launchpad_starts_from_it():
     from conftest import REPO
 
-    for name, file in (("quickstart", "quickstart.yaml"), ("tiny", "tiny.yaml"),
+    for name, file in (("quickstart", "quickstart.yaml"), ("quickstart_history", "quickstart-history.yaml"), ("tiny", "tiny.yaml"),
                        ("production_scale", "production-scale.yaml")):
         job = defs.resolve_job_def(f"two_tower_training_{name}")
         expected = jobs.load_run_config(REPO / "configs" / "run" / file)

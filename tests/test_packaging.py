@@ -91,5 +91,5 @@ def test_installed_wheel_has_the_feature_and_run_configs(tmp_path):
     default_source = json.loads((REPO / "configs" / "default-features.json").read_text())
     assert found["default"] == ["default-features", "user_id", list(default_source["item_embedding_layers"])]
     shipped = {path.name: path.read_text(encoding="utf-8") for path in (REPO / "configs" / "run").glob("*.yaml")}
-    assert set(shipped) == {"movielens.yaml", "production-scale.yaml", "quickstart.yaml", "tiny.yaml"}
+    assert set(shipped) == {"movielens.yaml", "production-scale.yaml", "quickstart.yaml", "quickstart-history.yaml", "tiny.yaml"}
     assert found["run_configs"] == shipped

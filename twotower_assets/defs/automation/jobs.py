@@ -77,6 +77,11 @@ training_job_quickstart = preset_job(
     "two_tower_training_quickstart", "quickstart.yaml",
     "The training job with configs/run/quickstart.yaml: the README's size (batch 512 on the default data).",
 )
+training_job_quickstart_history = preset_job(
+    "two_tower_training_quickstart_history", "quickstart-history.yaml",
+    "The quickstart with the history-aware user tower (default-features-history): the split computes "
+    "each event's recent items from the click events.",
+)
 training_job_tiny = preset_job(
     "two_tower_training_tiny", "tiny.yaml",
     "The training job with configs/run/tiny.yaml: a smoke run in about a minute (needs the event days "
