@@ -79,7 +79,8 @@ class Round:
 
 
 class Soak:
-    def __init__(self, root: Path, seed: int, kill_probability: float = 0.75, dates: list[str] | None = None):
+    def __init__(self, root: Path, seed: int, kill_probability: float = 0.75, dates: list[str] | None = None,
+                 kill_window_s: tuple[float, float] = (5.0, 60.0)):
         import datetime as dt
 
         import yaml
@@ -88,6 +89,8 @@ class Soak:
         self.home = root / "home"
         self.rng = random.Random(seed)
         self.kill_probability = kill_probability
+        # Seconds after the concurrent rewrite starts within which run A is killed (uniform).
+        self.kill_window_s = kill_window_s
         self.config = root / "tiny.yaml"
         config = yaml.safe_load((REPO / "configs" / "run" / "tiny.yaml").read_text())
         # The tiny events end the day before 2026-06-01; later training dates need their window.
@@ -117,7 +120,7 @@ class Soak:
         store = ArtifactStore(base_dir=str(self.home / "artifacts"))
         started = time.monotonic()
         rewrite_after = self.rng.uniform(0, 20)  # seconds after A's datasets are in place (A trains then)
-        kill_after = self.rng.uniform(5, 60) if self.rng.random() < self.kill_probability else None
+        kill_after = self.rng.uniform(*self.kill_window_s) if self.rng.random() < self.kill_probability else None
         rewrite_config = self.rng.choice(DATASET_CONFIGS)
         before = store.current_version("tf_datasets", date)
         a = self.start(date, "graph", "", f"round{number}-a.log")
@@ -131,7 +134,8 @@ class Soak:
             if datasets_at is not None and b is None and now - datasets_at >= rewrite_after:
                 b = self.start(date, "datasets", rewrite_config, f"round{number}-b.log")
                 rewrite_started = now - started
-            if datasets_at is not None and kill_after is not None and now - datasets_at >= kill_after:
+            # The kill is timed from the rewrite's start, so it always comes after it.
+            if b is not None and kill_after is not None and now - (started + rewrite_started) >= kill_after:
                 os.killpg(a.pid, signal.SIGKILL)  # the whole step process, no cleanup
                 killed_after = now - started
                 break
@@ -217,8 +221,8 @@ class Soak:
 
 
 def run_soak(root: Path, dates: list[str], rounds: int, seed: int, max_minutes: float, echo=print,
-             kill_probability: float = 0.75) -> list[Round]:
-    soak = Soak(root, seed, kill_probability, dates)
+             kill_probability: float = 0.75, kill_window_s: tuple[float, float] = (5.0, 60.0)) -> list[Round]:
+    soak = Soak(root, seed, kill_probability, dates, kill_window_s)
     deadline = time.monotonic() + max_minutes * 60
     done = []
     for number in range(1, rounds + 1):

@@ -19,7 +19,10 @@ from soak import run_soak  # noqa: E402
 
 @pytest.mark.slow
 def test_a_killed_run_and_a_concurrent_rewrite_leave_every_invariant_true(tmp_path):
-    rounds = run_soak(tmp_path, ["2026-06-01"], rounds=1, seed=3, max_minutes=15, kill_probability=1.0)
+    # The kill lands 1-3 s after the rewrite starts, while A trains: a clock from the datasets
+    # alone (5-60 s) sometimes came after a quick run had finished, and nothing was killed.
+    rounds = run_soak(tmp_path, ["2026-06-01"], rounds=1, seed=3, max_minutes=15, kill_probability=1.0,
+                      kill_window_s=(1.0, 3.0))
     [record] = rounds
     # The chaos happened: the rewrite started while run A ran (after its datasets), then A was killed.
     assert record.rewrite_started_s is not None and record.killed_after_s is not None
