@@ -33,7 +33,6 @@ __all__ = [
     "pca_2d",
     "grouped_series_over_dates_figure",
     "grouped_series_over_dates_png",
-    "series_over_dates_png",
 ]
 
 MAX_PCA_POINTS = 20_000
@@ -239,22 +238,3 @@ def grouped_series_over_dates_png(
 ) -> bytes:
     """:func:`grouped_series_over_dates_figure` as PNG bytes."""
     return _png(grouped_series_over_dates_figure(groups, title, ylabel))
-
-
-def series_over_dates_png(points: Mapping[str, Mapping[str, float]], title: str, ylabel: str = "") -> bytes:
-    """One line per series over dates: ``points`` maps a date (ISO text) to series -> value."""
-    dates = sorted(points)
-    names = sorted({name for values in points.values() for name in values})
-    figure = Figure(figsize=(6.0, 3.8))
-    axis = figure.subplots()
-    for name in names:
-        xs = [d for d in dates if name in points[d]]
-        axis.plot(xs, [points[d][name] for d in xs], marker="o", label=name)
-    axis.set_xlabel("training date")
-    axis.set_ylabel(ylabel)
-    axis.set_title(title)
-    axis.grid(True, alpha=0.3)
-    axis.tick_params(axis="x", labelrotation=30)
-    if names:
-        axis.legend()
-    return _png(figure)
