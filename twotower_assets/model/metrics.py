@@ -169,6 +169,14 @@ def popularity_recommendations(
     return out
 
 
+def _binary(train_matrix) -> sp.csr_matrix:
+    """The training matrix as float64 CSR with every stored non-zero set to 1 (explicit zeros dropped)."""
+    binary = sp.csr_matrix(train_matrix, copy=True)
+    binary.eliminate_zeros()
+    binary.data = np.ones_like(binary.data, dtype=np.float64)
+    return binary.astype(np.float64)
+
+
 def svd_recommendations(
     train_matrix: sp.csr_matrix,
     user_rows: np.ndarray,
@@ -187,10 +195,7 @@ def svd_recommendations(
     """
     if not sp.issparse(train_matrix):
         raise TypeError("train_matrix must be a scipy.sparse matrix")
-    binary = sp.csr_matrix(train_matrix, copy=True)
-    binary.eliminate_zeros()
-    binary.data = np.ones_like(binary.data, dtype=np.float64)
-    binary = binary.astype(np.float64)
+    binary = _binary(train_matrix)
     user_rows = np.asarray(user_rows, dtype=np.int64).ravel()
     n_train_users, n_items = binary.shape
     if user_rows.size and (user_rows.min() < 0 or user_rows.max() >= n_train_users):
@@ -251,9 +256,7 @@ def ease_item_weights(train_matrix: sp.csr_matrix, regulariser: float = 500.0) -
     """
     if regulariser <= 0:
         raise ValueError(f"regulariser must be > 0, got {regulariser}")
-    binary = sp.csr_matrix(train_matrix, copy=True)
-    binary.eliminate_zeros()
-    binary.data = np.ones_like(binary.data, dtype=np.float64)
+    binary = _binary(train_matrix)
     gram = (binary.T @ binary).toarray()
     gram[np.diag_indices_from(gram)] += regulariser
     # G is symmetric positive definite: a Cholesky-based inverse, overwriting G in place.
