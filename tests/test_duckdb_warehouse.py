@@ -1,6 +1,7 @@
 """The DuckDB warehouse: atomic writes, partition replacement, latest view."""
 
 import datetime as dt
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -69,6 +70,23 @@ def test_replace_partitions_refuses_a_row_of_an_unlisted_day_and_writes_nothing(
     with pytest.raises(WarehouseError, match="train_date = 2026-06-01, which is not one of the partitions"):
         warehouse.replace_partitions("history", "train_date", [DAY2], _stream(*stray), schema=stray[0].schema)
     assert warehouse.query("SELECT item_id FROM history ORDER BY item_id")["item_id"].to_pylist() == ["a", "b"]
+
+
+def _staging_files(warehouse):
+    return sorted(p.name for p in Path(warehouse.path).parent.iterdir() if p.suffix == ".parquet")
+
+
+def test_multi_day_write_leaves_no_staging_file_whether_it_succeeds_or_fails(warehouse):
+    """The days are staged in a Parquet file beside the database (DuckDB keeps an Arrow
+    stream's buffers alive until the transaction commits: 10M events took 5 GB); the file
+    goes away after the write, and after a refused or interrupted one."""
+    good = [rows(DAY2, ["x"]), rows(DAY3, ["y", "z"])]
+    assert warehouse.replace_partitions("history", "train_date", [DAY2, DAY3], _stream(*good), schema=good[0].schema) == {DAY2: 1, DAY3: 2}
+    assert _staging_files(warehouse) == []
+    with pytest.raises(WarehouseError, match="not one of the partitions"):
+        warehouse.replace_partitions("history", "train_date", [DAY2], _stream(rows(DAY1, ["q"])), schema=good[0].schema)
+    assert _staging_files(warehouse) == []
+    assert warehouse.partition_row_counts("history", "train_date") == {DAY2: 1, DAY3: 2}
 
 
 def test_interrupted_multi_day_write_keeps_every_old_day(warehouse):
