@@ -41,7 +41,8 @@ popularity, SVD and EASE baselines, overall and for light vs heavy users.
 
 Two-tower options: ``--recent-encoding history`` makes ``user_recent_items`` a ``history``
 feature (the item ids embedded with the item tower's own id embedding, shared weights, pooled
-by ``--history-pooling mean|attention``) instead of a text feature with its own token table;
+by ``--history-pooling mean|attention``; ``--history-dropout P`` leaves out each history id with
+probability P in every training step, the denoising of Mult-DAE) instead of a text feature with its own token table;
 ``--recent-items N`` is how many latest training ratings the queries see (training rows: before
 the rating; the one vector per user: at the end of training); ``--mixed-negatives M`` adds M
 uniform catalogue negatives per step (Yang et al. 2020); ``--full-catalog-softmax``,
@@ -322,6 +323,8 @@ class TowerSetup:
     # history: a history feature over the same column, sharing the item tower's id embedding.
     recent_encoding: str = "text"
     history_pooling: str = "mean"
+    # Share of the history's ids left out at random in each training step (0: none).
+    history_dropout: float = 0.0
     # causal: a training rating's query sees the user's ratings strictly before it (next-item);
     # others: the user's latest training ratings at the end of training, minus its own item.
     training_history: str = "causal"
@@ -339,7 +342,8 @@ class TowerSetup:
             loss += f" + {p.mixed_negatives} uniform catalogue negatives (mixed)"
         dropped = f", without {list(self.drop_features)}" if self.drop_features else ""
         recent = (
-            f"history ({self.history_pooling}, shared item id embedding)" if self.recent_encoding == "history" else "text"
+            f"history ({self.history_pooling}, dropout {self.history_dropout:g}, shared item id embedding)"
+            if self.recent_encoding == "history" else "text"
         )
         return (
             f"{self.config_name}{dropped}; {loss}; E={p.embedding_size}, temperature {p.temperature}, "
@@ -359,7 +363,7 @@ def _feature_config(setup: TowerSetup):
         # Same column, same place in the concatenation; the history shares item_id's embedding.
         raw["user_embedding_layers"]["user_recent_items"] = {
             "type": "history", "embedding_size": raw["item_embedding_layers"]["item_id"]["embedding_size"],
-            "pooling": setup.history_pooling, "length": setup.recent_items,
+            "pooling": setup.history_pooling, "length": setup.recent_items, "dropout": setup.history_dropout,
         }
     raw.pop("name")
     return parse_feature_config(raw, name=f"{config.name}-variant", source="bench variant")
@@ -534,6 +538,8 @@ def main() -> int:
     parser.add_argument("--recent-encoding", choices=["text", "history"], default="text",
                         help="user_recent_items as a text feature, or a history feature sharing item_id's embedding")
     parser.add_argument("--history-pooling", choices=["mean", "attention"], default="mean")
+    parser.add_argument("--history-dropout", type=float, default=0.0,
+                        help="with --recent-encoding history: share of history ids left out per training step")
     parser.add_argument("--training-history", choices=["causal", "others"], default="causal",
                         help="a training rating's recent items: those strictly before it, or the user's latest "
                         "training ratings at the end of training without the rating itself (with_other_items)")
@@ -546,6 +552,8 @@ def main() -> int:
     parser.add_argument("--max-epochs", type=int, default=TowerSetup().params.epochs,
                         help="upper bound of the early-stopped run (an epoch is a fifth of the ratings)")
     parser.add_argument("--skip-tutorial", action="store_true", help="do not train the TFRS tutorial model")
+    parser.add_argument("--drop-features", nargs="+", default=[], metavar="FEATURE",
+                        help="train the two-tower without these config features (e.g. user_id)")
     args = parser.parse_args()
     seeds = args.seeds or [args.training_seed]
 
@@ -587,6 +595,7 @@ def main() -> int:
 
     setup = TowerSetup(
         recent_items=args.recent_items, recent_encoding=args.recent_encoding, history_pooling=args.history_pooling,
+        history_dropout=args.history_dropout, drop_features=tuple(args.drop_features),
         training_history=args.training_history,
         full_catalog_softmax=args.full_catalog_softmax,
     )

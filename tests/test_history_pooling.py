@@ -82,15 +82,139 @@ def test_unknown_pooling_is_refused():
         HistoryFeature(item_layer(), length=3, pooling="max")
 
 
+# ----------------------------------------------------------------------------- dropout
+
+
+def one_hot_item_layer() -> StringFeature:
+    """Item k's vector is the unit vector e_k (OOV row: all ones), so a mean over a set of
+    distinct items shows which items were kept: 1/|kept| at theirs, 0 elsewhere."""
+    layer = StringFeature(ITEMS, 4)
+    layer(tf.constant(["a"]))
+    layer.embedding.set_weights([np.vstack([np.ones((1, 4)), np.eye(4)]).astype(np.float32)])
+    return layer
+
+
+def test_history_dropout_pools_the_mean_of_the_kept_ids_while_training():
+    history = HistoryFeature(one_hot_item_layer(), length=4, dropout=0.5)
+    rows = ["a b c d", "b d", "c zzz a", ""] * 250
+    allowed = [{0, 1, 2, 3}, {1, 3}, {0, 2}, set()] * 250
+    tf.random.set_seed(7)
+    out = history(tf.constant(rows), training=True).numpy()
+    kept_counts = []
+    for vector, ids in zip(out, allowed):
+        kept = set(np.flatnonzero(vector).tolist())
+        assert kept <= ids  # only the row's own valid ids; padding and unknown ids never count
+        expected = np.zeros(4, np.float32)
+        expected[list(kept)] = 1.0 / len(kept) if kept else 0.0  # the mean over the kept ids
+        np.testing.assert_allclose(vector, expected, rtol=1e-6)
+        if ids:
+            kept_counts.append((len(kept), len(ids)))
+    kept, total = np.sum(kept_counts, axis=0)
+    assert 0.45 < kept / total < 0.55  # each id kept with probability 1 - dropout
+    assert any(k == 0 for k, _ in kept_counts)  # a row that loses every id pools to zeros
+    # The same seed, the same draw.
+    tf.random.set_seed(7)
+    np.testing.assert_array_equal(history(tf.constant(rows), training=True).numpy(), out)
+
+
+def test_history_dropout_is_off_at_inference_and_zero_dropout_is_the_plain_mean():
+    ids = one_hot_item_layer()
+    rows = tf.constant(["a b c d", "b d", "c zzz a", ""])
+    plain = HistoryFeature(ids, length=4)(rows).numpy()
+    np.testing.assert_allclose(plain[0], [0.25] * 4)
+    dropped = HistoryFeature(ids, length=4, dropout=0.7)
+    for training in (False, None):
+        np.testing.assert_array_equal(dropped(rows, training=training).numpy(), plain)
+    np.testing.assert_array_equal(HistoryFeature(ids, length=4, dropout=0.0)(rows, training=True).numpy(), plain)
+    assert not np.array_equal(dropped(rows, training=True).numpy(), plain)
+
+
+def test_history_dropout_close_to_one_drops_everything_while_training():
+    history = HistoryFeature(one_hot_item_layer(), length=4, dropout=0.999999)
+    tf.random.set_seed(3)
+    out = history(tf.constant(["a b c d", "b d"] * 50), training=True).numpy()
+    np.testing.assert_array_equal(out, np.zeros_like(out))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_history_dropout_in_a_traced_training_step(pooling):
+    """Inside a tf.function (how Keras trains) the training flag still switches the draw."""
+    history = HistoryFeature(one_hot_item_layer(), length=4, pooling=pooling, dropout=0.5)
+    rows = tf.constant(["a b c d"] * 64)
+    step = tf.function(lambda training: history(rows, training=training))
+    tf.random.set_seed(11)
+    train_out = step(tf.constant(True)).numpy()
+    assert len({tuple(v) for v in train_out.round(5)}) > 1  # rows kept different ids
+    np.testing.assert_array_equal(step(tf.constant(False)).numpy(), history(rows).numpy())
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
+def test_history_dropout_outside_zero_to_one_is_refused(dropout):
+    with pytest.raises(ValueError, match=r"history dropout must be in \[0, 1\)"):
+        HistoryFeature(item_layer(), length=3, dropout=dropout)
+
+
+@pytest.mark.parametrize(
+    "dropout, message",
+    [(-0.1, "greater than or equal to 0"), (1.0, "less than 1"), ("0.5", "valid number"), (True, "valid number")],
+)
+def test_history_dropout_in_a_config_outside_zero_to_one_is_refused(dropout, message):
+    from twotower_assets.model.features import FeatureConfigError
+
+    with pytest.raises(FeatureConfigError, match=f"feature 'user_history' in user_embedding_layers: .*{message}"):
+        history_config(dropout=dropout)
+
+
+def test_dropout_applies_only_to_history_features():
+    from twotower_assets.model.features import FeatureConfigError
+
+    with pytest.raises(FeatureConfigError, match="as does 'dropout'"):
+        parse_feature_config(
+            {"user_embedding_layers": {"user_id": {"type": "string", "embedding_size": 4, "dropout": 0.5}},
+             "item_embedding_layers": {"item_id": {"type": "string", "embedding_size": 4}}},
+            name="bad", source="test",
+        )
+
+
+def test_history_dropout_reaches_the_layer_and_its_config():
+    config = history_config(dropout=0.3)
+    assert config.user_embedding_layers["user_history"].history_dropout == 0.3
+    assert history_config().user_embedding_layers["user_history"].history_dropout == 0.0
+    stats = FeatureStats(vocabularies={"user_id": ["u1", "u2"], "item_id": ITEMS})
+    model = TwoTowerModel(config, stats, embedding_size=6)
+    history = model.user_tower.feature_layers[1]
+    assert history.dropout == 0.3
+    saved = history.get_config()
+    assert (saved["name"], saved["length"], saved["pooling"], saved["dropout"]) == (
+        "user_history_history", 5, "mean", 0.3)
+
+
+def test_the_training_loss_sees_history_dropout_and_validation_does_not():
+    """compute_loss(training=True) passes the flag to the towers: with dropout the in-batch
+    training loss changes from draw to draw, the validation loss does not."""
+    stats = FeatureStats(vocabularies={"user_id": ["u1", "u2"], "item_id": ITEMS})
+    model = TwoTowerModel(history_config(dropout=0.5), stats, embedding_size=6)
+    features = {"user_id": tf.constant(["u1", "u2", "u1"]), "user_history": tf.constant(["a b c d", "c d a", "b c"]),
+                "item_id": tf.constant(["d", "a", "b"]), SAMPLING_PROBABILITY_COLUMN: tf.constant([0.4, 0.3, 0.3])}
+    tf.random.set_seed(5)
+    training_losses = {round(float(model.compute_loss(features, training=True)), 6) for _ in range(8)}
+    validation_losses = {round(float(model.compute_loss(features, training=False)), 6) for _ in range(3)}
+    assert len(training_losses) > 1
+    assert len(validation_losses) == 1
+
+
 # ----------------------------------------------------------------------------- in the model
 
 
-def history_config(pooling: str = "mean", length: int = 5):
+def history_config(pooling: str = "mean", length: int = 5, dropout=None):
+    history = {"type": "history", "embedding_size": 8, "pooling": pooling, "length": length}
+    if dropout is not None:
+        history["dropout"] = dropout
     return parse_feature_config(
         {
             "user_embedding_layers": {
                 "user_id": {"type": "string", "embedding_size": 4},
-                "user_history": {"type": "history", "embedding_size": 8, "pooling": pooling, "length": length},
+                "user_history": history,
             },
             "item_embedding_layers": {"item_id": {"type": "string", "embedding_size": 8}},
         },
@@ -156,7 +280,8 @@ def history_table(n_rows: int = 3000, seed: int = 0) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def trained_history_model():
-    config = history_config(pooling="attention")
+    # With history dropout: the SavedModel is traced with both branches of the training flag.
+    config = history_config(pooling="attention", dropout=0.2)
     table = history_table()
     batch = table.combine_chunks().to_batches()[0]
     kinds = feature_kinds(config)

@@ -56,11 +56,15 @@ class FeatureSpec(pydantic.BaseModel):
     # how many of the user's latest earlier items the warehouse keeps per event.
     pooling: HistoryPooling | None = None
     length: Annotated[int, pydantic.Field(strict=True, gt=0)] | None = None
+    # Share of history ids left out at random in each training step (denoising; 0: none).
+    dropout: Annotated[float, pydantic.Field(strict=True, ge=0.0, lt=1.0)] | None = None
 
     @pydantic.model_validator(mode="after")
     def _history_settings_only_on_history(self) -> FeatureSpec:
-        if self.type != "history" and (self.pooling is not None or self.length is not None):
-            raise ValueError("'pooling' and 'length' apply only to features of type 'history'")
+        if self.type != "history" and (
+            self.pooling is not None or self.length is not None or self.dropout is not None
+        ):
+            raise ValueError("'pooling' and 'length' apply only to features of type 'history', as does 'dropout'")
         return self
 
     @property
@@ -70,6 +74,10 @@ class FeatureSpec(pydantic.BaseModel):
     @property
     def history_length(self) -> int:
         return self.length or DEFAULT_HISTORY_LENGTH
+
+    @property
+    def history_dropout(self) -> float:
+        return self.dropout or 0.0
 
 
 class FeatureConfig(pydantic.BaseModel):

@@ -176,15 +176,25 @@ class HistoryFeature(tf.keras.layers.Layer):
     weighs them by a softmax over the valid positions of a learned score per item,
     ``v . tanh(W e + b)`` plus a learned bias per position (recency), and also returns zeros
     for an empty history.
+
+    ``dropout`` (in [0, 1)): while training, each valid id is left out independently with this
+    probability before pooling (a row that loses every id pools to zeros, like an empty
+    history); at inference every id counts. The denoising of Mult-DAE (Liang et al. 2018):
+    the user tower learns to predict an item from a random part of the user's other items.
     """
 
-    def __init__(self, item_ids: StringFeature, length: int, pooling: str = "mean", **kwargs):
+    def __init__(
+        self, item_ids: StringFeature, length: int, pooling: str = "mean", dropout: float = 0.0, **kwargs
+    ):
         super().__init__(**kwargs)
         if pooling not in ("mean", "attention"):
             raise ValueError(f"unknown history pooling {pooling!r} (mean or attention)")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"history dropout must be in [0, 1), got {dropout!r}")
         self.item_ids = item_ids
         self.length = int(length)
         self.pooling = pooling
+        self.dropout = float(dropout)
         if pooling == "attention":
             size = item_ids.embedding.output_dim
             self.attention_hidden = tf.keras.layers.Dense(size, activation="tanh")
@@ -207,9 +217,26 @@ class HistoryFeature(tf.keras.layers.Layer):
         weights = tf.nn.softmax(scores, axis=-1)
         return tf.where(valid, weights, tf.zeros_like(weights))
 
-    def call(self, inputs):
+    def get_config(self) -> dict:
+        """The pooling settings, for Keras' saving; the shared id layer is saved with the item
+        tower, so (as for Tower) the layer is restored from the SavedModel, not rebuilt."""
+        return {**super().get_config(), "length": self.length, "pooling": self.pooling, "dropout": self.dropout}
+
+    def kept(self, valid, training=None):
+        """``valid`` with, while training, each id left out with probability ``dropout``."""
+        if not self.dropout:
+            return valid
+
+        def drop():
+            return valid & (tf.random.uniform(tf.shape(valid)) >= self.dropout)
+
+        if training is None:
+            training = tf.keras.backend.learning_phase()
+        return tf.__internal__.smart_cond.smart_cond(training, drop, lambda: tf.identity(valid))
+
+    def call(self, inputs, training=None):
         positions = self.item_positions(inputs)
-        valid = positions > 0
+        valid = self.kept(positions > 0, training)
         embedded = tf.cast(self.item_ids.embedding(positions), tf.float32)
         if self.pooling == "attention":
             weights = self.attention_weights(embedded, valid)
@@ -236,7 +263,9 @@ def build_feature_layer(
             raise FeatureConfigError(
                 f"config {config.name!r}: history feature {name!r} needs the item tower's id layer (build it first)"
             )
-        return HistoryFeature(item_id_layer, spec.history_length, spec.history_pooling, name=layer_name)
+        return HistoryFeature(
+            item_id_layer, spec.history_length, spec.history_pooling, spec.history_dropout, name=layer_name
+        )
     if spec.type == "string":
         return StringFeature(stats.vocabularies[name], spec.embedding_size, name=layer_name)
     if spec.type == "int":

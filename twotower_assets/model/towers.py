@@ -213,13 +213,16 @@ class TwoTowerModel(tfrs.Model):
         else:
             # Validation leaves out each user's training items, as the offline evaluation does.
             # With mixed negatives it stays in-batch: a random draw would make val_loss noisy.
-            losses = self._in_batch_losses(features, mask_seen_pairs=not training and self.seen is not None)
+            losses = self._in_batch_losses(
+                features, mask_seen_pairs=not training and self.seen is not None, training=training
+            )
         return tf.nn.compute_average_loss(losses)
 
-    def _in_batch_losses(self, features, mask_seen_pairs: bool):
+    def _in_batch_losses(self, features, mask_seen_pairs: bool, training=False):
         """Each row's loss in the task's in-batch softmax (temperature, logQ correction,
-        accidental hits), optionally with the batch's seen (user, item) pairs left out."""
-        user_vectors, item_vectors = self(features)
+        accidental hits), optionally with the batch's seen (user, item) pairs left out.
+        ``training`` reaches the towers' layers (a history feature's dropout)."""
+        user_vectors, item_vectors = self(features, training=training)
         return self.task(
             user_vectors,
             item_vectors,
@@ -259,7 +262,7 @@ class TwoTowerModel(tfrs.Model):
         than the positive itself, is left out (accidental hit). ``sampled_rows``: catalogue rows
         to use instead of a random draw (tests).
         """
-        user_vectors, item_vectors = self(features)
+        user_vectors, item_vectors = self(features, training=training)
         catalog_size = tf.shape(self.catalog[self.config.item_id_feature])[0]
         if sampled_rows is None:
             sampled_rows = tf.random.uniform([self.mixed_negatives], 0, catalog_size, dtype=tf.int32)
