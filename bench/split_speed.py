@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=90)
     parser.add_argument("--db", default="/tmp/twotower-split-bench/warehouse.duckdb")
     parser.add_argument("--keep", action="store_true", help="reuse the events already in --db")
-    parser.add_argument("--memory-limit", default="4GB", help="DuckDB memory_limit, as the graph runs it")
+    parser.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit, as the graph runs it")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; the best is kept")
     args = parser.parse_args()
 

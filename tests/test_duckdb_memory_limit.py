@@ -12,7 +12,7 @@ def _limit(warehouse: DuckDBWarehouse) -> str:
 
 
 def test_every_connection_gets_the_limit(tmp_path):
-    assert _limit(DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))) == "3.7 GiB"  # 4GB, DuckDB's spelling
+    assert _limit(DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))) == "1.8 GiB"  # 2GB, DuckDB's spelling
     assert _limit(DuckDBWarehouse(path=str(tmp_path / "w.duckdb"), memory_limit="512MB")) == "488.2 MiB"
 
 

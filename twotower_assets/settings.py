@@ -4,7 +4,7 @@
                        MLflow store, saved datasets and models.
 ``TWOTOWER_WAREHOUSE`` ``duckdb`` (default) or ``bigquery``.
 ``MLFLOW_TRACKING_URI`` overrides the local MLflow store (``sqlite:///$TWOTOWER_HOME/mlflow.db``).
-``TWOTOWER_DUCKDB_MEMORY_LIMIT`` DuckDB's memory limit (default ``4GB``; past it DuckDB spills to disk).
+``TWOTOWER_DUCKDB_MEMORY_LIMIT`` DuckDB's memory limit (default ``2GB``; past it DuckDB spills to disk).
 ``TWOTOWER_ASSET_OWNERS`` owners of every asset, comma-separated (default ``team:recommendations``).
 ``TWOTOWER_ASSET_TAGS``   tags of every asset, ``key=value`` comma-separated (default ``pipeline=two_tower``).
 

@@ -39,11 +39,12 @@ class DuckDBWarehouse(WarehouseResource):
     path: str = Field(description="The DuckDB database file.")
     lock_timeout_s: float = Field(default=120.0, description="How long to wait for another writer.")
     memory_limit: str = Field(
-        default="4GB",
+        default="2GB",
         pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]i?B$",
         description="DuckDB's memory_limit; past it DuckDB spills to disk. Its own default (80% of "
-        "RAM) let the 10M-event split take 13 GB; 4 GB leaves room for TensorFlow in the same run "
-        "(env TWOTOWER_DUCKDB_MEMORY_LIMIT).",
+        "RAM) let the 10M-event split take 13 GB. 2 GB keeps every step of the 10M-event graph "
+        "under 4 GB with Python, Dagster and TensorFlow beside it, at little cost in time "
+        "(docs/benchmarks-scale.md; env TWOTOWER_DUCKDB_MEMORY_LIMIT).",
     )
 
     path_setting: str = Field(default="the DuckDB path", description="The variable path comes from, named in errors.")
