@@ -239,3 +239,26 @@ def test_validation_loss_matches_tfrs_and_leaves_out_seen_pairs(tiny_training):
     masked.item_tower.set_weights(unrelated.item_tower.get_weights())
     assert float(masked.compute_loss(batch, training=True)) == pytest.approx(tfrs_loss, rel=1e-5)
     assert float(masked.compute_loss(batch, training=False)) < 1e-3
+
+
+def test_seen_pairs_given_lazily_train_exactly_as_given_directly(tiny_training):
+    """The trainer hands the pairs as a callable so they are freed before fitting: the model
+    must come out the same, and the callable must be read once, while the model is built."""
+    config, stats, dataset, rows = tiny_training
+    batch = next(iter(dataset.batch(4000)))
+    pairs = (batch["user_id"].numpy().astype(str)[:2000], batch["item_id"].numpy().astype(str)[:2000])
+    params = TrainingParams(embedding_size=8, batch_size=64, epochs=2, learning_rate=0.05, seed=5)
+    direct = train_two_tower(config, stats, dataset, rows, dataset.take(512), params, seen_pairs=pairs)
+    calls = []
+    lazy = train_two_tower(
+        config, stats, dataset, rows, dataset.take(512), params, seen_pairs=lambda: calls.append(1) or pairs
+    )
+    assert calls == [1]
+    assert lazy.history["val_loss"] == pytest.approx(direct.history["val_loss"], rel=1e-5)
+    for a, b in zip(lazy.model.user_tower.get_weights(), direct.model.user_tower.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The pairs reached the model: a pair it was given is a seen key, one it was not is not.
+    seen_key = lazy.model.seen_user_index(pairs[0][:1]) * lazy.model.seen_stride + lazy.model.seen_item_index(pairs[1][:1])
+    assert int(lazy.model.seen.lookup(seen_key)[0]) == 1
+    unseen = lazy.model.seen_user_index(["nobody"]) * lazy.model.seen_stride + lazy.model.seen_item_index(pairs[1][:1])
+    assert int(lazy.model.seen.lookup(unseen)[0]) == 0

@@ -169,7 +169,7 @@ def train_partition(
             params,
             callbacks=[log_epoch],
             catalog=_catalog(load_dataset(datasets.items)) if config.full_catalog_softmax else None,
-            seen_pairs=_seen_pairs(datasets.seen_pairs),
+            seen_pairs=lambda: _seen_pairs(datasets.seen_pairs),  # read while building, freed before fitting
             initialize=initialize if start_from.model is not None else None,
         )
         train_seconds = time.perf_counter() - started
