@@ -334,6 +334,9 @@ class TowerSetup:
         reduce_lr_patience=2, early_stopping_patience=10,
     )
     drop_features: tuple[str, ...] = ()
+    # The user id embedding's size (None: the config's). The id feature cannot be dropped (it
+    # names the user), but a size of 1 leaves the tower almost nothing to memorise a user by.
+    user_id_size: int | None = None
 
     def describe(self) -> str:
         p = self.params
@@ -341,6 +344,8 @@ class TowerSetup:
         if p.mixed_negatives:
             loss += f" + {p.mixed_negatives} uniform catalogue negatives (mixed)"
         dropped = f", without {list(self.drop_features)}" if self.drop_features else ""
+        if self.user_id_size is not None:
+            dropped += f", user_id embedding {self.user_id_size}"
         recent = (
             f"history ({self.history_pooling}, dropout {self.history_dropout:g}, shared item id embedding)"
             if self.recent_encoding == "history" else "text"
@@ -354,9 +359,11 @@ class TowerSetup:
 
 def _feature_config(setup: TowerSetup):
     config = load_feature_config(setup.config_name)
-    if not setup.drop_features and setup.recent_encoding == "text":
+    if not setup.drop_features and setup.recent_encoding == "text" and setup.user_id_size is None:
         return config
     raw = json.loads(config.model_dump_json())
+    if setup.user_id_size is not None:
+        raw["user_embedding_layers"]["user_id"]["embedding_size"] = setup.user_id_size
     for tower in ("user_embedding_layers", "item_embedding_layers"):
         raw[tower] = {k: v for k, v in raw[tower].items() if k not in setup.drop_features}
     if setup.recent_encoding == "history" and "user_recent_items" in raw["user_embedding_layers"]:
@@ -552,8 +559,10 @@ def main() -> int:
     parser.add_argument("--max-epochs", type=int, default=TowerSetup().params.epochs,
                         help="upper bound of the early-stopped run (an epoch is a fifth of the ratings)")
     parser.add_argument("--skip-tutorial", action="store_true", help="do not train the TFRS tutorial model")
+    parser.add_argument("--user-id-size", type=int,
+                        help="the user_id embedding's size (default: the config's; 1 all but removes it)")
     parser.add_argument("--drop-features", nargs="+", default=[], metavar="FEATURE",
-                        help="train the two-tower without these config features (e.g. user_id)")
+                        help="train the two-tower without these config features (not the id features)")
     args = parser.parse_args()
     seeds = args.seeds or [args.training_seed]
 
@@ -596,6 +605,7 @@ def main() -> int:
     setup = TowerSetup(
         recent_items=args.recent_items, recent_encoding=args.recent_encoding, history_pooling=args.history_pooling,
         history_dropout=args.history_dropout, drop_features=tuple(args.drop_features),
+        user_id_size=args.user_id_size,
         training_history=args.training_history,
         full_catalog_softmax=args.full_catalog_softmax,
     )
