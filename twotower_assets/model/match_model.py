@@ -51,10 +51,14 @@ class MatchModel(tf.Module):
     @tf.function(input_signature=[[_IDS, _IDS]])
     def __call__(self, inputs):
         user_ids, item_ids = inputs
-        tf.debugging.assert_equal(
+        same_size = tf.debugging.assert_equal(
             tf.size(user_ids), tf.size(item_ids),
             message="MatchModel scores pairs: it needs the same number of user_id and item_id values",
         )
+        # The check must run before the product: in a graph nothing else orders them, and a
+        # product that ran first failed with a bare shape error instead of this message.
+        with tf.control_dependencies([same_size]):
+            user_ids = tf.identity(user_ids)
         return tf.reduce_sum(self.user_embedding(user_ids) * self.item_embedding(item_ids), axis=1)
 
     @tf.function(input_signature=[_IDS, _IDS])
