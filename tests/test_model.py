@@ -262,3 +262,22 @@ def test_seen_pairs_given_lazily_train_exactly_as_given_directly(tiny_training):
     assert int(lazy.model.seen.lookup(seen_key)[0]) == 1
     unseen = lazy.model.seen_user_index(["nobody"]) * lazy.model.seen_stride + lazy.model.seen_item_index(pairs[1][:1])
     assert int(lazy.model.seen.lookup(unseen)[0]) == 0
+
+
+def test_tower_output_table_matches_tower_outputs_row_for_row(tiny_training):
+    """The trainer writes the Arrow table; tower_outputs is the same numbers as numpy."""
+    from twotower_assets.model.training import EMBEDDING_COLUMN, tower_output_table
+
+    config, stats, dataset, _ = tiny_training
+    model = TwoTowerModel(config, stats, embedding_size=4)
+    examples = dataset.take(300)
+    table = tower_output_table(model.user_tower, examples, ["user_id"], batch_size=64)
+    ids, vectors = tower_outputs(model.user_tower, examples, ["user_id"], batch_size=64)
+    assert table.column_names == ["user_id", EMBEDDING_COLUMN]
+    assert table.schema.field("user_id").type == pa.string()
+    assert table.schema.field(EMBEDDING_COLUMN).type == pa.list_(pa.float32(), 4)
+    assert table["user_id"].to_pylist() == ids["user_id"].tolist()
+    expected = model.user_tower(next(iter(examples.batch(300)))).numpy()  # one call over all rows
+    np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(table[EMBEDDING_COLUMN].to_pylist(), np.float32), expected, rtol=1e-5, atol=1e-6)
+    vectors[0, 0] = 1.0  # callers may change the arrays they get

@@ -96,7 +96,7 @@ def train_partition(
     from twotower_assets.model.features import FeatureConfig
     from twotower_assets.model.layers import FeatureStats
     from twotower_assets.model.plots import loss_curves_png, markdown_image
-    from twotower_assets.model.training import tower_outputs, train_two_tower
+    from twotower_assets.model.training import tower_output_table, train_two_tower
     from twotower_assets.model.warm_start import load_towers, warm_start
 
     datasets = DatasetFiles(artifacts.require(layout.TF_DATASETS, partition_key))
@@ -185,7 +185,7 @@ def train_partition(
             ("users", result.model.user_tower, datasets.users, sorted({USER_COLUMN, user_key}), out.user_embeddings),
             ("items", result.model.item_tower, datasets.items, [feature_config.item_id_feature], out.item_embeddings),
         ):
-            table = embeddings_table(*tower_outputs(tower, load_blocks(examples), id_columns))
+            table = tower_output_table(tower, load_blocks(examples), id_columns)
             pq.write_table(table, path)
             exported[side] = table.num_rows
             del table
