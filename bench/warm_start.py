@@ -184,7 +184,6 @@ def recall_at_50(resources: dict, date: str, vectors) -> float:
     import datetime as dt
 
     from twotower_assets.defs.evaluation.assets import EvaluationConfig, evaluate
-    from twotower_assets.defs.training.trainer import embeddings_table
     from twotower_assets.lib import layout
     from twotower_assets.warehouse.queries import pair_counts_query
 
@@ -196,7 +195,7 @@ def recall_at_50(resources: dict, date: str, vectors) -> float:
     }
     user_ids, user_vectors, item_ids, item_vectors = vectors
     table, _ = evaluate(
-        embeddings_table({"user_id": user_ids}, user_vectors), embeddings_table({"item_id": item_ids}, item_vectors),
+        layout.embeddings_table({"user_id": user_ids}, user_vectors), layout.embeddings_table({"item_id": item_ids}, item_vectors),
         pairs["training"], pairs["test"], EvaluationConfig(ks=[50], num_users=5000, svd_factors=10),
     )
     overall = table[(table["segment"] == "all") & (table["model"] == "two_tower")]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pydantic
 
@@ -188,11 +189,23 @@ class ModelFiles:
         self.summary_file.write_text(summary.model_dump_json(indent=2))
 
 
+# The vector column of every embeddings file (training's, the retriever's).
+EMBEDDING_COLUMN = "embedding"
+
+
+def embeddings_table(ids: dict[str, np.ndarray], vectors: np.ndarray) -> pa.Table:
+    """An embeddings file's table: the id columns as strings, then one float32 vector per row."""
+    columns = {name: pa.array(values, pa.string()) for name, values in ids.items()}
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+    columns[EMBEDDING_COLUMN] = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+    return pa.table(columns)
+
+
 def keyed_vectors(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Distinct ids of ``key`` (sorted) and one vector each (the first row of each id)."""
-    table = pq.read_table(path, columns=[key, "embedding"])
+    table = pq.read_table(path, columns=[key, EMBEDDING_COLUMN])
     ids = table[key].to_numpy(zero_copy_only=False).astype(str)
-    vectors = np.stack(table["embedding"].combine_chunks().flatten().to_numpy().reshape(len(ids), -1))
+    vectors = np.stack(table[EMBEDDING_COLUMN].combine_chunks().flatten().to_numpy().reshape(len(ids), -1))
     unique_ids, first = np.unique(ids, return_index=True)
     return unique_ids, vectors[first]
 

@@ -256,6 +256,8 @@ def tower_outputs(
     return {column: table[column].to_numpy(zero_copy_only=False) for column in id_columns}, vectors
 
 
+# The vector column of an embeddings file (lib.layout.EMBEDDING_COLUMN: model code imports
+# nothing outside model/, so the name is repeated here).
 EMBEDDING_COLUMN = "embedding"
 
 

@@ -141,15 +141,7 @@ def two_tower_retriever(
     with artifacts.writing(layout.TWO_TOWER_RETRIEVER, context.partition_key) as directory, mlflow.active(summary.mlflow_run_id) as run:
         out = RetrieverFiles(directory)
         # The retriever's user_id is the model's user key, as for the MatchModel.
-        pq.write_table(
-            pa.table({
-                "user_id": pa.array(user_ids, pa.string()),
-                "embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(user_vectors.astype(np.float32).ravel()), user_vectors.shape[1]
-                ),
-            }),
-            out.user_vectors,
-        )
+        pq.write_table(layout.embeddings_table({"user_id": user_ids}, user_vectors), out.user_vectors)
         pairs = pq.read_table(seen_pairs)
         pq.write_table(pa.table({"user_id": pairs["user_key"], "item_id": pairs["item_id"]}), out.seen_pairs)
         with mlflow.reporting_failures(f"registering the retriever of {context.partition_key}"):

@@ -65,15 +65,6 @@ def _value(raw, kind: str = "__infer__") -> PipesMetadataValue:
     return {"raw_value": raw, "type": kind}
 
 
-def embeddings_table(ids: dict[str, np.ndarray], vectors: np.ndarray) -> pa.Table:
-    columns = {name: pa.array(values, pa.string()) for name, values in ids.items()}
-    # No copy when the vectors are already contiguous float32 (tower_outputs' are): at 1M users
-    # a copy is 256 MB more at the trainer's peak.
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
-    return pa.table(columns)
-
-
 def train_partition(
     partition_key: str,
     config: TrainingConfig,
