@@ -27,7 +27,7 @@ from twotower_assets.identifiers import check_identifier
 
 FeatureType = Literal["string", "int", "text", "pretrained", "history"]
 
-HistoryPooling = Literal["mean", "attention"]
+HistoryPooling = Literal["mean", "sqrtn", "attention"]
 
 DEFAULT_HISTORY_LENGTH = 20
 """Items a ``history`` feature keeps per event when the config does not say (newest first)."""

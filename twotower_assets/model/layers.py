@@ -172,7 +172,9 @@ class HistoryFeature(tf.keras.layers.Layer):
     variable row, trained by both towers' gradients. Only the first ``length`` ids count.
     Padding and ids outside the item vocabulary (lookup row 0, the OOV row) are masked out.
 
-    ``pooling``: ``mean`` averages the valid items (no valid item: zeros); ``attention``
+    ``pooling``: ``mean`` averages the valid items (no valid item: zeros); ``sqrtn`` sums them
+    and divides by the square root of their count (Mult-DAE's L2-normalised multi-hot input,
+    Liang et al. 2018: a long history weighs more than a short one, but not linearly); ``attention``
     weighs them by a softmax over the valid positions of a learned score per item,
     ``v . tanh(W e + b)`` plus a learned bias per position (recency), and also returns zeros
     for an empty history.
@@ -187,8 +189,8 @@ class HistoryFeature(tf.keras.layers.Layer):
         self, item_ids: StringFeature, length: int, pooling: str = "mean", dropout: float = 0.0, **kwargs
     ):
         super().__init__(**kwargs)
-        if pooling not in ("mean", "attention"):
-            raise ValueError(f"unknown history pooling {pooling!r} (mean or attention)")
+        if pooling not in ("mean", "sqrtn", "attention"):
+            raise ValueError(f"unknown history pooling {pooling!r} (mean, sqrtn or attention)")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"history dropout must be in [0, 1), got {dropout!r}")
         self.item_ids = item_ids
@@ -235,15 +237,28 @@ class HistoryFeature(tf.keras.layers.Layer):
         return tf.__internal__.smart_cond.smart_cond(training, drop, lambda: tf.identity(valid))
 
     def call(self, inputs, training=None):
+        if self.pooling != "attention":
+            return self._pooled_sum(inputs, training)
         positions = self.item_positions(inputs)
         valid = self.kept(positions > 0, training)
         embedded = tf.cast(self.item_ids.embedding(positions), tf.float32)
-        if self.pooling == "attention":
-            weights = self.attention_weights(embedded, valid)
-        else:
-            mask = tf.cast(valid, tf.float32)
-            weights = mask / tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
+        weights = self.attention_weights(embedded, valid)
         return tf.reduce_sum(embedded * weights[:, :, tf.newaxis], axis=1)
+
+    def _pooled_sum(self, inputs, training=None):
+        """``mean`` and ``sqrtn``: a weighted sum per row over the ids the row has (a ragged
+        segment sum), not over a (batch, length, size) padded tensor: a history of hundreds of
+        items in a batch of 1,024 would otherwise be gigabytes of mostly padding."""
+        ids = tf.strings.split(tf.reshape(inputs, (-1,)))[:, : self.length]
+        positions = self.item_ids.lookup(ids.flat_values)
+        rows = ids.value_rowids()
+        valid = tf.cast(self.kept(positions > 0, training), tf.float32)
+        count = tf.math.unsorted_segment_sum(valid, rows, ids.nrows())
+        scale = tf.maximum(count, 1.0)
+        scale = tf.sqrt(scale) if self.pooling == "sqrtn" else scale
+        embedded = tf.cast(self.item_ids.embedding(positions), tf.float32)
+        weights = valid / tf.gather(scale, rows)
+        return tf.math.unsorted_segment_sum(embedded * weights[:, tf.newaxis], rows, ids.nrows())
 
 
 def build_feature_layer(

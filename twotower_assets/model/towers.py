@@ -9,6 +9,16 @@ Opt-in (``catalog``): an exact softmax over every item of a small catalogue inst
 in-batch negatives. Each step then scores every user of the batch against every item, so
 the user's other items (and, with a history feature, the items it has just seen) are always
 negatives; affordable for thousands of items (MovieLens: 1,682), not for production's 200,000.
+The items named in a row's history features are left out of that softmax (its positive
+excepted): the user already has them, and the evaluation removes a user's items before ranking,
+so the loss does not spend the model's capacity on ranking them low.
+
+Opt-in (``item_bias``): a learned score per item beside the cosine (the output layer bias of
+Mult-DAE, Liang et al. 2018). It travels inside the vectors, so serving stays one dot product:
+the item tower appends its item's bias and the user tower a constant 1, and both towers return
+``embedding_size + 1`` values (the first ``embedding_size`` unit length). Unit vectors alone
+must spend directions on popularity; on MovieLens the bias adds ~3 points of NDCG@10
+(docs/benchmarks-movielens.md).
 
 Opt-in (``mixed_negatives`` > 0, with ``catalog``): mixed negative sampling (Yang et al. 2020,
 "Mixed Negative Sampling for Learning Two-tower Neural Networks in Recommendations"): each
@@ -28,7 +38,13 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from twotower_assets.model.features import FeatureConfig, FeatureSpec
-from twotower_assets.model.layers import FeatureStats, build_feature_layer, vocabulary_array
+from twotower_assets.model.layers import (
+    FeatureStats,
+    HistoryFeature,
+    StringFeature,
+    build_feature_layer,
+    vocabulary_array,
+)
 
 SAMPLING_PROBABILITY_COLUMN = "item_sampling_probability"
 """Each training row carries its item's share of training rows, for the logQ correction."""
@@ -61,10 +77,25 @@ class Tower(tf.keras.Model):
         config: FeatureConfig,
         embedding_size: int,
         item_id_layer: tf.keras.layers.Layer | None = None,
+        score_bias: str | None = None,
         **kwargs,
     ):
-        """``item_id_layer``: the item tower's id layer, shared by the user tower's history features."""
+        """``item_id_layer``: the item tower's id layer, shared by the user tower's history features.
+
+        ``score_bias``: ``"item"`` appends a learned scalar per id (looked up by ``id_feature``)
+        to the unit vector, ``"user"`` appends a constant 1, so the dot product of the two adds
+        the item's bias to the cosine (see ``item_bias`` in the module docstring)."""
         super().__init__(**kwargs)
+        if score_bias not in (None, "item", "user"):
+            raise ValueError(f"score_bias must be None, 'item' or 'user', not {score_bias!r}")
+        self.score_bias = score_bias
+        self.id_feature = id_feature
+        # A scalar per item id: an id embedding of size 1 (its own lookup, so the id layer's
+        # table and a history feature sharing it are untouched).
+        self.bias = (
+            StringFeature(stats.vocabularies[id_feature], 1, name=f"{id_feature}_score_bias")
+            if score_bias == "item" else None
+        )
         self.feature_names = list(features)
         # Pretrained vectors are looked up by the tower's id; every other layer reads its column.
         self.input_keys = [
@@ -85,14 +116,19 @@ class Tower(tf.keras.Model):
         it Keras warns on every save that the constructor's FeatureStats cannot be serialised.
         """
         return {"name": self.name, "feature_names": self.feature_names, "input_keys": self.input_keys,
-                "embedding_size": self.embedding_size}
+                "embedding_size": self.embedding_size, "score_bias": self.score_bias}
 
     def call(self, inputs):
         parts = [layer(inputs[key]) for layer, key in zip(self.feature_layers, self.input_keys)]
         # Mixed precision: cast every part to the compute dtype before concatenating.
         parts = [tf.cast(part, self.compute_dtype) for part in parts]
         vectors = self.projection(self.hidden(tf.concat(parts, axis=1)))
-        return tf.math.l2_normalize(tf.cast(vectors, tf.float32), axis=1)
+        vectors = tf.math.l2_normalize(tf.cast(vectors, tf.float32), axis=1)
+        if self.score_bias == "item":
+            vectors = tf.concat([vectors, tf.cast(self.bias(inputs[self.id_feature]), tf.float32)], axis=1)
+        elif self.score_bias == "user":
+            vectors = tf.concat([vectors, tf.ones_like(vectors[:, :1])], axis=1)
+        return vectors
 
 
 class TwoTowerModel(tfrs.Model):
@@ -115,6 +151,7 @@ class TwoTowerModel(tfrs.Model):
         seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
         mixed_precision: bool = False,
         mixed_negatives: int = 0,
+        item_bias: bool = False,
     ):
         super().__init__()
         if mixed_negatives < 0:
@@ -130,12 +167,12 @@ class TwoTowerModel(tfrs.Model):
             # The item tower first: the user tower's history features share its id layer.
             item_tower = Tower(
                 config.item_embedding_layers, config.item_id_feature, stats, config, embedding_size,
-                name="item_tower",
+                score_bias="item" if item_bias else None, name="item_tower",
             )
             item_id_layer = item_tower.feature_layers[item_tower.feature_names.index(config.item_id_feature)]
             self.user_tower = Tower(
                 config.user_embedding_layers, config.user_id_feature, stats, config, embedding_size,
-                item_id_layer=item_id_layer, name="user_tower",
+                item_id_layer=item_id_layer, score_bias="user" if item_bias else None, name="user_tower",
             )
             self.item_tower = item_tower
         self.remove_accidental_hits = remove_accidental_hits
@@ -195,6 +232,14 @@ class TwoTowerModel(tfrs.Model):
         self.catalog = {name: tf.constant(catalog[name]) for name in columns}
         # Label of a training row: its item's row in the catalogue (num_oov_indices=0: rows 0..n-1).
         self.catalog_row = tf.keras.layers.StringLookup(vocabulary=vocabulary_array(ids), num_oov_indices=0)
+        # History ids may name items outside the catalogue: row + 1, 0 for those.
+        self.catalog_row_or_unknown = tf.keras.layers.StringLookup(
+            vocabulary=vocabulary_array(ids), num_oov_indices=1
+        )
+        self.history_keys = [
+            key for layer, key in zip(self.user_tower.feature_layers, self.user_tower.input_keys)
+            if isinstance(layer, HistoryFeature)
+        ]
 
     def call(self, features):
         return self.user_tower(features), self.item_tower(features)
@@ -249,7 +294,23 @@ class TwoTowerModel(tfrs.Model):
         item_vectors = self.item_tower(self.catalog, training=training)
         logits = tf.matmul(user_vectors, item_vectors, transpose_b=True) / self.temperature
         labels = self.catalog_row(features[self.config.item_id_feature])
+        if self.history_keys:
+            in_history = self._history_catalog_rows(features, tf.shape(logits)) & ~tf.cast(
+                tf.one_hot(labels, tf.shape(logits)[1]), tf.bool
+            )
+            logits = tf.where(in_history, tf.fill(tf.shape(logits), -1e9), logits)
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+    def _history_catalog_rows(self, features, shape):
+        """(batch, catalogue) bool: True where the item is named in the row's history features
+        (every listed id, whether or not dropout or the length cut hid it from the tower)."""
+        mask = tf.zeros(shape + [0, 1], tf.float32)
+        for key in self.history_keys:
+            ids = tf.strings.split(tf.reshape(features[key], (-1,)))
+            rows = tf.cast(self.catalog_row_or_unknown(ids.flat_values), tf.int64)
+            pairs = tf.stack([ids.value_rowids(), rows], axis=1)
+            mask += tf.scatter_nd(pairs, tf.ones_like(rows, tf.float32), tf.cast(shape + [0, 1], tf.int64))
+        return mask[:, 1:] > 0
 
 
     def _mixed_negative_losses(self, features, training=False, sampled_rows=None):

@@ -114,6 +114,13 @@ class TrainingParams(pydantic.BaseModel):
         "(mixed negative sampling, Yang et al. 2020); needs a catalogue of every item's features. "
         "0: in-batch negatives only.",
     )
+    item_bias: bool = Field(
+        default=False,
+        description="A learned score per item beside the cosine (Mult-DAE's output bias). It travels in "
+        "the vectors: both towers return embedding_size + 1 values (the item's bias, and a 1 for the user), "
+        "so recommendations stay one dot product; rank similar items with COSINE then. A warm start "
+        "carries the towers but not the biases (they start at their initial values).",
+    )
     mixed_precision: bool = Field(
         default=False, description=f"The towers compute in {MIXED_POLICY} (faster on GPUs); the loss stays float32."
     )
@@ -154,6 +161,7 @@ def build_model(
         seen_pairs=seen_pairs,
         mixed_precision=params.mixed_precision,
         mixed_negatives=params.mixed_negatives,
+        item_bias=params.item_bias,
     )
     model.compile(optimizer=make_optimizer(params.optimizer, params.learning_rate))
     return model
