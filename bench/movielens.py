@@ -41,12 +41,14 @@ popularity, SVD and EASE baselines, overall and for light vs heavy users.
 
 Two-tower options: ``--recent-encoding history`` makes ``user_recent_items`` a ``history``
 feature (the item ids embedded with the item tower's own id embedding, shared weights, pooled
-by ``--history-pooling mean|attention``; ``--history-dropout P`` leaves out each history id with
+by ``--history-pooling mean|sqrtn|attention``; ``--history-dropout P`` leaves out each history id with
 probability P in every training step, the denoising of Mult-DAE) instead of a text feature with its own token table;
 ``--recent-items N`` is how many latest training ratings the queries see (training rows: before
 the rating; the one vector per user: at the end of training); ``--mixed-negatives M`` adds M
 uniform catalogue negatives per step (Yang et al. 2020); ``--full-catalog-softmax``,
-``--temperature``, ``--embedding-size``, ``--max-epochs``. ``--seeds`` trains once per seed and
+``--temperature``, ``--embedding-size``, ``--max-epochs``, ``--learning-rate``, ``--batch-size``;
+``--item-bias`` (a learned score per movie, ``TrainingParams.item_bias``); ``--item-id-size`` and
+``--user-id-size`` (the id embeddings' sizes). ``--seeds`` trains once per seed and
 prints the per-user metrics as mean ± sample standard deviation [min, max] beside EASE.
 
 ``--data`` takes GroupLens's u.data/u.user/u.item or RecBole's ml-100k.inter/.user/.item.
@@ -337,15 +339,21 @@ class TowerSetup:
     # The user id embedding's size (None: the config's). The id feature cannot be dropped (it
     # names the user), but a size of 1 leaves the tower almost nothing to memorise a user by.
     user_id_size: int | None = None
+    # The movie id embedding's size (None: the config's); a history feature shares it.
+    item_id_size: int | None = None
 
     def describe(self) -> str:
         p = self.params
         loss = "exact softmax over all movies" if self.full_catalog_softmax else "in-batch softmax + logQ"
         if p.mixed_negatives:
             loss += f" + {p.mixed_negatives} uniform catalogue negatives (mixed)"
+        if p.item_bias:
+            loss += ", item bias"
         dropped = f", without {list(self.drop_features)}" if self.drop_features else ""
         if self.user_id_size is not None:
             dropped += f", user_id embedding {self.user_id_size}"
+        if self.item_id_size is not None:
+            dropped += f", item_id embedding {self.item_id_size}"
         recent = (
             f"history ({self.history_pooling}, dropout {self.history_dropout:g}, shared item id embedding)"
             if self.recent_encoding == "history" else "text"
@@ -359,11 +367,14 @@ class TowerSetup:
 
 def _feature_config(setup: TowerSetup):
     config = load_feature_config(setup.config_name)
-    if not setup.drop_features and setup.recent_encoding == "text" and setup.user_id_size is None:
+    if (not setup.drop_features and setup.recent_encoding == "text" and setup.user_id_size is None
+            and setup.item_id_size is None):
         return config
     raw = json.loads(config.model_dump_json())
     if setup.user_id_size is not None:
         raw["user_embedding_layers"]["user_id"]["embedding_size"] = setup.user_id_size
+    if setup.item_id_size is not None:
+        raw["item_embedding_layers"]["item_id"]["embedding_size"] = setup.item_id_size
     for tower in ("user_embedding_layers", "item_embedding_layers"):
         raw[tower] = {k: v for k, v in raw[tower].items() if k not in setup.drop_features}
     if setup.recent_encoding == "history" and "user_recent_items" in raw["user_embedding_layers"]:
@@ -544,7 +555,13 @@ def main() -> int:
                         help="how many of the user's latest training ratings the query sees")
     parser.add_argument("--recent-encoding", choices=["text", "history"], default="text",
                         help="user_recent_items as a text feature, or a history feature sharing item_id's embedding")
-    parser.add_argument("--history-pooling", choices=["mean", "attention"], default="mean")
+    parser.add_argument("--history-pooling", choices=["mean", "sqrtn", "attention"], default="mean")
+    parser.add_argument("--item-id-size", type=int, default=None,
+                        help="the movie id embedding's size (a history feature shares it); default: the config's")
+    parser.add_argument("--item-bias", action="store_true",
+                        help="a learned score per movie beside the cosine (TrainingParams.item_bias)")
+    parser.add_argument("--learning-rate", type=float, default=TowerSetup().params.learning_rate)
+    parser.add_argument("--batch-size", type=int, default=TowerSetup().params.batch_size)
     parser.add_argument("--history-dropout", type=float, default=0.0,
                         help="with --recent-encoding history: share of history ids left out per training step")
     parser.add_argument("--training-history", choices=["causal", "others"], default="causal",
@@ -605,13 +622,14 @@ def main() -> int:
     setup = TowerSetup(
         recent_items=args.recent_items, recent_encoding=args.recent_encoding, history_pooling=args.history_pooling,
         history_dropout=args.history_dropout, drop_features=tuple(args.drop_features),
-        user_id_size=args.user_id_size,
+        user_id_size=args.user_id_size, item_id_size=args.item_id_size,
         training_history=args.training_history,
         full_catalog_softmax=args.full_catalog_softmax,
     )
     setup = replace(setup, params=setup.params.model_copy(update={
         "seed": seeds[0], "optimizer": args.optimizer, "mixed_negatives": args.mixed_negatives,
         "temperature": args.temperature, "embedding_size": args.embedding_size, "epochs": args.max_epochs,
+        "item_bias": args.item_bias, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
     }))
     towers = {}
     for seed in seeds:

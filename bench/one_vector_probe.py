@@ -1,0 +1,177 @@
+"""A plain-TensorFlow probe of one-vector-per-user model shapes on MovieLens 100K (issue 16).
+
+Not the product's towers: a fast (20-70 s a run) search of the design space before porting a
+shape to ``twotower_assets.model``. The same tutorial split and the product's evaluation
+(per test user, full catalogue, training movies removed) as bench/movielens.py, whose helpers
+it imports; EASE there scores recall@100 0.6995, NDCG@10 0.4459.
+
+Models (user-level training, Adam; early stopping on the validation slice, every --every epochs,
+by recall@100 + NDCG@10, then a refit on all training ratings for that many epochs):
+
+* ``AutoencoderShape`` (default): Mult-DAE (Liang et al. 2018): the user's training movies as an
+  L2-normalised multi-hot vector -> Dense(--hidden, --act) [-> Dense(--emb)] = the user vector;
+  the item vectors are an embedding table; score = dot (or cosine / --temp with --norm) + a
+  learned item bias (--bias).
+* ``ProductShape`` (--product): the product's layout: one id embedding (--idemb) shared by the
+  history pooling (sum / sqrt(n)) and the item tower, Dense(2E) -> Dense(E) heads on both towers,
+  unit vectors, cosine / --temp + item bias.
+
+--target: ``all`` (Mult-DAE: dropout on the input, loss on every training movie), ``held``
+(a random half of the movies is the input, the loss is on the other half), ``held_masked``
+(and the input movies are left out of the softmax), ``held_allmasked`` (every training movie but
+the target is left out: what the product's exact softmax with a history does).
+
+    .venv/bin/python bench/one_vector_probe.py --emb 0 --target held_masked --norm --temp 0.2
+"""
+import sys, time, argparse
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent)); sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import twotower_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import movielens as ml
+import tensorflow as tf
+from twotower_assets.model import metrics, topk
+from pathlib import Path
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k")
+p.add_argument("--hidden", type=int, default=600)
+p.add_argument("--emb", type=int, default=200)
+p.add_argument("--dropout", type=float, default=0.5)
+p.add_argument("--l2", type=float, default=0.0)
+p.add_argument("--epochs", type=int, default=200)
+p.add_argument("--lr", type=float, default=1e-3)
+p.add_argument("--batch", type=int, default=64)
+p.add_argument("--norm", action="store_true", help="cosine / temperature")
+p.add_argument("--temp", type=float, default=0.1)
+p.add_argument("--bias", type=int, default=1)
+p.add_argument("--act", default="tanh")
+p.add_argument("--pool", default="sum_l2", help="input normalisation: sum_l2 (Mult-DAE) or mean")
+p.add_argument("--seed", type=int, default=42)
+p.add_argument("--itemmlp", action="store_true")
+p.add_argument("--every", type=int, default=2)
+p.add_argument("--target", default="all", help="all (Mult-DAE) | held | held_masked")
+p.add_argument("--tied", action="store_true")
+p.add_argument("--product", action="store_true", help="product shape: shared id emb, MLP heads on both towers")
+p.add_argument("--idemb", type=int, default=64)
+p.add_argument("--untied", action="store_true")
+p.add_argument("--itemhead", type=int, default=1)
+p.add_argument("--kept_weight", type=float, default=0.0)
+a = p.parse_args()
+tf.random.set_seed(a.seed); np.random.seed(a.seed)
+split = ml.tutorial_split(a.data, 0.1)
+index = ml.Index(split)
+n_items = len(index.item_ids)
+
+def evaluate(user_vecs, item_vecs, bias, train_m, test_frame):
+    test_users = index.users(test_frame)
+    eval_users = np.unique(test_users)
+    relevant = index.matrix(test_frame)[eval_users]
+    exclude = train_m[eval_users]
+    q = np.hstack([user_vecs[eval_users], np.ones((len(eval_users), 1), np.float32)])
+    it = np.hstack([item_vecs, bias[:, None]])
+    rec = topk.top_k_items(q, it, 100, exclude=exclude)
+    pop = np.asarray((train_m > 0).sum(axis=0)).ravel() / train_m.shape[0]
+    f = metrics.evaluate_recommenders({"m": rec}, relevant, pop, (10, 100))
+    f = f[f.segment == "all"].set_index("k")
+    return f.loc[100, "recall"], f.loc[10, "ndcg"]
+
+class ProductShape(tf.keras.Model):
+    def __init__(s):
+        super().__init__()
+        E = a.emb
+        s.ids = tf.keras.layers.Embedding(n_items, a.idemb)
+        s.ids.build((None,))
+        s.hist = tf.keras.layers.Embedding(n_items, a.idemb) if a.untied else s.ids
+        s.hist.build((None,))
+        s.uh = tf.keras.layers.Dense(2 * E, activation=a.act); s.up = tf.keras.layers.Dense(E)
+        s.ih = tf.keras.layers.Dense(2 * E, activation=a.act); s.ip = tf.keras.layers.Dense(E)
+        s.b = tf.Variable(tf.zeros([n_items]))
+        s.drop = tf.keras.layers.Dropout(a.dropout)
+    def user(s, x, training=False):
+        x = s.drop(x, training=training)
+        n = tf.reduce_sum(x, 1, keepdims=True)
+        pooled = tf.matmul(x, s.hist.embeddings) / tf.sqrt(tf.maximum(n, 1.0))
+        return tf.math.l2_normalize(s.up(s.uh(pooled)), 1)
+    def item_vecs(s):
+        e = s.ids(tf.range(n_items))
+        v = s.ip(s.ih(e)) if a.itemhead else e
+        return tf.math.l2_normalize(v, 1)
+    def logits(s, x, training=False):
+        l = tf.matmul(s.user(x, training), s.item_vecs(), transpose_b=True) / a.temp
+        return l + s.b if a.bias else l
+
+class AutoencoderShape(tf.keras.Model):
+    def __init__(s):
+        super().__init__()
+        reg = tf.keras.regularizers.l2(a.l2) if a.l2 else None
+        s.inp = tf.keras.layers.Dense(a.hidden, activation=a.act, kernel_regularizer=reg)
+        s.out = tf.keras.layers.Dense(a.emb, kernel_regularizer=reg) if a.emb else None
+        s.items = tf.keras.layers.Embedding(n_items, a.emb or a.hidden, embeddings_regularizer=reg)
+        s.b = tf.Variable(tf.zeros([n_items]))
+        s.drop = tf.keras.layers.Dropout(a.dropout)
+    def user(s, x, training=False):
+        x = s.drop(x, training=training)
+        if a.pool == "sum_l2":
+            x = tf.math.l2_normalize(x, axis=1)
+        else:
+            x = x / tf.maximum(tf.reduce_sum(x, 1, keepdims=True), 1.0)
+        if a.tied:
+            x = tf.matmul(x, s.items.embeddings)
+        h = s.inp(x)
+        u = s.out(h) if s.out is not None else h
+        return tf.math.l2_normalize(u, 1) if a.norm else u
+    def item_vecs(s):
+        v = s.items(tf.range(n_items))
+        return tf.math.l2_normalize(v, 1) if a.norm else v
+    def logits(s, x, training=False):
+        u = s.user(x, training); v = s.item_vecs()
+        l = tf.matmul(u, v, transpose_b=True)
+        if a.norm: l = l / a.temp
+        if a.bias: l = l + s.b
+        return l
+
+def run(train_frame, epochs, val_frame=None):
+    X = index.matrix(train_frame).toarray().astype(np.float32)
+    m = ProductShape() if a.product else AutoencoderShape(); opt = tf.keras.optimizers.Adam(a.lr)
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as t:
+            if a.target == "all":
+                l = m.logits(x, True)
+                loss = -tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(l) * x, 1)) + sum(m.losses)
+            else:
+                keep = tf.cast(tf.random.uniform(tf.shape(x)) >= a.dropout, tf.float32)
+                x_in = x * keep
+                l = m.logits(x_in, False)
+                if a.target == "held_allmasked":
+                    e = tf.exp(l - tf.reduce_max(l, 1, keepdims=True))
+                    unseen = tf.reduce_sum(e * (1 - x), 1, keepdims=True)
+                    logp = tf.math.log(e + 1e-30) - tf.math.log(e + unseen)
+                    w = x * (1 - keep)
+                    loss = -tf.reduce_mean(tf.reduce_sum(logp * w, 1)) + sum(m.losses)
+                if a.target == "held_masked":
+                    l = tf.where(x_in > 0, -1e9 * tf.ones_like(l), l)
+                if a.target != "held_allmasked":
+                  w = x * (1 - keep) + a.kept_weight * x_in
+                  loss = -tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(l) * w, 1)) + sum(m.losses)
+        g = t.gradient(loss, m.trainable_variables); opt.apply_gradients(zip(g, m.trainable_variables))
+        return loss
+    best = (-1, 0)
+    for e in range(epochs):
+        perm = np.random.permutation(len(X))
+        for i in range(0, len(X), a.batch):
+            step(tf.constant(X[perm[i:i+a.batch]]))
+        if val_frame is not None and (e + 1) % a.every == 0:
+            u = m.user(tf.constant(X)).numpy(); v = m.item_vecs().numpy()
+            r, n = evaluate(u, v, m.b.numpy() if a.bias else np.zeros(n_items, np.float32), index.matrix(train_frame), val_frame)
+            print(f"  epoch {e+1}: val recall@100 {r:.4f} ndcg@10 {n:.4f}", flush=True)
+            if r + n > best[0]: best = (r + n, e + 1)
+    return m, X, best[1]
+
+t0 = time.time()
+_, _, best_e = run(split.fit, a.epochs, split.validation)
+m, X, _ = run(split.train, best_e)
+u = m.user(tf.constant(X)).numpy(); v = m.item_vecs().numpy()
+r, n = evaluate(u, v, m.b.numpy() if a.bias else np.zeros(n_items, np.float32), index.matrix(split.train), split.test)
+print(f"RESULT {vars(a)} best_epoch {best_e} test recall@100 {r:.4f} ndcg@10 {n:.4f} ({time.time()-t0:.0f}s)")
