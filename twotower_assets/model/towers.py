@@ -17,8 +17,8 @@ Opt-in (``item_bias``): a learned score per item beside the cosine (the output l
 Mult-DAE, Liang et al. 2018). It travels inside the vectors, so serving stays one dot product:
 the item tower appends its item's bias and the user tower a constant 1, and both towers return
 ``embedding_size + 1`` values (the first ``embedding_size`` unit length). Unit vectors alone
-must spend directions on popularity; on MovieLens the bias adds ~3 points of NDCG@10
-(docs/benchmarks-movielens.md).
+must spend directions on popularity; in the MovieLens probe the bias adds 3 points of NDCG@10
+(docs/benchmarks-movielens.md, stop 23).
 
 Opt-in (``mixed_negatives`` > 0, with ``catalog``): mixed negative sampling (Yang et al. 2020,
 "Mixed Negative Sampling for Learning Two-tower Neural Networks in Recommendations"): each
