@@ -48,10 +48,8 @@ p.add_argument("--bias", type=int, default=1)
 p.add_argument("--act", default="tanh")
 p.add_argument("--pool", default="sum_l2", help="input normalisation: sum_l2 (Mult-DAE) or mean")
 p.add_argument("--seed", type=int, default=42)
-p.add_argument("--itemmlp", action="store_true")
 p.add_argument("--every", type=int, default=2)
-p.add_argument("--target", default="all", help="all (Mult-DAE) | held | held_masked")
-p.add_argument("--tied", action="store_true")
+p.add_argument("--target", default="all", help="all (Mult-DAE) | held | held_masked | held_allmasked")
 p.add_argument("--product", action="store_true", help="product shape: shared id emb, MLP heads on both towers")
 p.add_argument("--idemb", type=int, default=64)
 p.add_argument("--untied", action="store_true")
@@ -116,8 +114,6 @@ class AutoencoderShape(tf.keras.Model):
             x = tf.math.l2_normalize(x, axis=1)
         else:
             x = x / tf.maximum(tf.reduce_sum(x, 1, keepdims=True), 1.0)
-        if a.tied:
-            x = tf.matmul(x, s.items.embeddings)
         h = s.inp(x)
         u = s.out(h) if s.out is not None else h
         return tf.math.l2_normalize(u, 1) if a.norm else u
@@ -131,30 +127,33 @@ class AutoencoderShape(tf.keras.Model):
         if a.bias: l = l + s.b
         return l
 
+def training_loss(m, x):
+    """The mean over users of --target's negative log-likelihood (see the module docstring)."""
+    if a.target == "all":
+        return -tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(m.logits(x, True)) * x, 1))
+    keep = tf.cast(tf.random.uniform(tf.shape(x)) >= a.dropout, tf.float32)
+    x_in = x * keep
+    held_out = x * (1 - keep)
+    l = m.logits(x_in, False)
+    if a.target == "held_allmasked":
+        # Per held-out movie: its softmax over itself and the movies the user does not have.
+        e = tf.exp(l - tf.reduce_max(l, 1, keepdims=True))
+        unseen = tf.reduce_sum(e * (1 - x), 1, keepdims=True)
+        logp = tf.math.log(e + 1e-30) - tf.math.log(e + unseen)
+        return -tf.reduce_mean(tf.reduce_sum(logp * held_out, 1))
+    if a.target == "held_masked":
+        l = tf.where(x_in > 0, -1e9 * tf.ones_like(l), l)
+    weights = held_out + a.kept_weight * x_in
+    return -tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(l) * weights, 1))
+
+
 def run(train_frame, epochs, val_frame=None):
     X = index.matrix(train_frame).toarray().astype(np.float32)
     m = ProductShape() if a.product else AutoencoderShape(); opt = tf.keras.optimizers.Adam(a.lr)
     @tf.function
     def step(x):
         with tf.GradientTape() as t:
-            if a.target == "all":
-                l = m.logits(x, True)
-                loss = -tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(l) * x, 1)) + sum(m.losses)
-            else:
-                keep = tf.cast(tf.random.uniform(tf.shape(x)) >= a.dropout, tf.float32)
-                x_in = x * keep
-                l = m.logits(x_in, False)
-                if a.target == "held_allmasked":
-                    e = tf.exp(l - tf.reduce_max(l, 1, keepdims=True))
-                    unseen = tf.reduce_sum(e * (1 - x), 1, keepdims=True)
-                    logp = tf.math.log(e + 1e-30) - tf.math.log(e + unseen)
-                    w = x * (1 - keep)
-                    loss = -tf.reduce_mean(tf.reduce_sum(logp * w, 1)) + sum(m.losses)
-                if a.target == "held_masked":
-                    l = tf.where(x_in > 0, -1e9 * tf.ones_like(l), l)
-                if a.target != "held_allmasked":
-                  w = x * (1 - keep) + a.kept_weight * x_in
-                  loss = -tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(l) * w, 1)) + sum(m.losses)
+            loss = training_loss(m, x) + sum(m.losses)
         g = t.gradient(loss, m.trainable_variables); opt.apply_gradients(zip(g, m.trainable_variables))
         return loss
     best = (-1, 0)
@@ -173,5 +172,14 @@ t0 = time.time()
 _, _, best_e = run(split.fit, a.epochs, split.validation)
 m, X, _ = run(split.train, best_e)
 u = m.user(tf.constant(X)).numpy(); v = m.item_vecs().numpy()
-r, n = evaluate(u, v, m.b.numpy() if a.bias else np.zeros(n_items, np.float32), index.matrix(split.train), split.test)
-print(f"RESULT {vars(a)} best_epoch {best_e} test recall@100 {r:.4f} ndcg@10 {n:.4f} ({time.time()-t0:.0f}s)")
+train_m = index.matrix(split.train)
+r, n = evaluate(u, v, m.b.numpy() if a.bias else np.zeros(n_items, np.float32), train_m, split.test)
+seconds = time.time() - t0
+# The baseline, in the same run: EASE with its regulariser tuned as bench/movielens.py does.
+ease_lambda, _ = ml.tune_ease(split, index)
+ease_r, ease_n = evaluate(train_m.toarray(), ml.ease_weights(train_m, ease_lambda).T, np.zeros(n_items, np.float32),
+                          train_m, split.test)
+print(f"RESULT {vars(a)} best_epoch {best_e} test recall@100 {r:.4f} ndcg@10 {n:.4f} ({seconds:.0f}s)")
+print("| model | recall@100 | NDCG@10 | recall@100 / EASE | NDCG@10 / EASE |\n|---|---:|---:|---:|---:|")
+print(f"| probe | {r:.4f} | {n:.4f} | {r / ease_r:.3f} | {n / ease_n:.3f} |")
+print(f"| EASE (lambda {ease_lambda:g}) | {ease_r:.4f} | {ease_n:.4f} | 1.000 | 1.000 |")
