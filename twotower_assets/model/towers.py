@@ -304,13 +304,16 @@ class TwoTowerModel(tfrs.Model):
     def _history_catalog_rows(self, features, shape):
         """(batch, catalogue) bool: True where the item is named in the row's history features
         (every listed id, whether or not dropout or the length cut hid it from the tower)."""
-        mask = tf.zeros(shape + [0, 1], tf.float32)
+        pairs = []
         for key in self.history_keys:
             ids = tf.strings.split(tf.reshape(features[key], (-1,)))
             rows = tf.cast(self.catalog_row_or_unknown(ids.flat_values), tf.int64)
-            pairs = tf.stack([ids.value_rowids(), rows], axis=1)
-            mask += tf.scatter_nd(pairs, tf.ones_like(rows, tf.float32), tf.cast(shape + [0, 1], tf.int64))
-        return mask[:, 1:] > 0
+            pairs.append(tf.stack([ids.value_rowids(), rows], axis=1))
+        pairs = tf.concat(pairs, axis=0)
+        # Column 0 counts the ids outside the catalogue; it is dropped.
+        counts_shape = tf.cast(tf.stack([shape[0], shape[1] + 1]), tf.int64)
+        counts = tf.scatter_nd(pairs, tf.ones_like(pairs[:, 0], tf.float32), counts_shape)
+        return counts[:, 1:] > 0
 
 
     def _mixed_negative_losses(self, features, training=False, sampled_rows=None):
