@@ -1,7 +1,12 @@
 """The two towers and the retrieval model that trains them.
 
 Each tower turns a dict of raw feature columns into a unit-length vector:
-concat(feature layers) -> Dense(2E, relu) -> Dense(E) -> L2 normalisation. The user tower
+concat(feature layers) -> head -> L2 normalisation. The head is production's MLP,
+Dense(2E, relu) -> Dense(E) (``mlp``, the default), or one of two opt-in shallower heads
+(:data:`TOWER_HEADS`): ``dense_tanh``, one Dense(E, tanh) (Mult-DAE's single hidden layer,
+Liang et al. 2018: over a pooled history it is the user vector of the autoencoder), and
+``none``, where the concatenated features are the vector (an item tower of one id embedding
+of size E: the item vectors are that table's rows, as Mult-DAE's output layer). The user tower
 scores items by dot product (cosine, since both are unit length), and training uses TFRS's
 in-batch softmax :class:`tfrs.tasks.Retrieval` with temperature and logQ correction.
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +55,10 @@ from twotower_assets.model.layers import (
 SAMPLING_PROBABILITY_COLUMN = "item_sampling_probability"
 """Each training row carries its item's share of training rows, for the logQ correction."""
 
+TowerHead = Literal["mlp", "dense_tanh", "none"]
+TOWER_HEADS = get_args(TowerHead)
+"""What a tower puts between its concatenated features and the L2 normalisation (module docstring)."""
+
 MIXED_POLICY = "mixed_bfloat16"
 """bfloat16, not float16, on GPUs too: it keeps float32's exponent range and so needs no loss
 scaling, which TFRS's train_step (it computes and applies the gradients itself) does not do."""
@@ -67,7 +77,7 @@ def _global_policy(name: str) -> Iterator[None]:
 
 
 class Tower(tf.keras.Model):
-    """Feature layers in config order, then the shared MLP head and L2 normalisation."""
+    """Feature layers in config order, then the head (:data:`TOWER_HEADS`) and L2 normalisation."""
 
     def __init__(
         self,
@@ -78,14 +88,21 @@ class Tower(tf.keras.Model):
         embedding_size: int,
         item_id_layer: tf.keras.layers.Layer | None = None,
         score_bias: str | None = None,
+        head: str = "mlp",
         **kwargs,
     ):
         """``item_id_layer``: the item tower's id layer, shared by the user tower's history features.
 
         ``score_bias``: ``"item"`` appends a learned scalar per id (looked up by ``id_feature``)
         to the unit vector, ``"user"`` appends a constant 1, so the dot product of the two adds
-        the item's bias to the cosine (see ``item_bias`` in the module docstring)."""
+        the item's bias to the cosine (see ``item_bias`` in the module docstring).
+
+        ``head``: one of :data:`TOWER_HEADS`; with ``none`` the features must add up to
+        ``embedding_size`` values (checked when the tower is first called)."""
         super().__init__(**kwargs)
+        if head not in TOWER_HEADS:
+            raise ValueError(f"unknown tower head {head!r}: one of {', '.join(TOWER_HEADS)}")
+        self.head = head
         if score_bias not in (None, "item", "user"):
             raise ValueError(f"score_bias must be None, 'item' or 'user', not {score_bias!r}")
         self.score_bias = score_bias
@@ -104,8 +121,12 @@ class Tower(tf.keras.Model):
         self.feature_layers = [
             build_feature_layer(name, spec, stats, config, item_id_layer) for name, spec in features.items()
         ]
-        self.hidden = tf.keras.layers.Dense(2 * embedding_size, activation="relu")
-        self.projection = tf.keras.layers.Dense(embedding_size)
+        # Absent layers are None (warm_start copies the ones both models have).
+        self.hidden = tf.keras.layers.Dense(2 * embedding_size, activation="relu") if head == "mlp" else None
+        self.projection = (
+            tf.keras.layers.Dense(embedding_size, activation="tanh" if head == "dense_tanh" else None)
+            if head != "none" else None
+        )
         self.embedding_size = embedding_size
 
     def get_config(self) -> dict:
@@ -116,13 +137,22 @@ class Tower(tf.keras.Model):
         it Keras warns on every save that the constructor's FeatureStats cannot be serialised.
         """
         return {"name": self.name, "feature_names": self.feature_names, "input_keys": self.input_keys,
-                "embedding_size": self.embedding_size, "score_bias": self.score_bias}
+                "embedding_size": self.embedding_size, "score_bias": self.score_bias, "head": self.head}
 
     def call(self, inputs):
         parts = [layer(inputs[key]) for layer, key in zip(self.feature_layers, self.input_keys)]
         # Mixed precision: cast every part to the compute dtype before concatenating.
         parts = [tf.cast(part, self.compute_dtype) for part in parts]
-        vectors = self.projection(self.hidden(tf.concat(parts, axis=1)))
+        vectors = tf.concat(parts, axis=1)
+        if self.hidden is not None:
+            vectors = self.hidden(vectors)
+        if self.projection is not None:
+            vectors = self.projection(vectors)
+        elif vectors.shape[-1] != self.embedding_size:
+            raise ValueError(
+                f"{self.name}: head 'none' uses the features as the vector, but they add up to "
+                f"{vectors.shape[-1]} values, not embedding_size {self.embedding_size}"
+            )
         vectors = tf.math.l2_normalize(tf.cast(vectors, tf.float32), axis=1)
         if self.score_bias == "item":
             vectors = tf.concat([vectors, tf.cast(self.bias(inputs[self.id_feature]), tf.float32)], axis=1)
@@ -152,6 +182,8 @@ class TwoTowerModel(tfrs.Model):
         mixed_precision: bool = False,
         mixed_negatives: int = 0,
         item_bias: bool = False,
+        user_head: str = "mlp",
+        item_head: str = "mlp",
     ):
         super().__init__()
         if mixed_negatives < 0:
@@ -167,12 +199,13 @@ class TwoTowerModel(tfrs.Model):
             # The item tower first: the user tower's history features share its id layer.
             item_tower = Tower(
                 config.item_embedding_layers, config.item_id_feature, stats, config, embedding_size,
-                score_bias="item" if item_bias else None, name="item_tower",
+                score_bias="item" if item_bias else None, head=item_head, name="item_tower",
             )
             item_id_layer = item_tower.feature_layers[item_tower.feature_names.index(config.item_id_feature)]
             self.user_tower = Tower(
                 config.user_embedding_layers, config.user_id_feature, stats, config, embedding_size,
-                item_id_layer=item_id_layer, score_bias="user" if item_bias else None, name="user_tower",
+                item_id_layer=item_id_layer, score_bias="user" if item_bias else None, head=user_head,
+                name="user_tower",
             )
             self.item_tower = item_tower
         self.remove_accidental_hits = remove_accidental_hits

@@ -23,7 +23,7 @@ from twotower_assets.model.datasets import batches, is_blocked, shuffled_batches
 from twotower_assets.model.features import FeatureConfig
 from twotower_assets.model.layers import FeatureStats
 from twotower_assets.model.optimizers import make_optimizer
-from twotower_assets.model.towers import MIXED_POLICY, TwoTowerModel
+from twotower_assets.model.towers import MIXED_POLICY, TowerHead, TwoTowerModel
 
 # Training (user key, item id) pairs, as string arrays (Arrow or numpy).
 SeenPairs = tuple[np.ndarray | pa.ChunkedArray, np.ndarray | pa.ChunkedArray]
@@ -121,6 +121,17 @@ class TrainingParams(pydantic.BaseModel):
         "so recommendations stay one dot product; rank similar items with COSINE then. A warm start "
         "carries the towers but not the biases (they start at their initial values).",
     )
+    user_head: TowerHead = Field(
+        default="mlp",
+        description="The user tower's layers between its features and the unit vector. mlp: Dense(2E, relu) "
+        "-> Dense(E) (production's). dense_tanh: one Dense(E, tanh), Mult-DAE's hidden layer over a pooled "
+        "history. none: the concatenated features are the vector (they must add up to embedding_size).",
+    )
+    item_head: TowerHead = Field(
+        default="mlp",
+        description="The item tower's head, as user_head. none with only an item id embedding of size "
+        "embedding_size: the item vectors are the rows of that table (Mult-DAE's output layer).",
+    )
     mixed_precision: bool = Field(
         default=False, description=f"The towers compute in {MIXED_POLICY} (faster on GPUs); the loss stays float32."
     )
@@ -162,6 +173,8 @@ def build_model(
         mixed_precision=params.mixed_precision,
         mixed_negatives=params.mixed_negatives,
         item_bias=params.item_bias,
+        user_head=params.user_head,
+        item_head=params.item_head,
     )
     model.compile(optimizer=make_optimizer(params.optimizer, params.learning_rate))
     return model

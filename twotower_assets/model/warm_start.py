@@ -172,8 +172,13 @@ def _warm_start_tower(prefix: str, new_tower, old_tower, report: WarmStartReport
             _copy_dense(name, layer.dense, old.dense, report)
         elif isinstance(layer, HistoryFeature):
             _warm_start_history(name, layer, old, report)
-    _copy_dense(f"{prefix}/hidden", new_tower.hidden, _head(old_tower)[0], report)
-    _copy_dense(f"{prefix}/projection", new_tower.projection, _head(old_tower)[1], report)
+    for name, new_layer, old_layer in zip(("hidden", "projection"), (new_tower.hidden, new_tower.projection), _head(old_tower)):
+        if new_layer is None:
+            continue  # the new tower's head has no such layer
+        if old_layer is None:
+            report.fresh.append(f"{prefix}/{name}")
+        else:
+            _copy_dense(f"{prefix}/{name}", new_layer, old_layer, report)
 
 
 def _warm_start_history(name: str, layer: HistoryFeature, old, report: WarmStartReport) -> None:
@@ -193,13 +198,14 @@ def _warm_start_history(name: str, layer: HistoryFeature, old, report: WarmStart
 
 
 def _head(tower) -> tuple:
-    """The source tower's MLP head: (hidden, projection)."""
-    if hasattr(tower, "hidden") and hasattr(tower, "projection"):
-        return tower.hidden, tower.projection
+    """The source tower's head layers: (hidden, projection), None where its head has none
+    (``dense_tanh`` has only a projection, ``none`` neither; towers.TOWER_HEADS)."""
+    if hasattr(tower, "hidden") or hasattr(tower, "projection"):
+        return getattr(tower, "hidden", None), getattr(tower, "projection", None)
     dense = [layer for layer in tower.layers if isinstance(layer, tf.keras.layers.Dense)]
-    if len(dense) != 2:
-        raise ValueError(f"expected the tower's two head Dense layers, found {len(dense)}")
-    return dense[0], dense[1]
+    if len(dense) > 2:
+        raise ValueError(f"expected at most the tower's two head Dense layers, found {len(dense)}")
+    return (None,) * (2 - len(dense)) + tuple(dense)
 
 
 def warm_start(model, user_tower, item_tower) -> WarmStartReport:
