@@ -47,7 +47,8 @@ probability P in every training step, the denoising of Mult-DAE) instead of a te
 the rating; the one vector per user: at the end of training); ``--mixed-negatives M`` adds M
 uniform catalogue negatives per step (Yang et al. 2020); ``--full-catalog-softmax``,
 ``--temperature``, ``--embedding-size``, ``--max-epochs``, ``--learning-rate``, ``--batch-size``;
-``--item-bias`` (a learned score per movie, ``TrainingParams.item_bias``); ``--item-id-size`` and
+``--item-bias`` (a learned score per movie, ``TrainingParams.item_bias``); ``--user-head`` and
+``--item-head`` (``mlp``, ``dense_tanh`` or ``none``: ``TrainingParams.user_head``/``item_head``); ``--item-id-size`` and
 ``--user-id-size`` (the id embeddings' sizes). ``--seeds`` trains once per seed and
 prints the per-user metrics as mean ± sample standard deviation [min, max] beside EASE.
 
@@ -82,7 +83,7 @@ from twotower_assets.data.movielens import click_event_table, load_movielens, re
 from twotower_assets.model import metrics, plots, topk  # noqa: E402
 from twotower_assets.model.datasets import FeatureStatsBuilder, batch_to_features, feature_kinds  # noqa: E402
 from twotower_assets.model.features import load_feature_config, parse_feature_config  # noqa: E402
-from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN  # noqa: E402
+from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN, TOWER_HEADS  # noqa: E402
 from twotower_assets.model.training import TrainingParams, train_two_tower  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
@@ -349,6 +350,8 @@ class TowerSetup:
             loss += f" + {p.mixed_negatives} uniform catalogue negatives (mixed)"
         if p.item_bias:
             loss += ", item bias"
+        if (p.user_head, p.item_head) != ("mlp", "mlp"):
+            loss += f", heads user {p.user_head} / item {p.item_head}"
         dropped = f", without {list(self.drop_features)}" if self.drop_features else ""
         if self.user_id_size is not None:
             dropped += f", user_id embedding {self.user_id_size}"
@@ -560,6 +563,10 @@ def main() -> int:
                         help="the movie id embedding's size (a history feature shares it); default: the config's")
     parser.add_argument("--item-bias", action="store_true",
                         help="a learned score per movie beside the cosine (TrainingParams.item_bias)")
+    parser.add_argument("--user-head", choices=TOWER_HEADS, default="mlp",
+                        help="the user tower's head (TrainingParams.user_head)")
+    parser.add_argument("--item-head", choices=TOWER_HEADS, default="mlp",
+                        help="the item tower's head (TrainingParams.item_head)")
     parser.add_argument("--learning-rate", type=float, default=TowerSetup().params.learning_rate)
     parser.add_argument("--batch-size", type=int, default=TowerSetup().params.batch_size)
     parser.add_argument("--history-dropout", type=float, default=0.0,
@@ -630,6 +637,7 @@ def main() -> int:
         "seed": seeds[0], "optimizer": args.optimizer, "mixed_negatives": args.mixed_negatives,
         "temperature": args.temperature, "embedding_size": args.embedding_size, "epochs": args.max_epochs,
         "item_bias": args.item_bias, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+        "user_head": args.user_head, "item_head": args.item_head,
     }))
     towers = {}
     for seed in seeds:

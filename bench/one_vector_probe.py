@@ -53,7 +53,8 @@ p.add_argument("--target", default="all", help="all (Mult-DAE) | held | held_mas
 p.add_argument("--product", action="store_true", help="product shape: shared id emb, MLP heads on both towers")
 p.add_argument("--idemb", type=int, default=64)
 p.add_argument("--untied", action="store_true")
-p.add_argument("--itemhead", type=int, default=1)
+p.add_argument("--itemhead", type=int, default=1, help="product shape: 1 = the item tower has the user tower's head, 0 = none")
+p.add_argument("--userhead", default="mlp", help="product shape: mlp (Dense(2E, act) -> Dense(E)) or one (Dense(E, act))")
 p.add_argument("--kept_weight", type=float, default=0.0)
 a = p.parse_args()
 tf.random.set_seed(a.seed); np.random.seed(a.seed)
@@ -82,7 +83,10 @@ class ProductShape(tf.keras.Model):
         s.ids.build((None,))
         s.hist = tf.keras.layers.Embedding(n_items, a.idemb) if a.untied else s.ids
         s.hist.build((None,))
-        s.uh = tf.keras.layers.Dense(2 * E, activation=a.act); s.up = tf.keras.layers.Dense(E)
+        if a.userhead == "one":
+            s.uh = tf.keras.layers.Dense(E, activation=a.act); s.up = tf.identity
+        else:
+            s.uh = tf.keras.layers.Dense(2 * E, activation=a.act); s.up = tf.keras.layers.Dense(E)
         s.ih = tf.keras.layers.Dense(2 * E, activation=a.act); s.ip = tf.keras.layers.Dense(E)
         s.b = tf.Variable(tf.zeros([n_items]))
         s.drop = tf.keras.layers.Dropout(a.dropout)
