@@ -460,6 +460,8 @@ def two_tower(split: Split, index: Index, setup: TowerSetup) -> TowerRun:
     val_losses = tuned.history.get("val_loss", [])
     best_epochs = int(np.argmin(val_losses)) + 1 if val_losses else tuned.epochs_run
     log(f"two-tower [{setup.describe()}]: best validation epoch {best_epochs} of {tuned.epochs_run}")
+    log("validation loss by epoch: " + " ".join(f"{v:.4f}" for v in val_losses))
+    log("learning rate by epoch: " + " ".join(f"{v:.2g}" for v in tuned.history.get("lr", [])))
     train = with_other_items(split.train, split.train, k) if setup.training_history == "others" else with_recent(
         split.train, split.train, k)
     final, kinds, _ = _train(
@@ -568,6 +570,8 @@ def main() -> int:
     parser.add_argument("--item-head", choices=TOWER_HEADS, default="mlp",
                         help="the item tower's head (TrainingParams.item_head)")
     parser.add_argument("--learning-rate", type=float, default=TowerSetup().params.learning_rate)
+    parser.add_argument("--reduce-lr-patience", type=int, default=TowerSetup().params.reduce_lr_patience,
+                        help="epochs without improvement before the learning rate is halved (a large value: never)")
     parser.add_argument("--batch-size", type=int, default=TowerSetup().params.batch_size)
     parser.add_argument("--history-dropout", type=float, default=0.0,
                         help="with --recent-encoding history: share of history ids left out per training step")
@@ -637,7 +641,7 @@ def main() -> int:
         "seed": seeds[0], "optimizer": args.optimizer, "mixed_negatives": args.mixed_negatives,
         "temperature": args.temperature, "embedding_size": args.embedding_size, "epochs": args.max_epochs,
         "item_bias": args.item_bias, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-        "user_head": args.user_head, "item_head": args.item_head,
+        "user_head": args.user_head, "item_head": args.item_head, "reduce_lr_patience": args.reduce_lr_patience,
     }))
     towers = {}
     for seed in seeds:

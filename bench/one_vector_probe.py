@@ -56,6 +56,10 @@ p.add_argument("--untied", action="store_true")
 p.add_argument("--itemhead", type=int, default=1, help="product shape: 1 = the item tower has the user tower's head, 0 = none")
 p.add_argument("--userhead", default="mlp", help="product shape: mlp (Dense(2E, act) -> Dense(E)) or one (Dense(E, act))")
 p.add_argument("--kept_weight", type=float, default=0.0)
+p.add_argument("--bias_in_temp", action="store_true", help="product shape: (cosine + bias) / temp, as the product's vectors give")
+p.add_argument("--rows", default="users", help="users: a step is --batch users (loss by --target); ratings: --batch "
+               "(user, movie) pairs, the input the user's other movies with --dropout, every one of them out of the "
+               "softmax (the product's rating-level rows with training history 'others')")
 a = p.parse_args()
 tf.random.set_seed(a.seed); np.random.seed(a.seed)
 split = ml.tutorial_split(a.data, 0.1)
@@ -100,8 +104,10 @@ class ProductShape(tf.keras.Model):
         v = s.ip(s.ih(e)) if a.itemhead else e
         return tf.math.l2_normalize(v, 1)
     def logits(s, x, training=False):
-        l = tf.matmul(s.user(x, training), s.item_vecs(), transpose_b=True) / a.temp
-        return l + s.b if a.bias else l
+        l = tf.matmul(s.user(x, training), s.item_vecs(), transpose_b=True)
+        if a.bias and a.bias_in_temp:
+            return (l + s.b) / a.temp
+        return l / a.temp + s.b if a.bias else l / a.temp
 
 class AutoencoderShape(tf.keras.Model):
     def __init__(s):
@@ -151,6 +157,16 @@ def training_loss(m, x):
     return -tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(l) * weights, 1))
 
 
+def rating_loss(m, x, positives):
+    """The product's rating-level loss: the user's other movies (dropout) in, all of them out of the softmax."""
+    positive = tf.one_hot(positives, n_items)
+    others = x * (1 - positive)
+    keep = tf.cast(tf.random.uniform(tf.shape(x)) >= a.dropout, tf.float32)
+    l = m.logits(others * keep, False)
+    l = tf.where(others > 0, -1e9 * tf.ones_like(l), l)
+    return -tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(l) * positive, 1))
+
+
 def run(train_frame, epochs, val_frame=None):
     X = index.matrix(train_frame).toarray().astype(np.float32)
     m = ProductShape() if a.product else AutoencoderShape(); opt = tf.keras.optimizers.Adam(a.lr)
@@ -160,11 +176,24 @@ def run(train_frame, epochs, val_frame=None):
             loss = training_loss(m, x) + sum(m.losses)
         g = t.gradient(loss, m.trainable_variables); opt.apply_gradients(zip(g, m.trainable_variables))
         return loss
+    @tf.function
+    def rating_step(x, positives):
+        with tf.GradientTape() as t:
+            loss = rating_loss(m, x, positives) + sum(m.losses)
+        g = t.gradient(loss, m.trainable_variables); opt.apply_gradients(zip(g, m.trainable_variables))
+        return loss
+    pair_users, pair_items = index.users(train_frame), index.items(train_frame)
     best = (-1, 0)
     for e in range(epochs):
-        perm = np.random.permutation(len(X))
-        for i in range(0, len(X), a.batch):
-            step(tf.constant(X[perm[i:i+a.batch]]))
+        if a.rows == "ratings":
+            perm = np.random.permutation(len(pair_users))
+            for i in range(0, len(perm), a.batch):
+                rows = perm[i:i + a.batch]
+                rating_step(tf.constant(X[pair_users[rows]]), tf.constant(pair_items[rows]))
+        else:
+            perm = np.random.permutation(len(X))
+            for i in range(0, len(X), a.batch):
+                step(tf.constant(X[perm[i:i+a.batch]]))
         if val_frame is not None and (e + 1) % a.every == 0:
             u = m.user(tf.constant(X)).numpy(); v = m.item_vecs().numpy()
             r, n = evaluate(u, v, m.b.numpy() if a.bias else np.zeros(n_items, np.float32), index.matrix(train_frame), val_frame)
