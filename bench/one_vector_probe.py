@@ -13,13 +13,18 @@ by recall@100 + NDCG@10, then a refit on all training ratings for that many epoc
   the item vectors are an embedding table; score = dot (or cosine / --temp with --norm) + a
   learned item bias (--bias).
 * ``ProductShape`` (--product): the product's layout: one id embedding (--idemb) shared by the
-  history pooling (sum / sqrt(n)) and the item tower, Dense(2E) -> Dense(E) heads on both towers,
-  unit vectors, cosine / --temp + item bias.
+  history pooling (sum / sqrt(n)) and the item tower, Dense(2E) -> Dense(E) heads on both towers
+  (``--userhead one``: one Dense(E) on the user side; ``--itemhead 0``: none on the item side, the
+  product's ``dense_tanh`` / ``none`` heads), unit vectors, cosine / --temp + item bias
+  (``--bias_in_temp``: (cosine + bias) / --temp, what the product's vectors score).
 
 --target: ``all`` (Mult-DAE: dropout on the input, loss on every training movie), ``held``
 (a random half of the movies is the input, the loss is on the other half), ``held_masked``
 (and the input movies are left out of the softmax), ``held_allmasked`` (every training movie but
 the target is left out: what the product's exact softmax with a history does).
+
+--rows ratings: steps of --batch (user, movie) pairs instead of users, the input the user's other
+movies with --dropout and all of them out of the softmax: the product's rating-level rows.
 
     .venv/bin/python bench/one_vector_probe.py --emb 0 --target held_masked --norm --temp 0.2
 """
