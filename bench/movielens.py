@@ -572,6 +572,10 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=TowerSetup().params.learning_rate)
     parser.add_argument("--reduce-lr-patience", type=int, default=TowerSetup().params.reduce_lr_patience,
                         help="epochs without improvement before the learning rate is halved (a large value: never)")
+    parser.add_argument("--early-stopping-patience", type=int, default=TowerSetup().params.early_stopping_patience,
+                        help="epochs without improvement of the validation loss before the tuning run stops")
+    parser.add_argument("--min-delta", type=float, default=TowerSetup().params.min_delta,
+                        help="the smallest decrease of the validation loss that counts as an improvement")
     parser.add_argument("--batch-size", type=int, default=TowerSetup().params.batch_size)
     parser.add_argument("--history-dropout", type=float, default=0.0,
                         help="with --recent-encoding history: share of history ids left out per training step")
@@ -642,6 +646,7 @@ def main() -> int:
         "temperature": args.temperature, "embedding_size": args.embedding_size, "epochs": args.max_epochs,
         "item_bias": args.item_bias, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
         "user_head": args.user_head, "item_head": args.item_head, "reduce_lr_patience": args.reduce_lr_patience,
+        "early_stopping_patience": args.early_stopping_patience, "min_delta": args.min_delta,
     }))
     towers = {}
     for seed in seeds:
@@ -740,6 +745,10 @@ def main() -> int:
 
     print(f"\n### One vector per user over {len(seeds)} training seed(s) {seeds} (all users)\n")
     print(seeds_table(per_seed_metrics, project))
+    latest = per_seed_metrics[(per_seed_metrics["segment"] == "all") & (per_seed_metrics["model"] == "two-tower (latest query)")]
+    print("\nPer seed (latest query), recall@100 / NDCG@10: " + ", ".join(
+        f"{seed}: {group.set_index('k').loc[100, 'recall']:.4f} / {group.set_index('k').loc[10, 'ndcg']:.4f}"
+        for seed, group in latest.groupby("seed", sort=False)))
 
     tutorial_top100 = results["two-tower"]["tutorial"][100]
     checks = {
