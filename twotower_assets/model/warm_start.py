@@ -172,7 +172,8 @@ def _warm_start_tower(prefix: str, new_tower, old_tower, report: WarmStartReport
             _copy_dense(name, layer.dense, old.dense, report)
         elif isinstance(layer, HistoryFeature):
             _warm_start_history(name, layer, old, report)
-    for name, new_layer, old_layer in zip(("hidden", "projection"), (new_tower.hidden, new_tower.projection), _head(old_tower)):
+    new_head = (new_tower.hidden, new_tower.projection)
+    for name, new_layer, old_layer in zip(("hidden", "projection"), new_head, _head(old_tower)):
         if new_layer is None:
             continue  # the new tower's head has no such layer
         if old_layer is None:
