@@ -48,7 +48,9 @@ the rating; the one vector per user: at the end of training); ``--mixed-negative
 uniform catalogue negatives per step (Yang et al. 2020); ``--full-catalog-softmax``,
 ``--temperature``, ``--embedding-size``, ``--max-epochs``, ``--learning-rate``, ``--batch-size``;
 ``--item-bias`` (a learned score per movie, ``TrainingParams.item_bias``); ``--user-head`` and
-``--item-head`` (``mlp``, ``dense_tanh`` or ``none``: ``TrainingParams.user_head``/``item_head``); ``--item-id-size`` and
+``--item-head`` (``mlp``, ``dense_tanh`` or ``none``: ``TrainingParams.user_head``/``item_head``);
+``--reduce-lr-patience``, ``--early-stopping-patience``, ``--min-delta`` (the tuning run's
+schedule; the log shows its validation loss and learning rate per epoch); ``--item-id-size`` and
 ``--user-id-size`` (the id embeddings' sizes). ``--seeds`` trains once per seed and
 prints the per-user metrics as mean ± sample standard deviation [min, max] beside EASE.
 
@@ -363,7 +365,9 @@ class TowerSetup:
         )
         return (
             f"{self.config_name}{dropped}; {loss}; E={p.embedding_size}, temperature {p.temperature}, "
-            f"{p.optimizer} {p.learning_rate}, seed {p.seed}, batch {p.batch_size}, max epochs {p.epochs}, "
+            f"{p.optimizer} {p.learning_rate} (halved after {p.reduce_lr_patience} epochs without progress), "
+            f"seed {p.seed}, batch {p.batch_size}, max epochs {p.epochs} (early stopping: patience "
+            f"{p.early_stopping_patience}, min delta {p.min_delta:g}), "
             f"recent items {self.recent_items} as {recent}, training rows see {self.training_history} ratings"
         )
 
