@@ -15,7 +15,8 @@ from twotower_assets.model.layers import FeatureStats, HistoryFeature, StringFea
 from twotower_assets.model.match_model import MatchModel, probe_match_model, save_match_model
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN, TwoTowerModel
 from twotower_assets.model.training import TrainingParams, tower_outputs, train_two_tower
-from twotower_assets.model.warm_start import load_towers, warm_start
+from twotower_assets.model.warm_start import warm_start
+from tower_helpers import reload_towers
 
 ITEMS = ["a", "b", "c", "d"]  # lookup rows 1..4; row 0 is the OOV row
 
@@ -301,15 +302,9 @@ def trained_history_model():
 def test_towers_with_a_history_feature_save_load_warm_start_and_serve(trained_history_model, tmp_path):
     config, stats, features, result = trained_history_model
     model = result.model
-    user_dir, item_dir = tmp_path / "user_tower", tmp_path / "item_tower"
-    model.user_tower.save(str(user_dir), save_format="tf")
-    model.item_tower.save(str(item_dir), save_format="tf")
-    loaded_user, loaded_item = load_towers(user_dir, item_dir)
     # The saved towers were traced on the training rows: they take every column of a row.
     sample = {k: tf.constant(v[:64]) for k, v in features.items()}
-    items = sample
-    np.testing.assert_allclose(loaded_user(sample).numpy(), model.user_tower(sample).numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(loaded_item(items).numpy(), model.item_tower(items).numpy(), rtol=1e-5, atol=1e-6)
+    loaded_user, loaded_item = reload_towers(model, tmp_path, sample)
 
     # Warm start from the saved towers: the shared id table is mapped once (by the item tower),
     # and the new model's user tower sees the carried-over rows through the shared layer.

@@ -12,7 +12,7 @@ from twotower_assets.model.layers import FeatureStats, HistoryFeature, StringFea
 from twotower_assets.model.match_model import MatchModel, probe_match_model, save_match_model
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN, TwoTowerModel
 from twotower_assets.model.training import TrainingParams, build_model
-from twotower_assets.model.warm_start import load_towers
+from tower_helpers import reload_towers
 
 ITEMS = ["a", "b", "c", "d", "e"]
 
@@ -131,11 +131,7 @@ def test_towers_with_item_bias_save_load_and_serve(tmp_path):
     batch = features()
     model(batch)
     model.item_tower.bias.embedding.set_weights([np.linspace(-1, 1, 6, dtype=np.float32)[:, None]])
-    model.user_tower.save(str(tmp_path / "user"), save_format="tf")
-    model.item_tower.save(str(tmp_path / "item"), save_format="tf")
-    user, item = load_towers(tmp_path / "user", tmp_path / "item")
-    np.testing.assert_allclose(user(batch).numpy(), model.user_tower(batch).numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(item(batch).numpy(), model.item_tower(batch).numpy(), rtol=1e-5, atol=1e-6)
+    reload_towers(model, tmp_path, batch)
     users = model.user_tower(batch).numpy()
     items = model.item_tower({"item_id": tf.constant(ITEMS), "user_id": tf.constant(["u1"] * 5),
                               "user_history": tf.constant([""] * 5)}).numpy()

@@ -11,7 +11,8 @@ from twotower_assets.model.features import parse_feature_config
 from twotower_assets.model.layers import FeatureStats
 from twotower_assets.model.match_model import MatchModel, probe_match_model, save_match_model
 from twotower_assets.model.training import TrainingParams, build_model
-from twotower_assets.model.warm_start import load_towers, warm_start
+from twotower_assets.model.warm_start import warm_start
+from tower_helpers import reload_towers
 
 ITEMS = ["a", "b", "c", "d", "e"]
 STATS = FeatureStats(vocabularies={"user_id": ["u1", "u2", "u3"], "item_id": ITEMS})
@@ -101,11 +102,7 @@ def test_a_shallow_head_model_trains_saves_loads_and_serves(tmp_path):
     before = model.user_tower.projection.get_weights()[0].copy()
     model.train_step(batch)
     assert not np.allclose(model.user_tower.projection.get_weights()[0], before)  # the head learns
-    model.user_tower.save(str(tmp_path / "user"), save_format="tf")
-    model.item_tower.save(str(tmp_path / "item"), save_format="tf")
-    user, item = load_towers(tmp_path / "user", tmp_path / "item")
-    np.testing.assert_allclose(user(batch).numpy(), model.user_tower(batch).numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(item(batch).numpy(), model.item_tower(batch).numpy(), rtol=1e-5, atol=1e-6)
+    user, item = reload_towers(model, tmp_path, batch)
     users = model.user_tower(batch).numpy()
     items = model.item_tower({"item_id": tf.constant(ITEMS)}).numpy()
     assert users.shape == (3, 5) and items.shape == (5, 5)  # embedding_size + the bias
