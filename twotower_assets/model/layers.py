@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import tensorflow as tf
 
-from twotower_assets.model.features import FeatureConfig, FeatureConfigError, FeatureSpec
+from twotower_assets.model.features import FeatureConfig, FeatureConfigError, FeatureSpec, HistoryPooling
 
 TEXT_MAX_TOKENS = 10_000
 
@@ -189,8 +190,8 @@ class HistoryFeature(tf.keras.layers.Layer):
         self, item_ids: StringFeature, length: int, pooling: str = "mean", dropout: float = 0.0, **kwargs
     ):
         super().__init__(**kwargs)
-        if pooling not in ("mean", "sqrtn", "attention"):
-            raise ValueError(f"unknown history pooling {pooling!r} (mean, sqrtn or attention)")
+        if pooling not in get_args(HistoryPooling):
+            raise ValueError(f"unknown history pooling {pooling!r} ({', '.join(get_args(HistoryPooling))})")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"history dropout must be in [0, 1), got {dropout!r}")
         self.item_ids = item_ids
@@ -205,10 +206,13 @@ class HistoryFeature(tf.keras.layers.Layer):
                 name="position_bias", shape=(self.length,), initializer="zeros", trainable=True
             )
 
+    def history_ids(self, inputs) -> tf.RaggedTensor:
+        """Each row's first ``length`` ids (ragged: rows keep their own lengths)."""
+        return tf.strings.split(tf.reshape(inputs, (-1,)))[:, : self.length]
+
     def item_positions(self, inputs):
         """(batch, length) lookup rows of the first ``length`` ids; 0 for padding and unknown ids."""
-        ids = tf.strings.split(tf.reshape(inputs, (-1,)))[:, : self.length]
-        ids = ids.to_tensor(default_value="", shape=(None, self.length))
+        ids = self.history_ids(inputs).to_tensor(default_value="", shape=(None, self.length))
         return self.item_ids.lookup(ids)
 
     def attention_weights(self, embedded, valid):
@@ -249,7 +253,7 @@ class HistoryFeature(tf.keras.layers.Layer):
         """``mean`` and ``sqrtn``: a weighted sum per row over the ids the row has (a ragged
         segment sum), not over a (batch, length, size) padded tensor: a history of hundreds of
         items in a batch of 1,024 would otherwise be gigabytes of mostly padding."""
-        ids = tf.strings.split(tf.reshape(inputs, (-1,)))[:, : self.length]
+        ids = self.history_ids(inputs)
         positions = self.item_ids.lookup(ids.flat_values)
         rows = ids.value_rowids()
         valid = tf.cast(self.kept(positions > 0, training), tf.float32)
