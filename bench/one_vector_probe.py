@@ -36,7 +36,6 @@ import twotower_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import movielens as ml
 import tensorflow as tf
 from twotower_assets.model import metrics, topk
-from pathlib import Path
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k")
@@ -176,15 +175,10 @@ def run(train_frame, epochs, val_frame=None):
     X = index.matrix(train_frame).toarray().astype(np.float32)
     m = ProductShape() if a.product else AutoencoderShape(); opt = tf.keras.optimizers.Adam(a.lr)
     @tf.function
-    def step(x):
+    def step(x, positives=None):
+        """One Adam step: user rows (--target's loss), or rating rows when ``positives`` is given."""
         with tf.GradientTape() as t:
-            loss = training_loss(m, x) + sum(m.losses)
-        g = t.gradient(loss, m.trainable_variables); opt.apply_gradients(zip(g, m.trainable_variables))
-        return loss
-    @tf.function
-    def rating_step(x, positives):
-        with tf.GradientTape() as t:
-            loss = rating_loss(m, x, positives) + sum(m.losses)
+            loss = (training_loss(m, x) if positives is None else rating_loss(m, x, positives)) + sum(m.losses)
         g = t.gradient(loss, m.trainable_variables); opt.apply_gradients(zip(g, m.trainable_variables))
         return loss
     pair_users, pair_items = index.users(train_frame), index.items(train_frame)
@@ -194,7 +188,7 @@ def run(train_frame, epochs, val_frame=None):
             perm = np.random.permutation(len(pair_users))
             for i in range(0, len(perm), a.batch):
                 rows = perm[i:i + a.batch]
-                rating_step(tf.constant(X[pair_users[rows]]), tf.constant(pair_items[rows]))
+                step(tf.constant(X[pair_users[rows]]), tf.constant(pair_items[rows]))
         else:
             perm = np.random.permutation(len(X))
             for i in range(0, len(X), a.batch):
