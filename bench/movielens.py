@@ -67,6 +67,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -84,7 +85,7 @@ import tensorflow_recommenders as tfrs  # noqa: E402
 from twotower_assets.data.movielens import click_event_table, load_movielens, recent_items  # noqa: E402
 from twotower_assets.model import metrics, plots, topk  # noqa: E402
 from twotower_assets.model.datasets import FeatureStatsBuilder, batch_to_features, feature_kinds  # noqa: E402
-from twotower_assets.model.features import load_feature_config, parse_feature_config  # noqa: E402
+from twotower_assets.model.features import HistoryPooling, load_feature_config, parse_feature_config  # noqa: E402
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN, TOWER_HEADS  # noqa: E402
 from twotower_assets.model.training import TrainingParams, train_two_tower  # noqa: E402
 
@@ -564,7 +565,7 @@ def main() -> int:
                         help="how many of the user's latest training ratings the query sees")
     parser.add_argument("--recent-encoding", choices=["text", "history"], default="text",
                         help="user_recent_items as a text feature, or a history feature sharing item_id's embedding")
-    parser.add_argument("--history-pooling", choices=["mean", "sqrtn", "attention"], default="mean")
+    parser.add_argument("--history-pooling", choices=get_args(HistoryPooling), default="mean")
     parser.add_argument("--item-id-size", type=int, default=None,
                         help="the movie id embedding's size (a history feature shares it); default: the config's")
     parser.add_argument("--item-bias", action="store_true",
