@@ -42,7 +42,7 @@ p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] 
 p.add_argument("--hidden", type=int, default=600)
 p.add_argument("--emb", type=int, default=200)
 p.add_argument("--dropout", type=float, default=0.5)
-p.add_argument("--l2", type=float, default=0.0)
+p.add_argument("--l2", type=float, default=0.0, help="L2 penalty on the weights (--product: the id table and the user head's first layer)")
 p.add_argument("--epochs", type=int, default=200)
 p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--batch", type=int, default=64)
@@ -87,14 +87,15 @@ class ProductShape(tf.keras.Model):
     def __init__(s):
         super().__init__()
         E = a.emb
-        s.ids = tf.keras.layers.Embedding(n_items, a.idemb)
+        reg = tf.keras.regularizers.l2(a.l2) if a.l2 else None
+        s.ids = tf.keras.layers.Embedding(n_items, a.idemb, embeddings_regularizer=reg)
         s.ids.build((None,))
-        s.hist = tf.keras.layers.Embedding(n_items, a.idemb) if a.untied else s.ids
+        s.hist = tf.keras.layers.Embedding(n_items, a.idemb, embeddings_regularizer=reg) if a.untied else s.ids
         s.hist.build((None,))
         if a.userhead == "one":
-            s.uh = tf.keras.layers.Dense(E, activation=a.act); s.up = tf.identity
+            s.uh = tf.keras.layers.Dense(E, activation=a.act, kernel_regularizer=reg); s.up = tf.identity
         else:
-            s.uh = tf.keras.layers.Dense(2 * E, activation=a.act); s.up = tf.keras.layers.Dense(E)
+            s.uh = tf.keras.layers.Dense(2 * E, activation=a.act, kernel_regularizer=reg); s.up = tf.keras.layers.Dense(E)
         s.ih = tf.keras.layers.Dense(2 * E, activation=a.act); s.ip = tf.keras.layers.Dense(E)
         s.b = tf.Variable(tf.zeros([n_items]))
         s.drop = tf.keras.layers.Dropout(a.dropout)
