@@ -65,6 +65,7 @@ p.add_argument("--rows", default="users", help="users: a step is --batch users (
                "(user, movie) pairs, the input the user's other movies with --dropout, every one of them out of the "
                "softmax (the product's rating-level rows with training history 'others')")
 a = p.parse_args()
+L2 = tf.keras.regularizers.l2(a.l2) if a.l2 else None  # --l2, shared by both shapes
 tf.random.set_seed(a.seed); np.random.seed(a.seed)
 split = ml.tutorial_split(a.data, 0.1)
 index = ml.Index(split)
@@ -87,15 +88,14 @@ class ProductShape(tf.keras.Model):
     def __init__(s):
         super().__init__()
         E = a.emb
-        reg = tf.keras.regularizers.l2(a.l2) if a.l2 else None
-        s.ids = tf.keras.layers.Embedding(n_items, a.idemb, embeddings_regularizer=reg)
+        s.ids = tf.keras.layers.Embedding(n_items, a.idemb, embeddings_regularizer=L2)
         s.ids.build((None,))
-        s.hist = tf.keras.layers.Embedding(n_items, a.idemb, embeddings_regularizer=reg) if a.untied else s.ids
+        s.hist = tf.keras.layers.Embedding(n_items, a.idemb, embeddings_regularizer=L2) if a.untied else s.ids
         s.hist.build((None,))
         if a.userhead == "one":
-            s.uh = tf.keras.layers.Dense(E, activation=a.act, kernel_regularizer=reg); s.up = tf.identity
+            s.uh = tf.keras.layers.Dense(E, activation=a.act, kernel_regularizer=L2); s.up = tf.identity
         else:
-            s.uh = tf.keras.layers.Dense(2 * E, activation=a.act, kernel_regularizer=reg); s.up = tf.keras.layers.Dense(E)
+            s.uh = tf.keras.layers.Dense(2 * E, activation=a.act, kernel_regularizer=L2); s.up = tf.keras.layers.Dense(E)
         s.ih = tf.keras.layers.Dense(2 * E, activation=a.act); s.ip = tf.keras.layers.Dense(E)
         s.b = tf.Variable(tf.zeros([n_items]))
         s.drop = tf.keras.layers.Dropout(a.dropout)
@@ -117,10 +117,9 @@ class ProductShape(tf.keras.Model):
 class AutoencoderShape(tf.keras.Model):
     def __init__(s):
         super().__init__()
-        reg = tf.keras.regularizers.l2(a.l2) if a.l2 else None
-        s.inp = tf.keras.layers.Dense(a.hidden, activation=a.act, kernel_regularizer=reg)
-        s.out = tf.keras.layers.Dense(a.emb, kernel_regularizer=reg) if a.emb else None
-        s.items = tf.keras.layers.Embedding(n_items, a.emb or a.hidden, embeddings_regularizer=reg)
+        s.inp = tf.keras.layers.Dense(a.hidden, activation=a.act, kernel_regularizer=L2)
+        s.out = tf.keras.layers.Dense(a.emb, kernel_regularizer=L2) if a.emb else None
+        s.items = tf.keras.layers.Embedding(n_items, a.emb or a.hidden, embeddings_regularizer=L2)
         s.b = tf.Variable(tf.zeros([n_items]))
         s.drop = tf.keras.layers.Dropout(a.dropout)
     def user(s, x, training=False):
