@@ -1,5 +1,6 @@
 """The towers' heads (TrainingParams.user_head / item_head, towers.TOWER_HEADS): production's
-``mlp``, Mult-DAE's one ``dense_tanh`` layer, and ``none`` (the features are the vector).
+``mlp``, Mult-DAE's one ``dense_tanh`` layer, ``dense_tanh_residual`` (that layer plus the pooled
+history) and ``none`` (the features are the vector).
 Each vector is recomputed by hand in numpy from the layers' weights."""
 
 import numpy as np
@@ -64,6 +65,34 @@ def test_dense_tanh_is_one_tanh_layer_over_the_features_and_none_is_the_id_row()
     concat = np.hstack([user_table[[1, 2, 3]], history])
     kernel, bias = model.user_tower.projection.get_weights()
     np.testing.assert_allclose(users, unit(np.tanh(concat @ kernel + bias)), rtol=1e-4, atol=1e-6)
+
+
+def test_dense_tanh_residual_adds_the_pooled_history_to_the_tanh_layer(tmp_path):
+    tf.random.set_seed(4)
+    params = TrainingParams(embedding_size=4, user_head="dense_tanh_residual", item_head="none")
+    model = build_model(config(), STATS, params)
+    batch = features()
+    users = model.user_tower(batch).numpy()
+    item_table = model.item_tower.feature_layers[0].embedding.get_weights()[0]
+    user_table = model.user_tower.feature_layers[0].embedding.get_weights()[0]
+    history = np.stack([
+        (item_table[2] + item_table[3]) / np.sqrt(2),  # b c
+        np.zeros(4),  # empty: the vector is the tanh layer's alone
+        (item_table[3] + item_table[1]) / np.sqrt(2),  # c a (zzz is unknown)
+    ])
+    kernel, bias = model.user_tower.projection.get_weights()
+    assert kernel.shape == (6, 4) and model.user_tower.hidden is None
+    expected = np.tanh(np.hstack([user_table[[1, 2, 3]], history]) @ kernel + bias) + history
+    np.testing.assert_allclose(users, unit(expected), rtol=1e-4, atol=1e-6)
+    model(batch)  # builds the item tower too, for saving
+    reload_towers(model, tmp_path, batch)  # the SavedModel the MatchModel is built from gives the same
+
+
+def test_dense_tanh_residual_needs_a_history_of_the_embedding_size():
+    with pytest.raises(ValueError, match="no history feature"):
+        build_model(config(), STATS, TrainingParams(embedding_size=4, item_head="dense_tanh_residual"))
+    with pytest.raises(ValueError, match="'user_history' to the vector: its embedding_size 6 must be embedding_size 4"):
+        build_model(config(item_id_size=6), STATS, TrainingParams(embedding_size=4, user_head="dense_tanh_residual"))
 
 
 def test_mlp_is_the_default_head_of_both_towers():

@@ -4,8 +4,13 @@ Each tower turns a dict of raw feature columns into a unit-length vector:
 concat(feature layers) -> head -> L2 normalisation. The head is production's MLP,
 Dense(2E, relu) -> Dense(E) (``mlp``, the default), or one of two opt-in shallower heads
 (:data:`TOWER_HEADS`): ``dense_tanh``, one Dense(E, tanh) (Mult-DAE's single hidden layer,
-Liang et al. 2018: over a pooled history it is the user vector of the autoencoder), and
-``none``, where the concatenated features are the vector (an item tower of one id embedding
+Liang et al. 2018: over a pooled history it is the user vector of the autoencoder);
+``dense_tanh_residual``, the same plus the pooled history itself as a shortcut (He et al.
+2016's identity shortcut, for a user tower with a history feature of size E): the history is
+pooled from the item tower's id embedding, so the user starts at the mean of the vectors of the
+items it has and the Dense layer learns a correction; with an item head ``none`` this linear
+part is an item-to-item model, what EASE is made of (docs/benchmarks-movielens.md, stop 26);
+and ``none``, where the concatenated features are the vector (an item tower of one id embedding
 of size E: the item vectors are that table's rows, as Mult-DAE's output layer). The user tower
 scores items by dot product (cosine, since both are unit length), and training uses TFRS's
 in-batch softmax :class:`tfrs.tasks.Retrieval` with temperature and logQ correction.
@@ -55,7 +60,7 @@ from twotower_assets.model.layers import (
 SAMPLING_PROBABILITY_COLUMN = "item_sampling_probability"
 """Each training row carries its item's share of training rows, for the logQ correction."""
 
-TowerHead = Literal["mlp", "dense_tanh", "none"]
+TowerHead = Literal["mlp", "dense_tanh", "dense_tanh_residual", "none"]
 TOWER_HEADS = get_args(TowerHead)
 """What a tower puts between its concatenated features and the L2 normalisation (module docstring)."""
 
@@ -98,7 +103,8 @@ class Tower(tf.keras.Model):
         the item's bias to the cosine (see ``item_bias`` in the module docstring).
 
         ``head``: one of :data:`TOWER_HEADS`; with ``none`` the features must add up to
-        ``embedding_size`` values (checked when the tower is first called)."""
+        ``embedding_size`` values (checked when the tower is first called); with
+        ``dense_tanh_residual`` the tower needs a history feature of ``embedding_size`` values."""
         super().__init__(**kwargs)
         if head not in TOWER_HEADS:
             raise ValueError(f"unknown tower head {head!r}: one of {', '.join(TOWER_HEADS)}")
@@ -121,10 +127,26 @@ class Tower(tf.keras.Model):
         self.feature_layers = [
             build_feature_layer(name, spec, stats, config, item_id_layer) for name, spec in features.items()
         ]
+        # The positions of the history features, the shortcut of dense_tanh_residual.
+        self.shortcut_positions = tuple(i for i, spec in enumerate(features.values()) if spec.type == "history")
+        if head == "dense_tanh_residual":
+            if not self.shortcut_positions:
+                raise ValueError(
+                    f"head 'dense_tanh_residual' adds the pooled history to the vector, but the tower has "
+                    f"no history feature (features: {', '.join(features) or 'none'})"
+                )
+            for name, spec in features.items():
+                if spec.type == "history" and spec.embedding_size != embedding_size:
+                    raise ValueError(
+                        f"head 'dense_tanh_residual' adds history feature {name!r} to the vector: its "
+                        f"embedding_size {spec.embedding_size} must be embedding_size {embedding_size}"
+                    )
+        else:
+            self.shortcut_positions = ()
         # Absent layers are None (warm_start copies the ones both models have).
         self.hidden = tf.keras.layers.Dense(2 * embedding_size, activation="relu") if head == "mlp" else None
         self.projection = (
-            tf.keras.layers.Dense(embedding_size, activation="tanh" if head == "dense_tanh" else None)
+            tf.keras.layers.Dense(embedding_size, activation=None if head == "mlp" else "tanh")
             if head != "none" else None
         )
         self.embedding_size = embedding_size
@@ -148,6 +170,8 @@ class Tower(tf.keras.Model):
             vectors = self.hidden(vectors)
         if self.projection is not None:
             vectors = self.projection(vectors)
+            for position in self.shortcut_positions:  # dense_tanh_residual
+                vectors = vectors + parts[position]
         elif vectors.shape[-1] != self.embedding_size:
             raise ValueError(
                 f"{self.name}: head 'none' uses the features as the vector, but they add up to "
