@@ -19,6 +19,7 @@ import pydantic
 import tensorflow as tf
 from pydantic import Field
 
+from twotower_assets.model.averaging import WeightAveraging
 from twotower_assets.model.datasets import batches, is_blocked, shuffled_batches
 from twotower_assets.model.features import FeatureConfig
 from twotower_assets.model.layers import FeatureStats
@@ -132,6 +133,13 @@ class TrainingParams(pydantic.BaseModel):
         description="The item tower's head, as user_head. none with only an item id embedding of size "
         "embedding_size: the item vectors are the rows of that table (Mult-DAE's output layer).",
     )
+    weight_averaging: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="0: off. Otherwise the momentum of an exponential moving average of the weights "
+        "(Polyak averaging), which validation, early stopping and the trained model use; training steps "
+        "use the raw weights (twotower_assets/model/averaging.py). 0.99 averages over about 100 steps. "
+        "It costs a copy of every weight, updated every step: meant for small models such as MovieLens's.",
+    )
     mixed_precision: bool = Field(
         default=False, description=f"The towers compute in {MIXED_POLICY} (faster on GPUs); the loss stays float32."
     )
@@ -237,6 +245,8 @@ def train_two_tower(
     )
     monitor = "val_loss" if validation is not None else "loss"
     all_callbacks = [
+        # First, so that the callbacks after it see the averaged weights when an epoch ends.
+        *([WeightAveraging(params.weight_averaging)] if params.weight_averaging else []),
         tf.keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, factor=0.5, patience=params.reduce_lr_patience, min_delta=params.min_delta
         ),
