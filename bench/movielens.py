@@ -48,7 +48,9 @@ the rating; the one vector per user: at the end of training); ``--mixed-negative
 uniform catalogue negatives per step (Yang et al. 2020); ``--full-catalog-softmax``,
 ``--temperature``, ``--embedding-size``, ``--max-epochs``, ``--learning-rate``, ``--batch-size``;
 ``--item-bias`` (a learned score per movie, ``TrainingParams.item_bias``); ``--user-head`` and
-``--item-head`` (``mlp``, ``dense_tanh`` or ``none``: ``TrainingParams.user_head``/``item_head``);
+``--item-head`` (``mlp``, ``dense_tanh``, ``dense_tanh_residual`` or ``none``: ``TrainingParams.user_head``/``item_head``);
+``--weight-averaging M`` (validate and keep a moving average of the weights, momentum M:
+``TrainingParams.weight_averaging``);
 ``--reduce-lr-patience``, ``--early-stopping-patience``, ``--min-delta`` (the tuning run's
 schedule; the log shows its validation loss and learning rate per epoch); ``--item-id-size`` and
 ``--user-id-size`` (the id embeddings' sizes). ``--seeds`` trains once per seed and
@@ -355,6 +357,8 @@ class TowerSetup:
             loss += ", item bias"
         if (p.user_head, p.item_head) != ("mlp", "mlp"):
             loss += f", heads user {p.user_head} / item {p.item_head}"
+        if p.weight_averaging:
+            loss += f", weight averaging {p.weight_averaging:g}"
         dropped = f", without {list(self.drop_features)}" if self.drop_features else ""
         if self.user_id_size is not None:
             dropped += f", user_id embedding {self.user_id_size}"
@@ -574,6 +578,8 @@ def main() -> int:
                         help="the user tower's head (TrainingParams.user_head)")
     parser.add_argument("--item-head", choices=TOWER_HEADS, default="mlp",
                         help="the item tower's head (TrainingParams.item_head)")
+    parser.add_argument("--weight-averaging", type=float, default=0.0,
+                        help="momentum of the weights' moving average (TrainingParams.weight_averaging; 0: off)")
     parser.add_argument("--learning-rate", type=float, default=TowerSetup().params.learning_rate)
     parser.add_argument("--reduce-lr-patience", type=int, default=TowerSetup().params.reduce_lr_patience,
                         help="epochs without improvement before the learning rate is halved (a large value: never)")
@@ -652,6 +658,7 @@ def main() -> int:
         "item_bias": args.item_bias, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
         "user_head": args.user_head, "item_head": args.item_head, "reduce_lr_patience": args.reduce_lr_patience,
         "early_stopping_patience": args.early_stopping_patience, "min_delta": args.min_delta,
+        "weight_averaging": args.weight_averaging,
     }))
     towers = {}
     for seed in seeds:

@@ -64,6 +64,10 @@ p.add_argument("--bias_in_temp", action="store_true", help="product shape: (cosi
 p.add_argument("--rows", default="users", help="users: a step is --batch users (loss by --target); ratings: --batch "
                "(user, movie) pairs, the input the user's other movies with --dropout, every one of them out of the "
                "softmax (the product's rating-level rows with training history 'others')")
+p.add_argument("--userres", action="store_true", help="product shape: the user vector adds the pooled history to the head's output (a linear path)")
+p.add_argument("--resproj", action="store_true", help="with --userres: the linear path is a Dense(E) (identity at start), not the identity")
+p.add_argument("--vae", type=float, default=0.0, help="product shape: Mult-VAE's stochastic user vector, KL weight beta")
+p.add_argument("--ema", type=float, default=0.0, help="evaluate with an exponential moving average of the weights (decay)")
 a = p.parse_args()
 L2 = tf.keras.regularizers.l2(a.l2) if a.l2 else None  # --l2, shared by both shapes
 tf.random.set_seed(a.seed); np.random.seed(a.seed)
@@ -97,19 +101,30 @@ class ProductShape(tf.keras.Model):
         else:
             s.uh = tf.keras.layers.Dense(2 * E, activation=a.act, kernel_regularizer=L2); s.up = tf.keras.layers.Dense(E)
         s.ih = tf.keras.layers.Dense(2 * E, activation=a.act); s.ip = tf.keras.layers.Dense(E)
+        s.logvar = tf.keras.layers.Dense(E) if a.vae else None
+        s.skip = (tf.keras.layers.Dense(E, use_bias=False, kernel_initializer="identity", kernel_regularizer=L2)
+                  if a.resproj else tf.identity)
         s.b = tf.Variable(tf.zeros([n_items]))
         s.drop = tf.keras.layers.Dropout(a.dropout)
-    def user(s, x, training=False):
+    def user(s, x, training=False, sample=False):
         x = s.drop(x, training=training)
         n = tf.reduce_sum(x, 1, keepdims=True)
         pooled = tf.matmul(x, s.hist.embeddings) / tf.sqrt(tf.maximum(n, 1.0))
-        return tf.math.l2_normalize(s.up(s.uh(pooled)), 1)
+        u = s.up(s.uh(pooled))
+        if a.userres:
+            u = u + s.skip(pooled)
+        if s.logvar is not None:
+            lv = s.logvar(pooled)
+            s.kl = a.vae * tf.reduce_mean(tf.reduce_sum(-0.5 * (1 + lv - tf.square(u) - tf.exp(lv)), 1))
+            if training or sample:
+                u = u + tf.random.normal(tf.shape(u)) * tf.exp(0.5 * lv)
+        return tf.math.l2_normalize(u, 1)
     def item_vecs(s):
         e = s.ids(tf.range(n_items))
         v = s.ip(s.ih(e)) if a.itemhead else e
         return tf.math.l2_normalize(v, 1)
-    def logits(s, x, training=False):
-        l = tf.matmul(s.user(x, training), s.item_vecs(), transpose_b=True)
+    def logits(s, x, training=False, sample=False):
+        l = tf.matmul(s.user(x, training, sample), s.item_vecs(), transpose_b=True)
         if a.bias and a.bias_in_temp:
             return (l + s.b) / a.temp
         return l / a.temp + s.b if a.bias else l / a.temp
@@ -148,7 +163,7 @@ def training_loss(m, x):
     keep = tf.cast(tf.random.uniform(tf.shape(x)) >= a.dropout, tf.float32)
     x_in = x * keep
     held_out = x * (1 - keep)
-    l = m.logits(x_in, False)
+    l = m.logits(x_in, False, sample=True) if a.product else m.logits(x_in, False)
     if a.target == "held_allmasked":
         # Per held-out movie: its softmax over itself and the movies the user does not have.
         e = tf.exp(l - tf.reduce_max(l, 1, keepdims=True))
@@ -171,6 +186,19 @@ def rating_loss(m, x, positives):
     return -tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(l) * positive, 1))
 
 
+def vectors(m, X, shadow):
+    """User vectors, item vectors and item biases; with --ema, from the weights' moving average."""
+    saved = [v.numpy() for v in m.trainable_variables]
+    if shadow:
+        for v, avg in zip(m.trainable_variables, shadow):
+            v.assign(avg)
+    u = m.user(tf.constant(X)).numpy(); v = m.item_vecs().numpy()
+    b = m.b.numpy() if a.bias else np.zeros(n_items, np.float32)
+    for v_, old in zip(m.trainable_variables, saved):
+        v_.assign(old)
+    return u, v, b
+
+
 def run(train_frame, epochs, val_frame=None):
     X = index.matrix(train_frame).toarray().astype(np.float32)
     m = ProductShape() if a.product else AutoencoderShape(); opt = tf.keras.optimizers.Adam(a.lr)
@@ -179,8 +207,15 @@ def run(train_frame, epochs, val_frame=None):
         """One Adam step: user rows (--target's loss), or rating rows when ``positives`` is given."""
         with tf.GradientTape() as t:
             loss = (training_loss(m, x) if positives is None else rating_loss(m, x, positives)) + sum(m.losses)
+            if a.vae:
+                loss += m.kl
         g = t.gradient(loss, m.trainable_variables); opt.apply_gradients(zip(g, m.trainable_variables))
         return loss
+    shadow = []
+    @tf.function
+    def average():
+        for avg, v in zip(shadow, m.trainable_variables):
+            avg.assign(a.ema * avg + (1 - a.ema) * v)
     pair_users, pair_items = index.users(train_frame), index.items(train_frame)
     best = (-1, 0)
     for e in range(epochs):
@@ -193,19 +228,21 @@ def run(train_frame, epochs, val_frame=None):
             perm = np.random.permutation(len(X))
             for i in range(0, len(X), a.batch):
                 step(tf.constant(X[perm[i:i+a.batch]]))
+                if a.ema:
+                    if not shadow:
+                        shadow.extend(tf.Variable(v) for v in m.trainable_variables)
+                    average()
         if val_frame is not None and (e + 1) % a.every == 0:
-            u = m.user(tf.constant(X)).numpy(); v = m.item_vecs().numpy()
-            r, n = evaluate(u, v, m.b.numpy() if a.bias else np.zeros(n_items, np.float32), index.matrix(train_frame), val_frame)
+            r, n = evaluate(*vectors(m, X, shadow), index.matrix(train_frame), val_frame)
             print(f"  epoch {e+1}: val recall@100 {r:.4f} ndcg@10 {n:.4f}", flush=True)
             if r + n > best[0]: best = (r + n, e + 1)
-    return m, X, best[1]
+    return m, X, best[1], shadow
 
 t0 = time.time()
-_, _, best_e = run(split.fit, a.epochs, split.validation)
-m, X, _ = run(split.train, best_e)
-u = m.user(tf.constant(X)).numpy(); v = m.item_vecs().numpy()
+_, _, best_e, _ = run(split.fit, a.epochs, split.validation)
+m, X, _, shadow = run(split.train, best_e)
 train_m = index.matrix(split.train)
-r, n = evaluate(u, v, m.b.numpy() if a.bias else np.zeros(n_items, np.float32), train_m, split.test)
+r, n = evaluate(*vectors(m, X, shadow), train_m, split.test)
 seconds = time.time() - t0
 # The baseline, in the same run: EASE with its regulariser tuned as bench/movielens.py does.
 ease_lambda, _ = ml.tune_ease(split, index)
