@@ -23,6 +23,11 @@ by recall@100 + NDCG@10, then a refit on all training ratings for that many epoc
 (and the input movies are left out of the softmax), ``held_allmasked`` (every training movie but
 the target is left out: what the product's exact softmax with a history does).
 
+Stop 26's levers (``--product``): ``--userres`` adds the pooled history to the user head's output
+(an identity shortcut; ``--resproj``: through a Dense(E) that starts as the identity), ``--ema M``
+evaluates and keeps a moving average of the weights (momentum M per step, starting after the
+first step), ``--vae BETA`` makes the user vector Mult-VAE's Gaussian sample with a KL term.
+
 --rows ratings: steps of --batch (user, movie) pairs instead of users, the input the user's other
 movies with --dropout and all of them out of the softmax: the product's rating-level rows.
 

@@ -126,7 +126,9 @@ class TrainingParams(pydantic.BaseModel):
         default="mlp",
         description="The user tower's layers between its features and the unit vector. mlp: Dense(2E, relu) "
         "-> Dense(E) (production's). dense_tanh: one Dense(E, tanh), Mult-DAE's hidden layer over a pooled "
-        "history. none: the concatenated features are the vector (they must add up to embedding_size).",
+        "history. dense_tanh_residual: that layer plus the pooled history itself (an identity shortcut; "
+        "needs a history feature of embedding_size). none: the concatenated features are the vector (they "
+        "must add up to embedding_size).",
     )
     item_head: TowerHead = Field(
         default="mlp",

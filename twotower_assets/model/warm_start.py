@@ -200,7 +200,8 @@ def _warm_start_history(name: str, layer: HistoryFeature, old, report: WarmStart
 
 def _head(tower) -> tuple:
     """The source tower's head layers: (hidden, projection), None where its head has none
-    (``dense_tanh`` has only a projection, ``none`` neither; towers.TOWER_HEADS)."""
+    (``dense_tanh`` and ``dense_tanh_residual`` have only a projection, ``none`` neither;
+    towers.TOWER_HEADS)."""
     if hasattr(tower, "hidden") or hasattr(tower, "projection"):
         return getattr(tower, "hidden", None), getattr(tower, "projection", None)
     dense = [layer for layer in tower.layers if isinstance(layer, tf.keras.layers.Dense)]
