@@ -2,12 +2,12 @@
 
 Each tower turns a dict of raw feature columns into a unit-length vector:
 concat(feature layers) -> head -> L2 normalisation. The head is production's MLP,
-Dense(2E, relu) -> Dense(E) (``mlp``, the default), or one of two opt-in shallower heads
+Dense(2E, relu) -> Dense(E) (``mlp``, the default), or one of three opt-in shallower heads
 (:data:`TOWER_HEADS`): ``dense_tanh``, one Dense(E, tanh) (Mult-DAE's single hidden layer,
 Liang et al. 2018: over a pooled history it is the user vector of the autoencoder);
 ``dense_tanh_residual``, the same plus the pooled history itself as a shortcut (He et al.
 2016's identity shortcut, for a user tower with a history feature of size E): the history is
-pooled from the item tower's id embedding, so the user starts at the mean of the vectors of the
+pooled from the item tower's id embedding, so the user starts at the pooled vectors of the
 items it has and the Dense layer learns a correction; with an item head ``none`` this linear
 part is an item-to-item model, what EASE is made of (docs/benchmarks-movielens.md, stop 26);
 and ``none``, where the concatenated features are the vector (an item tower of one id embedding
