@@ -127,10 +127,9 @@ class Tower(tf.keras.Model):
         self.feature_layers = [
             build_feature_layer(name, spec, stats, config, item_id_layer) for name, spec in features.items()
         ]
-        # The positions of the history features, the shortcut of dense_tanh_residual.
-        self.shortcut_positions = tuple(i for i, spec in enumerate(features.values()) if spec.type == "history")
+        history_positions = tuple(i for i, spec in enumerate(features.values()) if spec.type == "history")
         if head == "dense_tanh_residual":
-            if not self.shortcut_positions:
+            if not history_positions:
                 raise ValueError(
                     f"head 'dense_tanh_residual' adds the pooled history to the vector, but the tower has "
                     f"no history feature (features: {', '.join(features) or 'none'})"
@@ -141,8 +140,8 @@ class Tower(tf.keras.Model):
                         f"head 'dense_tanh_residual' adds history feature {name!r} to the vector: its "
                         f"embedding_size {spec.embedding_size} must be embedding_size {embedding_size}"
                     )
-        else:
-            self.shortcut_positions = ()
+        # dense_tanh_residual's shortcut: the history features' outputs, added after the projection.
+        self.shortcut_positions = history_positions if head == "dense_tanh_residual" else ()
         # Absent layers are None (warm_start copies the ones both models have).
         self.hidden = tf.keras.layers.Dense(2 * embedding_size, activation="relu") if head == "mlp" else None
         self.projection = (
