@@ -5,7 +5,7 @@ and only then fail in training with ``sqlite3.OperationalError: unable to open d
 file``; a ``TWOTOWER_HOME`` that is a file gave a bare ``FileExistsError``. The resources call
 these checks in ``setup_for_execution``, which the in-process executor runs once for every
 resource of the run before its first step, so such a run now fails at once with one line
-naming the variable and the path (docs/reliability.md, issue 17).
+naming the variable and the path (docs/reliability.md).
 
 Plain Python (no Dagster, no MLflow import), so both ``lib/`` and ``warehouse/`` can use it.
 """

@@ -10,14 +10,14 @@ recommender (``CLICK_EVENT_SCHEMA``), with learnable structure:
   pretrained vectors all correlate with the item category;
 * user-level features (queries, qpi subcategories, counters) are stable per
   user and reflect the user's preferences;
-* sequential structure (issue 16), which a history of the user's latest items can learn:
+* sequential structure, which a history of the user's latest items can learn:
   each user has an interest per week (a subcategory, drawn like an event's from the user's
   preferences, from ``(seed, week)`` alone, so it drifts week to week) and a session per day
   (that interest at ``WEEKLY_INTEREST_RATE``, else a fresh draw); ``SESSION_RATE`` of the
   user's events of the day are in the session's subcategory. Sessions are drawn like events,
   so each user's overall mix of categories is what it was; only the order carries more. What a
-  model that knew the generator could gain (``bench/history_signal.py``, quickstart sizes,
-  ``docs/decisions.md``): the category of a user's next event is the previous event's for
+  model that knew the generator could gain (``python -m bench.history_signal``, quickstart sizes,
+  ``docs/benchmarks.md``): the category of a user's next event is the previous event's for
   71.9% of events (51.6% without sessions) against 66.5% for the user's overall top category;
   for the subcategory 58.4% (28.6% without) against 48.6%.
 
@@ -110,7 +110,7 @@ INVALID_VECTOR_RATE = 0.01
 NULL_VECTOR_RATE = 0.01
 NULL_QPI_RATE = 0.20
 INVALID_VECTOR_VALUE = "not-a-vector"
-# Sequential structure (issue 16: what a history feature can learn). Each user has an interest
+# Sequential structure (what a history feature can learn). Each user has an interest
 # per (user, week) and a session per (user, day), each a subcategory drawn like one event's.
 SESSION_RATE = 0.8  # share of a user's events of a day that are in the day's session subcategory
 WEEKLY_INTEREST_RATE = 0.8  # share of a user's day sessions that follow the week's interest

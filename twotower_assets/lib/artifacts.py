@@ -9,7 +9,7 @@ share a scratch directory (each fills its own ``.partial-<id>``).
 
 Readers call :meth:`ArtifactStore.require`, which resolves the link once and returns the
 version directory itself: a step keeps reading the version it started with even when another
-run publishes a newer one meanwhile (issue 17, finding 1). Every version carries
+run publishes a newer one meanwhile. Every version carries
 ``checksums.json`` (SHA-256 of each file, written last, ``lib/checksums.py``), verified by
 ``require`` before a reader sees the directory.
 

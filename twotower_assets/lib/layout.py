@@ -132,7 +132,8 @@ class ModelSummary(pydantic.BaseModel):
     mlflow_run_name: str
     config_name: str
     datasets_version: str = pydantic.Field(
-        default="", description="The tf_datasets version trained on (lib/artifacts.py); '' before issue 17."
+        default="",
+        description="The tf_datasets version trained on (lib/artifacts.py); '' for models saved before it was recorded.",
     )
     user_key: str = pydantic.Field(description="The user column the user vectors are keyed by.")
     epochs_run: int

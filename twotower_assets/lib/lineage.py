@@ -4,7 +4,7 @@ Training records the ``tf_datasets`` version it read (and its feature config) in
 summary. Evaluation, the MatchModel and publishing call :func:`check_model_datasets` first:
 when ``tf_datasets`` of the date has been re-materialised since (another feature config, new
 data), they refuse, naming both versions and both configs, instead of scoring one model against
-another model's datasets (issue 17, finding 2).
+another model's datasets.
 """
 
 from __future__ import annotations

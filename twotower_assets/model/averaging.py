@@ -4,7 +4,8 @@ Polyak averaging (Polyak and Juditsky 1992; as an exponential moving average, wh
 ``use_ema`` optimizers and ``SwapEMAWeights`` do): the average of the last few hundred steps'
 weights sits nearer the bottom of the loss than any one step's, which is where a small model
 trained with a full softmax plateaus, hopping around it. On MovieLens, with the residual user
-head, it lifts the one-vector-per-user model past EASE (docs/benchmarks-movielens.md, stop 26).
+head, it lifts the one-vector-per-user model past EASE (configs/models/movielens-one-vector.yaml,
+docs/benchmarks-movielens.md).
 
 tf-keras' own ``use_ema`` writes the average into the model only when ``fit`` ends, after
 EarlyStopping has restored its best (raw) weights, so it would replace the best epoch's weights

@@ -7,11 +7,12 @@ module is the public way to do that without the graph::
 
     from twotower_assets.model import in_memory
     from twotower_assets.model.features import load_feature_config
+    from twotower_assets.model.recipes import load_recipe
     from twotower_assets.model.training import TrainingParams
 
     split = in_memory.leave_last_out(events)            # or in_memory.random_split(events)
     fitted = in_memory.fit(load_feature_config("movielens-features"), split.train, None,
-                           TrainingParams(epochs=10))
+                           TrainingParams(recipe=load_recipe("movielens", {"schedule": {"epochs": 10}})))
     users = in_memory.tower_vectors(fitted, "user", split.test)
 
 The model, loss, optimiser and feature layers are the product's own (:func:`train_two_tower`);
@@ -117,8 +118,8 @@ def fit(
 ) -> FittedModel:
     """Train the product's two-tower model on ``train`` (early stopping on ``validation`` if given).
 
-    ``catalog``: every item's row (the item tower's columns) for the exact full-catalogue
-    softmax or mixed negatives, when ``params`` asks for them.
+    ``catalog``: every item's row (the item tower's columns), for negatives that score the
+    catalogue (``full_catalog``, ``mixed``); default: the distinct items of ``train``.
     """
     config.check_columns(train.column_names, source="the training table")
     if train.num_rows == 0:
@@ -135,6 +136,8 @@ def fit(
     if validation is not None and validation.num_rows:
         validation_data = tf.data.Dataset.from_tensor_slices(_examples(validation, kinds, item_counts, train.num_rows))
     catalog_features = None
+    if catalog is None and params.recipe.task.negatives.needs_catalog:
+        catalog = _distinct_items(train, config)
     if catalog is not None:
         item_kinds = {name: kinds[name] for name in config.item_columns if name in kinds}
         catalog_batch = pa.table({name: catalog[name] for name in item_kinds}).combine_chunks().to_batches()[0]
@@ -144,6 +147,13 @@ def fit(
         catalog=catalog_features,
     )
     return FittedModel(config=config, stats=stats, kinds=kinds, result=result)
+
+
+def _distinct_items(table: pa.Table, config: FeatureConfig) -> pa.Table:
+    """One row per item of ``table`` (its first), with the item tower's columns."""
+    ids = table[config.item_id_feature]
+    first = np.unique(pc.cast(ids, pa.string()).to_numpy(zero_copy_only=False), return_index=True)[1]
+    return table.take(pa.array(np.sort(first)))
 
 
 def tower_vectors(fitted: FittedModel, tower: Literal["user", "item"], table: pa.Table, batch_size: int = 4096) -> np.ndarray:

@@ -1,46 +1,23 @@
 """The two towers and the retrieval model that trains them.
 
-Each tower turns a dict of raw feature columns into a unit-length vector:
-concat(feature layers) -> head -> L2 normalisation. The head is production's MLP,
-Dense(2E, relu) -> Dense(E) (``mlp``, the default), or one of three opt-in shallower heads
-(:data:`TOWER_HEADS`): ``dense_tanh``, one Dense(E, tanh) (Mult-DAE's single hidden layer,
-Liang et al. 2018: over a pooled history it is the user vector of the autoencoder);
-``dense_tanh_residual``, the same plus the pooled history itself as a shortcut (He et al.
-2016's identity shortcut, for a user tower with a history feature of size E): the history is
-pooled from the item tower's id embedding, so the user starts at the pooled vectors of the
-items it has and the Dense layer learns a correction; with an item head ``none`` this linear
-part is an item-to-item model, what EASE is made of (docs/benchmarks-movielens.md, stop 26);
-and ``none``, where the concatenated features are the vector (an item tower of one id embedding
-of size E: the item vectors are that table's rows, as Mult-DAE's output layer). The user tower
-scores items by dot product (cosine, since both are unit length), and training uses TFRS's
-in-batch softmax :class:`tfrs.tasks.Retrieval` with temperature and logQ correction.
-
-Opt-in (``catalog``): an exact softmax over every item of a small catalogue instead of the
-in-batch negatives. Each step then scores every user of the batch against every item, so
-the user's other items (and, with a history feature, the items it has just seen) are always
-negatives; affordable for thousands of items (MovieLens: 1,682), not for production's 200,000.
-The items named in a row's history features are left out of that softmax (its positive
-excepted): the user already has them, and the evaluation removes a user's items before ranking,
-so the loss does not spend the model's capacity on ranking them low.
+Each tower turns a dict of raw feature columns into a unit-length vector: concat(feature
+layers) -> head (:mod:`twotower_assets.model.heads`) -> L2 normalisation. The user tower
+scores items by dot product (cosine, since both are unit length). The loss is TFRS's
+retrieval task with temperature and logQ correction, over the negatives a strategy chooses
+(:mod:`twotower_assets.model.negatives`: in-batch, the full catalogue, or mixed).
 
 Opt-in (``item_bias``): a learned score per item beside the cosine (the output layer bias of
 Mult-DAE, Liang et al. 2018). It travels inside the vectors, so serving stays one dot product:
 the item tower appends its item's bias and the user tower a constant 1, and both towers return
 ``embedding_size + 1`` values (the first ``embedding_size`` unit length). Unit vectors alone
-must spend directions on popularity; in the MovieLens probe the bias adds 3 points of NDCG@10
-(docs/benchmarks-movielens.md, stop 23).
-
-Opt-in (``mixed_negatives`` > 0, with ``catalog``): mixed negative sampling (Yang et al. 2020,
-"Mixed Negative Sampling for Learning Two-tower Neural Networks in Recommendations"): each
-training step scores the batch's items plus ``mixed_negatives`` items drawn uniformly from the
-catalogue, so rarely clicked items are negatives too, not only the popular ones a batch holds.
+must spend directions on popularity; on MovieLens the bias adds about 3 points of NDCG@10
+(docs/benchmarks-movielens.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +26,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from twotower_assets.model.features import FeatureConfig, FeatureSpec
+from twotower_assets.model.heads import HEAD_NAMES, HEADS, ResidualHead
 from twotower_assets.model.layers import (
     FeatureStats,
     HistoryFeature,
@@ -57,12 +35,11 @@ from twotower_assets.model.layers import (
     vocabulary_array,
 )
 
-SAMPLING_PROBABILITY_COLUMN = "item_sampling_probability"
-"""Each training row carries its item's share of training rows, for the logQ correction."""
-
-TowerHead = Literal["mlp", "dense_tanh", "dense_tanh_residual", "none"]
-TOWER_HEADS = get_args(TowerHead)
-"""What a tower puts between its concatenated features and the L2 normalisation (module docstring)."""
+from twotower_assets.model.negatives import (
+    SAMPLING_PROBABILITY_COLUMN,
+    InBatchNegatives,
+    Negatives,
+)
 
 MIXED_POLICY = "mixed_bfloat16"
 """bfloat16, not float16, on GPUs too: it keeps float32's exponent range and so needs no loss
@@ -82,7 +59,7 @@ def _global_policy(name: str) -> Iterator[None]:
 
 
 class Tower(tf.keras.Model):
-    """Feature layers in config order, then the head (:data:`TOWER_HEADS`) and L2 normalisation."""
+    """Feature layers in config order, then the head (:mod:`twotower_assets.model.heads`) and L2 normalisation."""
 
     def __init__(
         self,
@@ -102,12 +79,12 @@ class Tower(tf.keras.Model):
         to the unit vector, ``"user"`` appends a constant 1, so the dot product of the two adds
         the item's bias to the cosine (see ``item_bias`` in the module docstring).
 
-        ``head``: one of :data:`TOWER_HEADS`; with ``none`` the features must add up to
+        ``head``: one of :data:`~twotower_assets.model.heads.HEAD_NAMES`; with ``none`` the features must add up to
         ``embedding_size`` values (checked when the tower is first called); with
         ``dense_tanh_residual`` the tower needs a history feature of ``embedding_size`` values."""
         super().__init__(**kwargs)
-        if head not in TOWER_HEADS:
-            raise ValueError(f"unknown tower head {head!r}: one of {', '.join(TOWER_HEADS)}")
+        if head not in HEAD_NAMES:
+            raise ValueError(f"unknown tower head {head!r}: one of {', '.join(HEAD_NAMES)}")
         self.head = head
         if score_bias not in (None, "item", "user"):
             raise ValueError(f"score_bias must be None, 'item' or 'user', not {score_bias!r}")
@@ -140,15 +117,20 @@ class Tower(tf.keras.Model):
                         f"head 'dense_tanh_residual' adds history feature {name!r} to the vector: its "
                         f"embedding_size {spec.embedding_size} must be embedding_size {embedding_size}"
                     )
-        # dense_tanh_residual's shortcut: the history features' outputs, added after the projection.
-        self.shortcut_positions = history_positions if head == "dense_tanh_residual" else ()
-        # Absent layers are None (warm_start copies the ones both models have).
-        self.hidden = tf.keras.layers.Dense(2 * embedding_size, activation="relu") if head == "mlp" else None
-        self.projection = (
-            tf.keras.layers.Dense(embedding_size, activation=None if head == "mlp" else "tanh")
-            if head != "none" else None
-        )
+            self.head_layer = ResidualHead(embedding_size, shortcut_positions=history_positions, name=f"{self.name}_head")
+        else:
+            self.head_layer = HEADS[head](embedding_size, name=f"{self.name}_head")
         self.embedding_size = embedding_size
+
+    @property
+    def hidden(self) -> tf.keras.layers.Dense | None:
+        """The head's first Dense layer of two (``mlp``), None for other heads."""
+        return self.head_layer.hidden
+
+    @property
+    def projection(self) -> tf.keras.layers.Dense | None:
+        """The head's Dense layer to ``embedding_size``, None for head ``none``."""
+        return self.head_layer.projection
 
     def get_config(self) -> dict:
         """What describes the tower, for Keras' saving: its features and vector size.
@@ -165,17 +147,7 @@ class Tower(tf.keras.Model):
         # Mixed precision: cast every part to the compute dtype before concatenating.
         parts = [tf.cast(part, self.compute_dtype) for part in parts]
         vectors = tf.concat(parts, axis=1)
-        if self.hidden is not None:
-            vectors = self.hidden(vectors)
-        if self.projection is not None:
-            vectors = self.projection(vectors)
-            for position in self.shortcut_positions:  # dense_tanh_residual
-                vectors = vectors + parts[position]
-        elif vectors.shape[-1] != self.embedding_size:
-            raise ValueError(
-                f"{self.name}: head 'none' uses the features as the vector, but they add up to "
-                f"{vectors.shape[-1]} values, not embedding_size {self.embedding_size}"
-            )
+        vectors = self.head_layer(vectors, parts)
         vectors = tf.math.l2_normalize(tf.cast(vectors, tf.float32), axis=1)
         if self.score_bias == "item":
             vectors = tf.concat([vectors, tf.cast(self.bias(inputs[self.id_feature]), tf.float32)], axis=1)
@@ -185,8 +157,10 @@ class Tower(tf.keras.Model):
 
 
 class TwoTowerModel(tfrs.Model):
-    """User and item towers trained with an in-batch softmax retrieval loss.
+    """User and item towers trained with TFRS's retrieval task over a negatives strategy.
 
+    ``negatives``: where each row's negatives come from (:mod:`twotower_assets.model.negatives`);
+    strategies that need every item's features (``needs_catalog``) take them as ``catalog``.
     ``mixed_precision``: the towers' layers compute in bfloat16 (:data:`MIXED_POLICY`) and
     return float32 vectors; the retrieval task, and the layers TFRS creates inside it at call
     time, stay float32 (its labels and logits must share a dtype, and the softmax is where
@@ -199,21 +173,20 @@ class TwoTowerModel(tfrs.Model):
         stats: FeatureStats,
         embedding_size: int = 64,
         temperature: float = 0.05,
-        remove_accidental_hits: bool = True,
+        negatives: Negatives | None = None,
         catalog: Mapping[str, np.ndarray] | None = None,
         seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
         mixed_precision: bool = False,
-        mixed_negatives: int = 0,
         item_bias: bool = False,
         user_head: str = "mlp",
         item_head: str = "mlp",
     ):
         super().__init__()
-        if mixed_negatives < 0:
-            raise ValueError(f"mixed_negatives must be >= 0, got {mixed_negatives}")
-        if mixed_negatives and catalog is None:
-            raise ValueError("mixed_negatives samples items from the catalogue: pass catalog too")
-        self.mixed_negatives = int(mixed_negatives)
+        self.negatives = negatives if negatives is not None else InBatchNegatives()
+        if self.negatives.needs_catalog and catalog is None:
+            raise ValueError(
+                f"negatives {self.negatives.kind!r} score the catalogue's items: pass catalog (every item's features)"
+            )
         self.config = config
         self.temperature = temperature
         # Only the towers are built under the mixed policy; the task below is created under
@@ -231,18 +204,9 @@ class TwoTowerModel(tfrs.Model):
                 name="user_tower",
             )
             self.item_tower = item_tower
-        self.remove_accidental_hits = remove_accidental_hits
-        self.task = tfrs.tasks.Retrieval(
-            # One loss per row: compute_loss averages them over the global batch, which the
-            # Keras reductions cannot do under a distribution strategy.
-            loss=tf.keras.losses.CategoricalCrossentropy(
-                from_logits=True, reduction=tf.keras.losses.Reduction.NONE
-            ),
-            temperature=temperature,
-            remove_accidental_hits=remove_accidental_hits,
-        )
+        self.task = self.negatives.build_task(temperature)
         self.catalog = None
-        if catalog is not None:
+        if catalog is not None and self.negatives.needs_catalog:
             self._set_catalog(catalog, stats)
         self.seen = None
         if seen_pairs is not None:
@@ -307,33 +271,9 @@ class TwoTowerModel(tfrs.Model):
         the replicas' losses and gradients; :func:`tf.nn.compute_average_loss` divides each
         replica's sum by the global batch size, so those sums are the global-batch mean.
         """
-        if self.catalog is not None and self.mixed_negatives and training:
-            losses = self._mixed_negative_losses(features, training)
-        elif self.catalog is not None and not self.mixed_negatives:
-            losses = self._catalog_losses(features, training)
-        else:
-            # Validation leaves out each user's training items, as the offline evaluation does.
-            # With mixed negatives it stays in-batch: a random draw would make val_loss noisy.
-            losses = self._in_batch_losses(
-                features, mask_seen_pairs=not training and self.seen is not None, training=training
-            )
-        return tf.nn.compute_average_loss(losses)
+        return tf.nn.compute_average_loss(self.negatives.losses(self, features, training))
 
-    def _in_batch_losses(self, features, mask_seen_pairs: bool, training=False):
-        """Each row's loss in the task's in-batch softmax (temperature, logQ correction,
-        accidental hits), optionally with the batch's seen (user, item) pairs left out.
-        ``training`` reaches the towers' layers (a history feature's dropout)."""
-        user_vectors, item_vectors = self(features, training=training)
-        return self.task(
-            user_vectors,
-            item_vectors,
-            candidate_sampling_probability=features[SAMPLING_PROBABILITY_COLUMN],
-            candidate_ids=_integer_ids(features[self.config.item_id_feature]) if self.remove_accidental_hits else None,
-            compute_metrics=False,
-            score_mask=self._unseen_pairs(features) if mask_seen_pairs else None,
-        )
-
-    def _unseen_pairs(self, features):
+    def unseen_pairs(self, features):
         """(batch, batch) bool, False where row i's user had row j's item in training; the
         positives (the diagonal) always count. The task gives the False scores its own
         minimum logit, as it does for accidental hits."""
@@ -344,20 +284,7 @@ class TwoTowerModel(tfrs.Model):
         positives = tf.eye(tf.shape(seen)[0], dtype=tf.bool)
         return ~seen | positives
 
-    def _catalog_losses(self, features, training=False):
-        """Each row's cross-entropy of its item among all catalogue items (exact softmax)."""
-        user_vectors = self.user_tower(features, training=training)
-        item_vectors = self.item_tower(self.catalog, training=training)
-        logits = tf.matmul(user_vectors, item_vectors, transpose_b=True) / self.temperature
-        labels = self.catalog_row(features[self.config.item_id_feature])
-        if self.history_keys:
-            in_history = self._history_catalog_rows(features, tf.shape(logits)) & ~tf.cast(
-                tf.one_hot(labels, tf.shape(logits)[1]), tf.bool
-            )
-            logits = tf.where(in_history, tf.fill(tf.shape(logits), -1e9), logits)
-        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-
-    def _history_catalog_rows(self, features, shape):
+    def history_catalog_rows(self, features, shape):
         """(batch, catalogue) bool: True where the item is named in the row's history features
         (every listed id, whether or not dropout or the length cut hid it from the tower)."""
         pairs = []
@@ -370,54 +297,6 @@ class TwoTowerModel(tfrs.Model):
         counts_shape = tf.cast(tf.stack([shape[0], shape[1] + 1]), tf.int64)
         counts = tf.scatter_nd(pairs, tf.ones_like(pairs[:, 0], tf.float32), counts_shape)
         return counts[:, 1:] > 0
-
-
-    def _mixed_negative_losses(self, features, training=False, sampled_rows=None):
-        """Each row's cross-entropy of its item among the batch's items and uniform catalogue items.
-
-        Logits are cosine / temperature minus the log of each candidate's expected count among
-        the step's candidates, per source (the sampled-softmax correction): a batch item
-        ``batch_size * p`` (p: its share of training rows, the logQ correction), a uniform item
-        ``mixed_negatives / catalogue size``. A candidate with the row's own item id, other
-        than the positive itself, is left out (accidental hit). ``sampled_rows``: catalogue rows
-        to use instead of a random draw (tests).
-        """
-        user_vectors, item_vectors = self(features, training=training)
-        catalog_size = tf.shape(self.catalog[self.config.item_id_feature])[0]
-        if sampled_rows is None:
-            sampled_rows = tf.random.uniform([self.mixed_negatives], 0, catalog_size, dtype=tf.int32)
-        sampled = {name: tf.gather(column, sampled_rows) for name, column in self.catalog.items()}
-        sampled_vectors = self.item_tower(sampled, training=training)
-        batch_size = tf.cast(tf.shape(user_vectors)[0], tf.float32)
-        probability = tf.cast(features[SAMPLING_PROBABILITY_COLUMN], tf.float32)
-        in_batch = tf.matmul(user_vectors, item_vectors, transpose_b=True) / self.temperature
-        in_batch -= tf.math.log(batch_size * probability)[tf.newaxis, :]
-        uniform = tf.matmul(user_vectors, sampled_vectors, transpose_b=True) / self.temperature
-        uniform -= tf.math.log(tf.cast(tf.size(sampled_rows), tf.float32) / tf.cast(catalog_size, tf.float32))
-        ids = _integer_ids(features[self.config.item_id_feature])
-        sampled_ids = _integer_ids(sampled[self.config.item_id_feature])
-        if self.remove_accidental_hits:
-            positives = tf.eye(tf.shape(in_batch)[0], dtype=tf.bool)
-            in_batch_hits = (ids[:, tf.newaxis] == ids[tf.newaxis, :]) & ~positives
-            in_batch = tf.where(in_batch_hits, tf.fill(tf.shape(in_batch), -1e9), in_batch)
-            uniform_hits = ids[:, tf.newaxis] == sampled_ids[tf.newaxis, :]
-            uniform = tf.where(uniform_hits, tf.fill(tf.shape(uniform), -1e9), uniform)
-        logits = tf.concat([in_batch, uniform], axis=1)
-        labels = tf.range(tf.shape(in_batch)[0])
-        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-
-
-def _integer_ids(ids: tf.Tensor) -> tf.Tensor:
-    """Item ids as int64 fingerprints, for the task's accidental-hit mask.
-
-    The mask compares every pair of candidates in the batch (4096 x 4096 at production
-    size): 440 ms a step on strings, 17 ms on integers (docs/benchmarks-training.md). Two
-    different ids collide with probability ~2^-63 per pair, and a collision only drops one
-    negative from one row's softmax.
-    """
-    if ids.dtype != tf.string:
-        return ids
-    return tf.strings.to_hash_bucket_fast(ids, tf.int64.max)
 
 
 def _lookup_index(values, vocabulary: list[str]) -> np.ndarray:

@@ -11,7 +11,6 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +23,8 @@ from twotower_assets.model.datasets import batches, is_blocked, shuffled_batches
 from twotower_assets.model.features import FeatureConfig
 from twotower_assets.model.layers import FeatureStats
 from twotower_assets.model.optimizers import make_optimizer
-from twotower_assets.model.towers import MIXED_POLICY, TowerHead, TwoTowerModel
+from twotower_assets.model.recipes import ModelRecipe
+from twotower_assets.model.towers import MIXED_POLICY, TwoTowerModel
 
 # Training (user key, item id) pairs, as string arrays (Arrow or numpy).
 SeenPairs = tuple[np.ndarray | pa.ChunkedArray, np.ndarray | pa.ChunkedArray]
@@ -67,90 +67,19 @@ def distribution_strategy() -> tf.distribute.Strategy:
 
 
 class TrainingParams(pydantic.BaseModel):
-    """The hyperparameters of :func:`train_two_tower`, with production's defaults.
+    """What :func:`train_two_tower` trains: a model recipe, plus the run's seed and precision.
 
-    The one place these defaults live: the Dagster run config of the model asset inherits
-    the fields (constraints and descriptions included), so the Dagster UI shows them too.
+    The recipe (:mod:`twotower_assets.model.recipes`) holds the architecture, the loss and the
+    optimiser and schedule; production's is the default.
     """
 
-    # Unknown names are refused: a misspelt hyperparameter must not silently train on a default.
+    # Unknown names are refused: a misspelt setting must not silently train on a default.
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
-    embedding_size: int = Field(default=64, gt=0, description="Size of the user and item vectors.")
-    batch_size: int = Field(
-        default=2048, gt=0, description="Rows per step; the in-batch softmax draws its negatives from the batch."
-    )
-    epochs: int = Field(
-        default=100, gt=0,
-        description="Upper bound; early stopping usually ends sooner. An epoch is a fifth of the training set.",
-    )
-    learning_rate: float = Field(default=0.1, gt=0, description="Adam's learning rate; ReduceLROnPlateau halves it.")
-    optimizer: Literal["lazy_adam", "adam"] = Field(
-        default="lazy_adam",
-        description="lazy_adam: Adam that updates only the embedding rows (and their moments) a batch "
-        "touched, much faster on large id tables (twotower_assets/model/optimizers.py, "
-        "docs/benchmarks-training.md). adam: stock Keras Adam, which updates every row on every "
-        "step (the behaviour before this option existed).",
-    )
+    recipe: ModelRecipe = Field(default_factory=ModelRecipe, description="The model and how it is fitted.")
     seed: int = Field(default=42, description="Seeds TensorFlow, numpy, Python and the shuffle.")
-    temperature: float = Field(default=0.05, gt=0, description="Softmax temperature: scores are divided by it.")
-    shuffle_buffer: int = Field(
-        default=100_000, gt=0, description="Training rows shuffled together (at most the whole training set)."
-    )
-    reduce_lr_patience: int = Field(
-        default=2, ge=0, description="Epochs without improvement before the learning rate is halved."
-    )
-    early_stopping_patience: int = Field(
-        default=10, ge=0, description="Epochs without improvement before training stops and restores the best weights."
-    )
-    min_delta: float = Field(
-        default=0.001, ge=0, description="The smallest decrease of the monitored loss that counts as an improvement."
-    )
-    remove_accidental_hits: bool = Field(
-        default=True, description="Other rows of the batch with the positive's own item are not negatives."
-    )
-    mixed_negatives: int = Field(
-        default=0, ge=0,
-        description="Catalogue items drawn uniformly per step as extra negatives beside the batch's own "
-        "(mixed negative sampling, Yang et al. 2020); needs a catalogue of every item's features. "
-        "0: in-batch negatives only.",
-    )
-    item_bias: bool = Field(
-        default=False,
-        description="A learned score per item beside the cosine (Mult-DAE's output bias). It travels in "
-        "the vectors: both towers return embedding_size + 1 values (the item's bias, and a 1 for the user), "
-        "so recommendations stay one dot product; rank similar items with COSINE then. A warm start "
-        "carries the towers but not the biases (they start at their initial values).",
-    )
-    user_head: TowerHead = Field(
-        default="mlp",
-        description="The user tower's layers between its features and the unit vector. mlp: Dense(2E, relu) "
-        "-> Dense(E) (production's). dense_tanh: one Dense(E, tanh), Mult-DAE's hidden layer over a pooled "
-        "history. dense_tanh_residual: that layer plus the pooled history itself (an identity shortcut; "
-        "needs a history feature of embedding_size). none: the concatenated features are the vector (they "
-        "must add up to embedding_size).",
-    )
-    item_head: TowerHead = Field(
-        default="mlp",
-        description="The item tower's head, as user_head. none with only an item id embedding of size "
-        "embedding_size: the item vectors are the rows of that table (Mult-DAE's output layer).",
-    )
-    weight_averaging: float = Field(
-        default=0.0, ge=0, lt=1,
-        description="0: off. Otherwise the momentum of an exponential moving average of the weights "
-        "(Polyak averaging), which validation, early stopping and the trained model use; training steps "
-        "use the raw weights (twotower_assets/model/averaging.py). 0.99 averages over about 100 steps. "
-        "It costs a copy of every weight, updated every step: meant for small models such as MovieLens's.",
-    )
     mixed_precision: bool = Field(
         default=False, description=f"The towers compute in {MIXED_POLICY} (faster on GPUs); the loss stays float32."
-    )
-    warm_start: Literal["none", "champion", "previous"] = Field(
-        default="none",
-        description="none: random initial weights. champion: start from the champion model's weights; "
-        "previous: from the newest earlier date's model. Embedding rows are mapped by id (carried-over "
-        "ids keep their rows, new ids start fresh), Dense layers are copied when their shapes match, "
-        "the optimiser restarts (twotower_assets/model/warm_start.py). No such model: a cold start.",
     )
 
 
@@ -171,22 +100,24 @@ def build_model(
     catalog: Mapping[str, np.ndarray] | None = None,
     seen_pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TwoTowerModel:
-    """The model of ``params``, compiled with its optimizer (``params.optimizer``)."""
+    """The model of ``params.recipe``, compiled with its optimizer; refuses a recipe that does
+    not fit ``config``'s features (:meth:`ModelRecipe.check_features`)."""
+    recipe = params.recipe
+    recipe.check_features(config)
     model = TwoTowerModel(
         config,
         stats,
-        embedding_size=params.embedding_size,
-        temperature=params.temperature,
-        remove_accidental_hits=params.remove_accidental_hits,
+        embedding_size=recipe.towers.embedding_size,
+        temperature=recipe.task.temperature,
+        negatives=recipe.task.negatives,
         catalog=catalog,
         seen_pairs=seen_pairs,
         mixed_precision=params.mixed_precision,
-        mixed_negatives=params.mixed_negatives,
-        item_bias=params.item_bias,
-        user_head=params.user_head,
-        item_head=params.item_head,
+        item_bias=recipe.towers.item_bias,
+        user_head=recipe.towers.user_head,
+        item_head=recipe.towers.item_head,
     )
-    model.compile(optimizer=make_optimizer(params.optimizer, params.learning_rate))
+    model.compile(optimizer=make_optimizer(recipe.optimizer.name, recipe.optimizer.learning_rate))
     return model
 
 
@@ -205,8 +136,8 @@ def train_two_tower(
 ) -> TrainingResult:
     """Fit the towers; returns the model with the best validation weights restored.
 
-    ``catalog`` (opt-in): every item's feature columns; the loss is then an exact softmax over
-    them instead of in-batch negatives (see :class:`TwoTowerModel`).
+    ``catalog``: every item's feature columns, for negatives strategies that score the
+    catalogue (``needs_catalog``: the full-catalogue softmax, mixed negatives).
     ``seen_pairs``: the training (user key, item id) pairs; val_loss then does not count a
     user's training items as negatives, as the offline evaluation does. A callable that
     returns them is called while the model is built, and what it returned is freed (and
@@ -218,6 +149,7 @@ def train_two_tower(
     """
     if train_rows <= 0:
         raise ValueError("the training dataset is empty: nothing to train on")
+    recipe, schedule = params.recipe, params.recipe.schedule
     device = configure_devices(params.mixed_precision)
     strategy = strategy or distribution_strategy()
     tf.keras.utils.set_random_seed(params.seed)
@@ -232,9 +164,9 @@ def train_two_tower(
     if strategy.num_replicas_in_sync > 1:
         device += f", MirroredStrategy over {strategy.num_replicas_in_sync} replicas"
 
-    batch_size = min(params.batch_size, train_rows)
+    batch_size = min(schedule.batch_size, train_rows)
     steps_per_epoch = max(1, math.ceil(train_rows / batch_size / EPOCH_FRACTION))
-    shuffle_rows = min(params.shuffle_buffer, train_rows)
+    shuffle_rows = min(schedule.shuffle_buffer, train_rows)
     if is_blocked(train_examples):  # saved blocks (tf_datasets): the vectorised shuffle
         train = shuffled_batches(train_examples, batch_size, shuffle_rows, params.seed)
     else:
@@ -248,14 +180,14 @@ def train_two_tower(
     monitor = "val_loss" if validation is not None else "loss"
     all_callbacks = [
         # First, so that the callbacks after it see the averaged weights when an epoch ends.
-        *([WeightAveraging(params.weight_averaging)] if params.weight_averaging else []),
+        *([WeightAveraging(recipe.optimizer.weight_averaging)] if recipe.optimizer.weight_averaging else []),
         tf.keras.callbacks.ReduceLROnPlateau(
-            monitor=monitor, factor=0.5, patience=params.reduce_lr_patience, min_delta=params.min_delta
+            monitor=monitor, factor=0.5, patience=schedule.reduce_lr_patience, min_delta=schedule.min_delta
         ),
         tf.keras.callbacks.EarlyStopping(
             monitor=monitor,
-            patience=params.early_stopping_patience,
-            min_delta=params.min_delta,
+            patience=schedule.early_stopping_patience,
+            min_delta=schedule.min_delta,
             restore_best_weights=True,
         ),
         *(callbacks or []),
@@ -263,7 +195,7 @@ def train_two_tower(
     history = model.fit(
         train,
         validation_data=validation,
-        epochs=params.epochs,
+        epochs=schedule.epochs,
         steps_per_epoch=steps_per_epoch,
         callbacks=all_callbacks,
         verbose=0,

@@ -201,7 +201,11 @@ def _warm_start_history(name: str, layer: HistoryFeature, old, report: WarmStart
 def _head(tower) -> tuple:
     """The source tower's head layers: (hidden, projection), None where its head has none
     (``dense_tanh`` and ``dense_tanh_residual`` have only a projection, ``none`` neither;
-    towers.TOWER_HEADS)."""
+    twotower_assets/model/heads.py). Towers saved before heads were layers of their own kept
+    the Dense layers on the tower itself."""
+    head = getattr(tower, "head_layer", None)
+    if head is not None:
+        return getattr(head, "hidden", None), getattr(head, "projection", None)
     if hasattr(tower, "hidden") or hasattr(tower, "projection"):
         return getattr(tower, "hidden", None), getattr(tower, "projection", None)
     dense = [layer for layer in tower.layers if isinstance(layer, tf.keras.layers.Dense)]

@@ -228,7 +228,7 @@ def _add_new_columns(con: duckdb.DuckDBPyConnection, name: str, select: str, par
     """Add the columns ``select`` has and table ``name`` lacks (NULL in its other partitions).
 
     A split made for a feature config with a history feature has that column and one made
-    before does not (issue 16); the other partitions keep their rows, and the input checks
+    before does not; the other partitions keep their rows, and the input checks
     refuse a NULL history where a config needs one. Inside the caller's transaction.
     """
     have = {row[0] for row in con.execute(f"DESCRIBE {DUCKDB.table(name)}").fetchall()}

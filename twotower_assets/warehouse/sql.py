@@ -94,7 +94,7 @@ def _history_ctes(dialect: Dialect, source: str, columns: list[str], history: di
 
     A history depends only on the user and the event's time, so it is computed on the key
     columns (one sort of user, time and item) once per (user, time) and joined to the wide
-    rows by those keys: the wide rows are not sorted (issue 13).
+    rows by those keys: the wide rows are not sorted.
     """
     cols = _column_list(columns)
     time_columns = [quote_identifier(c) for c in history_time_columns(columns)]
@@ -200,8 +200,8 @@ def split_queries(
     pair has no training event is past its user's cut (all of the pair's events are), and
     every user has a training event, so "item in training, pair not" is the whole rule.
     Only the ranking of the key columns (``ranked_keys``) is needed for the training pairs,
-    and the wide rows are filtered, not sorted (issue 13: they went through the window sort
-    once per split; bench/split_speed.py).
+    and the wide rows are filtered, not sorted (they used to go through the window sort once
+    per split; ``python -m bench.split_speed`` measures it).
 
     ``history`` (feature name -> length N, from the feature config's ``history`` features)
     adds one column per feature to every split: the user's N latest items strictly before the

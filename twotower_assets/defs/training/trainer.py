@@ -12,6 +12,7 @@ Dagster applies to a Pipes report, so the two launchers cannot disagree on a typ
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,7 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydantic
 from dagster_pipes import PipesMetadataValue
 from pydantic import Field
 
@@ -29,18 +31,82 @@ from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.layout import DatasetFiles, DatasetsManifest, ModelFiles, ModelSummary
 from twotower_assets.lib.metadata import rounded
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
+from twotower_assets.model.recipes import (
+    DEFAULT_RECIPE,
+    ModelRecipe,
+    Optimizer,
+    Schedule,
+    Towers,
+    load_recipe,
+    recipe_names,
+)
+from twotower_assets.model.towers import MIXED_POLICY
 from twotower_assets.model.training import TrainingParams
 from twotower_assets.warehouse.sql import USER_COLUMN
 
 
-class TrainingConfig(TrainingParams, dg.Config):
-    """The model's hyperparameters (:class:`TrainingParams`: the defaults are production's, and
-    live there only) plus how and where this step trains and logs."""
+def _overrides_of(section: type[pydantic.BaseModel]) -> type[dg.Config]:
+    """A run-config section with ``section``'s fields, each optional (None: the recipe's value).
 
-    full_catalog_softmax: bool = Field(
-        default=False,
-        description="Exact softmax over every training item instead of in-batch negatives: for "
-        "small catalogues (MovieLens: 1,682 items), too slow at production's 200,000.",
+    Generated from the recipe's own section, so its fields and descriptions live in one place
+    (twotower_assets/model/recipes.py). Choice fields are plain strings here (Dagster's config
+    types have no optional Literal); the recipe validates them when the overrides are applied.
+    """
+    fields = {
+        name: (
+            (str if typing.get_origin(info.annotation) is typing.Literal else info.annotation) | None,
+            Field(default=None, description=info.description),
+        )
+        for name, info in section.model_fields.items()
+    }
+    return pydantic.create_model(f"{section.__name__}Overrides", __base__=dg.Config, **fields)
+
+
+TowersOverrides = _overrides_of(Towers)
+OptimizerOverrides = _overrides_of(Optimizer)
+ScheduleOverrides = _overrides_of(Schedule)
+
+
+class NegativesOverrides(dg.Config):
+    """``task.negatives``: naming another ``kind`` replaces the recipe's strategy."""
+
+    kind: str | None = Field(default=None, description="in_batch, full_catalog or mixed.")
+    sampled: int | None = Field(default=None, description="mixed: catalogue items drawn per step.")
+    remove_accidental_hits: bool | None = Field(
+        default=None, description="in_batch, mixed: candidates with the positive's own item are not negatives."
+    )
+
+
+class TaskOverrides(dg.Config):
+    temperature: float | None = Field(default=None, description="Softmax temperature: scores are divided by it.")
+    negatives: NegativesOverrides | None = None
+
+
+class TrainingConfig(dg.Config):
+    """Which model recipe this step trains (configs/models/), fields of it to override, and how
+    and where it trains and logs. The resolved recipe is checked when the config is built, so a
+    bad name or an invalid combination fails before any data is read."""
+
+    recipe: str = Field(
+        default=DEFAULT_RECIPE,
+        min_length=1,
+        description=f"A model recipe: a name in configs/models/ ({', '.join(recipe_names())}) or a path "
+        "to a recipe YAML file (twotower_assets/model/recipes.py).",
+    )
+    towers: TowersOverrides | None = Field(default=None, description="Overrides of the recipe's towers section.")
+    task: TaskOverrides | None = Field(default=None, description="Overrides of the recipe's task section.")
+    optimizer: OptimizerOverrides | None = Field(default=None, description="Overrides of the recipe's optimizer.")
+    schedule: ScheduleOverrides | None = Field(default=None, description="Overrides of the recipe's schedule.")
+    seed: int = Field(default=42, description="Seeds TensorFlow, numpy, Python and the shuffle.")
+    mixed_precision: bool = Field(
+        default=False, description=f"The towers compute in {MIXED_POLICY} (faster on GPUs); the loss stays float32."
+    )
+    warm_start: Literal["none", "champion", "previous"] = Field(
+        default="none",
+        description="none: random initial weights. champion: start from the champion model's weights; "
+        "previous: from the newest earlier date's model. Embedding rows are mapped by id (carried-over "
+        "ids keep their rows, new ids start fresh), Dense layers are copied when their shapes match, "
+        "the optimiser restarts (twotower_assets/model/warm_start.py). No such model: a cold start.",
     )
     experiment_name: str = Field(
         default="two_tower",
@@ -56,6 +122,22 @@ class TrainingConfig(TrainingParams, dg.Config):
         "(python -m twotower_assets.pipes_training) through Dagster Pipes, e.g. on a GPU node "
         "(twotower_assets/defs/training/launcher.py, docs/distributed.md).",
     )
+
+    @pydantic.model_validator(mode="after")
+    def _recipe_resolves(self) -> TrainingConfig:
+        self.model_recipe()  # raises RecipeError naming the fields
+        return self
+
+    def recipe_overrides(self) -> dict:
+        """The override sections as the recipe's nested shape, only the fields that were set."""
+        sections = {"towers": self.towers, "task": self.task, "optimizer": self.optimizer, "schedule": self.schedule}
+        return {name: section.model_dump(exclude_none=True) for name, section in sections.items() if section is not None}
+
+    def model_recipe(self) -> ModelRecipe:
+        return load_recipe(self.recipe, self.recipe_overrides())
+
+    def training_params(self) -> TrainingParams:
+        return TrainingParams(recipe=self.model_recipe(), seed=self.seed, mixed_precision=self.mixed_precision)
 
 
 Log = Callable[[str], None]
@@ -95,10 +177,12 @@ def train_partition(
     stats = FeatureStats.load(datasets.root)
     train_rows = dataset_rows(datasets.training)
     validation_rows = dataset_rows(datasets.validation)
-    params = TrainingParams(**config.model_dump(include=set(TrainingParams.model_fields)))
+    params = config.training_params()
+    recipe = params.recipe
+    recipe.check_features(feature_config)  # before the MLflow run: a recipe that cannot fit fails here
     run_name = config.run_name or f"two_tower_{partition_key}"
     # Resolved before the run starts: a champion that cannot be read fails here, not mid-training.
-    start_from = resolve_warm_start(params.warm_start, partition_key, artifacts, mlflow)
+    start_from = resolve_warm_start(config.warm_start, partition_key, artifacts, mlflow)
     # A run of this date left RUNNING by a process that died (SIGKILL, OOM) ends FAILED first.
     abandoned = mlflow.fail_abandoned_runs(config.experiment_name, partition_key, dagster_run_id, dagster_run_is_over)
     for abandoned_run_id, reason in abandoned.items():
@@ -113,15 +197,11 @@ def train_partition(
             {
                 "environment": "local" if "sqlite" in mlflow.tracking_uri else "remote",
                 "config_name": feature_config.name,
-                "learning_rate": params.learning_rate,
-                "optimizer": params.optimizer,
-                "epochs": params.epochs,
-                "embedding_size": params.embedding_size,
-                "batch_size": params.batch_size,
+                **{f"recipe.{key}" if key in ("name", "description", "features") else key: value
+                   for key, value in recipe.params().items()},
                 "seed": params.seed,
-                "temperature": params.temperature,
-                "full_catalog_softmax": config.full_catalog_softmax,
-                "warm_start": params.warm_start,
+                "mixed_precision": params.mixed_precision,
+                "warm_start": config.warm_start,
                 "warm_start_from": start_from.label,
                 "train_date": partition_key,
                 "training_rows": train_rows,
@@ -133,6 +213,9 @@ def train_partition(
             }
         )
         run.artifact(datasets.feature_config)
+        recipe_file = directory / "recipe.yaml"
+        recipe_file.write_text(recipe.to_yaml())
+        run.artifact(recipe_file)
         manifest = DatasetsManifest.read(datasets.manifest)
         for split, table in manifest.source_tables.items():
             run.input_table(
@@ -151,7 +234,8 @@ def train_partition(
             warm_report.update(report.summary())
             run.dict(warm_report, "warm_start.json")
 
-        log_info(f"Warm start ({params.warm_start}): {start_from.reason}")
+        log_info(f"Recipe {recipe.name!r}: {recipe.params()}")
+        log_info(f"Warm start ({config.warm_start}): {start_from.reason}")
         started = time.perf_counter()
         result = train_two_tower(
             feature_config,
@@ -161,7 +245,7 @@ def train_partition(
             load_blocks(datasets.validation) if validation_rows else None,
             params,
             callbacks=[log_epoch],
-            catalog=_catalog(load_dataset(datasets.items)) if config.full_catalog_softmax else None,
+            catalog=_catalog(load_dataset(datasets.items)) if recipe.task.negatives.needs_catalog else None,
             seen_pairs=lambda: _seen_pairs(datasets.seen_pairs),  # read while building, freed before fitting
             initialize=initialize if start_from.model is not None else None,
         )
@@ -207,6 +291,8 @@ def train_partition(
         "mlflow_run_id": _value(run_id, "text"),
         "mlflow_run_url": _value(mlflow.run_url(experiment_id, run_id), "url"),
         "config_name": _value(feature_config.name, "text"),
+        "recipe": _value(recipe.name, "text"),
+        "recipe_fields": _value(recipe.params(), "json"),
         "device": _value(result.device, "text"),
         "warm_start_from": _value(start_from.label, "text"),
         "warm_start_reason": _value(start_from.reason, "text"),

@@ -1,4 +1,4 @@
-"""Which trained model a warm start begins from (``TrainingParams.warm_start``).
+"""Which trained model a warm start begins from (the model asset's ``warm_start`` run config).
 
 * ``champion``: the date of ``two_tower_match@champion`` (its ``train_date`` tag), whose towers
   the ``two_tower_model`` asset saved under that date.
