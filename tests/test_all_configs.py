@@ -11,6 +11,7 @@ from twotower_assets.data.movielens import recent_items
 from twotower_assets.data.synthetic import SyntheticSpec, generate_all
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, load_dataset, save_dataset
 from twotower_assets.model.features import available_configs, load_feature_config
+from twotower_assets.model.recipes import ModelRecipe, Schedule, Towers
 from twotower_assets.model.training import TrainingParams, tower_outputs, train_two_tower
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
 
@@ -49,7 +50,7 @@ def test_config_trains_one_epoch(config_name, events, tmp_path):
     rows = save_dataset(events.to_batches(max_chunksize=500), kinds, tmp_path / "train", on_batch=builder.update)
     dataset = load_dataset(tmp_path / "train")
     result = train_two_tower(config, builder.build(), dataset, rows, dataset.take(200),
-                             TrainingParams(embedding_size=4, batch_size=128, epochs=1, seed=0))
+                             TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4), schedule=Schedule(batch_size=128, epochs=1)), seed=0))
     assert result.epochs_run == 1 and np.isfinite(result.history["loss"][0])
     ids, vectors = tower_outputs(result.model.user_tower, dataset.take(300), [config.user_id_feature])
     assert vectors.shape == (300, 4) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)

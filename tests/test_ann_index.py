@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import sigkill_once_started
+from helpers.processes import sigkill_once_started
 from twotower_assets.serving.ann_index import ItemIndex, ItemIndexError
 
 

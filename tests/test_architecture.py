@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers.graph import REPO
 
 PACKAGE = REPO / "twotower_assets"
 

@@ -18,7 +18,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._daemon.freshness import FreshnessDaemon
 
-from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from helpers.graph import REPO, TINY_PARTITION, make_resources, materialize_all, tiny_run_config
 from twotower_assets.defs.automation import jobs, schedules
 from twotower_assets.lib import conditions, layout
 from twotower_assets.lib.layout import QUALITY_GATE
@@ -209,6 +209,7 @@ def test_freshness_policy_follows_the_cadence():
 # --------------------------------------------------------------------------- failed quality gate
 
 
+@pytest.mark.slow
 def test_a_failed_quality_gate_keeps_the_model_from_being_published(instance, tmp_path):
     resources = make_resources(tmp_path / "home")
     tick = Ticks(instance)
@@ -275,11 +276,9 @@ def test_the_automation_sensor_runs_by_default_and_targets_everything():
 
 
 def test_the_training_job_takes_its_run_config_from_a_file(tmp_path):
-    from conftest import REPO
-
     config = jobs.load_run_config(REPO / "configs" / "run" / "tiny.yaml")
     assert layout.CLICK_EVENTS not in config["ops"]
-    assert config["ops"]["two_tower_model"]["config"]["epochs"] == 2
+    assert config["ops"]["two_tower_model"]["config"]["schedule"]["epochs"] == 2
     assert jobs.load_run_config(None) is None
     with pytest.raises(conditions.AutomationSettingsError, match="not a file"):
         jobs.load_run_config(tmp_path / "missing.yaml")
@@ -294,8 +293,6 @@ def test_the_training_job_takes_its_run_config_from_a_file(tmp_path):
 
 
 def test_each_ready_made_run_config_is_a_job_whose_launchpad_starts_from_it():
-    from conftest import REPO
-
     for name, file in (("quickstart", "quickstart.yaml"), ("quickstart_history", "quickstart-history.yaml"), ("tiny", "tiny.yaml"),
                        ("production_scale", "production-scale.yaml")):
         job = defs.resolve_job_def(f"two_tower_training_{name}")

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from conftest import REPO, make_resources
-from test_dagster_dev import dagster_home
+from helpers.dagster_dev import dagster_home
+from helpers.graph import REPO, make_resources, tiny_run_config
 from twotower_assets.lib import layout
 from twotower_assets.defs.automation.jobs import TRAINING_JOB
 from twotower_assets.lib.conditions import TRAINING_POOL
@@ -26,9 +27,10 @@ from twotower_assets.lib.conditions import TRAINING_POOL
 DATES = ["2026-06-01", "2026-06-02", "2026-06-03"]
 BACKFILL_TIMEOUT_S = 420
 
+pytestmark = pytest.mark.slow  # dagster job backfill and the daemon: three training runs
+
 
 def test_a_backfill_of_three_dates_publishes_three_partitions(tmp_path, monkeypatch):
-    from conftest import tiny_run_config
     from twotower_assets.definitions import ALL_ASSETS
 
     home = dagster_home(tmp_path / "dagster_home")

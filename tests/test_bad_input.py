@@ -1,4 +1,4 @@
-"""Bad input, bad run config and serving edge cases (issue 7, reliability).
+"""Bad input, bad run config and serving edge cases (reliability).
 
 Every failure here must name what is wrong (file, table, column, feature or config field) and
 happen before the expensive work: before training, and before anything is written, so the
@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY_PARTITION, failure_text, make_resources, materialize_all, tiny_run_config
+from helpers.graph import TINY_PARTITION, failure_text, make_resources, materialize_all, tiny_run_config
 from twotower_assets.lib import layout
 from twotower_assets.model.features import FeatureConfigError, load_feature_config
 
@@ -298,18 +298,20 @@ def test_an_unknown_config_name_in_the_run_config_writes_nothing(home):
 # --------------------------------------------------------------------------- run config
 
 
-@pytest.mark.parametrize("field, value", [("batch_size", -1), ("embedding_size", 0), ("epochs", 0)])
-def test_bad_training_config_fails_before_training(home, field, value):
+@pytest.mark.parametrize(
+    "section, field, value", [("schedule", "batch_size", -1), ("towers", "embedding_size", 0), ("schedule", "epochs", 0)]
+)
+def test_bad_training_config_fails_before_training(home, section, field, value):
     resources = _resources(home)
     result = materialize_all(
         resources,
         selection=["two_tower_model"],
-        run_config=config_for("two_tower_model", two_tower_model={field: value}),
+        run_config=config_for("two_tower_model", two_tower_model={section: {field: value}}),
         raise_on_error=False,
     )
     assert not result.success
     message = failure_text(result)
-    assert field in message and "greater than 0" in message
+    assert f"{section}.{field}" in message and "greater than 0" in message
     assert not (home / "artifacts" / "two_tower_model").exists()
 
 
@@ -354,6 +356,7 @@ def _metadata(result, key: str) -> dict:
     return event.materialization.metadata
 
 
+@pytest.mark.slow
 def test_k_above_the_catalog_is_capped_at_the_catalog_everywhere(oversized_k):
     resources, result = oversized_k
     catalog = _metadata(result, "evaluation_metrics")["catalog_items"].value

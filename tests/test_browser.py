@@ -21,7 +21,7 @@ import re
 
 import pytest
 
-from browser_helpers import (
+from helpers.browser import (
     MlflowUI,
     chromium_context,
     label_matches,
@@ -30,7 +30,7 @@ from browser_helpers import (
     require_chromium,
     saved_on_failure,
 )
-from test_dagster_dev import DagsterDev
+from helpers.dagster_dev import DagsterDev
 
 MUST_SHOW = ("two_tower_model", "evaluation_metrics", "champion")
 METRICS_HEADERS = ("k", "metric", "popularity", "random", "svd", "two_tower")  # and maybe more
@@ -175,8 +175,8 @@ def test_the_uis_show_the_graph_the_metrics_and_the_logged_models(tmp_path):
 
 def test_a_missing_chromium_fails_with_how_to_install_it(monkeypatch, tmp_path):
     """Without Debian's chromium the browser tests fail (never skip) and say what to install."""
-    import browser_helpers
+    from helpers import browser
 
-    monkeypatch.setattr(browser_helpers, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setattr(browser, "CHROMIUM", tmp_path / "no-chromium")
     with pytest.raises(pytest.fail.Exception, match=r"apt-get install -y chromium"):
-        browser_helpers.require_chromium()
+        browser.require_chromium()

@@ -11,7 +11,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from conftest import TINY_PARTITION, make_resources, tiny_run_config
+from helpers.graph import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
 from twotower_assets.lib import layout
 from twotower_assets.defs.evaluation.quality_gate import PreviousModel, QualityGateConfig, decide
 from twotower_assets.defs.splits.checks import (
@@ -222,13 +222,11 @@ def test_a_failed_blocking_data_check_stops_the_datasets_in_the_same_run(split_h
 def gated_runs(tmp_path_factory):
     """A normal tiny model for TINY_PARTITION, then a near-untrained one for the next date,
     gated with the production thresholds (beat popularity, at most 10% below the previous)."""
-    from conftest import materialize_all
-
     resources = make_resources(tmp_path_factory.mktemp("gate") / "home")
     instance = dg.DagsterInstance.ephemeral()
     first = materialize_all(resources, TINY_PARTITION, instance=instance)
     weak = tiny_run_config(
-        two_tower_model={"epochs": 1, "learning_rate": 1e-6},
+        two_tower_model={"schedule": {"epochs": 1}, "optimizer": {"learning_rate": 1e-6}},
         evaluation_metrics_quality_gate={"min_lift_over_popularity": 0.0, "max_relative_drop": 0.1},
     )
     second = materialize_all(resources, NEXT_PARTITION, weak, instance=instance, raise_on_error=False)
@@ -240,6 +238,7 @@ def _gate(result) -> dg.AssetCheckEvaluation:
     return evaluation
 
 
+@pytest.mark.slow
 def test_a_model_that_passes_the_gate_is_published(gated_runs):
     resources, first, _ = gated_runs
     assert first.success
@@ -250,6 +249,7 @@ def test_a_model_that_passes_the_gate_is_published(gated_runs):
     assert dt.date.fromisoformat(TINY_PARTITION) in counts
 
 
+@pytest.mark.slow
 def test_a_failed_gate_publishes_nothing_for_the_date_and_says_why(gated_runs):
     resources, first, second = gated_runs
     assert not second.success

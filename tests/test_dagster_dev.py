@@ -9,135 +9,20 @@ succeed; and terminates a run mid-training as the UI's "Terminate" button does. 
 it starts is stopped at the end.
 """
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PARTITION
+from helpers.dagster_dev import ENDED, DagsterDev
+from helpers.graph import REPO, TINY_PARTITION
 from twotower_assets.lib import layout
 
 LOCATION = "twotower_assets"
 REPOSITORY = "__repository__"
-START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 180
-ENDED = ("SUCCESS", "FAILURE", "CANCELED")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def dagster_home(path: Path) -> Path:
-    """A DAGSTER_HOME with the project's instance settings, telemetry off (no network)."""
-    path.mkdir(parents=True, exist_ok=True)
-    settings = yaml.safe_load((REPO / "configs" / "dagster.yaml").read_text())
-    settings["telemetry"] = {"enabled": False}
-    (path / "dagster.yaml").write_text(yaml.safe_dump(settings))
-    return path
-
-
-class DagsterDev:
-    """A ``dagster dev`` process group and a GraphQL client for its webserver."""
-
-    def __init__(self, tmp: Path, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "dagster_dev.log"
-        self.env = {
-            **os.environ,
-            "DAGSTER_HOME": str(dagster_home(tmp / "dagster_home")),
-            "TWOTOWER_HOME": str(tmp / "home"),
-            "DAGSTER_DISABLE_TELEMETRY": "yes",
-            **(env or {}),
-        }
-        self.env.pop("MLFLOW_TRACKING_URI", None)
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> "DagsterDev":
-        dagster = Path(sys.executable).with_name("dagster")
-        self.log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            [str(dagster), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port)],
-            cwd=REPO,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopped as one below
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"dagster dev exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                statuses = self.query("{ locationStatusesOrError { ... on WorkspaceLocationStatusEntries "
-                                      "{ entries { name loadStatus } } } }")
-                entries = statuses["locationStatusesOrError"]["entries"]
-                if entries and all(e["loadStatus"] == "LOADED" for e in entries):
-                    return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError, AssertionError):
-                pass  # not listening yet, or still loading
-            time.sleep(1)
-        self.stop()
-        raise TimeoutError(f"dagster dev did not load the code location in {START_TIMEOUT_S}s:\n{self.tail()}")
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        group = os.getpgid(self.process.pid)
-        os.killpg(group, signal.SIGINT)  # what Ctrl-C does: dagster dev stops webserver, daemon, code server
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(group, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        try:  # children that outlived their parent
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.log.close()
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def run_status(self, run_id: str) -> str:
-        return self.query(RUN_STATUS, {"runId": run_id})["runOrError"]["status"]
-
-    def wait_for_run(self, run_id: str, timeout_s: float) -> str:
-        """The run's status once it has ended, or its status when ``timeout_s`` ran out."""
-        deadline = time.monotonic() + timeout_s
-        while (status := self.run_status(run_id)) not in ENDED and time.monotonic() < deadline:
-            time.sleep(1)
-        return status
-
-    def query(self, query: str, variables: dict | None = None) -> dict:
-        request = urllib.request.Request(
-            f"{self.url}/graphql",
-            data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                body = json.loads(response.read())
-        except urllib.error.HTTPError as error:  # GraphQL reports query errors with a 4xx/5xx body
-            raise AssertionError(f"GraphQL HTTP {error.code}: {error.read().decode(errors='replace')[:2000]}") from error
-        if body.get("errors"):
-            raise AssertionError(f"GraphQL errors: {body['errors']}")
-        return body["data"]
+pytestmark = pytest.mark.slow  # starts dagster dev and materialises the graph
 
 
 ASSETS_QUERY = """
@@ -180,10 +65,6 @@ mutation($params: ExecutionParams!) {
   }
 }"""
 
-RUN_STATUS = """
-query($runId: ID!) { runOrError(runId: $runId) { ... on Run { status } } }"""
-
-
 def test_dagster_dev_serves_the_graph_and_runs_it_like_the_ui(tmp_path):
     from twotower_assets.definitions import defs
 
@@ -202,8 +83,8 @@ def test_dagster_dev_serves_the_graph_and_runs_it_like_the_ui(tmp_path):
         }
         assert set(checks) == expected_checks
         assert checks["evaluation_metrics:quality_gate"] is True
-        # Every check stops what depends on it, except model_comparison's churn warning (issue 15:
-        # a change between two models is information, not a reason to hold one back).
+        # Every check stops what depends on it, except model_comparison's churn warning (a
+        # change between two models is information, not a reason to hold one back).
         assert checks.pop("model_comparison:churn") is False
         assert all(checks.values()), "every other check is blocking"
         model = by_key["two_tower_model"]
@@ -211,7 +92,7 @@ def test_dagster_dev_serves_the_graph_and_runs_it_like_the_ui(tmp_path):
         assert model["automationCondition"]["label"] == "retrain"
         assert model["internalFreshnessPolicy"]["__typename"] == "TimeWindowFreshnessPolicy"
         assert by_key[layout.USER_EMBEDDING_HISTORY]["internalFreshnessPolicy"] is not None
-        assert by_key[layout.CLICK_EVENTS]["isPartitioned"]  # one partition per event day (issue 14)
+        assert by_key[layout.CLICK_EVENTS]["isPartitioned"]  # one partition per event day
 
         selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}
         repository = dev.query(REPOSITORY_QUERY, {"selector": selector})
@@ -283,7 +164,7 @@ def test_terminating_a_run_in_the_ui_stops_training_and_publishes_nothing(tmp_pa
     run_config = yaml.safe_load((REPO / "configs" / "run" / "tiny.yaml").read_text())
     run_config = {"ops": {op: run_config["ops"][op] for op in ops}}
     # Many tiny steps per epoch: training lasts long enough to be terminated mid-epoch.
-    run_config["ops"]["two_tower_model"]["config"].update(epochs=1000, batch_size=4)
+    run_config["ops"]["two_tower_model"]["config"]["schedule"].update(epochs=1000, batch_size=4)
     selection = [layout.CLICK_EVENTS, *layout.SPLIT_TABLES.values(), "tf_datasets", "two_tower_model"]
 
     with DagsterDev(tmp_path) as dev:

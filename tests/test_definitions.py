@@ -7,7 +7,7 @@ import tomllib
 import dagster as dg
 import yaml
 
-from conftest import REPO
+from helpers.graph import REPO
 
 
 def test_workspace_and_pyproject_load_the_same_module():

@@ -1,4 +1,4 @@
-"""Faults (issue 7): a training process killed or terminated mid-epoch, the MLflow tracking server
+"""Faults: a training process killed or terminated mid-epoch, the MLflow tracking server
 going away mid-run, a DuckDB writer killed mid-write.
 
 The graph runs for real: ``dagster asset materialize`` in a subprocess, against a real
@@ -25,8 +25,9 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 import yaml
-from conftest import materialize_all, sigkill_once_started, tiny_run_config
 
+from helpers.graph import materialize_all, tiny_run_config
+from helpers.processes import free_port, sigkill_once_started
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.mlflow_tracking import FAILED_REASON_TAG, OWNER_PID_TAG, MlflowTracking
@@ -43,12 +44,6 @@ SHORT_MLFLOW_RETRIES = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MlflowServer:
@@ -127,7 +122,7 @@ class Stack:
 
     def launch(self, date: str, **env) -> subprocess.Popen:
         """The whole graph for ``date`` from the CLI, with training slowed to many short epochs."""
-        config = tiny_run_config(two_tower_model={"epochs": 1000, "batch_size": 4})
+        config = tiny_run_config(two_tower_model={"schedule": {"epochs": 1000, "batch_size": 4}})
         config_path = self.root / f"run-{date}.yaml"
         config_path.write_text(yaml.safe_dump(config))
         dagster_home = self.root / f"dagster-{date}"
@@ -229,6 +224,7 @@ def stop(process: subprocess.Popen, sig: int, timeout_s: float = 120) -> int:
             process.wait()
 
 
+@pytest.mark.slow
 def test_training_killed_mid_epoch_fails_its_run_on_the_rerun_and_publishes_nothing(stack):
     date = "2026-06-01"
     process = stack.launch(date)
@@ -250,6 +246,7 @@ def test_training_killed_mid_epoch_fails_its_run_on_the_rerun_and_publishes_noth
     assert stack.snapshot(PREVIOUS) == stack.previous
 
 
+@pytest.mark.slow
 def test_training_terminated_mid_epoch_ends_its_own_run_failed(stack):
     """SIGTERM is what Dagster's run termination sends the run worker: Dagster turns it into an
     interrupt inside the step, and the step ends its MLflow run FAILED before the process exits."""
@@ -266,6 +263,7 @@ def test_training_terminated_mid_epoch_ends_its_own_run_failed(stack):
     assert stack.snapshot(PREVIOUS) == stack.previous
 
 
+@pytest.mark.slow
 def test_mlflow_server_lost_mid_training_fails_the_run_clearly_and_a_rerun_after_restart_succeeds(stack):
     date = "2026-05-28"
     process = stack.launch(date)

@@ -13,8 +13,9 @@ import pyarrow.compute as pc
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from helpers.graph import TINY_PARTITION, make_resources, materialize_all, metadata_of, tiny_run_config
 from twotower_assets.lib import layout
+from twotower_assets.model.recipes import load_recipe
 from twotower_assets.warehouse.errors import EmptyTableError
 
 SECOND_PARTITION = "2026-05-25"
@@ -35,11 +36,7 @@ def graph(tmp_path_factory):
     return home, resources, result
 
 
-def metadata_of(result, asset_key):
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset_key]
-    return event.materialization.metadata
-
-
+@pytest.mark.slow
 def test_every_asset_materialised(graph):
     _, _, result = graph
     materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -51,7 +48,8 @@ def test_every_asset_materialised(graph):
     } <= materialised
 
 
-def test_mlflow_run_is_finished_with_params_losses_config_and_model(graph):
+@pytest.mark.slow
+def test_mlflow_run_is_finished_with_params_losses_config_and_model(graph, tmp_path):
     home, resources, result = graph
     run_id = metadata_of(result, "two_tower_model")["mlflow_run_id"].value
     assert run_id in metadata_of(result, "two_tower_model")["mlflow_run_url"].value
@@ -59,18 +57,35 @@ def test_mlflow_run_is_finished_with_params_losses_config_and_model(graph):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["dagster_run_id"] == result.run_id
-    assert {"learning_rate", "embedding_size", "batch_size", "user_count", "item_count",
-            "user_feature_count", "item_feature_count", "config_name"} <= set(run.data.params)
-    assert run.data.params["optimizer"] == "lazy_adam"  # the default, recorded for comparisons
+    assert {"user_count", "item_count", "user_feature_count", "item_feature_count", "config_name"} <= set(
+        run.data.params
+    )
+    # Every field of the resolved recipe is a param: production's, with tiny.yaml's overrides.
+    recipe = load_recipe(
+        "production",
+        {"towers": {"embedding_size": 8}, "schedule": {"batch_size": 256, "epochs": 2},
+         "optimizer": {"learning_rate": 0.05}},
+    )
+    expected = {("recipe." + k if k in ("name", "description", "features") else k): str(v)
+                for k, v in recipe.params().items()}
+    assert {k: run.data.params[k] for k in expected} == expected
+    assert run.data.params["towers.embedding_size"] == "8" and run.data.params["optimizer.name"] == "lazy_adam"
+    assert run.data.params["task.negatives.kind"] == "in_batch" and run.data.params["seed"] == "1"
+    logged = Path(client.download_artifacts(run_id, "recipe.yaml", str(tmp_path)))
+    assert load_recipe(logged).model_dump() == {**recipe.model_dump(), "name": "production"}
+    metadata = metadata_of(result, "two_tower_model")
+    assert metadata["recipe"].value == "production"
+    assert metadata["recipe_fields"].value == recipe.params()
     assert len(client.get_metric_history(run_id, "loss")) == 2  # two epochs in the tiny config
     assert "recall_at_50" in run.data.metrics and "popularity_recall_at_50" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"feature_config.json", "evaluation"} <= artifacts
+    assert {"feature_config.json", "recipe.yaml", "evaluation"} <= artifacts
     # The MatchModel and the retriever are MLflow logged models of the run (the UI's "Logged models").
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert {m.name for m in logged if m.source_run_id == run_id} == {"match_model", "retriever"}
 
 
+@pytest.mark.slow
 def test_both_models_are_registered_gated_and_champion(graph):
     _, resources, result = graph
     client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
@@ -87,6 +102,7 @@ def test_both_models_are_registered_gated_and_champion(graph):
     assert metadata_of(result, layout.CHAMPION)["champion_train_date"].value == TINY_PARTITION
 
 
+@pytest.mark.slow
 def test_embedding_tables_have_one_row_per_training_user_and_item(graph):
     _, resources, result = graph
     warehouse = resources["warehouse"]
@@ -107,6 +123,7 @@ def test_embedding_tables_have_one_row_per_training_user_and_item(graph):
     assert items == metadata_of(result, "two_tower_model")["items"].value
 
 
+@pytest.mark.slow
 def test_metrics_table_is_in_the_metadata(graph):
     _, _, result = graph
     metadata = metadata_of(result, "evaluation_metrics")
@@ -114,6 +131,7 @@ def test_metrics_table_is_in_the_metadata(graph):
     assert 0.0 <= metadata["recall_at_50"].value <= 1.0
 
 
+@pytest.mark.slow
 def test_match_model_from_mlflow_loads_with_tensorflow_alone(graph, tmp_path, monkeypatch):
     import mlflow
 
@@ -139,6 +157,7 @@ def test_match_model_from_mlflow_loads_with_tensorflow_alone(graph, tmp_path, mo
     assert scores[1] == 0.0
 
 
+@pytest.mark.slow
 def test_rematerialising_a_partition_replaces_it_and_keeps_the_others(graph):
     home, resources, _ = graph
     warehouse = resources["warehouse"]
@@ -156,6 +175,7 @@ def test_rematerialising_a_partition_replaces_it_and_keeps_the_others(graph):
         assert len(counts) == 2
 
 
+@pytest.mark.slow
 def test_a_date_without_events_fails_clearly_and_writes_nothing(tmp_path):
     resources = make_resources(tmp_path)
     assert materialize_all(resources, TINY_PARTITION).success
@@ -294,8 +314,10 @@ def test_a_feature_missing_from_the_data_fails_before_training(tmp_path):
     assert not (tmp_path / "artifacts" / "tf_datasets" / TINY_PARTITION).exists()
 
 
+@pytest.mark.slow
 def test_metadata_and_mlflow_a_person_reads(graph):
-    """Issue 14: table schemas and row counts, run links, lift, rounded numbers, MLflow curves and inputs."""
+    """What a person reads: table schemas and row counts, run links, lift, rounded numbers, MLflow
+    curves and inputs."""
     _, resources, result = graph
     for table in (layout.TRAINING_EVENTS, layout.USER_EMBEDDING_HISTORY, layout.RECOMMENDATIONS, layout.SIMILAR_ITEMS):
         metadata = metadata_of(result, table)

@@ -6,6 +6,7 @@ loss computed by hand in numpy.
 
 import numpy as np
 import pyarrow as pa
+import pydantic
 import pytest
 import tensorflow as tf
 
@@ -14,9 +15,11 @@ from twotower_assets.model.features import parse_feature_config
 from twotower_assets.model.layers import FeatureStats, HistoryFeature, StringFeature
 from twotower_assets.model.match_model import MatchModel, probe_match_model, save_match_model
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN, TwoTowerModel
+from twotower_assets.model.recipes import ModelRecipe, Optimizer, Schedule, Task, Towers
+from twotower_assets.model.negatives import MixedNegatives, in_batch_losses
 from twotower_assets.model.training import TrainingParams, tower_outputs, train_two_tower
 from twotower_assets.model.warm_start import warm_start
-from tower_helpers import reload_towers
+from helpers.model import reload_towers
 
 ITEMS = ["a", "b", "c", "d"]  # lookup rows 1..4; row 0 is the OOV row
 
@@ -294,11 +297,12 @@ def trained_history_model():
     share = dict(zip(counts["item_id"], np.asarray(counts["item_id_count"]) / len(table)))
     features[SAMPLING_PROBABILITY_COLUMN] = np.array([share[i] for i in features["item_id"]], np.float32)
     dataset = tf.data.Dataset.from_tensor_slices(features)
-    params = TrainingParams(embedding_size=8, batch_size=256, epochs=20, learning_rate=0.05)
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=8), optimizer=Optimizer(learning_rate=0.05), schedule=Schedule(batch_size=256, epochs=20)))
     result = train_two_tower(config, stats, dataset, len(table), None, params)
     return config, stats, features, result
 
 
+@pytest.mark.slow
 def test_towers_with_a_history_feature_save_load_warm_start_and_serve(trained_history_model, tmp_path):
     config, stats, features, result = trained_history_model
     model = result.model
@@ -329,6 +333,7 @@ def test_towers_with_a_history_feature_save_load_warm_start_and_serve(trained_hi
                       item_ids["item_id"][:n], item_vectors[:n])
 
 
+@pytest.mark.slow
 def test_training_with_a_history_learns_the_groups(trained_history_model):
     config, stats, features, result = trained_history_model
     assert result.history["loss"][-1] < result.history["loss"][0]
@@ -357,11 +362,12 @@ def test_mixed_negative_loss_by_hand():
     stats = FeatureStats(vocabularies={"user_id": ["u1", "u2", "u3"], "item_id": ITEMS})
     catalog = {"item_id": np.array(ITEMS, dtype=object)}
     temperature = 0.5
-    model = TwoTowerModel(config, stats, embedding_size=3, temperature=temperature, catalog=catalog, mixed_negatives=3)
+    negatives = MixedNegatives(sampled=3)
+    model = TwoTowerModel(config, stats, embedding_size=3, temperature=temperature, negatives=negatives, catalog=catalog)
     features = {"user_id": tf.constant(["u1", "u2", "u3"]), "item_id": tf.constant(["a", "b", "a"]),
                 SAMPLING_PROBABILITY_COLUMN: tf.constant([0.5, 0.25, 0.5])}
     sampled_rows = tf.constant([1, 0, 3])  # b, a, d
-    losses = model._mixed_negative_losses(features, sampled_rows=sampled_rows).numpy()
+    losses = negatives.losses(model, features, training=True, sampled_rows=sampled_rows).numpy()
 
     users = model.user_tower(features).numpy()
     items = model.item_tower(features).numpy()
@@ -375,16 +381,18 @@ def test_mixed_negative_loss_by_hand():
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
     # Training steps use it; evaluation stays in-batch (no random draw in val_loss).
     eval_loss = model.compute_loss(features, training=False).numpy()
-    np.testing.assert_allclose(eval_loss, np.mean(model._in_batch_losses(features, mask_seen_pairs=False).numpy()),
+    np.testing.assert_allclose(eval_loss, np.mean(in_batch_losses(model, features, mask_seen_pairs=False).numpy()),
                                rtol=1e-6)
 
 
 def test_mixed_negatives_need_a_catalog_and_are_not_negative():
     stats = FeatureStats(vocabularies={"user_id": ["u1"], "item_id": ITEMS})
     with pytest.raises(ValueError, match="pass catalog"):
-        TwoTowerModel(id_config(), stats, mixed_negatives=4)
-    with pytest.raises(ValueError, match=">= 0"):
-        TwoTowerModel(id_config(), stats, mixed_negatives=-1, catalog={"item_id": np.array(ITEMS, dtype=object)})
+        TwoTowerModel(id_config(), stats, negatives=MixedNegatives(sampled=4))
+    with pytest.raises(pydantic.ValidationError, match="sampled"):
+        MixedNegatives(sampled=-1)
+    with pytest.raises(pydantic.ValidationError, match="sampled"):
+        MixedNegatives(sampled=0)
 
 
 def test_training_with_mixed_negatives_decreases_the_loss():
@@ -397,8 +405,8 @@ def test_training_with_mixed_negatives_decreases_the_loss():
     features = batch_to_features(batch, feature_kinds(config))
     features[SAMPLING_PROBABILITY_COLUMN] = np.full(len(table), 1 / 48, np.float32)
     catalog = {"item_id": np.array(stats.vocabularies["item_id"], dtype=object)}
-    params = TrainingParams(embedding_size=8, batch_size=128, epochs=3, learning_rate=0.05, mixed_negatives=32)
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=8), task=Task(negatives=MixedNegatives(sampled=32)), optimizer=Optimizer(learning_rate=0.05), schedule=Schedule(batch_size=128, epochs=3)))
     result = train_two_tower(config, stats, tf.data.Dataset.from_tensor_slices(features), len(table), None, params,
                              catalog=catalog)
-    assert result.model.mixed_negatives == 32
+    assert result.model.negatives.sampled == 32
     assert result.history["loss"][-1] < result.history["loss"][0]

@@ -6,6 +6,7 @@ import pytest
 
 from twotower_assets.model import in_memory
 from twotower_assets.model.features import parse_feature_config
+from twotower_assets.model.recipes import ModelRecipe, Optimizer, Schedule, Towers
 from twotower_assets.model.training import TrainingParams
 
 EVENTS = pa.table({
@@ -41,6 +42,7 @@ def test_random_split_is_seeded_and_disjoint():
         in_memory.random_split(events, 1.0)
 
 
+@pytest.mark.slow
 def test_fit_on_a_leave_last_out_split_learns_the_groups():
     # Users of group g click only items of group g (as tests/test_model.py's learnable table):
     # trained on a leave-last-out split, each held-out user scores its group's items higher.
@@ -56,7 +58,7 @@ def test_fit_on_a_leave_last_out_split_learns_the_groups():
     split = in_memory.leave_last_out(events)
     assert split.test.num_rows == 200
     fitted = in_memory.fit(config, split.train, split.test,
-                           TrainingParams(embedding_size=8, batch_size=64, epochs=20, learning_rate=0.05, seed=3))
+                           TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=8), optimizer=Optimizer(learning_rate=0.05), schedule=Schedule(batch_size=64, epochs=20)), seed=3))
     catalogue = pa.table({"item_id": [f"i{n}" for n in range(80)]})
     scores = in_memory.tower_vectors(fitted, "user", split.test) @ in_memory.tower_vectors(fitted, "item", catalogue).T
     user_group = np.array([int(u[1:]) % 8 for u in split.test["user_id"].to_pylist()])

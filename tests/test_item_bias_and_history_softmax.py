@@ -1,4 +1,4 @@
-"""What a one-vector-per-user model needs to compete with EASE on MovieLens (issue 16):
+"""What a one-vector-per-user model needs to compete with EASE on MovieLens:
 ``sqrtn`` history pooling, an exact softmax that leaves out the row's history items, and a
 learned score per item carried inside the vectors (``item_bias``). Checked by hand in numpy.
 """
@@ -11,8 +11,10 @@ from twotower_assets.model.features import parse_feature_config
 from twotower_assets.model.layers import FeatureStats, HistoryFeature, StringFeature
 from twotower_assets.model.match_model import MatchModel, probe_match_model, save_match_model
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN, TwoTowerModel
+from twotower_assets.model.negatives import FullCatalogNegatives, catalog_losses
+from twotower_assets.model.recipes import ModelRecipe, Task, Towers
 from twotower_assets.model.training import TrainingParams, build_model
-from tower_helpers import reload_towers
+from helpers.model import reload_towers
 
 ITEMS = ["a", "b", "c", "d", "e"]
 
@@ -31,6 +33,7 @@ def config(pooling: str = "sqrtn"):
     )
 
 
+FULL = FullCatalogNegatives()
 STATS = FeatureStats(vocabularies={"user_id": ["u1", "u2", "u3"], "item_id": ITEMS})
 CATALOG = {"item_id": np.array(ITEMS, dtype=object)}
 
@@ -59,9 +62,9 @@ def test_sqrtn_pooling_is_the_sum_over_the_square_root_of_the_count():
 
 def test_the_exact_softmax_leaves_out_the_rows_history_items_but_not_its_positive():
     temperature = 0.5
-    model = TwoTowerModel(config(), STATS, embedding_size=3, temperature=temperature, catalog=CATALOG)
+    model = TwoTowerModel(config(), STATS, embedding_size=3, temperature=temperature, negatives=FULL, catalog=CATALOG)
     batch = features()
-    losses = model._catalog_losses(batch).numpy()
+    losses = catalog_losses(model, batch).numpy()
     users = model.user_tower(batch).numpy()
     items = model.item_tower({"item_id": tf.constant(ITEMS)}).numpy()
     logits = users @ items.T / temperature
@@ -82,18 +85,18 @@ def test_without_a_history_feature_the_exact_softmax_is_over_every_item():
          "item_embedding_layers": {"item_id": {"type": "string", "embedding_size": 4}}},
         name="ids", source="test",
     )
-    model = TwoTowerModel(id_only, STATS, embedding_size=3, temperature=1.0, catalog=CATALOG)
+    model = TwoTowerModel(id_only, STATS, embedding_size=3, temperature=1.0, negatives=FULL, catalog=CATALOG)
     batch = features()
     logits = model.user_tower(batch).numpy() @ model.item_tower({"item_id": tf.constant(ITEMS)}).numpy().T
     expected = [-(logits[r, p] - np.log(np.exp(logits[r]).sum())) for r, p in enumerate([0, 3, 2])]
-    np.testing.assert_allclose(model._catalog_losses(batch).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(catalog_losses(model, batch).numpy(), expected, rtol=1e-5)
 
 
 def test_item_bias_travels_in_the_vectors_and_adds_to_the_cosine():
     # Seeded, and 16 hidden units: with a handful, a row's ReLUs can all be 0 at random
     # initialisation and its unit vector is then zeros.
     tf.random.set_seed(7)
-    params = TrainingParams(embedding_size=8, temperature=0.5, item_bias=True)
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=8, item_bias=True), task=Task(temperature=0.5)))
     model = build_model(config(), STATS, params)
     batch = features()
     users, items = model.user_tower(batch).numpy(), model.item_tower(batch).numpy()
@@ -111,10 +114,10 @@ def test_item_bias_travels_in_the_vectors_and_adds_to_the_cosine():
 
 
 def test_item_bias_is_trained_and_off_by_default():
-    assert TrainingParams().item_bias is False
-    plain = build_model(config(), STATS, TrainingParams(embedding_size=3))
+    assert TrainingParams().recipe.towers.item_bias is False
+    plain = build_model(config(), STATS, TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=3))))
     assert plain.user_tower(features()).shape[1] == 3
-    model = build_model(config(), STATS, TrainingParams(embedding_size=3, item_bias=True), catalog=CATALOG)
+    model = build_model(config(), STATS, TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=3, item_bias=True), task=Task(negatives=FULL))), catalog=CATALOG)
     batch = features()
     model(batch)
     bias = model.item_tower.bias.embedding.embeddings
@@ -127,7 +130,7 @@ def test_item_bias_is_trained_and_off_by_default():
 
 
 def test_towers_with_item_bias_save_load_and_serve(tmp_path):
-    model = build_model(config(), STATS, TrainingParams(embedding_size=3, item_bias=True))
+    model = build_model(config(), STATS, TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=3, item_bias=True))))
     batch = features()
     model(batch)
     model.item_tower.bias.embedding.set_weights([np.linspace(-1, 1, 6, dtype=np.float32)[:, None]])

@@ -5,7 +5,7 @@ import dagster as dg
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from helpers.graph import TINY_PARTITION, make_resources, materialize_all, metadata_of, tiny_run_config
 from twotower_assets.definitions import ALL_ASSETS
 from twotower_assets.defs.evaluation.comparison import figures_by_warm_start
 from twotower_assets.defs.training.warm_start_source import previous_model_date, resolve_warm_start
@@ -13,10 +13,7 @@ from twotower_assets.lib import layout
 
 FIRST = "2026-05-25"
 
-
-def metadata_of(result, asset_key):
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset_key]
-    return event.materialization.metadata
+pytestmark = pytest.mark.slow  # two dates through the whole graph
 
 
 def churn_check(result) -> dg.AssetCheckEvaluation:

@@ -1,4 +1,4 @@
-"""Backfilling three weekly dates with and without warm start in one Dagster instance (issue 15):
+"""Backfilling three weekly dates with and without warm start in one Dagster instance:
 ``model_comparison`` records each date's overlap with the champion before it, grouped by the
 model's ``warm_start`` setting, and draws both series on one overlap-over-dates plot.
 
@@ -11,8 +11,7 @@ the splits, datasets, model, embedding history and comparison (1 epoch, the tiny
 import dagster as dg
 import pytest
 
-from conftest import make_resources, materialize_all, tiny_run_config
-from test_lifecycle import metadata_of
+from helpers.graph import make_resources, materialize_all, metadata_of, tiny_run_config
 from twotower_assets.definitions import ALL_ASSETS
 from twotower_assets.defs.evaluation.comparison import OVER_DATES, figures_by_warm_start
 from twotower_assets.lib import layout
@@ -27,7 +26,7 @@ pytestmark = pytest.mark.slow  # seven trainings and their comparisons
 
 def run_config(ops: list[str], warm_start: str) -> dict:
     """tiny.yaml's config of ``ops`` (op names: the three splits are one op, split_tables)."""
-    config = tiny_run_config(two_tower_model={"epochs": 1, "warm_start": warm_start})["ops"]
+    config = tiny_run_config(two_tower_model={"schedule": {"epochs": 1}, "warm_start": warm_start})["ops"]
     return {"ops": {name: config[name] for name in ops}}
 
 

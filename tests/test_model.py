@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 import tensorflow as tf
 
-from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, load_dataset, save_dataset
+from helpers.model import learnable_table
+from twotower_assets.model.datasets import feature_kinds, load_dataset, save_dataset
 from twotower_assets.model.features import FeatureConfigError, load_feature_config, parse_feature_config
 from twotower_assets.model.layers import (
     FeatureStats,
@@ -20,8 +21,9 @@ from twotower_assets.model.layers import (
     parse_vector,
 )
 from twotower_assets.model.match_model import MatchModel, save_match_model
+from twotower_assets.model.recipes import ModelRecipe, Optimizer, Schedule, Towers
 from twotower_assets.model.training import TrainingParams, tower_outputs, train_two_tower
-from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN, TwoTowerModel
+from twotower_assets.model.towers import TwoTowerModel
 
 
 def test_string_feature_maps_unknown_values_to_the_oov_row():
@@ -70,39 +72,6 @@ def test_parse_vector_rejects_bad_values():
     assert parse_vector("[1, 2, 3]", 2) is None
     assert parse_vector(None, 2) is None
     assert parse_vector("[1, NaN]", 2) is None
-
-
-def learnable_table(n_rows: int = 4000, seed: int = 0, n_users: int = 200, n_groups: int = 8) -> pa.Table:
-    """Users of group g click only items of group g: a retrieval model must learn the groups."""
-    rng = np.random.default_rng(seed)
-    users = rng.integers(0, n_users, n_rows)
-    groups = users % n_groups
-    items = groups * 10 + rng.integers(0, 10, n_rows)
-    counts = np.bincount(items, minlength=10 * n_groups)
-    return pa.table(
-        {
-            "user_id": [f"u{u}" for u in users],
-            "item_id": [f"i{i}" for i in items],
-            "booking_cnt": rng.integers(0, 5, n_rows),
-            "user_queries": [f"topic{g} words" for g in groups],
-            "offer_category_id": [f"c{g}" for g in groups],
-            "item_names": [f"name{g} thing" for g in groups],
-            "item_mean_stock_price": rng.random(n_rows) * 20,
-            "item_image_embedding": [json.dumps([float(g)] * 16) if i % 9 else "bad" for g, i in zip(groups, items)],
-            SAMPLING_PROBABILITY_COLUMN: counts[items] / n_rows,
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_training(tmp_path_factory):
-    config = load_feature_config("tiny-features")
-    table = learnable_table()
-    kinds = {**feature_kinds(config), SAMPLING_PROBABILITY_COLUMN: "number"}
-    directory = tmp_path_factory.mktemp("datasets")
-    builder = FeatureStatsBuilder(config)
-    rows = save_dataset(table.to_batches(max_chunksize=1000), kinds, directory / "train", on_batch=builder.update)
-    return config, builder.build(), load_dataset(directory / "train"), rows
 
 
 def test_saved_dataset_round_trips_with_nulls_filled(tmp_path):
@@ -163,6 +132,7 @@ def test_pretrained_size_mismatch_is_a_config_error(tiny_training):
         TwoTowerModel(wrong, stats, embedding_size=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "optimizer, epochs",
     # lazy_adam moves a row only on the steps that touch it (no momentum in between), so on
@@ -173,9 +143,7 @@ def test_pretrained_size_mismatch_is_a_config_error(tiny_training):
 def test_training_decreases_the_loss_and_learns_the_groups(tiny_training, optimizer, epochs):
     config, stats, dataset, rows = tiny_training
     # 13 steps per epoch (a fifth of 4,000 rows at batch 64).
-    params = TrainingParams(
-        embedding_size=8, batch_size=64, epochs=epochs, learning_rate=0.05, seed=3, optimizer=optimizer
-    )
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=8), optimizer=Optimizer(learning_rate=0.05, name=optimizer), schedule=Schedule(batch_size=64, epochs=epochs)), seed=3)
     result = train_two_tower(config, stats, dataset, rows, dataset.take(512), params)
     losses = result.history["loss"]
     assert losses[-1] < losses[0] * 0.9
@@ -247,7 +215,7 @@ def test_seen_pairs_given_lazily_train_exactly_as_given_directly(tiny_training):
     config, stats, dataset, rows = tiny_training
     batch = next(iter(dataset.batch(4000)))
     pairs = (batch["user_id"].numpy().astype(str)[:2000], batch["item_id"].numpy().astype(str)[:2000])
-    params = TrainingParams(embedding_size=8, batch_size=64, epochs=2, learning_rate=0.05, seed=5)
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=8), optimizer=Optimizer(learning_rate=0.05), schedule=Schedule(batch_size=64, epochs=2)), seed=5)
     direct = train_two_tower(config, stats, dataset, rows, dataset.take(512), params, seen_pairs=pairs)
     calls = []
     lazy = train_two_tower(

@@ -8,14 +8,7 @@ request must get a 4xx whose body names the problem, and the server must keep an
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +19,11 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from test_retriever import LoggedRetriever, log_tiny_retriever, request
+from helpers.model_server import mlflow_models_serve
+from helpers.retriever import LoggedRetriever, log_tiny_retriever, request
 from twotower_assets.serving.retriever import REGISTERED_MODEL_NAME, set_alias
 
-pytestmark = pytest.mark.slow
-
-SERVER_START_TIMEOUT_S = 120
-MLFLOW_CLI = Path(sys.executable).with_name("mlflow")
+pytestmark = pytest.mark.slow  # starts mlflow models serve
 
 
 @dataclass(frozen=True)
@@ -51,62 +42,6 @@ class Server:
         response = self.invoke({"dataframe_records": list(rows)})
         assert response.status_code == 200, response.text
         return response.json()["predictions"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_up(url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow models serve did not answer /ping in {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    # The CLI starts uvicorn as a child; both are in the session started for them, so the
-    # group is exactly the server's processes. SIGKILL at the end: a worker that outlived
-    # the CLI.
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@contextlib.contextmanager
-def mlflow_models_serve(model_uri: str, tracking_uri: str, log_path: Path) -> Iterator[str]:
-    """``mlflow models serve -m <model_uri> --env-manager local`` on a free loopback port; its URL."""
-    url = f"http://127.0.0.1:{free_port()}"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [str(MLFLOW_CLI), "models", "serve", "-m", model_uri,
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1]],
-            # The CLI starts the server as `exec uvicorn ...` in bash, found on PATH: the
-            # virtualenv's bin must be there, as when the virtualenv is activated.
-            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-                 "PATH": f"{MLFLOW_CLI.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        wait_until_up(url, process, log_path)
-        yield url
-    finally:
-        stop(process)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import failure_text
+from helpers.graph import REPO, failure_text, materialize_all
 from twotower_assets.data.movielens import (
     MOVIELENS_EVENT_SCHEMA,
     MovieLensFormatError,
@@ -250,10 +250,11 @@ def _fixture_examples():
 def test_catalog_softmax_is_the_exact_cross_entropy_over_every_item():
     import tensorflow as tf
 
+    from twotower_assets.model.negatives import FullCatalogNegatives
     from twotower_assets.model.towers import TwoTowerModel
 
     config, stats, features, catalog = _fixture_examples()
-    model = TwoTowerModel(config, stats, embedding_size=8, temperature=0.2, catalog=catalog)
+    model = TwoTowerModel(config, stats, embedding_size=8, temperature=0.2, negatives=FullCatalogNegatives(), catalog=catalog)
     inputs = {k: tf.constant(v) for k, v in features.items()}
     loss = float(model.compute_loss(inputs))
     users = model.user_tower(inputs).numpy()
@@ -267,10 +268,15 @@ def test_catalog_softmax_is_the_exact_cross_entropy_over_every_item():
 def test_catalog_softmax_trains_and_refuses_an_incomplete_catalog():
     import tensorflow as tf
 
+    from twotower_assets.model.negatives import FullCatalogNegatives
+    from twotower_assets.model.recipes import ModelRecipe, Optimizer, Schedule, Task, Towers
     from twotower_assets.model.training import TrainingParams, train_two_tower
 
     config, stats, features, catalog = _fixture_examples()
-    params = TrainingParams(embedding_size=8, batch_size=4, epochs=3, learning_rate=0.05)
+    params = TrainingParams(recipe=ModelRecipe(
+        towers=Towers(embedding_size=8), task=Task(negatives=FullCatalogNegatives()),
+        optimizer=Optimizer(learning_rate=0.05), schedule=Schedule(batch_size=4, epochs=3),
+    ))
     dataset = tf.data.Dataset.from_tensor_slices(features)
     result = train_two_tower(config, stats, dataset, 13, dataset, params, catalog=catalog)
     assert result.epochs_run == 3 and all(np.isfinite(result.history["val_loss"]))
@@ -310,9 +316,9 @@ def _write_grouplens(path: Path, users: int = 60, items: int = 40, seed: int = 3
     (path / "u.item").write_text("\n".join(rows) + "\n", encoding="latin-1")
 
 
+@pytest.mark.slow
 def test_whole_graph_on_movielens_files(tmp_path, tiny_resources):
     import yaml
-    from conftest import REPO, materialize_all
 
     data = tmp_path / "ml"
     _write_grouplens(data)
@@ -320,7 +326,10 @@ def test_whole_graph_on_movielens_files(tmp_path, tiny_resources):
     ops = run_config["ops"]
     ops["click_events"]["config"]["movielens_path"] = str(data)
     # The opt-in exact softmax, so its path through the asset (catalogue from the items dataset) runs too.
-    ops["two_tower_model"]["config"].update({"embedding_size": 8, "batch_size": 128, "epochs": 3, "full_catalog_softmax": True})
+    ops["two_tower_model"]["config"] = {
+        "recipe": "movielens", "towers": {"embedding_size": 8}, "schedule": {"batch_size": 128, "epochs": 3},
+        "task": {"negatives": {"kind": "full_catalog"}},
+    }
     ops["evaluation_metrics"]["config"].update({"ks": [5, 10, 20], "num_users": 100, "svd_factors": 5})
     result = materialize_all(
         tiny_resources,

@@ -11,11 +11,12 @@ import pydantic
 import pytest
 import tensorflow as tf
 
-from test_model import learnable_table
+from helpers.model import learnable_table
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, load_dataset, save_dataset
 from twotower_assets.model.features import load_feature_config
 from twotower_assets.model.optimizers import LazyAdam, make_optimizer
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
+from twotower_assets.model.recipes import ModelRecipe, Optimizer, Schedule, Towers
 from twotower_assets.model.training import TrainingParams, build_model, train_two_tower
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,8 +134,7 @@ def tiny_data(tmp_path_factory):
 
 def test_two_tower_model_trains_with_lazy_adam(tiny_data):
     config, stats, dataset, rows = tiny_data
-    params = TrainingParams(embedding_size=8, batch_size=64, epochs=4, learning_rate=0.05, seed=3,
-                            optimizer="lazy_adam")
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=8), optimizer=Optimizer(learning_rate=0.05, name="lazy_adam"), schedule=Schedule(batch_size=64, epochs=4)), seed=3)
     result = train_two_tower(config, stats, dataset, rows, None, params)
     assert type(result.model.optimizer) is LazyAdam
     losses = result.history["loss"]
@@ -143,15 +143,15 @@ def test_two_tower_model_trains_with_lazy_adam(tiny_data):
 
 def test_run_config_switch_chooses_the_optimizer(tiny_data):
     config, stats, _, _ = tiny_data
-    assert TrainingParams().optimizer == "lazy_adam"
-    assert "adam" in TrainingParams.model_fields["optimizer"].description
-    stock = build_model(config, stats, TrainingParams(embedding_size=4, optimizer="adam"))
+    assert TrainingParams().recipe.optimizer.name == "lazy_adam"
+    assert "adam" in Optimizer.model_fields["name"].description
+    stock = build_model(config, stats, TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4), optimizer=Optimizer(name="adam"))))
     assert type(stock.optimizer) is tf.keras.optimizers.Adam
-    lazy = build_model(config, stats, TrainingParams(embedding_size=4))
+    lazy = build_model(config, stats, TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4))))
     assert type(lazy.optimizer) is LazyAdam
-    assert float(lazy.optimizer.learning_rate) == pytest.approx(TrainingParams().learning_rate)
+    assert float(lazy.optimizer.learning_rate) == pytest.approx(TrainingParams().recipe.optimizer.learning_rate)
     with pytest.raises(pydantic.ValidationError):
-        TrainingParams(optimizer="sgd")
+        TrainingParams(recipe=ModelRecipe(optimizer=Optimizer(name="sgd")))
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("sgd", 0.1)
 

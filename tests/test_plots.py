@@ -124,8 +124,9 @@ def test_markdown_image_is_a_data_uri_of_the_png():
 # ------------------------------------------------------- plots in Dagster and MLflow
 
 
+@pytest.mark.slow
 def test_plots_reach_dagster_metadata_and_mlflow(tiny_resources):
-    from conftest import materialize_all, tiny_run_config
+    from helpers.graph import materialize_all, tiny_run_config
     from mlflow import MlflowClient
 
     result = materialize_all(

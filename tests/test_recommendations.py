@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from conftest import TINY_PARTITION, make_resources, materialize_all
 
+from helpers.graph import TINY_PARTITION, make_resources, materialize_all
 from twotower_assets.defs.publishing.recommendations import recommendation_batches
 from twotower_assets.lib.layout import RECOMMENDATIONS, RECOMMENDATIONS_LATEST
 
@@ -58,6 +58,7 @@ def _table(resources, name=RECOMMENDATIONS):
     return resources["warehouse"].query(f"SELECT * FROM {name} ORDER BY user_id").to_pylist()
 
 
+@pytest.mark.slow
 def test_asset_writes_exact_top_k_unseen_items_for_every_user(materialised):
     resources, result = materialised
     home = resources["artifacts"].path("two_tower_model", TINY_PARTITION)
@@ -94,6 +95,7 @@ def test_asset_writes_exact_top_k_unseen_items_for_every_user(materialised):
     assert len(latest) == len(rows)
 
 
+@pytest.mark.slow
 def test_rerun_replaces_the_partition(materialised):
     resources, _ = materialised
     before = _table(resources)
@@ -106,6 +108,7 @@ def test_rerun_replaces_the_partition(materialised):
     assert [r["item_ids"] for r in after] == [r["item_ids"][:3] for r in before]
 
 
+@pytest.mark.slow
 def test_missing_model_is_a_clear_error_and_keeps_the_table(materialised):
     resources, _ = materialised
     before = _table(resources)

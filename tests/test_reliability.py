@@ -1,7 +1,7 @@
-"""Issue 17: ids kept exactly, early failure, integrity checks (one section per finding).
+"""Ids kept exactly, early failure, integrity checks (one section per finding).
 
-Each test reproduces one finding of the issue and failed before its fix; docs/reliability.md
-("Issue 17") lists them.
+Each test reproduces one finding and failed before its fix; docs/reliability.md (the section
+"immutable versions, integrity, early failure, ids kept exactly") lists them.
 """
 
 import json
@@ -97,7 +97,7 @@ def materialised_keys(result) -> set[str]:
 
 def test_an_unwritable_mlflow_store_fails_the_run_before_any_step_writes(tmp_path):
     """sqlite under a path that cannot be a directory: the run stops at its start, naming the URI."""
-    from conftest import make_resources, materialize_all
+    from helpers.graph import make_resources, materialize_all
     from twotower_assets.lib.mlflow_tracking import MlflowTracking
 
     resources = make_resources(tmp_path / "home")
@@ -113,7 +113,7 @@ def test_an_unwritable_mlflow_store_fails_the_run_before_any_step_writes(tmp_pat
 
 
 def test_twotower_home_that_is_a_file_is_named_when_the_run_starts(tmp_path, monkeypatch):
-    from conftest import materialize_all, tiny_run_config
+    from helpers.graph import materialize_all, tiny_run_config
     from twotower_assets.defs.resources import default_resources
     from twotower_assets.lib import layout
 
@@ -137,7 +137,7 @@ def test_twotower_home_that_is_a_file_is_named_when_the_run_starts(tmp_path, mon
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     """The tiny graph materialised once for 2026-06-01 (tests restore what they break)."""
-    from conftest import make_resources, materialize_all
+    from helpers.graph import make_resources, materialize_all
 
     import dagster as dg
 
@@ -155,7 +155,7 @@ def _truncate(path: Path):
 
 
 def _only(resources, asset: str, **config):
-    from conftest import materialize_all, tiny_run_config
+    from helpers.graph import materialize_all, tiny_run_config
 
     ops = tiny_run_config(**({asset: config} if config else {}))["ops"]
     return materialize_all(
@@ -164,6 +164,7 @@ def _only(resources, asset: str, **config):
     )
 
 
+@pytest.mark.slow
 def test_every_artifact_directory_records_sha256_checksums(graph):
     import json
 
@@ -180,8 +181,9 @@ def test_every_artifact_directory_records_sha256_checksums(graph):
     assert "user_embeddings.parquet" in json.loads((graph["artifacts"].path("two_tower_model", "2026-06-01") / "checksums.json").read_text())["files"]
 
 
+@pytest.mark.slow
 def test_a_truncated_dataset_shard_fails_training_naming_asset_partition_file_and_fix(graph):
-    from conftest import failure_text
+    from helpers.graph import failure_text
 
     root = graph["artifacts"].path("tf_datasets", "2026-06-01")
     shard = max((p for p in (root / "training").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -197,8 +199,9 @@ def test_a_truncated_dataset_shard_fails_training_naming_asset_partition_file_an
     assert "re-materialise tf_datasets for 2026-06-01" in text
 
 
+@pytest.mark.slow
 def test_a_truncated_match_model_is_refused_before_it_is_published(graph):
-    from conftest import failure_text
+    from helpers.graph import failure_text
 
     pb = graph["artifacts"].path("match_model", "2026-06-01") / "model" / "saved_model.pb"
     restore = _truncate(pb)
@@ -298,9 +301,10 @@ def test_old_versions_are_collected_by_the_documented_rule(tmp_path):
     assert store.current_version("two_tower_model", "2026-06-01") == made[3]
 
 
+@pytest.mark.slow
 def test_a_model_is_refused_downstream_when_its_datasets_were_rewritten(graph):
     """Finding 2: tf_datasets re-run with another config; evaluation names both versions."""
-    from conftest import failure_text, materialize_all, tiny_run_config
+    from helpers.graph import failure_text, materialize_all, tiny_run_config
 
     artifacts = graph["artifacts"]
     summary = json.loads((artifacts.path("two_tower_model", "2026-06-01") / "summary.json").read_text())

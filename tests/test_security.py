@@ -16,8 +16,6 @@ import datetime as dt
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +28,8 @@ import pydantic
 import pytest
 from dagster_gcp import BigQueryResource
 
-from conftest import REPO
+from helpers.graph import REPO
+from helpers.processes import free_port, listening_addresses, stop_group
 from twotower_assets.defs.resources import default_mlflow
 from twotower_assets.lib.mlflow_tracking import MlflowTracking, checked_tracking_uri
 from twotower_assets.defs.training.trainer import TrainingConfig
@@ -546,41 +545,13 @@ def test_every_documented_server_command_binds_to_loopback():
     assert '"--rest-host", "127.0.0.1"' in emulator and '"--grpc-host", "127.0.0.1"' in emulator
 
 
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses with a socket in LISTEN on ``port``, from /proc/net/tcp and tcp6."""
-    found = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        if not os.path.exists(table):
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            address, port_hex = fields[1].split(":")
-            if fields[3] == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
-                found.add(_address(address, width))
-    return found
-
-
-def _address(hex_address: str, width: int) -> str:
-    raw = bytes.fromhex(hex_address)
-    if width == 8:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-    address = socket.inet_ntop(socket.AF_INET6, words)
-    return address.removeprefix("::ffff:") if address.startswith("::ffff:") and "." in address else address
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def readme_mlflow_ui_command() -> list[str]:
     readme = (REPO / "README.md").read_text()
     (command,) = re.findall(r"`(\.venv/bin/mlflow ui [^`]+)`", readme)
     return command.split()
 
 
+@pytest.mark.slow  # starts mlflow ui
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc/net/tcp")
 def test_mlflow_ui_as_the_readme_starts_it_listens_on_loopback_only(tmp_path):
     command = readme_mlflow_ui_command()
@@ -601,19 +572,5 @@ def test_mlflow_ui_as_the_readme_starts_it_listens_on_loopback_only(tmp_path):
         assert process.poll() is None, (tmp_path / "mlflow_ui.log").read_text()[-2000:]
         assert listening_addresses(port) == {"127.0.0.1"}
     finally:
-        _stop_group(process)
+        stop_group(process)
         log.close()
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group started for the test, then SIGKILL what is left of it."""
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue

@@ -16,8 +16,8 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
-from test_model_serving import mlflow_models_serve
+from helpers.graph import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from helpers.model_server import mlflow_models_serve
 from twotower_assets.lib import layout
 
 pytestmark = pytest.mark.slow

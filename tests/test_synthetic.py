@@ -402,7 +402,7 @@ def test_invalid_spec_raises(kwargs):
 
 
 def test_minimal_universe_has_every_subcategory():
-    # 20,000 events: with sessions (issue 16) 80% of a user's day is one subcategory, so 5 users
+    # 20,000 events: with sessions 80% of a user's day is one subcategory, so 5 users
     # explore the 32 subcategories with a fifth of their events (5,000 left one out).
     spec = SyntheticSpec(end_date=END, num_users=5, num_items=32, num_events=20_000, days=2)
     t = generate_all(spec)

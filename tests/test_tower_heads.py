@@ -11,9 +11,12 @@ import tensorflow as tf
 from twotower_assets.model.features import parse_feature_config
 from twotower_assets.model.layers import FeatureStats
 from twotower_assets.model.match_model import MatchModel, probe_match_model, save_match_model
+from twotower_assets.model.negatives import FullCatalogNegatives
+from twotower_assets.model.recipes import ModelRecipe, Optimizer, RecipeError, Task, Towers
+from twotower_assets.model.towers import TwoTowerModel
 from twotower_assets.model.training import TrainingParams, build_model
 from twotower_assets.model.warm_start import warm_start
-from tower_helpers import reload_towers
+from helpers.model import reload_towers
 
 ITEMS = ["a", "b", "c", "d", "e"]
 STATS = FeatureStats(vocabularies={"user_id": ["u1", "u2", "u3"], "item_id": ITEMS})
@@ -47,7 +50,7 @@ def unit(rows: np.ndarray) -> np.ndarray:
 
 def test_dense_tanh_is_one_tanh_layer_over_the_features_and_none_is_the_id_row():
     tf.random.set_seed(3)
-    params = TrainingParams(embedding_size=4, user_head="dense_tanh", item_head="none")
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4, user_head="dense_tanh", item_head="none")))
     model = build_model(config(), STATS, params)
     batch = features()
     users, items = model.user_tower(batch).numpy(), model.item_tower(batch).numpy()
@@ -69,7 +72,7 @@ def test_dense_tanh_is_one_tanh_layer_over_the_features_and_none_is_the_id_row()
 
 def test_dense_tanh_residual_adds_the_pooled_history_to_the_tanh_layer(tmp_path):
     tf.random.set_seed(4)
-    params = TrainingParams(embedding_size=4, user_head="dense_tanh_residual", item_head="none")
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4, user_head="dense_tanh_residual", item_head="none")))
     model = build_model(config(), STATS, params)
     batch = features()
     users = model.user_tower(batch).numpy()
@@ -89,16 +92,21 @@ def test_dense_tanh_residual_adds_the_pooled_history_to_the_tanh_layer(tmp_path)
 
 
 def test_dense_tanh_residual_needs_a_history_of_the_embedding_size():
-    with pytest.raises(ValueError, match="no history feature"):
-        build_model(config(), STATS, TrainingParams(embedding_size=4, item_head="dense_tanh_residual"))
+    # Refused when the recipe meets the features, naming the recipe's fields ...
+    with pytest.raises(RecipeError, match="towers.item_head 'dense_tanh_residual'.*no history feature"):
+        build_model(config(), STATS, TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4, item_head="dense_tanh_residual"))))
+    with pytest.raises(RecipeError, match="towers.user_head 'dense_tanh_residual' adds history feature 'user_history' to "
+                       "the vector: its embedding_size 6 must equal towers.embedding_size 4"):
+        build_model(config(item_id_size=6), STATS, TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4, user_head="dense_tanh_residual"))))
+    # ... and by the tower itself, for a model built without a recipe.
     with pytest.raises(ValueError, match="'user_history' to the vector: its embedding_size 6 must be embedding_size 4"):
-        build_model(config(item_id_size=6), STATS, TrainingParams(embedding_size=4, user_head="dense_tanh_residual"))
+        TwoTowerModel(config(item_id_size=6), STATS, embedding_size=4, user_head="dense_tanh_residual")
 
 
 def test_mlp_is_the_default_head_of_both_towers():
-    assert (TrainingParams().user_head, TrainingParams().item_head) == ("mlp", "mlp")
+    assert (Towers().user_head, Towers().item_head) == ("mlp", "mlp")
     tf.random.set_seed(7)
-    model = build_model(config(), STATS, TrainingParams(embedding_size=8))
+    model = build_model(config(), STATS, TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=8))))
     batch = features()
     items = model.item_tower(batch).numpy()
     hidden_kernel, hidden_bias = model.item_tower.hidden.get_weights()
@@ -109,11 +117,13 @@ def test_mlp_is_the_default_head_of_both_towers():
 
 
 def test_none_needs_features_of_the_embedding_size_and_unknown_heads_are_refused():
-    model = build_model(config(item_id_size=6), STATS, TrainingParams(embedding_size=4, item_head="none"))
-    with pytest.raises(ValueError, match="add up to 6 values, not embedding_size 4"):
+    with pytest.raises(RecipeError, match="towers.item_head 'none' .* 6 values, not towers.embedding_size 4"):
+        build_model(config(item_id_size=6), STATS, TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4, item_head="none"))))
+    model = TwoTowerModel(config(item_id_size=6), STATS, embedding_size=4, item_head="none")
+    with pytest.raises(ValueError, match="(?s)item_tower_head.*head 'none' .* add up to 6 values, not embedding_size 4"):
         model.item_tower(features())
     with pytest.raises(pydantic.ValidationError, match="user_head"):
-        TrainingParams(user_head="transformer")
+        TrainingParams(recipe=ModelRecipe(towers=Towers(user_head="transformer")))
     from twotower_assets.model.towers import Tower
 
     cfg = config()
@@ -123,8 +133,7 @@ def test_none_needs_features_of_the_embedding_size_and_unknown_heads_are_refused
 
 def test_a_shallow_head_model_trains_saves_loads_and_serves(tmp_path):
     tf.random.set_seed(5)
-    params = TrainingParams(embedding_size=4, user_head="dense_tanh", item_head="none", item_bias=True,
-                            learning_rate=0.05, temperature=0.5)
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4, user_head="dense_tanh", item_head="none", item_bias=True), task=Task(temperature=0.5, negatives=FullCatalogNegatives()), optimizer=Optimizer(learning_rate=0.05)))
     model = build_model(config(), STATS, params, catalog={"item_id": np.array(ITEMS, dtype=object)})
     batch = features()
     model(batch)
@@ -142,12 +151,12 @@ def test_a_shallow_head_model_trains_saves_loads_and_serves(tmp_path):
 
     # A warm start between heads copies the layers both have, by shape, from live or saved towers.
     for old_user, old_item in ((model.user_tower, model.item_tower), (user, item)):
-        same = build_model(config(), STATS, params)
+        same = build_model(config(), STATS, params, catalog={"item_id": np.array(ITEMS, dtype=object)})
         same(batch)
         report = warm_start(same, old_user, old_item)
         assert "user_tower/projection" in report.copied
         np.testing.assert_allclose(same.user_tower(batch).numpy()[:, :4], users[:, :4], rtol=1e-5, atol=1e-6)
-    mlp = build_model(config(), STATS, TrainingParams(embedding_size=4))
+    mlp = build_model(config(), STATS, TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4))))
     mlp(batch)
     report = warm_start(mlp, user, item)
     # The old user projection is 6 x 4, the new one 8 x 4; the old item tower had no head at all.

@@ -11,9 +11,12 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # each test trains twice in a fresh TensorFlow process
 
 PREAMBLE = textwrap.dedent(
     """
@@ -27,6 +30,7 @@ PREAMBLE = textwrap.dedent(
     from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, load_blocks, save_dataset
     from twotower_assets.model.features import load_feature_config
     from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
+    from twotower_assets.model.recipes import ModelRecipe, Optimizer, Schedule, Towers
     from twotower_assets.model.training import TrainingParams, train_two_tower, tower_outputs
 
     spec = SyntheticSpec(end_date=dt.date(2026, 5, 31), num_users=300, num_items=120, num_events=6000, days=10, seed=3)
@@ -43,8 +47,9 @@ PREAMBLE = textwrap.dedent(
     data = load_blocks(directory + "/train")
 
     def train(batch_size, mixed_precision=False, **kwargs):
-        params = TrainingParams(embedding_size=8, batch_size=batch_size, epochs=3, learning_rate=0.05, seed=1,
-                                mixed_precision=mixed_precision)
+        recipe = ModelRecipe(towers=Towers(embedding_size=8), optimizer=Optimizer(learning_rate=0.05),
+                             schedule=Schedule(batch_size=batch_size, epochs=3))
+        params = TrainingParams(recipe=recipe, seed=1, mixed_precision=mixed_precision)
         return train_two_tower(config, stats, data, rows, None, params, **kwargs)
     """
 )

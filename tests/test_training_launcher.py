@@ -4,7 +4,7 @@ import json
 
 import dagster as dg
 import pytest
-from conftest import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
+from helpers.graph import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
 
 
 
@@ -18,6 +18,7 @@ def launched(tmp_path_factory):
     return resources, result
 
 
+@pytest.mark.slow
 def test_pipes_launch_materialises_the_model_with_the_same_outputs(launched):
     resources, result = launched
     assert result.success
@@ -38,6 +39,7 @@ def test_pipes_launch_materialises_the_model_with_the_same_outputs(launched):
     assert result.asset_materializations_for_node("evaluation_metrics")
 
 
+@pytest.mark.slow
 def test_a_failing_launched_training_fails_the_asset_and_keeps_the_model(launched):
     resources, _ = launched
     model_dir = resources["artifacts"].path("two_tower_model", TINY_PARTITION)
@@ -49,7 +51,7 @@ def test_a_failing_launched_training_fails_the_asset_and_keeps_the_model(launche
     try:
         result = materialize_all(
             resources, TINY_PARTITION, raise_on_error=False,
-            run_config={"ops": {"two_tower_model": {"config": {"training_launcher": "pipes", "epochs": 1}}}},
+            run_config={"ops": {"two_tower_model": {"config": {"training_launcher": "pipes", "schedule": {"epochs": 1}}}}},
             selection=dg.AssetSelection.assets("two_tower_model"),
         )
     finally:

@@ -7,6 +7,7 @@ import tensorflow as tf
 from twotower_assets.model.features import load_feature_config
 from twotower_assets.model.layers import FeatureStats
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN, TwoTowerModel
+from twotower_assets.model.recipes import ModelRecipe, Schedule, Towers
 from twotower_assets.model.training import TrainingParams, train_two_tower
 from twotower_assets.model.warm_start import RowMapping, load_towers, map_rows, warm_start
 
@@ -202,6 +203,6 @@ def test_training_starts_from_the_warm_start_weights(old_model):
         warm_start(model, old_model.user_tower, old_model.item_tower)
         seen["hidden"] = model.user_tower.hidden.get_weights()[0].copy()
 
-    params = TrainingParams(embedding_size=4, batch_size=8, epochs=1, seed=0, warm_start="previous")
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=4), schedule=Schedule(batch_size=8, epochs=1)), seed=0)
     train_two_tower(CONFIG, NEW, data, 16, None, params, initialize=initialize)
     np.testing.assert_array_equal(seen["hidden"], old_model.user_tower.hidden.get_weights()[0])

@@ -1,4 +1,4 @@
-"""Weight averaging (TrainingParams.weight_averaging, model/averaging.py): the moving average is
+"""Weight averaging (a recipe's optimizer.weight_averaging, model/averaging.py): the moving average is
 recomputed by hand, and training, validation and the trained model are checked to use the
 weights they should: training the raw ones, the rest the average."""
 
@@ -7,9 +7,9 @@ import pydantic
 import pytest
 import tensorflow as tf
 
-from test_model import tiny_training  # noqa: F401  (the fixture)
 from twotower_assets.model.averaging import WeightAveraging
 from twotower_assets.model.datasets import batches
+from twotower_assets.model.recipes import ModelRecipe, Optimizer, Schedule, Towers
 from twotower_assets.model.training import TrainingParams, train_two_tower
 
 
@@ -75,17 +75,17 @@ def test_the_momentum_must_be_between_zero_and_one():
         with pytest.raises(ValueError, match=r"averaging momentum must be in \(0, 1\)"):
             WeightAveraging(momentum)
     with pytest.raises(pydantic.ValidationError, match="weight_averaging"):
-        TrainingParams(weight_averaging=1.0)
-    assert TrainingParams().weight_averaging == 0.0  # off unless asked for
+        TrainingParams(recipe=ModelRecipe(optimizer=Optimizer(weight_averaging=1.0)))
+    assert TrainingParams().recipe.optimizer.weight_averaging == 0.0  # off unless asked for
 
 
-def test_train_two_tower_trains_the_raw_weights_and_returns_the_average(tiny_training):  # noqa: F811
+def test_train_two_tower_trains_the_raw_weights_and_returns_the_average(tiny_training):
     config, stats, dataset, rows = tiny_training
-    params = TrainingParams(embedding_size=8, batch_size=64, epochs=3, learning_rate=0.05, seed=5)
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=8), optimizer=Optimizer(learning_rate=0.05), schedule=Schedule(batch_size=64, epochs=3)), seed=5)
     validation = dataset.take(512)
     plain = train_two_tower(config, stats, dataset, rows, validation, params)
     averaged = train_two_tower(config, stats, dataset, rows, validation,
-                               params.model_copy(update={"weight_averaging": 0.9}))
+                               params.model_copy(update={"recipe": params.recipe.with_overrides({"optimizer": {"weight_averaging": 0.9}})}))
     # The same raw trajectory (same seed, and averaging never feeds back into training) ...
     assert averaged.history["loss"] == pytest.approx(plain.history["loss"], rel=1e-4)
     # ... but validation and the returned model are the average's.

@@ -1,13 +1,10 @@
 """A bqemulator process for the test session, and a fresh dataset per test."""
 
-import uuid
-
 import pytest
-from dagster_gcp import BigQueryResource
 
 from twotower_assets.warehouse.bigquery import BigQueryWarehouse
 
-from .emulator import PROJECT, Emulator, start_emulator
+from .emulator import Emulator, emulator_warehouse, start_emulator
 
 
 @pytest.fixture(scope="session")
@@ -15,15 +12,6 @@ def bq_emulator(tmp_path_factory) -> Emulator:
     emulator = start_emulator(tmp_path_factory.mktemp("bqemulator"))
     yield emulator
     emulator.stop()
-
-
-def emulator_warehouse(emulator: Emulator, dataset: str | None = None, **fields) -> BigQueryWarehouse:
-    return BigQueryWarehouse(
-        bigquery=BigQueryResource(project=PROJECT, location="EU"),
-        dataset=dataset or f"test_{uuid.uuid4().hex[:10]}",
-        endpoint=emulator.endpoint,
-        **fields,
-    )
 
 
 @pytest.fixture

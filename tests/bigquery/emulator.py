@@ -1,6 +1,7 @@
 """Run bqemulator (a DuckDB-backed BigQuery emulator) as a subprocess on free loopback ports.
 
-Used by the test session (conftest.py) and by .ci/bigquery.sh::
+Used by the test session (conftest.py, and ``emulator_warehouse`` for tests that need a
+warehouse of their own on it) and by .ci/bigquery.sh::
 
     python tests/bigquery/emulator.py --workdir DIR --endpoint-file DIR/endpoint
 
@@ -21,8 +22,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from twotower_assets.warehouse.bigquery import BigQueryWarehouse
 
 PROJECT = "twotower-test"
 
@@ -128,6 +134,20 @@ def start_emulator(workdir: Path, project: str = PROJECT, timeout_s: float = 90.
         emulator.stop()
         last_error = emulator.log_tail()
     raise RuntimeError(f"bqemulator did not start; last log lines:\n{last_error}")
+
+
+def emulator_warehouse(emulator: Emulator, dataset: str | None = None, **fields) -> BigQueryWarehouse:
+    """The project's BigQuery warehouse on ``emulator``, in a dataset of its own unless one is given."""
+    from dagster_gcp import BigQueryResource
+
+    from twotower_assets.warehouse.bigquery import BigQueryWarehouse
+
+    return BigQueryWarehouse(
+        bigquery=BigQueryResource(project=PROJECT, location="EU"),
+        dataset=dataset or f"test_{uuid.uuid4().hex[:10]}",
+        endpoint=emulator.endpoint,
+        **fields,
+    )
 
 
 def main() -> None:

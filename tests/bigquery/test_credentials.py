@@ -33,12 +33,13 @@ from urllib.parse import parse_qs
 
 import dagster as dg
 import pytest
-from conftest import materialize_all
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster_shared.serdes import serialize_value
-from test_security import _stop_group, free_port, listening_addresses
+
+from helpers.graph import materialize_all
+from helpers.processes import free_port, listening_addresses, stop_group
 
 from .emulator import PROJECT
 
@@ -107,7 +108,7 @@ def start_mlflow_server(tmp: Path) -> tuple[subprocess.Popen, int]:
                 return process, port
         except OSError:
             time.sleep(0.5)
-    _stop_group(process)
+    stop_group(process)
     raise RuntimeError("mlflow server did not start:\n" + (tmp / "mlflow_server.log").read_text()[-3000:])
 
 
@@ -219,7 +220,7 @@ def test_credentials_are_used_and_never_logged_stored_or_shown(bq_emulator, tmp_
         # The search itself works: the secrets are found where they were put.
         assert find_secrets({"env": json.dumps(environment)}, secrets)
     finally:
-        _stop_group(mlflow_process)
+        stop_group(mlflow_process)
         token_server.stop()
 
 

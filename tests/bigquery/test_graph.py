@@ -7,17 +7,17 @@ import uuid
 import dagster as dg
 import pyarrow as pa
 import pytest
-from conftest import TINY_PARTITION, failure_text, make_resources, materialize_all, tiny_run_config
 from dagster._core.definitions.observe import observe  # what the UI's 'Observe' runs; not exported
 from google.cloud import bigquery
 
+from helpers.graph import TINY_PARTITION, failure_text, make_resources, materialize_all, tiny_run_config
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
 from twotower_assets.lib import layout
 from twotower_assets.defs.resources import default_warehouse
 from twotower_assets.defs.splits.assets import split_tables
 from twotower_assets.lib.layout import SIMILAR_ITEMS
 
-from .conftest import emulator_warehouse
+from .emulator import emulator_warehouse
 
 TRAIN_DATE = dt.date.fromisoformat(TINY_PARTITION)
 REPUBLISHED = [

@@ -1,4 +1,4 @@
-"""History features (issue 16) in BigQuery's SQL, run on the emulator: the same as DuckDB's."""
+"""History features in BigQuery's SQL, run on the emulator: the same as DuckDB's."""
 
 import datetime as dt
 

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from google.cloud import bigquery
-from conftest import sigkill_once_started
 
+from helpers.processes import sigkill_once_started
 from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticSpec, generate_click_events
 from twotower_assets.defs.publishing.embeddings import history_rows, history_schema
 from twotower_assets.warehouse.bigquery import BigQueryWarehouse, normalise_endpoint

@@ -24,8 +24,8 @@ from typing import Iterator
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PARTITION
-from test_dagster_dev import free_port
+from helpers.graph import REPO, TINY_PARTITION
+from helpers.processes import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
