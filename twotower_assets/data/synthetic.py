@@ -16,10 +16,10 @@ recommender (``CLICK_EVENT_SCHEMA``), with learnable structure:
   (that interest at ``WEEKLY_INTEREST_RATE``, else a fresh draw); ``SESSION_RATE`` of the
   user's events of the day are in the session's subcategory. Sessions are drawn like events,
   so each user's overall mix of categories is what it was; only the order carries more. What a
-  model that knew the generator could gain (``python -m bench.history_signal``, quickstart sizes,
-  ``docs/benchmarks.md``): the category of a user's next event is the previous event's for
-  71.9% of events (51.6% without sessions) against 66.5% for the user's overall top category;
-  for the subcategory 58.4% (28.6% without) against 48.6%.
+  model that knew the generator could gain (measured at quickstart sizes, ``docs/benchmarks.md``):
+  the category of a user's next event is the previous event's for 71.9% of events (51.6%
+  without sessions) against 66.5% for the user's overall top category; for the subcategory
+  58.4% (28.6% without) against 48.6%.
 
 Everything is derived from ``spec.seed``: the user and item universes depend
 only on the seed and the universe sizes (users, items, categories,
