@@ -8,12 +8,13 @@ config, an untrained model: the cost of a forward pass does not depend on the we
 2. **Warehouse write**: the embedding history rows (``history_rows``, what the publishing
    assets write: FLOAT64 REPEATED, run ids, date) through ``WarehouseResource.replace_partition``
    into DuckDB: rows/second, and the same rows at ``--bq-rows`` into the BigQuery emulator
-   (bqemulator, when ``twotower_assets/warehouse/bigquery.py`` and the emulator are present).
+   (bqemulator, started by ``bench._bqemulator``; skipped when the ``test`` extra, which
+   installs it, is not).
 3. **Baseline**: a plain numpy + pyarrow write of the same arrays (ids + float32 vectors to a
    Parquet file). The ratio warehouse / plain says what the warehouse path costs.
 
-    python bench/embeddings_export.py
-    python bench/embeddings_export.py --users 100000 --items 20000 --bq-rows 5000
+    python -m bench.embeddings_export
+    python -m bench.embeddings_export --users 100000 --items 20000 --bq-rows 5000
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RssSampler, load_average, markdown_table, print_header  # noqa: E402
+from bench._common import RssSampler, load_average, markdown_table, print_header
 
-import twotower_assets  # noqa: E402,F401  (TF environment switches)
+import twotower_assets  # noqa: F401  (TF environment switches)
 
 TRAIN_DATE = dt.date(2026, 6, 1)
 SUMMARY = {"mlflow_run_id": "bench-run", "mlflow_experiment_name": "bench", "mlflow_run_name": "bench"}
@@ -63,6 +63,12 @@ def plain_write(ids: np.ndarray, vectors: np.ndarray, path: Path) -> None:
     pq.write_table(table, path)
 
 
+def emulator_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) for name in ("bqemulator", "duckdb_extension_spatial"))
+
+
 def timed(function) -> float:
     started = time.perf_counter()
     function()
@@ -83,10 +89,11 @@ def main() -> int:
     from twotower_assets.defs.publishing.embeddings import history_rows, history_schema
     from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, load_blocks, save_dataset
     from twotower_assets.model.features import load_feature_config
+    from twotower_assets.model.recipes import load_recipe
     from twotower_assets.model.training import TrainingParams, build_model, tower_outputs
     from twotower_assets.warehouse.duckdb import DuckDBWarehouse
 
-    print_header("Embedding extraction and export", "python bench/embeddings_export.py " + " ".join(sys.argv[1:]))
+    print_header("Embedding extraction and export", "python -m bench.embeddings_export " + " ".join(sys.argv[1:]))
     work = Path(tempfile.mkdtemp(prefix="twotower-export-"))
     config = load_feature_config("default-features")
     users, items = feature_tables(args.users, args.items)
@@ -101,7 +108,8 @@ def main() -> int:
     builder = FeatureStatsBuilder(config)
     for batch in pairs.to_batches(max_chunksize=65_536):
         builder.update(batch)
-    model = build_model(config, builder.build(), TrainingParams(embedding_size=args.embedding_size))
+    params = TrainingParams(recipe=load_recipe("production", {"towers": {"embedding_size": args.embedding_size}}))
+    model = build_model(config, builder.build(), params)
     save_dataset(users.to_batches(max_chunksize=65_536), user_kinds, work / "users")
     save_dataset(items.to_batches(max_chunksize=65_536), item_kinds, work / "items")
     print(f"{args.users:,} users, {args.items:,} items, embedding {args.embedding_size}, batches of {args.batch_size:,} rows.\n", flush=True)
@@ -141,11 +149,10 @@ def main() -> int:
         export(warehouse, entity, ids, vectors, "DuckDB (replace_partition)")
 
     bq_note = ""
-    if args.bq_rows and (REPO / "twotower_assets/warehouse/bigquery.py").exists():
-        sys.path.insert(0, str(REPO / "tests" / "bigquery"))
+    if args.bq_rows and emulator_installed():
         from dagster_gcp import BigQueryResource
-        from emulator import PROJECT, start_emulator
 
+        from bench._bqemulator import PROJECT, start_emulator
         from twotower_assets.warehouse.bigquery import BigQueryWarehouse
 
         emulator = start_emulator(work / "bqemulator")
@@ -158,7 +165,7 @@ def main() -> int:
         finally:
             emulator.stop()
     else:
-        bq_note = " BigQuery emulator skipped (no warehouse/bigquery.py or --bq-rows 0)."
+        bq_note = " BigQuery emulator skipped (--bq-rows 0, or bqemulator not installed: the `test` extra)."
 
     print(markdown_table(["step", "rows", "seconds", "rows/s", "x plain write", "peak RSS MB (step)", "load avg"], rows))
     print(f"\n'x plain write' = plain numpy+pyarrow Parquet seconds / warehouse seconds for the same rows (1.00 = as fast).{bq_note}")

@@ -5,18 +5,19 @@ One short script (well under 8 minutes on one GPU machine):
 1. generates the synthetic click events at production size (default 10M events, 1M users,
    200k items), keeps the default-features columns, adds each item's share of rows (logQ),
    builds the feature statistics and saves the training blocks, as ``tf_datasets`` does;
-2. trains the default-features model (embedding 64, batch ``--batch-size``) with
+2. trains the ``production`` model recipe on default-features (embedding 64, batch ``--batch-size``) with
    ``train_two_tower`` for one epoch (a fifth of the rows) on the GPU(s) -- MirroredStrategy
    when several are visible -- in float32 and with mixed precision (bfloat16);
 3. trains the same model on the CPU (a child process with no GPU visible) for
    ``--cpu-steps`` steps, the CPU figure for the same model;
 4. prints examples/second (after ``--warmup`` steps, which include tracing) as a table.
 
-    python bench/gpu_check.py                       # production size
-    python bench/gpu_check.py --events 300000 --users 30000 --items 8000   # a dry run
+    python -m bench.gpu_check                       # production size
+    python -m bench.gpu_check --events 300000 --users 30000 --items 8000   # a dry run
 
-Run through the device tool on a GPU machine:
-    python bench/gpu_check.py 2>&1 | tail -40
+On a GPU machine, from the repository root (the table is in the last lines):
+
+    python -m bench.gpu_check 2>&1 | tail -40
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, machine  # noqa: E402
+from bench._common import REPO, markdown_table, machine
 
 
 def prepare(args, directory: Path) -> dict:
@@ -77,6 +77,7 @@ def train(args, directory: Path, mixed_precision: bool, steps: int | None) -> di
     from twotower_assets.model.datasets import load_blocks
     from twotower_assets.model.features import load_feature_config
     from twotower_assets.model.layers import FeatureStats
+    from twotower_assets.model.recipes import load_recipe
     from twotower_assets.model.training import EPOCH_FRACTION, TrainingParams, train_two_tower
 
     rows = json.loads((directory / "prepared.json").read_text())["rows"]
@@ -103,7 +104,10 @@ def train(args, directory: Path, mixed_precision: bool, steps: int | None) -> di
     result = train_two_tower(
         load_feature_config("default-features"), FeatureStats.load(directory), load_blocks(directory / "training"),
         train_rows, None,
-        TrainingParams(embedding_size=64, batch_size=args.batch_size, epochs=1, seed=42, mixed_precision=mixed_precision),
+        TrainingParams(
+            recipe=load_recipe("production", {"towers": {"embedding_size": 64}, "schedule": {"batch_size": args.batch_size, "epochs": 1}}),
+            seed=42, mixed_precision=mixed_precision,
+        ),
         callbacks=[timer],
     )
     measured = (timer.steps - args.warmup) * args.batch_size
@@ -153,9 +157,9 @@ def main() -> int:
         results.append(train(args, work, mixed, None if gpus else args.cpu_steps))
         print(f"  {results[-1]}", flush=True)
     child = subprocess.run(
-        [sys.executable, __file__, "--cpu-child", "--work", str(work), "--batch-size", str(args.batch_size),
+        [sys.executable, "-m", "bench.gpu_check", "--cpu-child", "--work", str(work), "--batch-size", str(args.batch_size),
          "--warmup", str(min(args.warmup, 5)), "--cpu-steps", str(args.cpu_steps)],
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"}, capture_output=True, text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"}, cwd=REPO, capture_output=True, text=True,
     )
     if child.returncode != 0:
         print(child.stderr[-3000:])

@@ -18,43 +18,35 @@ Side by side, in the same run:
 * ``popularity``: training rating counts.
 * ``ease``: EASE (Steck 2019, closed form); its regulariser is tuned on a validation slice
   (the last 10% of the shuffled training ratings), then refitted on all 80,000.
-* ``two-tower``: this project's towers and training (``twotower_assets.model``: production's
-  in-batch softmax with logQ correction, temperature 0.1, Adam 0.01, batch 1024) on
-  ``configs/movielens-features.json``, early stopping on the same validation slice, then
+* ``two-tower``: this project's model (``twotower_assets.model``, trained through the public
+  ``in_memory`` API) from a model recipe (``--recipe``, default ``movielens``: production's
+  in-batch softmax with logQ correction, temperature 0.1, LazyAdam 0.01, batch 1024, on
+  ``configs/movielens-features.json``), early stopping on the same validation slice, then
   refitted on all 80,000 for the best epoch count. Its query for a rating is the user's
-  features plus ``user_recent_items``: the user's 10 latest *training* ratings strictly before
+  features plus ``user_recent_items``: the user's latest *training* ratings strictly before
   that rating's time (the test rating itself and every other test rating are never inputs).
 * ``two-tower (per user)`` and ``ease (recent-items query)``: the same models with the other
   kind of query, so the effect of the query is visible: one vector per user from all their
-  training ratings, and EASE scored from the same 10 recent items.
+  training ratings, and EASE scored from the same recent items.
 
 Then the project's own evaluation (``twotower_assets.model.metrics``): per test user,
 precision / recall / NDCG at 10, 50, 100 over the full catalogue with training items
 removed, for the model (per-user vectors, as the asset graph serves them) and the random,
 popularity, SVD and EASE baselines, overall and for light vs heavy users.
 
-    .venv/bin/python bench/movielens.py                      # data: ../shared/data/ml-100k
-    .venv/bin/python bench/movielens.py --data ~/ml-100k --out /tmp/movielens-bench
-    .venv/bin/python bench/movielens.py --ablations          # + feature / loss ablations (~2 min each)
-    .venv/bin/python bench/movielens.py --skip-tutorial --recent-encoding history --recent-items 50 \
-        --seeds 42 43 44                                     # issue 16: one vector per user, 3 seeds
+    .venv/bin/python -m bench.movielens --data data/ml-100k
+    .venv/bin/python -m bench.movielens --data data/ml-100k --out /tmp/movielens-bench --ablations
+    .venv/bin/python -m bench.movielens --data data/ml-100k --recipe movielens-one-vector \
+        --skip-tutorial --training-history others --seeds 42 43 44   # one vector per user vs EASE
 
-Two-tower options: ``--recent-encoding history`` makes ``user_recent_items`` a ``history``
-feature (the item ids embedded with the item tower's own id embedding, shared weights, pooled
-by ``--history-pooling mean|sqrtn|attention``; ``--history-dropout P`` leaves out each history id with
-probability P in every training step, the denoising of Mult-DAE) instead of a text feature with its own token table;
-``--recent-items N`` is how many latest training ratings the queries see (training rows: before
-the rating; the one vector per user: at the end of training); ``--mixed-negatives M`` adds M
-uniform catalogue negatives per step (Yang et al. 2020); ``--full-catalog-softmax``,
-``--temperature``, ``--embedding-size``, ``--max-epochs``, ``--learning-rate``, ``--batch-size``;
-``--item-bias`` (a learned score per movie, ``TrainingParams.item_bias``); ``--user-head`` and
-``--item-head`` (``mlp``, ``dense_tanh``, ``dense_tanh_residual`` or ``none``: ``TrainingParams.user_head``/``item_head``);
-``--weight-averaging M`` (validate and keep a moving average of the weights, momentum M:
-``TrainingParams.weight_averaging``);
-``--reduce-lr-patience``, ``--early-stopping-patience``, ``--min-delta`` (the tuning run's
-schedule; the log shows its validation loss and learning rate per epoch); ``--item-id-size`` and
-``--user-id-size`` (the id embeddings' sizes). ``--seeds`` trains once per seed and
-prints the per-user metrics as mean ± sample standard deviation [min, max] beside EASE.
+The model is a recipe (``--recipe``: a name in configs/models/ or a YAML file; its ``features``
+name the feature config, default ``movielens-features``), with ``--set section.field=value``
+overrides (``--set schedule.epochs=20 --set task.temperature=0.2``). The bench's own options
+are its protocol: ``--recent-items N`` (how many latest training ratings the queries see;
+default: the recipe's history feature's length, else 10) and ``--training-history causal|others``
+(a training rating's query: the ratings strictly before it, or the user's other training
+ratings, the one-vector-per-user setting); ``--seeds`` trains once per seed and prints the
+per-user metrics as mean ± sample standard deviation [min, max] beside EASE.
 
 ``--data`` takes GroupLens's u.data/u.user/u.item or RecBole's ml-100k.inter/.user/.item.
 ``--out`` writes results.json, metrics.csv and the plots (PNG).
@@ -69,29 +61,26 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import machine  # noqa: E402
+import twotower_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import pyarrow as pa
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+import yaml
 
-import twotower_assets  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-import pyarrow as pa  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_recommenders as tfrs  # noqa: E402
+from bench._common import machine
+from twotower_assets.data.movielens import click_event_table, load_movielens, recent_items
+from twotower_assets.model import in_memory, metrics, plots, topk
+from twotower_assets.model.features import FeatureConfig, load_feature_config, parse_feature_config
+from twotower_assets.model.recipes import ModelRecipe, load_recipe
+from twotower_assets.model.training import TrainingParams
 
-from twotower_assets.data.movielens import click_event_table, load_movielens, recent_items  # noqa: E402
-from twotower_assets.model import metrics, plots, topk  # noqa: E402
-from twotower_assets.model.datasets import FeatureStatsBuilder, batch_to_features, feature_kinds  # noqa: E402
-from twotower_assets.model.features import HistoryPooling, load_feature_config, parse_feature_config  # noqa: E402
-from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN, TOWER_HEADS  # noqa: E402
-from twotower_assets.model.training import TrainingParams, train_two_tower  # noqa: E402
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+DEFAULT_DATA = Path("data") / "ml-100k"
+DEFAULT_FEATURES = "movielens-features"
 KS = (1, 5, 10, 50, 100)
 PROJECT_KS = (10, 50, 100)
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0)
@@ -296,13 +285,8 @@ def tutorial_model(split: Split, index: Index, epochs: int) -> tuple[np.ndarray,
 
 
 def ease_weights(train: sp.csr_matrix, regulariser: float) -> np.ndarray:
-    """EASE's item-item weights B (Steck 2019): B = I - P diagMat(1/diag(P)), P = (X'X + lambda I)^-1."""
-    gram = (train.T @ train).toarray().astype(np.float64)
-    gram[np.diag_indices_from(gram)] += regulariser
-    inverse = np.linalg.inv(gram)
-    weights = -inverse / np.diag(inverse)
-    np.fill_diagonal(weights, 0.0)
-    return weights.astype(np.float32)
+    """EASE's item-item weights (the product's :func:`metrics.ease_item_weights`), float32."""
+    return metrics.ease_item_weights(train, regulariser).astype(np.float32)
 
 
 def tune_ease(split: Split, index: Index) -> tuple[float, list[dict]]:
@@ -323,123 +307,61 @@ def tune_ease(split: Split, index: Index) -> tuple[float, list[dict]]:
 
 @dataclass(frozen=True)
 class TowerSetup:
-    """What the project's model is trained with in this bench (see docs/benchmarks-movielens.md)."""
+    """The project's model in this bench: a recipe, and the protocol's queries."""
 
-    config_name: str = "movielens-features"
+    recipe: ModelRecipe
+    seed: int = SEED
+    # How many of the user's latest training ratings a query sees.
     recent_items: int = 10
-    # text: user_recent_items is a text feature (its own token table, configs/movielens-features);
-    # history: a history feature over the same column, sharing the item tower's id embedding.
-    recent_encoding: str = "text"
-    history_pooling: str = "mean"
-    # Share of the history's ids left out at random in each training step (0: none).
-    history_dropout: float = 0.0
     # causal: a training rating's query sees the user's ratings strictly before it (next-item);
     # others: the user's latest training ratings at the end of training, minus its own item.
     training_history: str = "causal"
-    full_catalog_softmax: bool = False
-    params: TrainingParams = TrainingParams(
-        embedding_size=64, batch_size=1024, epochs=100, learning_rate=0.01, seed=SEED, temperature=0.1,
-        reduce_lr_patience=2, early_stopping_patience=10,
-    )
+    # Feature config features left out (ablations).
     drop_features: tuple[str, ...] = ()
-    # The user id embedding's size (None: the config's). The id feature cannot be dropped (it
-    # names the user), but a size of 1 leaves the tower almost nothing to memorise a user by.
-    user_id_size: int | None = None
-    # The movie id embedding's size (None: the config's); a history feature shares it.
-    item_id_size: int | None = None
+
+    @property
+    def features(self) -> FeatureConfig:
+        config = load_feature_config(self.recipe.features or DEFAULT_FEATURES)
+        if not self.drop_features:
+            return config
+        raw = json.loads(config.model_dump_json())
+        for tower in ("user_embedding_layers", "item_embedding_layers"):
+            raw[tower] = {k: v for k, v in raw[tower].items() if k not in self.drop_features}
+        raw.pop("name")
+        return parse_feature_config(raw, name=config.name, source="bench ablation")
 
     def describe(self) -> str:
-        p = self.params
-        loss = "exact softmax over all movies" if self.full_catalog_softmax else "in-batch softmax + logQ"
-        if p.mixed_negatives:
-            loss += f" + {p.mixed_negatives} uniform catalogue negatives (mixed)"
-        if p.item_bias:
-            loss += ", item bias"
-        if (p.user_head, p.item_head) != ("mlp", "mlp"):
-            loss += f", heads user {p.user_head} / item {p.item_head}"
-        if p.weight_averaging:
-            loss += f", weight averaging {p.weight_averaging:g}"
         dropped = f", without {list(self.drop_features)}" if self.drop_features else ""
-        if self.user_id_size is not None:
-            dropped += f", user_id embedding {self.user_id_size}"
-        if self.item_id_size is not None:
-            dropped += f", item_id embedding {self.item_id_size}"
-        recent = (
-            f"history ({self.history_pooling}, dropout {self.history_dropout:g}, shared item id embedding)"
-            if self.recent_encoding == "history" else "text"
-        )
+        fields = ", ".join(f"{k} {v}" for k, v in self.recipe.params().items() if k not in ("name", "description"))
         return (
-            f"{self.config_name}{dropped}; {loss}; E={p.embedding_size}, temperature {p.temperature}, "
-            f"{p.optimizer} {p.learning_rate} (halved after {p.reduce_lr_patience} epochs without progress), "
-            f"seed {p.seed}, batch {p.batch_size}, max epochs {p.epochs} (early stopping: patience "
-            f"{p.early_stopping_patience}, min delta {p.min_delta:g}), "
-            f"recent items {self.recent_items} as {recent}, training rows see {self.training_history} ratings"
+            f"recipe {self.recipe.name} ({fields}){dropped}; seed {self.seed}; recent items {self.recent_items}, "
+            f"training rows see {self.training_history} ratings"
         )
 
 
-def _feature_config(setup: TowerSetup):
-    config = load_feature_config(setup.config_name)
-    if (not setup.drop_features and setup.recent_encoding == "text" and setup.user_id_size is None
-            and setup.item_id_size is None):
-        return config
-    raw = json.loads(config.model_dump_json())
-    if setup.user_id_size is not None:
-        raw["user_embedding_layers"]["user_id"]["embedding_size"] = setup.user_id_size
-    if setup.item_id_size is not None:
-        raw["item_embedding_layers"]["item_id"]["embedding_size"] = setup.item_id_size
-    for tower in ("user_embedding_layers", "item_embedding_layers"):
-        raw[tower] = {k: v for k, v in raw[tower].items() if k not in setup.drop_features}
-    if setup.recent_encoding == "history" and "user_recent_items" in raw["user_embedding_layers"]:
-        # Same column, same place in the concatenation; the history shares item_id's embedding.
-        raw["user_embedding_layers"]["user_recent_items"] = {
-            "type": "history", "embedding_size": raw["item_embedding_layers"]["item_id"]["embedding_size"],
-            "pooling": setup.history_pooling, "length": setup.recent_items, "dropout": setup.history_dropout,
-        }
-    raw.pop("name")
-    return parse_feature_config(raw, name=f"{config.name}-variant", source="bench variant")
+def default_recent_items(recipe: ModelRecipe) -> int:
+    """The length of the recipe's history feature, if its features have one; else 10."""
+    config = load_feature_config(recipe.features or DEFAULT_FEATURES)
+    lengths = [spec.history_length for spec in config.history_features.values()]
+    return lengths[0] if lengths else 10
 
 
-def _examples(frame: pd.DataFrame, kinds: dict, counts: pd.Series, total: int) -> tuple[dict, pa.RecordBatch]:
-    frame = frame.copy()
-    frame[SAMPLING_PROBABILITY_COLUMN] = frame["item_id"].map(counts).fillna(1.0).to_numpy() / total
-    columns = [*kinds, SAMPLING_PROBABILITY_COLUMN]
-    batch = pa.Table.from_pandas(frame[columns], preserve_index=False).combine_chunks().to_batches()[0]
-    return batch_to_features(batch, {**kinds, SAMPLING_PROBABILITY_COLUMN: "number"}), batch
+def _table(frame: pd.DataFrame, config: FeatureConfig) -> pa.Table:
+    columns = [c for c in dict.fromkeys([*config.user_columns, *config.item_columns]) if c in frame.columns]
+    return pa.Table.from_pandas(frame[columns], preserve_index=False)
 
 
-def _train(setup: TowerSetup, config, train: pd.DataFrame, validation: pd.DataFrame | None, catalog_frame, params):
-    kinds = feature_kinds(config)
-    counts = train["item_id"].value_counts()
-    features, batch = _examples(train, kinds, counts, len(train))
-    stats_builder = FeatureStatsBuilder(config)
-    stats_builder.update(batch)
-    stats = stats_builder.build()
-    validation_data = (
-        tf.data.Dataset.from_tensor_slices(_examples(validation, kinds, counts, len(train))[0])
-        if validation is not None
-        else None
+def _train(setup: TowerSetup, config: FeatureConfig, train: pd.DataFrame, validation: pd.DataFrame | None,
+           catalog_frame: pd.DataFrame, recipe: ModelRecipe) -> in_memory.FittedModel:
+    """The product's training through the public API; the catalogue is every movie."""
+    return in_memory.fit(
+        config, _table(train, config), _table(validation, config) if validation is not None else None,
+        TrainingParams(recipe=recipe, seed=setup.seed),
+        catalog=pa.Table.from_pandas(catalog_frame[config.item_columns], preserve_index=False),
+        # The tutorial protocol's validation slice as measured in docs/benchmarks-movielens.md:
+        # val_loss counts the user's training items as negatives.
+        seen_pairs=None,
     )
-    item_kinds = {c: kinds[c] for c in config.item_columns}
-    catalog_batch = pa.Table.from_pandas(catalog_frame[list(item_kinds)], preserve_index=False).combine_chunks()
-    catalog = batch_to_features(catalog_batch.to_batches()[0], item_kinds)
-    result = train_two_tower(
-        config,
-        stats,
-        tf.data.Dataset.from_tensor_slices(features),
-        len(train),
-        validation_data,
-        params,
-        catalog=catalog if setup.full_catalog_softmax or params.mixed_negatives else None,
-    )
-    return result, kinds, catalog
-
-
-def _tower_vectors(tower, frame: pd.DataFrame, kinds: dict, columns: list[str]) -> np.ndarray:
-    wanted = {c: kinds[c] for c in columns}
-    batch = pa.Table.from_pandas(frame[list(wanted)], preserve_index=False).combine_chunks().to_batches()[0]
-    features = batch_to_features(batch, wanted)
-    dataset = tf.data.Dataset.from_tensor_slices(features).batch(4096)
-    return np.concatenate([tower(b, training=False).numpy() for b in dataset])
 
 
 @dataclass
@@ -457,7 +379,7 @@ class TowerRun:
 def two_tower(split: Split, index: Index, setup: TowerSetup) -> TowerRun:
     """Early stopping on the validation slice, then a refit on all training ratings."""
     started = time.perf_counter()
-    config = _feature_config(setup)
+    config = setup.features
     k = setup.recent_items
     if setup.training_history == "others":
         fit = with_other_items(split.fit, split.fit, k)
@@ -465,7 +387,7 @@ def two_tower(split: Split, index: Index, setup: TowerSetup) -> TowerRun:
     else:
         fit = with_recent(split.fit, split.fit, k)
         validation = with_recent(split.validation, split.fit, k)
-    tuned, _, _ = _train(setup, config, fit, validation, split.items, setup.params)
+    tuned = _train(setup, config, fit, validation, split.items, setup.recipe).result
     val_losses = tuned.history.get("val_loss", [])
     best_epochs = int(np.argmin(val_losses)) + 1 if val_losses else tuned.epochs_run
     log(f"two-tower [{setup.describe()}]: best validation epoch {best_epochs} of {tuned.epochs_run}")
@@ -473,27 +395,28 @@ def two_tower(split: Split, index: Index, setup: TowerSetup) -> TowerRun:
     log("learning rate by epoch: " + " ".join(f"{v:.2g}" for v in tuned.history.get("lr", [])))
     train = with_other_items(split.train, split.train, k) if setup.training_history == "others" else with_recent(
         split.train, split.train, k)
-    final, kinds, _ = _train(
-        setup, config, train, None, split.items, setup.params.model_copy(update={"epochs": best_epochs})
-    )
-    model = final.model
+    refit = _train(setup, config, train, None, split.items,
+                   setup.recipe.with_overrides({"schedule": {"epochs": best_epochs}}))
+    final = refit.result
     test = with_recent(split.test, split.train, k)
     users = pd.DataFrame({"user_id": split.users}).merge(
         split.train.drop_duplicates("user_id"), on="user_id", how="left"
     )
     users = with_recent(users, split.train, k, at_end=True)
-    user_columns = config.user_columns
+    def vectors(tower: str, frame: pd.DataFrame) -> np.ndarray:
+        return in_memory.tower_vectors(refit, tower, _table(frame, config))
+
     # A user's taste over their whole timeline: the mean of the queries of their training ratings.
-    train_queries = _tower_vectors(model.user_tower, train, kinds, user_columns)
+    train_queries = vectors("user", train)
     rows = pd.Series(np.arange(len(split.users)), index=split.users)[train["user_id"].to_numpy()].to_numpy()
     sums = np.zeros((len(split.users), train_queries.shape[1]), np.float64)
     np.add.at(sums, rows, train_queries)
     mean_vectors = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     return TowerRun(
-        test_queries=_tower_vectors(model.user_tower, test, kinds, user_columns),
-        user_vectors=_tower_vectors(model.user_tower, users, kinds, user_columns),
+        test_queries=vectors("user", test),
+        user_vectors=vectors("user", users),
         user_mean_vectors=mean_vectors,
-        item_vectors=_tower_vectors(model.item_tower, split.items, kinds, config.item_columns),
+        item_vectors=vectors("item", split.items),
         history_tune=tuned.history,
         history_final=final.history,
         best_epochs=best_epochs,
@@ -550,6 +473,21 @@ def seeds_table(per_seed: pd.DataFrame, project: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def parse_overrides(assignments: list[str]) -> dict:
+    """``["schedule.epochs=20", "task.negatives.kind=full_catalog"]`` as the recipe's nested shape."""
+    overrides: dict = {}
+    for assignment in assignments:
+        path, separator, value = assignment.partition("=")
+        if not separator or not path:
+            raise SystemExit(f"--set takes SECTION.FIELD=VALUE, not {assignment!r}")
+        *sections, field = path.split(".")
+        target = overrides
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[field] = yaml.safe_load(value)
+    return overrides
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MovieLens 100K directory (either layout)")
@@ -561,51 +499,19 @@ def main() -> int:
     parser.add_argument("--ablations", action="store_true", help="also train the feature / loss ablations")
     parser.add_argument("--training-seed", type=int, default=SEED,
                         help="seed of the two-tower training only (the split stays seeded with 42)")
-    parser.add_argument("--optimizer", choices=["lazy_adam", "adam"], default=TrainingParams().optimizer,
-                        help="the two-tower's optimizer (TrainingParams.optimizer)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="train the two-tower once per seed and print mean ± spread (default: --training-seed)")
-    parser.add_argument("--recent-items", type=int, default=TowerSetup.recent_items,
-                        help="how many of the user's latest training ratings the query sees")
-    parser.add_argument("--recent-encoding", choices=["text", "history"], default="text",
-                        help="user_recent_items as a text feature, or a history feature sharing item_id's embedding")
-    parser.add_argument("--history-pooling", choices=get_args(HistoryPooling), default="mean")
-    parser.add_argument("--item-id-size", type=int, default=None,
-                        help="the movie id embedding's size (a history feature shares it); default: the config's")
-    parser.add_argument("--item-bias", action="store_true",
-                        help="a learned score per movie beside the cosine (TrainingParams.item_bias)")
-    parser.add_argument("--user-head", choices=TOWER_HEADS, default="mlp",
-                        help="the user tower's head (TrainingParams.user_head)")
-    parser.add_argument("--item-head", choices=TOWER_HEADS, default="mlp",
-                        help="the item tower's head (TrainingParams.item_head)")
-    parser.add_argument("--weight-averaging", type=float, default=0.0,
-                        help="momentum of the weights' moving average (TrainingParams.weight_averaging; 0: off)")
-    parser.add_argument("--learning-rate", type=float, default=TowerSetup().params.learning_rate)
-    parser.add_argument("--reduce-lr-patience", type=int, default=TowerSetup().params.reduce_lr_patience,
-                        help="epochs without improvement before the learning rate is halved (a large value: never)")
-    parser.add_argument("--early-stopping-patience", type=int, default=TowerSetup().params.early_stopping_patience,
-                        help="epochs without improvement of the validation loss before the tuning run stops")
-    parser.add_argument("--min-delta", type=float, default=TowerSetup().params.min_delta,
-                        help="the smallest decrease of the validation loss that counts as an improvement")
-    parser.add_argument("--batch-size", type=int, default=TowerSetup().params.batch_size)
-    parser.add_argument("--history-dropout", type=float, default=0.0,
-                        help="with --recent-encoding history: share of history ids left out per training step")
+    parser.add_argument("--recipe", default="movielens",
+                        help="the two-tower's model recipe: a name in configs/models/ or a YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a recipe field, e.g. --set schedule.epochs=20 (repeatable; YAML values)")
+    parser.add_argument("--recent-items", type=int, default=None,
+                        help="how many of the user's latest training ratings the query sees "
+                        "(default: the recipe's history feature's length, else 10)")
     parser.add_argument("--training-history", choices=["causal", "others"], default="causal",
                         help="a training rating's recent items: those strictly before it, or the user's latest "
                         "training ratings at the end of training without the rating itself (with_other_items)")
-    parser.add_argument("--mixed-negatives", type=int, default=0,
-                        help="uniform catalogue negatives per step beside the in-batch ones (Yang et al. 2020)")
-    parser.add_argument("--full-catalog-softmax", action="store_true", help="exact softmax over all movies")
-    parser.add_argument("--temperature", type=float, default=TowerSetup().params.temperature)
-    parser.add_argument("--embedding-size", type=int, default=TowerSetup().params.embedding_size,
-                        help="the towers' output size (the feature embeddings keep the config's sizes)")
-    parser.add_argument("--max-epochs", type=int, default=TowerSetup().params.epochs,
-                        help="upper bound of the early-stopped run (an epoch is a fifth of the ratings)")
     parser.add_argument("--skip-tutorial", action="store_true", help="do not train the TFRS tutorial model")
-    parser.add_argument("--user-id-size", type=int,
-                        help="the user_id embedding's size (default: the config's; 1 all but removes it)")
-    parser.add_argument("--drop-features", nargs="+", default=[], metavar="FEATURE",
-                        help="train the two-tower without these config features (not the id features)")
     args = parser.parse_args()
     seeds = args.seeds or [args.training_seed]
 
@@ -645,25 +551,14 @@ def main() -> int:
     dense_train = train_matrix.toarray()
     results["ease"] = both_countings(dense_train[test_users], weights.T, test_items, seen_rows)
 
+    recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
     setup = TowerSetup(
-        recent_items=args.recent_items, recent_encoding=args.recent_encoding, history_pooling=args.history_pooling,
-        history_dropout=args.history_dropout, drop_features=tuple(args.drop_features),
-        user_id_size=args.user_id_size, item_id_size=args.item_id_size,
-        training_history=args.training_history,
-        full_catalog_softmax=args.full_catalog_softmax,
+        recipe=recipe, seed=seeds[0], training_history=args.training_history,
+        recent_items=args.recent_items if args.recent_items is not None else default_recent_items(recipe),
     )
-    setup = replace(setup, params=setup.params.model_copy(update={
-        "seed": seeds[0], "optimizer": args.optimizer, "mixed_negatives": args.mixed_negatives,
-        "temperature": args.temperature, "embedding_size": args.embedding_size, "epochs": args.max_epochs,
-        "item_bias": args.item_bias, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-        "user_head": args.user_head, "item_head": args.item_head, "reduce_lr_patience": args.reduce_lr_patience,
-        "early_stopping_patience": args.early_stopping_patience, "min_delta": args.min_delta,
-        "weight_averaging": args.weight_averaging,
-    }))
     towers = {}
     for seed in seeds:
-        seeded = replace(setup, params=setup.params.model_copy(update={"seed": seed}))
-        towers[seed] = timed(f"two-tower seed {seed}", two_tower, split, index, seeded)
+        towers[seed] = timed(f"two-tower seed {seed}", two_tower, split, index, replace(setup, seed=seed))
     tower = towers[seeds[0]]
     results["two-tower"] = both_countings(tower.test_queries, tower.item_vectors, test_items, seen_rows)
     results["two-tower (per user, latest query)"] = both_countings(
@@ -681,12 +576,13 @@ def main() -> int:
     results["ease (recent-items query)"] = both_countings(recent_matrix.toarray(), weights.T, test_items, seen_rows)
 
     ablations = {}
+    full_softmax = recipe.with_overrides({"task": {"negatives": {"kind": "full_catalog"}}})
     if args.ablations:
         for name, variant in {
-            "two-tower, exact softmax over all movies": replace(setup, full_catalog_softmax=True),
+            "two-tower, exact softmax over all movies": replace(setup, recipe=full_softmax),
             "two-tower, no user_recent_items": replace(setup, drop_features=("user_recent_items",)),
             "two-tower, exact softmax, no user_recent_items": replace(
-                setup, full_catalog_softmax=True, drop_features=("user_recent_items",)
+                setup, recipe=full_softmax, drop_features=("user_recent_items",)
             ),
         }.items():
             run = timed(name, two_tower, split, index, variant)
@@ -727,7 +623,7 @@ def main() -> int:
     seconds["project evaluation"] = time.perf_counter() - t0
     total = time.perf_counter() - started
 
-    command = "python bench/movielens.py" + "".join(f" {a}" for a in sys.argv[1:])
+    command = "python -m bench.movielens" + "".join(f" {a}" for a in sys.argv[1:])
     print("## MovieLens 100K: TFRS basic-retrieval protocol\n")
     print(f"Machine at start: {machine_at_start}  ")
     print(f"Machine at end: {machine()}  ")
@@ -768,7 +664,7 @@ def main() -> int:
         "seen removed top-10 >= EASE": results["two-tower"]["seen_removed"][10] >= results["ease"]["seen_removed"][10],
         "seen removed top-100 >= EASE": results["two-tower"]["seen_removed"][100] >= results["ease"]["seen_removed"][100],
     }
-    # Issue 16's target: one vector per user, mean over the seeds at least EASE's.
+    # One vector per user: the mean over the seeds at least EASE's.
     seed_all = per_seed_metrics[per_seed_metrics["segment"] == "all"]
     ease_all = project[(project["segment"] == "all") & (project["model"] == "ease")].set_index("k")
     for query in ("latest query", "mean query"):

@@ -1,16 +1,18 @@
 """The default synthetic data set end to end: wall time and peak RSS per asset, training
 examples/second, and the model against the popularity baseline.
 
-Runs ``bench/scale.py`` (one ``dagster asset materialize`` process per asset, peak RSS of
+Runs ``python -m bench.scale`` (one ``dagster asset materialize`` process per asset, peak RSS of
 each process) on the quickstart's data set and run config, then reads the trained model's
 summary and metrics. The ``(imports only)`` row is the baseline every step pays (Python,
 Dagster, TensorFlow); the last table compares the model's recall with popularity's as a ratio.
 
-    python bench/pipeline.py
+    python -m bench.pipeline
+    python -m bench.pipeline --home /tmp/pipeline-bench   # keep the data somewhere else
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -20,8 +22,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PYTHON, REPO, markdown_table  # noqa: E402
+from bench._common import PYTHON, REPO, markdown_table
 
 PARTITION = "2026-06-01"
 SOURCE = {"num_users": 2000, "num_items": 1000, "num_events": 100_000, "days": 120,
@@ -29,13 +30,17 @@ SOURCE = {"num_users": 2000, "num_items": 1000, "num_events": 100_000, "days": 1
 
 
 def main() -> int:
-    home = Path(tempfile.gettempdir()) / "twotower-pipeline-bench"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "twotower-pipeline-bench"),
+                        help="where the data, models and logs are written (emptied first)")
+    args = parser.parse_args()
+    home = Path(args.home)
     run_config = yaml.safe_load((REPO / "configs/run/quickstart.yaml").read_text())
     run_config["ops"]["click_events"] = {"config": SOURCE}
     config_path = Path(tempfile.mkstemp(suffix=".yaml")[1])
     config_path.write_text(yaml.safe_dump(run_config))
     completed = subprocess.run(
-        [PYTHON, str(REPO / "bench/scale.py"), "--run-config", str(config_path), "--home", str(home)],
+        [PYTHON, "-m", "bench.scale", "--run-config", str(config_path), "--home", str(home)],
         cwd=REPO,
     )
     model_dir = home / "artifacts/two_tower_model" / PARTITION

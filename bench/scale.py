@@ -7,8 +7,8 @@ TWOTOWER_HOME / DAGSTER_HOME. The process's peak resident memory comes from ``os
 including the ~0.5-0.9 GB every process pays for Python + Dagster + TensorFlow (measured
 in the first row, ``(imports only)``). Target: every step under 8 GB on 2 CPU cores.
 
-    python bench/scale.py                                   # 10M events, 1M users, 200k items
-    python bench/scale.py --events 1000000 --users 100000 --items 20000   # a quicker try
+    python -m bench.scale                                   # 10M events, 1M users, 200k items
+    python -m bench.scale --events 1000000 --users 100000 --items 20000   # a quicker try
 
 Sizes default to ``configs/run/production-scale.yaml``; the flags override the source size.
 Keeps its data under --home (default /tmp/twotower-scale) for a look afterwards.
@@ -27,8 +27,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PYTHON, REPO, markdown_table, print_header, run_measured  # noqa: E402
+from bench._common import PYTHON, REPO, markdown_table, print_header, run_measured
 
 TARGET_PEAK_MB = 8 * 1024
 PARTITION = "2026-06-01"
@@ -106,7 +105,7 @@ def main() -> int:
     env = {**os.environ, "TWOTOWER_HOME": str(home), "DAGSTER_HOME": str(home / "dagster_home")}
     env.pop("TWOTOWER_WAREHOUSE", None)
 
-    command = "python bench/scale.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.scale " + " ".join(sys.argv[1:])
     print_header("Whole graph at scale: per-asset peak RSS and wall time", command.strip())
     print(
         f"Source: {source['num_events']:,} events, {source['num_users']:,} users, "

@@ -23,9 +23,9 @@ exact's queries/s). LanceDB runs its share of a search on its own thread pool, w
 calling-thread count limits; the CPU milliseconds per query (process CPU time over the
 timed section) are printed beside every rate so that the rates can be compared per core.
 
-    python bench/serving.py                      # 200,000 x 64, 2,000 queries, defaults
-    python bench/serving.py --sweep              # the grid the defaults were chosen from
-    python bench/serving.py --items 20000 --queries 500 --nprobes 30
+    python -m bench.serving                      # 200,000 x 64, 2,000 queries, defaults
+    python -m bench.serving --sweep              # the grid the defaults were chosen from
+    python -m bench.serving --items 20000 --queries 500 --nprobes 30
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_average, markdown_table, print_header  # noqa: E402
+from bench._common import load_average, markdown_table, print_header
 
-from twotower_assets.serving.ann_index import ItemIndex  # noqa: E402
+from twotower_assets.serving.ann_index import ItemIndex
 
 EXACT_BLOCK = 64
 """Queries per matmul block of the exact baseline: the fastest of 8..1024 on this machine
@@ -266,7 +265,7 @@ def main() -> int:
     args = parser.parse_args()
 
     title = "ANN item index (LanceDB) sweep" if args.sweep else "ANN item index (LanceDB) vs exact brute force"
-    print_header(title, ".venv/bin/python bench/serving.py " + " ".join(sys.argv[1:]))
+    print_header(title, ".venv/bin/python -m bench.serving " + " ".join(sys.argv[1:]))
     (run_sweep if args.sweep else run_main)(args)
     return 0
 

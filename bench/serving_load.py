@@ -44,8 +44,8 @@ are items the user would otherwise be recommended (about half of them fall in a 
 unfiltered exact top 100) and excluding them changes the answer. Popularity counts: the
 number of users who saw each item.
 
-    python bench/serving_load.py                                  # 1M users x 200k items
-    python bench/serving_load.py --users 20000 --items 20000 --centres 100 --seconds 5 --workers default
+    python -m bench.serving_load                                  # 1M users x 200k items
+    python -m bench.serving_load --users 20000 --items 20000 --centres 100 --seconds 5 --workers default
 """
 
 from __future__ import annotations
@@ -73,9 +73,8 @@ import pyarrow.parquet as pq
 import requests
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RssSampler, current_rss_mb, markdown_table, print_header  # noqa: E402
-from serving import make_data  # noqa: E402  (bench/serving.py: the clustered-vector generator)
+from bench._common import RssSampler, current_rss_mb, markdown_table, print_header
+from bench.serving import make_data  # the clustered-vector generator
 
 MLFLOW_CLI = Path(sys.executable).with_name("mlflow")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -441,7 +440,7 @@ def main() -> int:
     args = parser.parse_args()
 
     print_header("Retrieval endpoint (mlflow models serve) under load vs exact search in-process",
-                 ".venv/bin/python bench/serving_load.py " + " ".join(sys.argv[1:]))
+                 ".venv/bin/python -m bench.serving_load " + " ".join(sys.argv[1:]))
     print(f"/proc/loadavg at start: {loadavg()}\n", flush=True)
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="serving-load-bench-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,10 @@ limit) is timed beside a yardstick measured in the same run on the same events t
 ``CREATE TABLE AS`` that numbers every user's events in time order and counts them (the
 window every chronological per-user split needs) and writes every row once. The yardstick is
 the least a split can cost in DuckDB: one sort by user and time, one write of every row.
-Target (issue 13): split / yardstick <= 3.
+Target: split / yardstick <= 3.
 
-    python bench/split_speed.py                                  # 3M events, 300k users, 60k items
-    python bench/split_speed.py --events 10000000 --users 1000000 --items 200000
+    python -m bench.split_speed                                  # 3M events, 300k users, 60k items
+    python -m bench.split_speed --events 10000000 --users 1000000 --items 200000
 
 Events come from the project's synthetic generator (all 27 columns, as ``click_events``
 writes them) and are kept in ``--db`` for reruns (``--keep``).
@@ -23,12 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._common import load_average, machine  # noqa: E402
-from twotower_assets.data.synthetic import SyntheticSpec, generate_click_events  # noqa: E402
-from twotower_assets.warehouse.duckdb import DuckDBWarehouse  # noqa: E402
-from twotower_assets.warehouse.sql import DUCKDB, EVENT_ORDER, split_queries  # noqa: E402
+from bench._common import load_average, machine
+from twotower_assets.data.synthetic import SyntheticSpec, generate_click_events
+from twotower_assets.warehouse.duckdb import DuckDBWarehouse
+from twotower_assets.warehouse.sql import DUCKDB, EVENT_ORDER, split_queries
 
 END_DATE = dt.date(2026, 5, 31)
 TRAIN_DATE = END_DATE + dt.timedelta(days=1)
@@ -99,7 +97,7 @@ def main() -> None:
               for name in ("training", "validation", "test")}
     best_yard, best_split = min(yard), min(split_s)
     print(f"\nMachine: {machine()}")
-    print(f"Command: `python {' '.join(sys.argv)}`; DuckDB memory_limit {args.memory_limit}; "
+    print(f"Command: `python -m bench.split_speed {' '.join(sys.argv[1:])}`; DuckDB memory_limit {args.memory_limit}; "
           f"load average (1 min) {', '.join(f'{x:.1f}' for x in loads)}")
     print(f"{events:,} events ({len(columns)} columns); split rows {counts}\n")
     print("| step | best s | runs s | x yardstick |")

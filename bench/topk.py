@@ -15,8 +15,8 @@ the same data (production shape: 200,000 items, 64 dimensions, ~7 seen items per
 Every rate is best-of-``--repeats`` (the machine is shared; the load average is printed).
 Target: the asset's rate >= 50% of the machine's matmul rate.
 
-    python bench/topk.py                 # 20,000 users x 200,000 items, k = 100
-    python bench/topk.py --users 5000 --items 50000
+    python -m bench.topk                 # 20,000 users x 200,000 items, k = 100
+    python -m bench.topk --users 5000 --items 50000
 """
 
 from __future__ import annotations
@@ -25,17 +25,15 @@ import argparse
 import datetime as dt
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import float32_matmul_rate, load_average, markdown_table, print_header  # noqa: E402
+from bench._common import float32_matmul_rate, load_average, markdown_table, print_header
 
-import twotower_assets  # noqa: E402,F401  (TF environment switches)
-from twotower_assets.defs.publishing.recommendations import recommendation_batches  # noqa: E402
-from twotower_assets.model import topk  # noqa: E402
+import twotower_assets  # noqa: F401  (TF environment switches)
+from twotower_assets.defs.publishing.recommendations import recommendation_batches
+from twotower_assets.model import topk
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -71,7 +69,7 @@ def main() -> int:
     parser.add_argument("--skip-plain", action="store_true", help="skip the slow partition-every-score pass")
     args = parser.parse_args()
 
-    print_header("Top-k for all users: FLOP rate vs this machine's matmul rate", "python bench/topk.py " + " ".join(sys.argv[1:]))
+    print_header("Top-k for all users: FLOP rate vs this machine's matmul rate", "python -m bench.topk " + " ".join(sys.argv[1:]))
     rng = np.random.default_rng(0)
     users = unit_vectors(rng, args.users, args.dim)
     items = unit_vectors(rng, args.items, args.dim)

@@ -5,7 +5,8 @@ One process, one data set (synthetic, materialised through the graph up to ``tf_
 * **asset**: ``two_tower_model`` materialised by Dagster (in process), examples/second of its
   training call as it records it (build + fit + validation, MLflow logging per epoch);
 * **standalone**: a plain script on the same saved datasets: the same model class and
-  hyperparameters, the same tf.data pipeline (``shuffled_batches`` over the saved blocks,
+  model recipe (``production`` with this run's embedding size, batch and one epoch, resolved
+  by the asset's own ``TrainingConfig``), the same tf.data pipeline (``shuffled_batches`` over the saved blocks,
   the same validation set), ``model.fit`` for the same steps, no Dagster, no MLflow;
 * **input only**: the same training pipeline iterated for the same steps with no model;
 * **compute only**: the same model fitted on one batch repeated from memory (no input work).
@@ -13,8 +14,8 @@ One process, one data set (synthetic, materialised through the graph up to ``tf_
 Alternates asset and standalone ``--repeats`` times and keeps the best of each (the machine
 is shared). Target: asset >= 0.9 x standalone; input not the bottleneck.
 
-    python bench/training_overhead.py                       # 1M events, 100k users, 20k items
-    python bench/training_overhead.py --events 300000 --users 30000 --items 8000
+    python -m bench.training_overhead                       # 1M events, 100k users, 20k items
+    python -m bench.training_overhead --events 300000 --users 30000 --items 8000
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_average, markdown_table, print_header  # noqa: E402
+from bench._common import load_average, markdown_table, print_header
 
-import twotower_assets  # noqa: E402,F401  (TF environment switches)
+import twotower_assets  # noqa: F401  (TF environment switches)
 
 PARTITION = "2026-06-01"
 
@@ -80,13 +80,14 @@ def main() -> int:
     import pyarrow.parquet as pq
     import tensorflow as tf
 
+    from twotower_assets.defs.training.trainer import TrainingConfig
     from twotower_assets.lib.layout import TF_DATASETS, DatasetFiles
     from twotower_assets.model.datasets import batches, dataset_rows, load_blocks, shuffled_batches
     from twotower_assets.model.features import FeatureConfig
     from twotower_assets.model.layers import FeatureStats
-    from twotower_assets.model.training import EPOCH_FRACTION, TrainingParams, build_model
+    from twotower_assets.model.training import EPOCH_FRACTION, build_model
 
-    print_header("Training overhead: asset graph vs standalone script", "python bench/training_overhead.py " + " ".join(sys.argv[1:]))
+    print_header("Training overhead: asset graph vs standalone script", "python -m bench.training_overhead " + " ".join(sys.argv[1:]))
     home = Path(args.home)
     res = resources(home)
     datasets = res["artifacts"].path(TF_DATASETS, PARTITION)
@@ -104,7 +105,10 @@ def main() -> int:
         manifest.write_text(json.dumps({**source, "config": args.config_name}))
 
     train_rows = dataset_rows(datasets / "training")
-    params = TrainingParams(embedding_size=args.embedding_size, batch_size=args.batch_size, epochs=1, seed=42)
+    # The asset's config; the standalone script trains the very parameters it resolves to.
+    model_config = {"recipe": "production", "towers": {"embedding_size": args.embedding_size},
+                    "schedule": {"batch_size": args.batch_size, "epochs": 1}, "seed": 42}
+    params = TrainingConfig(**model_config).training_params()
     steps = max(1, math.ceil(train_rows / args.batch_size / EPOCH_FRACTION))
     examples = steps * args.batch_size
     feature_config = FeatureConfig.model_validate_json((datasets / "feature_config.json").read_text())
@@ -118,7 +122,7 @@ def main() -> int:
     )
 
     def train_pipeline():
-        return shuffled_batches(load_blocks(datasets / "training"), args.batch_size, min(params.shuffle_buffer, train_rows), params.seed).prefetch(tf.data.AUTOTUNE)
+        return shuffled_batches(load_blocks(datasets / "training"), args.batch_size, min(params.recipe.schedule.shuffle_buffer, train_rows), params.seed).prefetch(tf.data.AUTOTUNE)
 
     def standalone() -> float:
         tf.keras.utils.set_random_seed(params.seed)
@@ -128,8 +132,7 @@ def main() -> int:
         model.fit(train_pipeline(), validation_data=validation, epochs=1, steps_per_epoch=steps, verbose=0)
         return examples / (time.perf_counter() - started)
 
-    run_config = {"ops": {"two_tower_model": {"config": {"epochs": 1, "batch_size": args.batch_size,
-                                                         "embedding_size": args.embedding_size, "seed": params.seed}}}}
+    run_config = {"ops": {"two_tower_model": {"config": model_config}}}
 
     def asset() -> tuple[float, float]:
         started = time.perf_counter()

@@ -10,11 +10,11 @@ rows as the logQ sampling probability), one model, one loss, a fixed number of s
   correction, accidental hits removed), ``tf.keras.optimizers.Adam(0.1)``, fed by
   ``from_tensor_slices(...).shuffle(100_000).repeat().batch(B)``;
 * **product**: ``twotower_assets.model.training.train_two_tower`` (``build_model``, the
-  product's callbacks, its saved-block input pipeline) with ``TrainingParams`` defaults
+  product's callbacks, its saved-block input pipeline) with the ``production`` model recipe
   except batch and embedding size, on a feature config of the two id features only
   (``user_id`` and ``item_id``, string, E each): the same towers (concat -> Dense(2E, relu)
   -> Dense(E) -> L2 normalisation), the same Retrieval task and hyperparameters;
-* **product, optimizer=adam**: the same with ``optimizer="adam"`` (stock Keras Adam), to
+* **product, optimizer=adam**: the same with the recipe's ``optimizer.name: adam`` (stock Keras Adam), to
   show what the optimizer alone is worth.
 
 Each variant runs in its own process (same data files, same conditions); ``--warmup`` steps
@@ -29,14 +29,14 @@ model (id lookups, embedding gathers, towers, logits + loss, gradients, the acci
 mask, optimizer apply for lazy_adam and adam, the whole step), and tries ``jit_compile=True``
 on the train step and on the step after the string lookups.
 
-``--quality`` instead runs the default synthetic graph of ``bench/pipeline.py`` (its data
-and run config, through ``bench/scale.py``) once per (seed, optimizer) and prints recall@50
+``--quality`` instead runs the default synthetic graph of ``bench.pipeline`` (its data
+and run config, through ``bench.scale``) once per (seed, optimizer) and prints recall@50
 per run with mean and spread per optimizer (training steps only are re-run per seed).
 
-    python bench/training_speed.py                       # 1M users, 200k items, batch 4096
-    python bench/training_speed.py --breakdown
-    python bench/training_speed.py --quality --seeds 1 2 3
-    python bench/training_speed.py --quality --run-config configs/run/tiny.yaml   # the smoke run's graph
+    python -m bench.training_speed                       # 1M users, 200k items, batch 4096
+    python -m bench.training_speed --breakdown
+    python -m bench.training_speed --quality --seeds 1 2 3
+    python -m bench.training_speed --quality --run-config configs/run/tiny.yaml   # the smoke run's graph
 """
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PYTHON, REPO, markdown_table, print_header  # noqa: E402
+from bench._common import PYTHON, REPO, markdown_table, print_header
 
 VARIANTS = {
     "tfrs": "bare TFRS script, stock Keras Adam",
@@ -160,10 +159,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     steps_per_epoch = math.ceil(rows / args.batch_size / EPOCH_FRACTION)
     epochs = math.ceil((args.warmup + args.steps) / steps_per_epoch)
     timer = step_timer(args.warmup, args.steps)
-    params = TrainingParams(
-        batch_size=args.batch_size, embedding_size=args.embedding_size, epochs=epochs, seed=args.seed,
-        **({"optimizer": "adam"} if variant == "product-adam" else {}),
-    )
+    params = TrainingParams(recipe=product_recipe(args, epochs=epochs, adam=variant == "product-adam"), seed=args.seed)
+    recipe = params.recipe
 
     if variant == "tfrs":
         features = {
@@ -177,8 +174,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
                     .batch(args.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
         tf.keras.utils.set_random_seed(args.seed)
-        model = tfrs_model(users, items, args.embedding_size, params.temperature)
-        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=params.learning_rate))
+        model = tfrs_model(users, items, args.embedding_size, recipe.task.temperature)
+        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=recipe.optimizer.learning_rate))
         model.fit(pipeline(), epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=[timer], verbose=0)
         optimizer = type(model.optimizer).__name__
     else:
@@ -188,7 +185,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         stats = FeatureStats(vocabularies={"user_id": users, "item_id": items})
 
         def pipeline():
-            return shuffled_batches(load_blocks(data / "train"), args.batch_size, min(params.shuffle_buffer, rows),
+            return shuffled_batches(load_blocks(data / "train"), args.batch_size, min(recipe.schedule.shuffle_buffer, rows),
                                     params.seed).prefetch(tf.data.AUTOTUNE)
 
         result = train_two_tower(config, stats, load_blocks(data / "train"), rows, None, params, callbacks=[timer])
@@ -203,6 +200,19 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     input_rate = args.steps * args.batch_size / (time.perf_counter() - started)
     return {"variant": variant, "optimizer": optimizer, **timer.result(args.batch_size),
             "input_only_examples_per_s": input_rate}
+
+
+def product_recipe(args: argparse.Namespace, epochs: int | None = None, adam: bool = False):
+    """The production recipe with this run's embedding and batch size (and epochs; ``adam``: the
+    stock Keras Adam instead of the recipe's optimizer)."""
+    from twotower_assets.model.recipes import load_recipe
+
+    overrides: dict = {"towers": {"embedding_size": args.embedding_size}, "schedule": {"batch_size": args.batch_size}}
+    if epochs is not None:
+        overrides["schedule"]["epochs"] = epochs
+    if adam:
+        overrides["optimizer"] = {"name": "adam"}
+    return load_recipe("production", overrides)
 
 
 def tfrs_model(users: list[str], items: list[str], dim: int, temperature: float):
@@ -266,7 +276,7 @@ def run_breakdown(args: argparse.Namespace) -> dict:
     users, items = vocabularies(args.users, args.items)
     config = id_only_config(args.embedding_size)
     stats = FeatureStats(vocabularies={"user_id": users, "item_id": items})
-    params = TrainingParams(batch_size=args.batch_size, embedding_size=args.embedding_size, seed=args.seed)
+    params = TrainingParams(recipe=product_recipe(args), seed=args.seed)
     tf.keras.utils.set_random_seed(args.seed)
     model = build_model(config, stats, params)
     batch = next(iter(shuffled_batches(load_blocks(data / "train"), args.batch_size, min(100_000, rows), args.seed)))
@@ -394,7 +404,7 @@ def run_quality(args: argparse.Namespace) -> int:
     import pandas as pd
     import yaml
 
-    from pipeline import PARTITION, SOURCE
+    from bench.pipeline import PARTITION, SOURCE
 
     home = Path(args.home) / "quality"
     if args.run_config:
@@ -403,21 +413,21 @@ def run_quality(args: argparse.Namespace) -> int:
     else:
         base = yaml.safe_load((REPO / "configs/run/quickstart.yaml").read_text())
         base["ops"]["click_events"] = {"config": SOURCE}
-        source = f"bench/pipeline.py's ({SOURCE}; configs/run/quickstart.yaml)"
+        source = f"bench.pipeline's ({SOURCE}; configs/run/quickstart.yaml)"
     base["ops"].setdefault("two_tower_model", {"config": {}}).setdefault("config", {})
-    print_header("Recall@50 per seed: adam vs lazy_adam", "python bench/training_speed.py " + " ".join(sys.argv[1:]))
+    print_header("Recall@50 per seed: adam vs lazy_adam", "python -m bench.training_speed " + " ".join(sys.argv[1:]))
     print(f"Data and run config: {source}; the training seed and the optimizer set per run; data prepared "
           f"once, then two_tower_model, match_model, evaluation_metrics re-run per (seed, optimizer).\n", flush=True)
 
     def scale(run_config: dict, only: str, keep: bool, log_name: str) -> None:
         path = home.parent / f"quality-{log_name}.yaml"
         path.write_text(yaml.safe_dump(run_config))
-        command = [PYTHON, str(REPO / "bench/scale.py"), "--run-config", str(path), "--home", str(home), "--only", only]
+        command = [PYTHON, "-m", "bench.scale", "--run-config", str(path), "--home", str(home), "--only", only]
         with open(home.parent / f"quality-{log_name}.log", "w") as log:
             completed = subprocess.run(command + (["--keep"] if keep else []), cwd=REPO, stdout=log,
                                        stderr=subprocess.STDOUT)
         if completed.returncode != 0:
-            raise SystemExit(f"bench/scale.py failed ({log_name}): see {home.parent / f'quality-{log_name}.log'}")
+            raise SystemExit(f"bench.scale failed ({log_name}): see {home.parent / f'quality-{log_name}.log'}")
 
     home.parent.mkdir(parents=True, exist_ok=True)
     scale(base, "click_events,split_tables,tf_datasets", keep=False, log_name="data")
@@ -425,7 +435,9 @@ def run_quality(args: argparse.Namespace) -> int:
     for seed in args.seeds:
         for optimizer in ("adam", "lazy_adam"):
             run_config = json.loads(json.dumps(base))
-            run_config["ops"]["two_tower_model"]["config"].update({"seed": seed, "optimizer": optimizer})
+            model_config = run_config["ops"]["two_tower_model"]["config"]
+            model_config["seed"] = seed
+            model_config.setdefault("optimizer", {})["name"] = optimizer  # the recipe's optimizer section
             load = loads()
             started = time.perf_counter()
             scale(run_config, "two_tower_model,match_model,evaluation_metrics", keep=True, log_name=f"{optimizer}-{seed}")
@@ -460,7 +472,7 @@ def run_quality(args: argparse.Namespace) -> int:
 
 def child(args: argparse.Namespace, kind: str) -> dict:
     """Run one variant (or the breakdown) in a fresh process; its JSON result."""
-    command = [PYTHON, __file__, "--child", kind, "--data", args.data]
+    command = [PYTHON, "-m", "bench.training_speed", "--child", kind, "--data", args.data]
     for name in ("users", "items", "batch_size", "embedding_size", "warmup", "steps", "seed", "breakdown_repeats"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     log = Path(args.data) / f"{kind}.log"
@@ -490,7 +502,7 @@ def main() -> int:
     parser.add_argument("--breakdown-repeats", type=int, default=5)
     parser.add_argument("--quality", action="store_true", help="recall@50 per seed and optimizer instead")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--run-config", help="--quality: this run config instead of bench/pipeline.py's data and config")
+    parser.add_argument("--run-config", help="--quality: this run config instead of bench.pipeline's data and config")
     parser.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "twotower-training-speed"))
     parser.add_argument("--child-timeout-s", type=float, default=900)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -505,7 +517,7 @@ def main() -> int:
         return run_quality(args)
 
     print_header("Training speed: bare TFRS script vs the product's training code",
-                 "python bench/training_speed.py " + " ".join(sys.argv[1:]))
+                 "python -m bench.training_speed " + " ".join(sys.argv[1:]))
     args.data = str(Path(args.home) / "data")
     Path(args.data).mkdir(parents=True, exist_ok=True)
     print(f"Data: {args.rows:,} rows, {args.users:,} user ids, {args.items:,} item ids (synthetic); batch "

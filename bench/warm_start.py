@@ -24,17 +24,17 @@ Sources (``--source``):
   files; the bench reads them, the product never needs them). The product's MovieLens source
   (``configs/run/movielens.yaml``: ``click_events`` shifts every rating by whole days so the
   last one falls on 2026-05-31, a 240-day window that holds all 215 days of ratings, feature
-  config ``movielens-features``, its embedding size, batch, learning rate and temperature).
+  config ``movielens-features``, and its model recipe, ``movielens``).
   A date D trains on the ratings before D, so 2026-05-18, 2026-05-25 and 2026-06-01 see the
   ratings up to 05-17, 05-24 and 05-31: each week adds that week's newer ratings (1,382 and
   2,278 of the 100,000) and moves every user's chronological 80% cut.
 
-Target (issue 15): warm reaches the cold best val_loss in at most half the cold epochs, at
+Target: warm reaches the cold best val_loss in at most half the cold epochs, at
 equal recall within the seed spread.
 
-    python bench/warm_start.py                    # 3 seeds, 3 weekly dates, ~2,000 users
-    python bench/warm_start.py --seeds 1 --epochs 10   # a quick look
-    python bench/warm_start.py --source movielens --data data/ml-100k --epochs 20
+    python -m bench.warm_start                    # 3 seeds, 3 weekly dates, ~2,000 users
+    python -m bench.warm_start --seeds 1 --epochs 10   # a quick look
+    python -m bench.warm_start --source movielens --data data/ml-100k --epochs 20
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, markdown_table, print_header  # noqa: E402
+from bench._common import REPO, markdown_table, print_header
 
 DATES = ["2026-05-18", "2026-05-25", "2026-06-01"]
 EVENT_DAYS = 30
@@ -73,19 +72,34 @@ def run_config(args: argparse.Namespace) -> dict:
     return ops
 
 
-def model_defaults(args: argparse.Namespace) -> dict:
-    """Embedding size, batch, learning rate and temperature: the source's run config
-    (movielens.yaml) for MovieLens, the synthetic bench's own for the synthetic data; a flag
-    given on the command line wins."""
+FLAGS = {"embedding_size": ("towers", "embedding_size"), "batch_size": ("schedule", "batch_size"),
+         "learning_rate": ("optimizer", "learning_rate"), "temperature": ("task", "temperature")}
+"""Command-line flags that override a field of the model recipe: flag -> (section, field)."""
+SYNTHETIC_OVERRIDES = {"towers": {"embedding_size": 32}, "schedule": {"batch_size": 512},
+                       "optimizer": {"learning_rate": 0.05}}
+"""The synthetic bench's changes to the production recipe."""
+
+
+def model_recipe(args: argparse.Namespace):
+    """The model recipe every run trains: the source's run config's (movielens.yaml's
+    ``two_tower_model`` config, resolved as the asset resolves it) for MovieLens, production
+    with the synthetic bench's own sizes for the synthetic data; then the flags given on the
+    command line, ``--epochs`` and ``--patience``."""
+    from twotower_assets.defs.training.trainer import TrainingConfig
+    from twotower_assets.model.recipes import load_recipe
+
     if args.source == "movielens":
         import yaml
 
         model = yaml.safe_load((REPO / RUN_CONFIGS["movielens"]).read_text())["ops"]["two_tower_model"]["config"]
-        defaults = {name: model[name] for name in ("embedding_size", "batch_size", "learning_rate", "temperature")}
+        recipe = TrainingConfig(**model).model_recipe()
     else:
-        defaults = {"embedding_size": 32, "batch_size": 512, "learning_rate": 0.05}
-    given = {name: getattr(args, name) for name in ("embedding_size", "batch_size", "learning_rate", "temperature")}
-    return {**defaults, **{name: value for name, value in given.items() if value is not None}}
+        recipe = load_recipe("production", SYNTHETIC_OVERRIDES)
+    overrides: dict = {"schedule": {"epochs": args.epochs, "early_stopping_patience": args.patience}}
+    for flag, (section, field) in FLAGS.items():
+        if getattr(args, flag) is not None:
+            overrides.setdefault(section, {})[field] = getattr(args, flag)
+    return recipe.with_overrides(overrides)
 
 
 def prepare(home: Path, args: argparse.Namespace) -> dict:
@@ -165,9 +179,8 @@ def train(resources: dict, date: str, seed: int, args: argparse.Namespace, sourc
     config = FeatureConfig.model_validate_json(datasets.feature_config.read_text())
     stats = FeatureStats.load(datasets.root)
     pairs = pq.read_table(datasets.seen_pairs)
-    params = TrainingParams(
-        **model_defaults(args), epochs=args.epochs, seed=seed, early_stopping_patience=args.patience, warm_start="previous" if source else "none",
-    )
+    # Cold or warm is the ``initialize`` below: warm_start maps the week before's weights in.
+    params = TrainingParams(recipe=model_recipe(args), seed=seed)
     clock = EpochClock()
     result = train_two_tower(
         config, stats, load_blocks(datasets.training), dataset_rows(datasets.training),
@@ -229,7 +242,7 @@ def main() -> int:
     parser.add_argument("--embedding-size", type=int, default=None, help="Default: 32 (synthetic), movielens.yaml's.")
     parser.add_argument("--batch-size", type=int, default=None, help="Default: 512 (synthetic), movielens.yaml's.")
     parser.add_argument("--learning-rate", type=float, default=None, help="Default: 0.05 (synthetic), movielens.yaml's.")
-    parser.add_argument("--temperature", type=float, default=None, help="Default: TrainingParams' (synthetic), movielens.yaml's.")
+    parser.add_argument("--temperature", type=float, default=None, help="Default: the production recipe's (synthetic), movielens.yaml's.")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--patience", type=int, default=5, help="EarlyStopping patience (production: 10).")
     parser.add_argument("--home", default=None)
@@ -240,8 +253,10 @@ def main() -> int:
     import twotower_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
     home = Path(args.home or tempfile.mkdtemp(prefix="twotower-warm-start-"))
-    print_header("Warm start vs cold start, consecutive weekly dates", "python bench/warm_start.py " + " ".join(sys.argv[1:]))
-    model = model_defaults(args)
+    print_header("Warm start vs cold start, consecutive weekly dates", "python -m bench.warm_start " + " ".join(sys.argv[1:]))
+    recipe = model_recipe(args)
+    model = (f"recipe {recipe.name}: embedding {recipe.towers.embedding_size}, batch {recipe.schedule.batch_size}, "
+             f"learning rate {recipe.optimizer.learning_rate}, temperature {recipe.task.temperature}")
     source = (f"MovieLens 100K from {args.data}, ratings shifted to end {LAST_EVENT_DAY}, 240-day window"
               if args.source == "movielens" else
               f"Synthetic source: {args.users} users, {args.items} items, {args.events} events over 60 days")
