@@ -16,9 +16,12 @@ def test_the_packaged_recipes_load_and_production_is_the_default_model():
     assert {"production", "movielens", "movielens-one-vector"} <= set(recipe_names())
     production = load_recipe("production")
     # The file spells out every default: the defaults are production's, in one place.
-    assert production.model_dump(exclude={"name", "description"}) == ModelRecipe().model_dump(
-        exclude={"name", "description"}
+    assert production.model_dump(exclude={"name", "description", "search"}) == ModelRecipe().model_dump(
+        exclude={"name", "description", "search"}
     )
+    assert set(production.search) == {
+        "optimizer.learning_rate", "task.temperature", "schedule.batch_size", "towers.embedding_size"
+    }
     assert production.name == "production" and production.description
     movielens = load_recipe("movielens")
     assert (movielens.schedule.batch_size, movielens.optimizer.learning_rate, movielens.task.temperature) == (
@@ -114,6 +117,22 @@ def test_heads_that_do_not_fit_the_features_are_refused_naming_the_fields():
     with pytest.raises(RecipeError, match="towers.item_head 'none' .* gives that tower 6 values, not towers.embedding_size 8"):
         ModelRecipe(towers={"embedding_size": 8, "item_head": "none"}).check_features(config)
     ModelRecipe(towers={"embedding_size": 6, "item_head": "none"}).check_features(config)
+
+
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ({"optimizer.learning_rat": {"low": 0.1, "high": 1.0}}, "'optimizer.learning_rat' is not a recipe field"),
+        ({"schedule.epochs": {"low": 5}}, "give choices, or both low and high"),
+        ({"optimizer.learning_rate": {"low": 0.3, "high": 0.1}}, r"low \(0.3\) must be below high \(0.1\)"),
+        ({"optimizer.learning_rate": {"low": 0.0, "high": 0.1, "log": True}}, "a log range needs low > 0"),
+        ({"schedule.batch_size": {"choices": [512, 0]}}, "'schedule.batch_size' value 0 is not valid"),
+        ({"towers.user_head": {"choices": ["mlp", "deep"]}}, "'towers.user_head' value 'deep' is not valid"),
+    ],
+)
+def test_a_search_space_names_fields_and_valid_values(search, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("production", {"search": search})
 
 
 def test_mlflow_params_name_every_field_by_section():

@@ -1,20 +1,16 @@
-"""The short soak and chaos run of bench/soak.py (issue 17): one round, bounded in time.
+"""The short soak and chaos run of tests/helpers/soak.py: one round, bounded in time.
 
 The whole graph of one date runs in a separate process that is SIGKILLed mid-run while
 another process rewrites the date's datasets with another feature config; a clean run
 follows; then the invariants (one verified copy of each partition, published models' datasets
 recorded and intact, no RUNNING MLflow run, a gate-passed champion) must hold. The long
-version (several dates and rounds) is `bench/soak.py`; its figures are in docs/reliability.md.
+version (several dates and rounds) is `python -m tests.helpers.soak`; its figures are in
+docs/reliability.md.
 """
-
-import sys
 
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-from soak import run_soak  # noqa: E402
+from helpers.soak import run_soak
 
 
 @pytest.mark.slow

@@ -21,30 +21,44 @@ only the input pipeline differs. Pure TensorFlow / pyarrow: no Dagster, no wareh
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+import logging
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import scipy.sparse as sp
 import tensorflow as tf
 
 from twotower_assets.model.datasets import FeatureStatsBuilder, batch_to_features, feature_kinds
+from twotower_assets.model import tuning
+from twotower_assets.model.features import ITEM_ID_FEATURE as ITEM_ID
 from twotower_assets.model.features import FeatureConfig
+from twotower_assets.model.recipes import ModelRecipe, load_recipe
 from twotower_assets.model.layers import FeatureStats
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
-from twotower_assets.model.training import TrainingParams, TrainingResult, train_two_tower
+from twotower_assets.model.tuning import RankingEvaluator, RankingMetric, TuningResult
+from twotower_assets.model.training import SeenPairs, TrainingParams, TrainingResult, train_two_tower
 
-__all__ = ["Split", "random_split", "leave_last_out", "FittedModel", "fit", "tower_vectors"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Split", "random_split", "leave_last_out", "FittedModel", "fit", "tower_vectors", "user_state",
+    "ranking_evaluator", "rank_held_out", "tune",
+]
 
 
 @dataclass(frozen=True)
 class Split:
-    """Training and test rows of one split (each an Arrow table with the events' columns)."""
+    """Training, test and (optionally) validation rows of one split (Arrow tables with the
+    events' columns)."""
 
     train: pa.Table
     test: pa.Table
+    validation: pa.Table | None = None
 
 
 def random_split(events: pa.Table, test_share: float = 0.2, seed: int = 42) -> Split:
@@ -63,27 +77,53 @@ def random_split(events: pa.Table, test_share: float = 0.2, seed: int = 42) -> S
 
 
 def leave_last_out(
-    events: pa.Table, user_column: str = "user_id", time_column: str = "event_timestamp", item_column: str = "item_id"
+    events: pa.Table,
+    user_column: str = "user_id",
+    time_column: str = "event_timestamp",
+    item_column: str = "item_id",
+    validation: bool = False,
 ) -> Split:
     """Each user's latest event is a test row, the rest train (users with one event only train).
 
-    Ties in time go to the larger item id, so the split does not depend on row order.
+    ``validation``: each user's second-latest event is a validation row too (users with three
+    events or more), the protocol that tunes on the event before the held-out one.
+
+    Ties in time go to the larger item id, compared as integers when every item id is one
+    (MovieLens: "1000" is after "99") and as strings otherwise, so the split depends neither on
+    row order nor on how numeric ids sort as text.
     """
     for column in (user_column, time_column, item_column):
         if column not in events.column_names:
             raise ValueError(f"the events have no column {column!r} (columns: {events.column_names})")
-    numbered = events.append_column("_row", pa.array(np.arange(events.num_rows)))
-    ordered = numbered.sort_by([(user_column, "ascending"), (time_column, "descending"), (item_column, "descending")])
+    item_key = _item_sort_key(events[item_column])
+    numbered = events.select([user_column, time_column]).append_column("_item_key", item_key).append_column(
+        "_row", pa.array(np.arange(events.num_rows))
+    )
+    ordered = numbered.sort_by([(user_column, "ascending"), (time_column, "descending"), ("_item_key", "descending")])
     users = ordered[user_column].to_numpy(zero_copy_only=False)
-    first_of_user = np.ones(len(users), dtype=bool)
-    first_of_user[1:] = users[1:] != users[:-1]
-    counts = pc.value_counts(events[user_column]).flatten()
-    many = set(counts[0].filter(pc.greater(counts[1], 1)).to_pylist())
-    has_many = np.array([user in many for user in users], dtype=bool)
+    starts = np.ones(len(users), dtype=bool)
+    starts[1:] = users[1:] != users[:-1]
+    position = np.arange(len(users)) - np.maximum.accumulate(np.where(starts, np.arange(len(users)), 0))
+    group = np.cumsum(starts) - 1
+    counts = np.bincount(group)[group]  # events of each row's user
     rows = ordered["_row"].to_numpy()
-    test_rows = np.sort(rows[first_of_user & has_many])
-    train_rows = np.setdiff1d(np.arange(events.num_rows), test_rows)
-    return Split(train=events.take(pa.array(train_rows)), test=events.take(pa.array(test_rows)))
+    test_rows = np.sort(rows[(position == 0) & (counts > 1)])
+    validation_rows = np.sort(rows[(position == 1) & (counts > 2)]) if validation else np.array([], np.int64)
+    held_out = np.concatenate([test_rows, validation_rows])
+    train_rows = np.setdiff1d(np.arange(events.num_rows), held_out)
+    return Split(
+        train=events.take(pa.array(train_rows)),
+        test=events.take(pa.array(test_rows)),
+        validation=events.take(pa.array(validation_rows)) if validation else None,
+    )
+
+
+def _item_sort_key(ids: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Item ids as integers when every one is an integer, else as strings."""
+    text = pc.cast(ids, pa.string())
+    if len(text) and pc.all(pc.match_substring_regex(text, r"^-?[0-9]{1,18}$")).as_py():
+        return pc.cast(text, pa.int64()).combine_chunks() if isinstance(text, pa.ChunkedArray) else pc.cast(text, pa.int64())
+    return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
 
 
 @dataclass
@@ -113,14 +153,25 @@ def fit(
     config: FeatureConfig,
     train: pa.Table,
     validation: pa.Table | None,
-    params: TrainingParams,
+    params: TrainingParams | None = None,
     catalog: pa.Table | None = None,
+    *,
+    seen_pairs: SeenPairs | Literal["train"] | None = "train",
+    callbacks: list[tf.keras.callbacks.Callback] | None = None,
+    progress: bool = False,
 ) -> FittedModel:
     """Train the product's two-tower model on ``train`` (early stopping on ``validation`` if given).
 
+    ``params``: the recipe, seed and precision (default: the production recipe, seed 42).
     ``catalog``: every item's row (the item tower's columns), for negatives that score the
     catalogue (``full_catalog``, ``mixed``); default: the distinct items of ``train``.
+    ``seen_pairs``: (user ids, item ids) that validation does not count as negatives, as the
+    offline evaluation removes a user's training items before ranking; ``"train"`` (default):
+    ``train``'s own pairs; None: none. ``callbacks``: Keras callbacks for the fit (after the
+    product's own). ``progress``: log each epoch's losses (logger
+    ``twotower_assets.model.in_memory``, INFO).
     """
+    params = params if params is not None else TrainingParams()
     config.check_columns(train.column_names, source="the training table")
     if train.num_rows == 0:
         raise ValueError("the training table is empty: nothing to train on")
@@ -142,11 +193,22 @@ def fit(
         item_kinds = {name: kinds[name] for name in config.item_columns if name in kinds}
         catalog_batch = pa.table({name: catalog[name] for name in item_kinds}).combine_chunks().to_batches()[0]
         catalog_features = batch_to_features(catalog_batch, item_kinds)
+    if isinstance(seen_pairs, str):
+        if seen_pairs != "train":
+            raise ValueError(f"seen_pairs must be 'train', None or (user ids, item ids), not {seen_pairs!r}")
+        seen_pairs = (train[config.user_id_feature], train[config.item_id_feature])
+    all_callbacks = [*(callbacks or []), *([_ProgressLog()] if progress else [])]
     result = train_two_tower(
         config, stats, tf.data.Dataset.from_tensor_slices(features), train.num_rows, validation_data, params,
-        catalog=catalog_features,
+        callbacks=all_callbacks, catalog=catalog_features, seen_pairs=seen_pairs,
     )
     return FittedModel(config=config, stats=stats, kinds=kinds, result=result)
+
+
+class _ProgressLog(tf.keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in (logs or {}).items() if name != "lr")
+        log.info("epoch %d: %s", epoch + 1, shown)
 
 
 def _distinct_items(table: pa.Table, config: FeatureConfig) -> pa.Table:
@@ -169,3 +231,126 @@ def tower_vectors(fitted: FittedModel, tower: Literal["user", "item"], table: pa
     dataset = tf.data.Dataset.from_tensor_slices(batch_to_features(batch, wanted)).batch(batch_size)
     forward = tf.function(lambda rows: model_tower(rows, training=False), reduce_retracing=True)
     return np.concatenate([forward(rows).numpy() for rows in dataset]).astype(np.float32, copy=False)
+
+
+def user_state(config: FeatureConfig, events: pa.Table, time_column: str = "event_timestamp") -> pa.Table:
+    """One row per user as the user tower sees them at the end of ``events``: the user columns of
+    their latest event, and each history feature as their latest items (newest first, the
+    feature's ``length``), the query that recommends to them after training.
+
+    Latest means by ``time_column``, ties broken as :func:`leave_last_out` breaks them.
+    """
+    user_key = config.user_id_feature
+    for column in (user_key, time_column, ITEM_ID):
+        if column not in events.column_names:
+            raise ValueError(f"the events have no column {column!r} (columns: {events.column_names})")
+    ordered = events.append_column("_item_key", _item_sort_key(events[ITEM_ID])).sort_by(
+        [(user_key, "ascending"), (time_column, "descending"), ("_item_key", "descending")]
+    )
+    users = ordered[user_key].to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    latest = ordered.take(pa.array(starts))
+    columns = {name: latest[name] for name in config.user_columns if name in latest.column_names}
+    items = ordered[ITEM_ID].to_numpy(zero_copy_only=False).astype(str)
+    ends = np.r_[starts[1:], len(users)]
+    for name, spec in config.history_features.items():
+        length = spec.history_length
+        columns[name] = pa.array([" ".join(items[a:min(b, a + length)]) for a, b in zip(starts, ends)], pa.string())
+    return pa.table(columns)
+
+
+def _pairs_matrix(users: np.ndarray, items: np.ndarray, table: pa.Table, user_key: str) -> sp.csr_matrix:
+    user_row = pd.Index(users)
+    item_row = pd.Index(items)
+    rows = user_row.get_indexer(table[user_key].to_numpy(zero_copy_only=False).astype(str))
+    cols = item_row.get_indexer(table[ITEM_ID].to_numpy(zero_copy_only=False).astype(str))
+    known = (rows >= 0) & (cols >= 0)
+    matrix = sp.csr_matrix((np.ones(int(known.sum()), np.float32), (rows[known], cols[known])),
+                           shape=(len(users), len(items)))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def ranking_evaluator(
+    config: FeatureConfig, train: pa.Table, held_out: pa.Table, k: int, catalog: pa.Table | None = None,
+    time_column: str = "event_timestamp",
+) -> RankingEvaluator:
+    """Ranks the whole catalogue for each user with held-out rows, from their state at the end
+    of ``train``, with their training items removed (:class:`RankingEvaluator`)."""
+    kinds = feature_kinds(config)
+    states = user_state(config, train, time_column)
+    user_key = config.user_id_feature
+    held_users = set(held_out[user_key].to_numpy(zero_copy_only=False).astype(str))
+    state_users = states[user_key].to_numpy(zero_copy_only=False).astype(str)
+    states = states.filter(pa.array([u in held_users for u in state_users]))
+    if catalog is None:
+        catalog = _distinct_items(pa.concat_tables([train.select(held_out.column_names), held_out], promote_options="default")
+                                  if set(held_out.column_names) >= set(config.item_columns) else train, config)
+    user_kinds = {name: kinds[name] for name in config.user_columns if name in kinds}
+    item_kinds = {name: kinds[name] for name in config.item_columns if name in kinds}
+    users = batch_to_features(pa.table({n: states[n] for n in user_kinds}).combine_chunks().to_batches()[0], user_kinds)
+    items = batch_to_features(pa.table({n: catalog[n] for n in item_kinds}).combine_chunks().to_batches()[0], item_kinds)
+    user_ids = states[user_key].to_numpy(zero_copy_only=False).astype(str)
+    item_ids = catalog[ITEM_ID].to_numpy(zero_copy_only=False).astype(str)
+    return RankingEvaluator(
+        users, items, _pairs_matrix(user_ids, item_ids, held_out, user_key),
+        _pairs_matrix(user_ids, item_ids, train, user_key), k,
+    )
+
+
+def rank_held_out(
+    fitted: FittedModel, train: pa.Table, held_out: pa.Table, ks: Sequence[int] = (10, 100),
+    catalog: pa.Table | None = None,
+) -> dict[str, float]:
+    """HR@k, recall@k and NDCG@k of ``fitted`` on ``held_out``: each user with held-out rows
+    ranks every catalogue item (default: the items of ``train`` and ``held_out``) from their
+    state at the end of ``train`` (:func:`user_state`), their training items removed.
+
+    Returns ``{"hr@10": ..., "recall@10": ..., "ndcg@10": ..., ...}``; with one held-out item
+    per user (leave-last-out) HR@k and recall@k are the same number.
+    """
+    scores = {}
+    for k in ks:
+        evaluator = ranking_evaluator(fitted.config, train, held_out, k, catalog)
+        values = evaluator(fitted.model)
+        scores.update({f"hr@{k}": values["hit_rate"], f"recall@{k}": values["recall"], f"ndcg@{k}": values["ndcg"]})
+    return scores
+
+
+def tune(
+    config: FeatureConfig,
+    split: Split,
+    recipe: ModelRecipe | str = "production",
+    *,
+    n_trials: int = 20,
+    timeout_minutes: float | None = 30.0,
+    metric: RankingMetric = "recall",
+    k: int = 50,
+    seed: int = 42,
+    storage: str | None = None,
+    study_name: str = "two_tower",
+    catalog: pa.Table | None = None,
+    on_trial_end=None,
+) -> TuningResult:
+    """Search ``recipe``'s ``search`` space on ``split.train`` scored by ``metric``@``k`` on
+    ``split.validation`` (the same search as the ``tuned_hyperparameters`` asset,
+    :func:`twotower_assets.model.tuning.tune`). Then train the final model with
+    ``result.best_recipe(recipe)``, refit on train + validation for ``result.best_epoch`` epochs
+    (``schedule: {epochs: best_epoch, early_stopping_patience: ...}``) or early-stopped again.
+    """
+    if split.validation is None or split.validation.num_rows == 0:
+        raise ValueError("tuning scores trials on validation rows: the split has none "
+                         "(leave_last_out(events, validation=True), or set Split.validation)")
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    evaluator = ranking_evaluator(config, split.train, split.validation, k, catalog)
+
+    def train(candidate: ModelRecipe, callbacks):
+        return fit(config, split.train, split.validation, TrainingParams(recipe=candidate, seed=seed), catalog,
+                   callbacks=callbacks).result
+
+    return tuning.tune(
+        recipe, train, evaluator, metric=metric, n_trials=n_trials,
+        timeout_seconds=None if timeout_minutes is None else timeout_minutes * 60,
+        storage=storage, study_name=study_name, seed=seed, on_trial_end=on_trial_end,
+    )

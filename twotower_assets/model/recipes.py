@@ -130,6 +130,36 @@ class Schedule(_Section):
     )
 
 
+class SearchDimension(_Section):
+    """One field's search range for tuning: ``choices``, or ``low``..``high`` (``log``: sampled
+    on a log scale). Integers give an integer range unless ``float_range`` is set."""
+
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    float_range: bool = False
+    choices: list[str | int | float | bool] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _one_kind(self) -> SearchDimension:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices is empty")
+        elif self.low is None or self.high is None:
+            raise ValueError("give choices, or both low and high")
+        elif not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+    def edges(self) -> list:
+        """The values that bound the range (every choice, or low and high)."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
 class ModelRecipe(_Section):
     """A named model: architecture, loss, optimiser and schedule, and the features it needs."""
 
@@ -143,6 +173,29 @@ class ModelRecipe(_Section):
     task: Task = Field(default_factory=Task)
     optimizer: Optimizer = Field(default_factory=Optimizer)
     schedule: Schedule = Field(default_factory=Schedule)
+    search: dict[str, SearchDimension] = Field(
+        default_factory=dict,
+        description="What tuning searches: a field's dotted name (optimizer.learning_rate) -> its range.",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _search_names_fields(self) -> ModelRecipe:
+        fields = {key for key in _flatten(self.model_dump(exclude={"search"})) if "." in key}
+        for path, dimension in self.search.items():
+            if path not in fields or path == "task.negatives.kind":
+                raise ValueError(f"search: {path!r} is not a recipe field (fields: {', '.join(sorted(fields))})")
+            for value in dimension.edges():
+                *sections, name = path.split(".")
+                raw = self.model_dump(exclude={"search"})
+                target = raw
+                for section in sections:
+                    target = target[section]
+                target[name] = value
+                try:
+                    ModelRecipe.model_validate(raw)
+                except pydantic.ValidationError as error:
+                    raise ValueError(f"search: {path!r} value {value!r} is not valid: {error.errors()[0]['msg']}") from None
+        return self
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> ModelRecipe:
         """This recipe with ``overrides`` (the same nested shape, only the fields to change) applied.
@@ -188,8 +241,9 @@ class ModelRecipe(_Section):
                     )
 
     def params(self) -> dict[str, str | int | float | bool | None]:
-        """Every field as ``section.field`` -> value (``task.negatives.kind``, ...): MLflow params."""
-        return {key: value for key, value in _flatten(self.model_dump()).items()}
+        """Every field as ``section.field`` -> value (``task.negatives.kind``, ...): MLflow params.
+        The search space is not a param of the trained model (it is in the recipe file)."""
+        return dict(_flatten(self.model_dump(exclude={"search"})))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -198,7 +252,11 @@ class ModelRecipe(_Section):
 def _merge(base: dict, overrides: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+        if key == "search" and isinstance(value, Mapping):
+            # A dimension is replaced whole (a range does not merge with choices); None drops it.
+            search = {**merged.get("search", {}), **dict(value)}
+            merged["search"] = {path: dimension for path, dimension in search.items() if dimension is not None}
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), dict):
             if key == "negatives" and value.get("kind", merged[key].get("kind")) != merged[key].get("kind"):
                 merged[key] = dict(value)  # another strategy: its own settings only
             else:

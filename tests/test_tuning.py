@@ -1,0 +1,177 @@
+"""Tuning (twotower_assets/model/tuning.py, in_memory.tune): the search finds a known best point of
+a hand-made objective, prunes, resumes after a kill, and tunes the real model on held-out rows."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import optuna
+import pyarrow as pa
+import pytest
+import scipy.sparse as sp
+
+from helpers.tuning import SEARCH, hand_made_score, hand_made_train
+from twotower_assets.model import in_memory, tuning
+from twotower_assets.model.features import parse_feature_config
+from twotower_assets.model.recipes import load_recipe
+from twotower_assets.model.training import TrainingParams
+
+def test_the_search_finds_the_known_best_point_within_its_budget():
+    recipe = load_recipe("production", SEARCH)
+    trials = []
+    result = tuning.tune(recipe, hand_made_train(), lambda _: {"recall": 0.0}, n_trials=40, seed=3,
+                         on_trial_end=trials.append)
+    best = result.best_recipe(recipe)
+    # The score's peak is 1.0 at (0.03, 0.1, 128); TPE gets within a small distance in 40 trials.
+    assert result.best_value > 0.9
+    assert best.schedule.batch_size == 128
+    assert abs(np.log10(best.optimizer.learning_rate) - np.log10(0.03)) < 0.35
+    assert abs(np.log10(best.task.temperature) - np.log10(0.1)) < 0.35
+    assert result.best_epoch == 5  # the first epoch at the plateau
+    assert result.best_value == pytest.approx(hand_made_score(best, 5))
+    # Pruning stopped trials whose curves fell below the median: fewer epochs than 8 for them.
+    pruned = [t for t in trials if t.pruned]
+    assert pruned and all(len(t.values) < 8 for t in pruned)
+    assert {t.state for t in result.study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert result.trials_run == 40
+
+
+def test_a_recipe_without_a_search_space_is_refused():
+    with pytest.raises(ValueError, match="has no `search` section"):
+        tuning.tune(load_recipe("movielens-one-vector"), hand_made_train(), lambda _: {}, n_trials=2)
+
+
+KILLED_SEARCH = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from helpers import tuning as t
+    from twotower_assets.model import tuning
+    from twotower_assets.model.recipes import load_recipe
+
+    marker = sys.argv[2]
+    train = t.hand_made_train()
+    calls = []
+
+    def slow_on_fourth(recipe, callbacks):
+        calls.append(recipe)
+        if len(calls) == 4:  # the kill comes while this trial runs
+            open(marker, "w").write("in trial 4")
+            time.sleep(600)
+        return train(recipe, callbacks)
+
+    tuning.tune(load_recipe("production", t.SEARCH), slow_on_fourth, lambda _: {"recall": 0.0}, n_trials=10,
+                storage=sys.argv[1], study_name="resume", seed=5)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_where_it_stopped(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    marker = tmp_path / "killed"
+    script = tmp_path / "search.py"
+    script.write_text(KILLED_SEARCH)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}  # finds tests/helpers
+    process = subprocess.Popen([sys.executable, str(script), storage, str(marker)], env=env)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "the search never reached its fourth trial"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+    killed = optuna.load_study(study_name="resume", storage=storage)
+    states = [t.state for t in killed.trials]
+    assert states.count(optuna.trial.TrialState.RUNNING) == 1  # left behind by the kill
+    finished_before = [t.number for t in killed.trials if t.state.is_finished()]
+    assert len(finished_before) == 3
+
+    result = tuning.tune(load_recipe("production", SEARCH), hand_made_train(), lambda _: {"recall": 0.0},
+                         n_trials=10, storage=storage, study_name="resume", seed=5)
+    resumed = result.study.trials
+    assert [t.number for t in resumed if t.state == optuna.trial.TrialState.FAIL] == [3]  # the killed trial
+    done = [t for t in resumed if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(done) == 10  # the 3 from before count against the budget: 7 new ones
+    assert {t.number for t in done} >= set(finished_before)
+
+
+def test_ranking_scores_by_hand():
+    users = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    items = np.array([[0.9, 0.1], [0.8, 0.0], [0.1, 0.9], [0.0, 0.5]], np.float32)
+    relevant = sp.csr_matrix(np.array([[0, 1, 0, 0], [0, 0, 0, 1]], np.float32))
+    exclude = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32))
+    scores = tuning.ranking_scores(users, items, relevant, exclude, k=1)
+    # user 0: item 0 removed, top-1 is item 1 (a hit); user 1: top-1 is item 2, held-out item 3 missed.
+    assert scores == {"hit_rate": 0.5, "recall": 0.5, "ndcg": 0.5}
+    scores = tuning.ranking_scores(users, items, relevant, exclude, k=2)
+    # user 1's item 3 at rank 2: DCG 1/log2(3), ideal 1.
+    assert scores["hit_rate"] == 1.0 and scores["recall"] == 1.0
+    assert scores["ndcg"] == pytest.approx((1.0 + 1 / np.log2(3)) / 2)
+
+
+def _group_events(users: int = 200, per_user: int = 12, seed: int = 0) -> pa.Table:
+    """Users of group g click distinct items of group g's 30 (6 groups, 180 items, no repeats):
+    a held-out item is never a training item of its user."""
+    rng = np.random.default_rng(seed)
+    rows = [(f"u{u}", f"i{(u % 6) * 30 + i}") for u in range(users) for i in rng.choice(30, per_user, replace=False)]
+    return pa.table({"user_id": [u for u, _ in rows], "item_id": [i for _, i in rows],
+                     "event_timestamp": rng.permutation(len(rows))})
+
+
+GROUPS = parse_feature_config({
+    "user_embedding_layers": {"user_id": {"type": "string", "embedding_size": 8}},
+    "item_embedding_layers": {"item_id": {"type": "string", "embedding_size": 8}},
+}, "groups", "test")
+
+
+@pytest.mark.slow
+def test_in_memory_tune_scores_trials_on_the_validation_rows_and_the_result_trains():
+    split = in_memory.leave_last_out(_group_events(), validation=True)
+    recipe = load_recipe("production", {
+        "towers": {"embedding_size": 8}, "schedule": {"epochs": 30, "early_stopping_patience": 30},
+        "search": {"optimizer.learning_rate": {"low": 0.03, "high": 0.1, "log": True},
+                   "schedule.batch_size": {"choices": [64, 128]}, "towers.embedding_size": {"choices": [8]},
+                   "task.temperature": {"choices": [0.1]}},
+    })
+    outcomes = []
+    result = in_memory.tune(GROUPS, split, recipe, n_trials=3, k=10, on_trial_end=outcomes.append)
+    assert len(outcomes) == 3 and result.metric == "recall@10"
+    assert all(1 <= len(o.values) <= 30 for o in outcomes)
+    assert result.best_value == max(o.best_value for o in outcomes if not o.pruned)
+    # A user's held-out item is one of the 19 unseen items of their group: chance is 10/170
+    # among all unseen items, a model that learnt the groups ranks the group first (about 10/19).
+    assert result.best_value > 0.3
+    final = in_memory.fit(GROUPS, split.train, split.validation, TrainingParams(recipe=result.best_recipe(recipe)))
+    scores = in_memory.rank_held_out(final, split.train, split.test, ks=(10,))
+    assert scores["hr@10"] == scores["recall@10"] > 0.3 and 0 < scores["ndcg@10"] <= scores["hr@10"]
+
+
+def test_leave_last_out_ties_compare_numeric_ids_as_numbers_and_can_hold_out_validation():
+    events = pa.table({
+        "user_id": ["u1", "u1", "u1", "u2", "u2", "u3"],
+        "item_id": ["99", "1000", "5", "7", "8", "2"],
+        "event_timestamp": [3, 3, 1, 5, 2, 9],
+    })
+    split = in_memory.leave_last_out(events, validation=True)
+    # u1's latest second holds 99 and 1000: 1000 is the larger id (as a number), so the test row.
+    assert sorted(zip(split.test["user_id"].to_pylist(), split.test["item_id"].to_pylist())) == [
+        ("u1", "1000"), ("u2", "7")]
+    assert list(zip(split.validation["user_id"].to_pylist(), split.validation["item_id"].to_pylist())) == [("u1", "99")]
+    assert sorted(split.train["item_id"].to_pylist()) == ["2", "5", "8"]  # u2 has two events: no validation row
+    assert in_memory.leave_last_out(events).validation is None
+
+
+def test_user_state_is_the_latest_event_and_the_newest_items():
+    config = parse_feature_config({
+        "user_embedding_layers": {"user_id": {"type": "string", "embedding_size": 4},
+                                  "user_recent_items": {"type": "history", "embedding_size": 4, "length": 2}},
+        "item_embedding_layers": {"item_id": {"type": "string", "embedding_size": 4}},
+    }, "state", "test")
+    events = pa.table({"user_id": ["u1", "u1", "u1", "u2"], "item_id": ["a", "b", "c", "d"],
+                       "event_timestamp": [1, 3, 2, 4], "user_recent_items": ["", "a c", "a", ""]})
+    state = in_memory.user_state(config, events).to_pylist()
+    assert state == [{"user_id": "u1", "user_recent_items": "b c"}, {"user_id": "u2", "user_recent_items": "d"}]

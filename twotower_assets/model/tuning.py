@@ -1,0 +1,318 @@
+"""Hyperparameter search for a model recipe, scored by ranking quality on held-out rows.
+
+The search space is the recipe's ``search`` section (:class:`SearchDimension` per field, by
+its dotted name, e.g. ``optimizer.learning_rate``). Each trial trains the recipe with the
+sampled values; after every epoch :class:`EpochRanking` ranks the whole catalogue for the
+validation users with their training items removed (the product's evaluation code,
+:mod:`twotower_assets.model.metrics`) and reports recall@k or NDCG@k to Optuna, whose pruner
+stops trials that fall behind the others' curves. A trial's score is its best epoch's metric,
+and that epoch count is kept, so the final model can be refit for exactly that many epochs.
+Trials are scored by ranking, not by val_loss: the two disagree (a lower temperature or a
+bigger batch changes the loss's scale, not only its quality).
+
+The study lives in Optuna's storage (an SQLite file by default), so a search that was killed
+resumes: its finished trials count against the budget, a trial it left running is marked
+failed, and TPE continues from what the finished ones learnt.
+
+Pure TensorFlow / Optuna: the caller says how to train (in memory or from saved datasets).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import optuna
+import scipy.sparse as sp
+import tensorflow as tf
+
+from twotower_assets.model import metrics, topk
+from twotower_assets.model.recipes import ModelRecipe, SearchDimension
+
+log = logging.getLogger(__name__)
+
+RankingMetric = Literal["recall", "ndcg"]
+
+
+class RankingEvaluator:
+    """recall@k, NDCG@k and hit rate@k of a model's towers for held-out (user, item) rows.
+
+    ``users``: the user tower's input columns, one row per evaluated user (their state at the
+    end of training); ``items``: the item tower's columns, one row per catalogue item;
+    ``relevant`` (users x items): the held-out items; ``exclude`` (users x items): the items
+    each user had in training, removed before ranking (as the offline evaluation does).
+    """
+
+    def __init__(
+        self,
+        users: Mapping[str, np.ndarray],
+        items: Mapping[str, np.ndarray],
+        relevant: sp.csr_matrix,
+        exclude: sp.csr_matrix | None,
+        k: int,
+        batch_size: int = 4096,
+    ):
+        n_users = len(next(iter(users.values())))
+        n_items = len(next(iter(items.values())))
+        if relevant.shape != (n_users, n_items):
+            raise ValueError(f"relevant is {relevant.shape}, expected (users, items) = ({n_users}, {n_items})")
+        if exclude is not None and exclude.shape != relevant.shape:
+            raise ValueError(f"exclude is {exclude.shape}, expected {relevant.shape}")
+        if k <= 0:
+            raise ValueError(f"k must be > 0, got {k}")
+        self.users, self.items = dict(users), dict(items)
+        self.relevant, self.exclude = sp.csr_matrix(relevant), exclude
+        self.k = min(k, n_items)
+        self.batch_size = batch_size
+
+    def vectors(self, tower: tf.keras.Model, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        forward = tf.function(lambda rows: tower(rows, training=False), reduce_retracing=True)
+        dataset = tf.data.Dataset.from_tensor_slices(dict(columns)).batch(self.batch_size)
+        return np.concatenate([forward(rows).numpy() for rows in dataset]).astype(np.float32, copy=False)
+
+    def __call__(self, model) -> dict[str, float]:
+        wanted = lambda tower, columns: {name: columns[name] for name in _tower_inputs(tower) if name in columns}
+        user_vectors = self.vectors(model.user_tower, wanted(model.user_tower, self.users))
+        item_vectors = self.vectors(model.item_tower, wanted(model.item_tower, self.items))
+        return ranking_scores(user_vectors, item_vectors, self.relevant, self.exclude, self.k)
+
+
+def ranking_scores(
+    user_vectors: np.ndarray, item_vectors: np.ndarray, relevant: sp.csr_matrix, exclude: sp.csr_matrix | None, k: int
+) -> dict[str, float]:
+    """HR@k (share of users with a held-out item in their top k), recall@k and NDCG@k
+    (:func:`metrics.ranking_metrics`), users with at least one held-out item only."""
+    recommended = topk.top_k_items(user_vectors, item_vectors, k, exclude=exclude)
+    table = metrics.ranking_metrics(recommended, relevant, np.zeros(relevant.shape[1]), [k]).iloc[0]
+    has_relevant = np.diff(relevant.indptr) > 0
+    hits = np.array([np.isin(recommended[u], relevant.indices[relevant.indptr[u]:relevant.indptr[u + 1]]).any()
+                     for u in np.flatnonzero(has_relevant)])
+    return {"hit_rate": float(hits.mean()) if hits.size else 0.0, "recall": float(table["recall"]),
+            "ndcg": float(table["ndcg"])}
+
+
+def _tower_inputs(tower) -> list[str]:
+    return list(dict.fromkeys(getattr(tower, "input_keys", [])))
+
+
+Evaluator = Callable[[object], Mapping[str, float]]
+"""Scores a model: ``{"recall": ..., "ndcg": ..., "hit_rate": ...}`` (:class:`RankingEvaluator`);
+its ``k`` attribute, when it has one, names the metric."""
+
+
+class EpochRanking(tf.keras.callbacks.Callback):
+    """After each epoch: the validation ranking metrics into the logs (``val_recall_at_<k>``, ...)
+    and, for a tuning trial, the chosen one reported to Optuna, stopping the fit when pruned.
+
+    Placed after the weight-averaging callback, it sees the weights validation sees.
+    """
+
+    def __init__(self, evaluator: Evaluator, metric: RankingMetric = "recall", trial: optuna.Trial | None = None):
+        super().__init__()
+        self.evaluator, self.metric, self.trial = evaluator, metric, trial
+        self.k = getattr(evaluator, "k", "k")
+        self.values: list[float] = []
+        self.pruned = False
+
+    @property
+    def name(self) -> str:
+        return f"val_{self.metric}_at_{self.k}"
+
+    @property
+    def best_epoch(self) -> int:
+        """1-based epoch of the best value (the first, on ties)."""
+        return int(np.argmax(self.values)) + 1 if self.values else 0
+
+    @property
+    def best_value(self) -> float:
+        return float(max(self.values)) if self.values else float("nan")
+
+    def on_epoch_end(self, epoch, logs=None):
+        scores = self.evaluator(self.model)
+        if logs is not None:
+            logs.update({f"val_{name}_at_{self.k}": value for name, value in scores.items()})
+        value = scores[self.metric]
+        self.values.append(value)
+        if self.trial is not None:
+            self.trial.report(value, epoch)
+            if self.trial.should_prune():
+                self.pruned = True
+                self.model.stop_training = True
+
+
+@dataclass
+class TrialOutcome:
+    """What one trial trained: its recipe, per-epoch validation metric and losses."""
+
+    number: int
+    overrides: dict
+    recipe: ModelRecipe
+    values: list[float]
+    best_epoch: int
+    best_value: float
+    pruned: bool
+    seconds: float
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class TuningResult:
+    """The best trial's overrides and epoch count, with the whole study."""
+
+    study: optuna.Study
+    metric: str
+    best_overrides: dict
+    best_value: float
+    best_epoch: int
+    trials_run: int
+    seconds: float
+
+    def best_recipe(self, recipe: ModelRecipe) -> ModelRecipe:
+        return recipe.with_overrides(self.best_overrides)
+
+
+def sample_overrides(trial: optuna.Trial, search: Mapping[str, SearchDimension]) -> dict:
+    """One point of the search space, as the recipe's nested overrides."""
+    overrides: dict = {}
+    for path, dimension in search.items():
+        if dimension.choices is not None:
+            value = trial.suggest_categorical(path, list(dimension.choices))
+        elif isinstance(dimension.low, int) and isinstance(dimension.high, int) and not dimension.float_range:
+            value = trial.suggest_int(path, dimension.low, dimension.high, log=dimension.log)
+        else:
+            value = trial.suggest_float(path, float(dimension.low), float(dimension.high), log=dimension.log)
+        *sections, name = path.split(".")
+        target = overrides
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = value
+    return overrides
+
+
+Train = Callable[[ModelRecipe, list[tf.keras.callbacks.Callback]], object]
+"""Trains a recipe with extra Keras callbacks (the caller's data and pipeline); returns its result."""
+
+
+def tune(
+    recipe: ModelRecipe,
+    train: Train,
+    evaluator: Evaluator,
+    *,
+    metric: RankingMetric = "recall",
+    n_trials: int = 20,
+    timeout_seconds: float | None = None,
+    storage: str | None = None,
+    study_name: str = "two_tower",
+    seed: int = 42,
+    on_trial_end: Callable[[TrialOutcome], None] | None = None,
+) -> TuningResult:
+    """Search ``recipe.search`` with TPE and median pruning; at most ``n_trials`` trials in the
+    study (earlier runs' finished trials included) and ``timeout_seconds`` for this call.
+
+    ``storage``: an Optuna storage URL (``sqlite:///path``) to keep the study in and resume
+    it from; None keeps it in memory. ``on_trial_end`` is called after every trial (finished
+    or pruned), e.g. to log it to MLflow. Refuses a recipe with no ``search`` section.
+    """
+    if not recipe.search:
+        raise ValueError(f"recipe {recipe.name!r} has no `search` section: nothing to tune")
+    if n_trials <= 0:
+        raise ValueError(f"n_trials must be > 0, got {n_trials}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, n_trials)),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+    )
+    _fail_abandoned_trials(study)
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    remaining = n_trials - len(done)
+    started = time.perf_counter()
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = sample_overrides(trial, recipe.search)
+        candidate = recipe.with_overrides(overrides)
+        ranking = EpochRanking(evaluator, metric, trial)
+        trial_started = time.perf_counter()
+        result = train(candidate, [ranking])
+        trial.set_user_attr("best_epoch", ranking.best_epoch)
+        trial.set_user_attr("values", ranking.values)
+        outcome = TrialOutcome(
+            number=trial.number, overrides=overrides, recipe=candidate, values=list(ranking.values),
+            best_epoch=ranking.best_epoch, best_value=ranking.best_value, pruned=ranking.pruned,
+            seconds=time.perf_counter() - trial_started, history=dict(getattr(result, "history", {}) or {}),
+        )
+        if on_trial_end is not None:
+            on_trial_end(outcome)
+        if ranking.pruned:
+            raise optuna.TrialPruned()
+        if not math.isfinite(outcome.best_value):
+            raise optuna.TrialPruned()  # no epoch finished: nothing to compare
+        return outcome.best_value
+
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=timeout_seconds, catch=(tf.errors.ResourceExhaustedError,))
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not completed:
+        raise RuntimeError(f"study {study_name!r}: no trial finished within the budget")
+    best = study.best_trial
+    return TuningResult(
+        study=study,
+        metric=f"{metric}@{getattr(evaluator, 'k', 'k')}",
+        best_overrides=_nested(best.params),
+        best_value=float(best.value),
+        best_epoch=int(best.user_attrs.get("best_epoch", 0)),
+        trials_run=len([t for t in study.trials if t.state != optuna.trial.TrialState.RUNNING]),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _nested(flat: Mapping[str, object]) -> dict:
+    nested: dict = {}
+    for path, value in flat.items():
+        *sections, name = path.split(".")
+        target = nested
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = value
+    return nested
+
+
+def _fail_abandoned_trials(study: optuna.Study) -> None:
+    """A trial still RUNNING when a study is opened was left by a process that died: fail it,
+    so it neither counts against the budget nor blocks the sampler."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+        log.warning("trial %s of study %r was left running by a stopped search: marked failed",
+                    trial.number, study.study_name)
+
+
+def trials_frame(study: optuna.Study) -> list[dict]:
+    """One dict per trial: number, state, value, best epoch and its parameters."""
+    return [
+        {"trial": t.number, "state": t.state.name, "value": t.value, "best_epoch": t.user_attrs.get("best_epoch"),
+         **t.params}
+        for t in study.trials
+    ]
+
+
+def relevant_matrix(user_ids: Sequence[str], item_ids: Sequence[str], pairs_user: Sequence[str],
+                    pairs_item: Sequence[str]) -> sp.csr_matrix:
+    """(users x items) binary matrix of the (user, item) pairs whose user and item are known."""
+    user_row = {u: i for i, u in enumerate(user_ids)}
+    item_row = {m: i for i, m in enumerate(item_ids)}
+    rows, cols = [], []
+    for user, item in zip(pairs_user, pairs_item):
+        if user in user_row and item in item_row:
+            rows.append(user_row[user])
+            cols.append(item_row[item])
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(user_ids), len(item_ids)))
+    matrix.data[:] = 1.0
+    return matrix
