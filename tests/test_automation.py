@@ -257,6 +257,20 @@ def test_the_weekly_schedule_trains_the_date_of_its_tick():
     assert request.partition_key == "2026-06-01"
 
 
+def test_tuning_has_its_own_monthly_schedule_and_the_weekly_training_does_not_retune():
+    schedule = defs.resolve_schedule_def("monthly_tuning")
+    assert schedule.cron_schedule == "0 1 1 * *" and schedule.job_name == jobs.TUNING_JOB
+    first = dt.datetime(2026, 7, 1, 1, tzinfo=dt.timezone.utc)
+    (request,) = schedule.evaluate_tick(dg.build_schedule_context(
+        scheduled_execution_time=first, repository_def=defs.get_repository_def())).run_requests
+    assert request.partition_key == "2026-07-01"
+    tuning = {key.to_user_string() for key in defs.resolve_job_def(jobs.TUNING_JOB).asset_layer.selected_asset_keys}
+    assert tuning == {layout.TUNED_HYPERPARAMETERS}
+    training = {key.to_user_string() for key in defs.resolve_job_def(jobs.TRAINING_JOB).asset_layer.selected_asset_keys}
+    assert layout.TUNED_HYPERPARAMETERS not in training and "two_tower_model" in training
+    assert layout.TUNED_HYPERPARAMETERS not in jobs.load_run_config(REPO / "configs" / "run" / "tiny.yaml")["ops"]
+
+
 def test_the_schedule_cadence_is_configurable():
     assert schedules.training_cron({"TWOTOWER_TRAINING_WEEKDAY": "Wednesday", "TWOTOWER_TRAINING_HOUR": "5"}) == "0 5 * * 3"
     assert schedules.training_cron({"TWOTOWER_TRAINING_CRON": "30 1 * * 2", "TWOTOWER_TRAINING_WEEKDAY": "fri"}) == "30 1 * * 2"

@@ -36,7 +36,8 @@ def test_lineage_runs_from_click_events_to_the_embedding_tables():
 
     assert parents("training_events") == {"click_events"}
     assert {"training_events", "validation_events"} <= parents("tf_datasets")
-    assert parents("two_tower_model") == {"tf_datasets"}
+    assert parents("tuned_hyperparameters") == {"tf_datasets"}
+    assert parents("two_tower_model") == {"tf_datasets", "tuned_hyperparameters"}
     assert parents("match_model") == {"two_tower_model"}
     assert {"two_tower_model", "match_model"} <= parents("evaluation_metrics")
     # Everything published sits behind evaluation_metrics, whose blocking quality gate guards it.
@@ -45,6 +46,7 @@ def test_lineage_runs_from_click_events_to_the_embedding_tables():
         assert "evaluation_metrics" in parents(published), published
     assert parents("two_tower_user_embedding_history") == {"match_model", "evaluation_metrics"}
     partitioned = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).partitions_def}
-    assert {"training_events", "tf_datasets", "two_tower_model", "evaluation_metrics", "match_model",
+    assert {"training_events", "tf_datasets", "tuned_hyperparameters", "two_tower_model", "evaluation_metrics",
+            "match_model",
             "two_tower_user_embedding_history", "two_tower_item_embedding_history", "item_ann_index",
             "two_tower_retriever", "champion"} <= partitioned

@@ -42,7 +42,7 @@ def test_every_asset_materialised(graph):
     materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert {
         layout.CLICK_EVENTS, layout.TRAINING_EVENTS, layout.VALIDATION_EVENTS, layout.TEST_EVENTS,
-        "tf_datasets", "two_tower_model", "evaluation_metrics", "match_model",
+        "tf_datasets", "tuned_hyperparameters", "two_tower_model", "evaluation_metrics", "match_model",
         layout.USER_EMBEDDING_HISTORY, layout.ITEM_EMBEDDING_HISTORY, layout.ITEM_ANN_INDEX,
         layout.TWO_TOWER_RETRIEVER, layout.CHAMPION,
     } <= materialised
@@ -60,9 +60,10 @@ def test_mlflow_run_is_finished_with_params_losses_config_and_model(graph, tmp_p
     assert {"user_count", "item_count", "user_feature_count", "item_feature_count", "config_name"} <= set(
         run.data.params
     )
-    # Every field of the resolved recipe is a param: production's, with tiny.yaml's overrides.
-    recipe = load_recipe(
-        "production",
+    # Every field of the resolved recipe is a param: production's, the date's tuning, then
+    # tiny.yaml's overrides.
+    tuned = metadata_of(result, "tuned_hyperparameters")["best_overrides"].value
+    recipe = load_recipe("production").with_overrides(tuned).with_overrides(
         {"towers": {"embedding_size": 8}, "schedule": {"batch_size": 256, "epochs": 2},
          "optimizer": {"learning_rate": 0.05}},
     )
@@ -83,6 +84,36 @@ def test_mlflow_run_is_finished_with_params_losses_config_and_model(graph, tmp_p
     # The MatchModel and the retriever are MLflow logged models of the run (the UI's "Logged models").
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert {m.name for m in logged if m.source_run_id == run_id} == {"match_model", "retriever"}
+
+
+@pytest.mark.slow
+def test_tuning_is_one_mlflow_run_with_a_nested_run_per_trial_and_the_model_trains_from_it(graph):
+    home, resources, result = graph
+    tuned = metadata_of(result, "tuned_hyperparameters")
+    client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    parent_id = tuned["mlflow_run_url"].value.rsplit("/", 1)[-1]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["metric"] == "recall@50"
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(children) == tuned["trials"].value == 2  # tiny.yaml's budget
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"optimizer.learning_rate", "task.temperature", "schedule.batch_size"} <= set(child.data.params)
+        values = client.get_metric_history(child.info.run_id, "val_recall_at_50")
+        assert 1 <= len(values) <= 3  # max_epochs 3
+        assert child.data.metrics["best_value"] == pytest.approx(max(v.value for v in values))
+    assert tuned["best_value"].value == pytest.approx(max(c.data.metrics["best_value"] for c in children), abs=1e-4)
+    assert "optimization_history" in tuned and "data:image/png;base64," in tuned["optimization_history"].value
+    plots = {a.path for a in client.list_artifacts(parent_id, "plots")}
+    assert "plots/optimization_history.png" in plots
+    # The model of the same date trained from the tuning (then tiny.yaml's own overrides).
+    model = metadata_of(result, "two_tower_model")
+    assert model["tuned_from"].value.startswith(f"{TINY_PARTITION} (recall@50 ")
+    run = client.get_run(model["mlflow_run_id"].value)
+    assert run.data.params["tuned_from"] == model["tuned_from"].value
+    best = tuned["best_overrides"].value
+    assert float(run.data.params["task.temperature"]) == pytest.approx(best["task"]["temperature"])
+    assert run.data.params["towers.embedding_size"] == "8"  # the run config wins over the tuning
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
                        MLflow store, saved datasets and models.
 ``TWOTOWER_WAREHOUSE`` ``duckdb`` (default) or ``bigquery``.
 ``MLFLOW_TRACKING_URI`` overrides the local MLflow store (``sqlite:///$TWOTOWER_HOME/mlflow.db``).
+``TWOTOWER_OPTUNA_STORAGE`` where tuning keeps its studies (default: ``optuna.db`` beside the MLflow store).
 ``TWOTOWER_DUCKDB_MEMORY_LIMIT`` DuckDB's memory limit (default ``2GB``; past it DuckDB spills to disk).
 ``TWOTOWER_ASSET_OWNERS`` owners of every asset, comma-separated (default ``team:recommendations``).
 ``TWOTOWER_ASSET_TAGS``   tags of every asset, ``key=value`` comma-separated (default ``pipeline=two_tower``).
@@ -50,6 +51,12 @@ def duckdb_memory_limit() -> str | None:
 
 def mlflow_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{home() / 'mlflow.db'}")
+
+
+def optuna_storage() -> str | None:
+    """``TWOTOWER_OPTUNA_STORAGE``: an Optuna storage URL for tuning's studies (unset: an SQLite
+    file beside the local MLflow store)."""
+    return os.environ.get("TWOTOWER_OPTUNA_STORAGE") or None
 
 
 def mlflow_artifact_root() -> str:

@@ -85,13 +85,22 @@ a tick in between would see the partition idle yet not updated and request it ag
 later the update is visible and has reset the conditions that would have fired. (A date that
 has just become the latest was not in progress before either: it did not exist.)"""
 
-DEPS_UPDATED = (
-    AC.any_deps_match(_UPDATED_ELSEWHERE | AC.will_be_requested()).since_last_handled()
-    & ~AC.any_deps_missing()
-    & ~AC.any_deps_in_progress()
-    & _IDLE
-    & AC.all_deps_blocking_checks_passed()
-).with_label("deps_updated")
+def deps_updated(ignore: dg.AssetSelection | None = None) -> dg.AutomationCondition:
+    """DEPS_UPDATED (below), blind to the inputs in ``ignore``."""
+
+    def blind(condition):
+        return condition.ignore(ignore) if ignore is not None else condition
+
+    return (
+        blind(AC.any_deps_match(_UPDATED_ELSEWHERE | AC.will_be_requested())).since_last_handled()
+        & ~blind(AC.any_deps_missing())
+        & ~blind(AC.any_deps_in_progress())
+        & _IDLE
+        & AC.all_deps_blocking_checks_passed()
+    ).with_label("deps_updated")
+
+
+DEPS_UPDATED = deps_updated()
 """Materialise a training-date partition when an input of the same date was updated (or is
 requested in the same tick), once all inputs exist, none is running, and every blocking check
 of the inputs passed (or runs in the same run, where a failure stops the run before us).
@@ -147,8 +156,22 @@ not retrain: the source grows every day and the cadence is weekly (the schedule 
 With ``TWOTOWER_RETRAIN_ON_NEW_EVENTS=true`` a new event day of the latest date's window
 rebuilds its split, and the model follows (``MODEL_CONDITION``): retraining on new data."""
 
-MODEL_CONDITION = (DEPS_UPDATED | RETRAIN_WHEN_STALE).with_label("retrain")
-"""The model retrains when its training data has new data, and when it is stale."""
+_TUNING = dg.AssetSelection.assets("tuned_hyperparameters")
+
+MODEL_CONDITION = (
+    deps_updated(ignore=_TUNING)
+    | (
+        AC.in_latest_time_window()
+        & AC.freshness_failed().newly_true().since_last_handled()
+        & ~AC.any_deps_missing().ignore(_TUNING)
+        & ~AC.any_deps_in_progress().ignore(_TUNING)
+        & _IDLE
+    ).with_label("retrain_when_stale")
+).with_label("retrain")
+"""The model retrains when its training data has new data, and when it is stale. Tuning is
+an input it reads when there is one (the newest at or before its date), on its own monthly
+cadence: a date without a tuning of its own still trains, and a new tuning does not by itself
+retrain (the next weekly training uses it)."""
 
 DOWNSTREAM_CONDITION = DEPS_UPDATED
 """Datasets, metrics, MatchModel and embedding tables follow their inputs; the blocking

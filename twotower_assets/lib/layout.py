@@ -35,6 +35,7 @@ TEST_EVENTS = "test_events"
 SPLIT_TABLES = {"training": TRAINING_EVENTS, "validation": VALIDATION_EVENTS, "test": TEST_EVENTS}
 
 TF_DATASETS = "tf_datasets"
+TUNED_HYPERPARAMETERS = "tuned_hyperparameters"
 TWO_TOWER_MODEL = "two_tower_model"
 EVALUATION_METRICS = "evaluation_metrics"
 MATCH_MODEL = "match_model"

@@ -19,6 +19,11 @@ from twotower_assets.lib.conditions import TRAINING_RUN_TAGS, AutomationSettings
 from twotower_assets.lib.partitions import training_date_partitions
 
 TRAINING_JOB = "two_tower_training"
+TUNING_JOB = "hyperparameter_tuning"
+
+NOT_IN_TRAINING_JOB = (layout.CLICK_EVENTS, layout.TUNED_HYPERPARAMETERS)
+"""Event days are backfilled on their own, and tuning has its own (monthly) cadence: a weekly
+training reads the newest tuning, it does not retune."""
 
 
 def load_run_config(path: str | Path | Any | None) -> dict[str, Any] | None:
@@ -37,7 +42,7 @@ def load_run_config(path: str | Path | Any | None) -> dict[str, Any] | None:
     config = yaml.safe_load(path.read_text()) or {}
     if not isinstance(config, dict):
         raise AutomationSettingsError(f"{path} must hold a run-config mapping, not {type(config).__name__}")
-    ops = {name: value for name, value in (config.get("ops") or {}).items() if name != layout.CLICK_EVENTS}
+    ops = {name: value for name, value in (config.get("ops") or {}).items() if name not in NOT_IN_TRAINING_JOB}
     config = {key: value for key, value in config.items() if key != "ops"}
     if ops:
         config["ops"] = ops
@@ -46,7 +51,7 @@ def load_run_config(path: str | Path | Any | None) -> dict[str, Any] | None:
 
 training_job = dg.define_asset_job(
     TRAINING_JOB,
-    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(layout.CLICK_EVENTS),
+    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*NOT_IN_TRAINING_JOB),
     partitions_def=training_date_partitions,
     config=load_run_config(os.environ.get("TWOTOWER_RUN_CONFIG")),
     run_tags=TRAINING_RUN_TAGS,
@@ -65,7 +70,7 @@ def preset_job(name: str, run_config_file: str, description: str):
     """
     return dg.define_asset_job(
         name,
-        selection=dg.AssetSelection.all() - dg.AssetSelection.assets(layout.CLICK_EVENTS),
+        selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*NOT_IN_TRAINING_JOB),
         partitions_def=training_date_partitions,
         config=load_run_config(resources.files("twotower_assets.configs") / "run" / run_config_file),
         run_tags=TRAINING_RUN_TAGS,
@@ -90,4 +95,13 @@ training_job_tiny = preset_job(
 training_job_production_scale = preset_job(
     "two_tower_training_production_scale", "production-scale.yaml",
     "The training job with configs/run/production-scale.yaml: production sizes (10M events).",
+)
+
+
+tuning_job = dg.define_asset_job(
+    TUNING_JOB,
+    selection=dg.AssetSelection.assets(layout.TUNED_HYPERPARAMETERS),
+    partitions_def=training_date_partitions,
+    description="Tunes the model recipe's hyperparameters on one training date's datasets "
+    "(tuned_hyperparameters); later trainings use the result.",
 )

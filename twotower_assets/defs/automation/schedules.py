@@ -1,4 +1,4 @@
-"""The weekly schedule of the training job.
+"""The weekly schedule of the training job, and the monthly one of tuning.
 
 The ``weekly_training`` schedule runs the partitioned ``two_tower_training`` job for the
 tick's training date, once a week (production cadence; the weekday and hour, or a whole cron
@@ -85,3 +85,21 @@ def build_training_schedule(cron: str | None = None) -> dg.ScheduleDefinition:
 
 
 training_schedule = build_training_schedule()
+
+
+TUNING_CRON = "0 1 1 * *"
+"""Retuning's own cadence: monthly, the 1st at 01:00 UTC, before that week's training."""
+
+
+@dg.schedule(
+    name="monthly_tuning",
+    cron_schedule=TUNING_CRON,
+    job=jobs.tuning_job,
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description=f"Tunes the recipe's hyperparameters on the tick's training date ({TUNING_CRON}, UTC); "
+    "the weekly trainings after it use the result.",
+)
+def monthly_tuning(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    partition_key = training_partition_at(context.scheduled_execution_time)
+    return dg.RunRequest(run_key=f"tuning-{partition_key}", partition_key=partition_key)

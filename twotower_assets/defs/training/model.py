@@ -24,7 +24,9 @@ from twotower_assets.lib.partitions import training_date_partitions
 @dg.asset(
     key=layout.TWO_TOWER_MODEL,
     partitions_def=training_date_partitions,
-    deps=[layout.TF_DATASETS],
+    # Tuning is read when there is one, the newest at or before the date (trainer.py): a date
+    # without its own tuning still trains (MODEL_CONDITION ignores this input).
+    deps=[layout.TF_DATASETS, layout.TUNED_HYPERPARAMETERS],
     group_name="training",
     kinds={"tensorflow", "mlflow"},
     description="TFRS two-tower retrieval model: towers, tower outputs, MLflow run.",

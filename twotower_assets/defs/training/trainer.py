@@ -25,6 +25,7 @@ import pydantic
 from dagster_pipes import PipesMetadataValue
 from pydantic import Field
 
+from twotower_assets.defs.training.tuning import newest_tuning
 from twotower_assets.defs.training.warm_start_source import resolve_warm_start
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
@@ -116,6 +117,16 @@ class TrainingConfig(dg.Config):
         description="MLflow experiment: any printable text (it is a value, never SQL), no control characters.",
     )
     run_name: str | None = Field(default=None, description="MLflow run name; default two_tower_<date>.")
+    tuned: Literal["newest", "none"] = Field(
+        default="newest",
+        description="newest: start from the newest tuning of this recipe at or before the date "
+        "(tuned_hyperparameters), then apply the overrides above. none: the recipe and overrides only.",
+    )
+    refit: bool = Field(
+        default=False,
+        description="With a tuning: train on training + validation rows for the tuning's best epoch count "
+        "instead of early-stopping on the validation rows.",
+    )
     training_launcher: Literal["local", "pipes"] = Field(
         default="local",
         description="local: train in the Dagster process. pipes: launch the training entry point "
@@ -133,11 +144,14 @@ class TrainingConfig(dg.Config):
         sections = {"towers": self.towers, "task": self.task, "optimizer": self.optimizer, "schedule": self.schedule}
         return {name: section.model_dump(exclude_none=True) for name, section in sections.items() if section is not None}
 
-    def model_recipe(self) -> ModelRecipe:
-        return load_recipe(self.recipe, self.recipe_overrides())
+    def model_recipe(self, tuned_overrides: dict | None = None) -> ModelRecipe:
+        """The recipe, then a tuning's values (if given), then this config's overrides."""
+        return load_recipe(self.recipe).with_overrides(tuned_overrides).with_overrides(self.recipe_overrides())
 
-    def training_params(self) -> TrainingParams:
-        return TrainingParams(recipe=self.model_recipe(), seed=self.seed, mixed_precision=self.mixed_precision)
+    def training_params(self, tuned_overrides: dict | None = None) -> TrainingParams:
+        return TrainingParams(
+            recipe=self.model_recipe(tuned_overrides), seed=self.seed, mixed_precision=self.mixed_precision
+        )
 
 
 Log = Callable[[str], None]
@@ -177,8 +191,13 @@ def train_partition(
     stats = FeatureStats.load(datasets.root)
     train_rows = dataset_rows(datasets.training)
     validation_rows = dataset_rows(datasets.validation)
-    params = config.training_params()
+    tuned = newest_tuning(artifacts, partition_key, load_recipe(config.recipe).name) if config.tuned == "newest" else None
+    refit_epochs = tuned["best_epoch"] if tuned and config.refit and tuned.get("best_epoch") else None
+    refit_schedule = {"schedule": {"epochs": refit_epochs, "early_stopping_patience": refit_epochs}} if refit_epochs else {}
+    params = config.training_params(_merged(tuned["overrides"] if tuned else {}, refit_schedule))
     recipe = params.recipe
+    tuned_from = (f"{tuned['train_date']} ({tuned['metric']} {tuned['value']:.4f}, {tuned['trials']} trials)"
+                  if tuned else "none")
     recipe.check_features(feature_config)  # before the MLflow run: a recipe that cannot fit fails here
     run_name = config.run_name or f"two_tower_{partition_key}"
     # Resolved before the run starts: a champion that cannot be read fails here, not mid-training.
@@ -202,6 +221,8 @@ def train_partition(
                 "seed": params.seed,
                 "mixed_precision": params.mixed_precision,
                 "warm_start": config.warm_start,
+                "tuned_from": tuned_from,
+                "refit_on_validation": bool(refit_epochs),
                 "warm_start_from": start_from.label,
                 "train_date": partition_key,
                 "training_rows": train_rows,
@@ -234,15 +255,18 @@ def train_partition(
             warm_report.update(report.summary())
             run.dict(warm_report, "warm_start.json")
 
-        log_info(f"Recipe {recipe.name!r}: {recipe.params()}")
+        log_info(f"Recipe {recipe.name!r} (tuned from: {tuned_from}): {recipe.params()}")
+        if refit_epochs:
+            log_info(f"Refit: training + validation rows for the tuning's best epoch count, {refit_epochs}")
         log_info(f"Warm start ({config.warm_start}): {start_from.reason}")
         started = time.perf_counter()
         result = train_two_tower(
             feature_config,
             stats,
-            load_blocks(datasets.training),
-            train_rows,
-            load_blocks(datasets.validation) if validation_rows else None,
+            load_blocks(datasets.training).concatenate(load_blocks(datasets.validation))
+            if refit_epochs and validation_rows else load_blocks(datasets.training),
+            train_rows + validation_rows if refit_epochs else train_rows,
+            load_blocks(datasets.validation) if validation_rows and not refit_epochs else None,
             params,
             callbacks=[log_epoch],
             catalog=_catalog(load_dataset(datasets.items)) if recipe.task.negatives.needs_catalog else None,
@@ -292,6 +316,8 @@ def train_partition(
         "mlflow_run_url": _value(mlflow.run_url(experiment_id, run_id), "url"),
         "config_name": _value(feature_config.name, "text"),
         "recipe": _value(recipe.name, "text"),
+        "tuned_from": _value(tuned_from, "text"),
+        "refit_on_validation": _value(bool(refit_epochs), "bool"),
         "recipe_fields": _value(recipe.params(), "json"),
         "device": _value(result.device, "text"),
         "warm_start_from": _value(start_from.label, "text"),
@@ -307,6 +333,14 @@ def train_partition(
         "path": _value(str(artifacts.path(layout.TWO_TOWER_MODEL, partition_key)), "path"),
         "loss_per_epoch": _value(markdown_image(loss_png, "training and validation loss per epoch"), "md"),
     }
+
+
+def _merged(*overrides: dict) -> dict:
+    merged: dict = {}
+    for override in overrides:
+        for section, values in override.items():
+            merged.setdefault(section, {}).update(values)
+    return merged
 
 
 def _catalog(items) -> dict[str, np.ndarray]:
