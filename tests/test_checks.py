@@ -95,6 +95,39 @@ def test_gate_compares_nothing_when_the_previous_model_logged_no_recall():
     assert "has no recall_at_50 logged" in decision.metadata["previous_model"]
 
 
+def _with(table: pd.DataFrame, model: str, recall_at: dict[int, float]) -> pd.DataFrame:
+    extra = pd.DataFrame([(model, "all", k, r) for k, r in recall_at.items()], columns=table.columns)
+    return pd.concat([table, extra], ignore_index=True)
+
+
+def test_gate_reports_the_lift_over_each_baseline_and_warns_below_the_strongest_by_default():
+    table = _with(_with(metrics_table({50: 0.6}, {50: 0.3}), "ease", {50: 0.75}), "svd", {50: 0.4})
+    decision = decide(table, QualityGateConfig(), None)
+    # 0.6 beats popularity (0.3) but not EASE (0.75): published, with a warning that says so.
+    assert decision.passed and decision.reasons == []
+    assert decision.metadata["strongest_baseline"] == "ease" and decision.metadata["ease_recall_at_50"] == 0.75
+    assert decision.metadata["lift_over_popularity_at_50"] == pytest.approx(2.0)
+    assert decision.metadata["lift_over_ease_at_50"] == pytest.approx(0.8)
+    assert decision.metadata["lift_over_svd_at_50"] == pytest.approx(1.5)
+    assert decision.warnings == [
+        "recall@50 0.6000 does not beat the strongest simple baseline, ease (0.7500 x (1 + 0) = 0.7500)"
+    ]
+    assert decision.description.startswith("passed; warning: recall@50 0.6000 does not beat")
+
+
+def test_gate_can_block_below_the_strongest_baseline_and_item_knn_stands_in_above_the_ease_bound():
+    table = _with(metrics_table({50: 0.6}, {50: 0.3}), "ease", {50: 0.75})
+    blocked = decide(table, QualityGateConfig(strongest_baseline="block"), None)
+    assert not blocked.passed and "does not beat the strongest simple baseline, ease" in blocked.description
+    assert decide(table, QualityGateConfig(strongest_baseline="block", min_lift_over_strongest=-0.25), None).passed
+    knn = _with(metrics_table({50: 0.6}, {50: 0.3}), "item_knn", {50: 0.55})
+    passed = decide(knn, QualityGateConfig(strongest_baseline="block"), None)
+    assert passed.passed and not passed.warnings and passed.metadata["strongest_baseline"] == "item_knn"
+    assert passed.metadata["lift_over_item_knn_at_50"] == pytest.approx(0.6 / 0.55)
+    alone = decide(metrics_table({50: 0.6}, {50: 0.3}), QualityGateConfig(strongest_baseline="block"), None)
+    assert alone.passed and alone.metadata["strongest_baseline"] == "none evaluated (popularity only)"
+
+
 def test_gate_config_rejects_out_of_range_values():
     with pytest.raises(Exception, match="max_relative_drop"):
         QualityGateConfig(max_relative_drop=1.5)

@@ -375,6 +375,26 @@ def test_evaluation_reports_ease_under_its_bound_and_says_why_not_above_it():
     assert ease.loc[1, "recall"] == 1.0 and ease.loc[1, "precision"] == 1.0
     assert counts["ease"] == "evaluated"
 
-    _, counts = evaluate(vectors(users, "user_id"), vectors(items, "item_id"), training, test,
-                         EvaluationConfig(ks=[1], num_users=10, svd_factors=1, ease_max_items=3))
-    assert counts["ease"] == "left out: 4 items is above ease_max_items (3)"
+    table, counts = evaluate(vectors(users, "user_id"), vectors(items, "item_id"), training, test,
+                             EvaluationConfig(ks=[1], num_users=10, svd_factors=1, ease_max_items=3))
+    assert counts["ease"] == "left out: 4 items is above ease_max_items (3); item-kNN evaluated instead"
+    assert "ease" not in set(table["model"]) and "item_knn" in set(table["model"])
+    knn = table[(table["model"] == "item_knn") & (table["segment"] == "all")].set_index("k")
+    # Cosines: a~b 2/sqrt(3*2), c~d 1/sqrt(1*2), nothing across the blocks: u2 (has a) gets b,
+    # u4 (has d) gets c, both hits at k = 1.
+    assert knn.loc[1, "recall"] == 1.0
+
+
+def test_item_knn_similarities_and_recommendations_by_hand():
+    train = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 1]], np.float32))
+    # Item columns: 0 {u0, u1}, 1 {u0, u1, u3}, 2 {u1, u2}, 3 {u2, u3}. Cosines: 0~1 2/sqrt(6),
+    # 0~2 1/2, 0~3 0, 1~2 1/sqrt(6), 1~3 1/sqrt(6), 2~3 1/2. Two neighbours per item (column).
+    weights = metrics.item_knn_similarities(train, neighbours=2).toarray()
+    c = 1 / np.sqrt(6)
+    assert weights[:, 0] == pytest.approx([0, 2 * c, 0.5, 0])
+    assert weights[:, 2] == pytest.approx([0.5, 0, 0, 0.5])
+    assert weights[:, 3] == pytest.approx([0, c, 0.5, 0])
+    assert np.count_nonzero(weights[:, 1]) == 2 and weights[0, 1] == pytest.approx(2 * c)  # b's tie: one of c, d
+    # With every neighbour kept: u2 has c and d, scores a 1/2, b 2/sqrt(6) (from c and d): b first.
+    top = metrics.item_knn_recommendations(train, np.array([2]), 2, exclude=train[[2]], neighbours=3)
+    assert top.tolist() == [[1, 0]]

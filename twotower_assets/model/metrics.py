@@ -46,7 +46,14 @@ import scipy.linalg
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, eigsh, svds
 
-from twotower_assets.model.topk import as_exclude_matrix, check_block_size, check_k, top_k_items
+from twotower_assets.model.topk import (
+    _mask_excluded,
+    _top_k_of_scores,
+    as_exclude_matrix,
+    check_block_size,
+    check_k,
+    top_k_items,
+)
 
 __all__ = [
     "random_recommendations",
@@ -55,6 +62,8 @@ __all__ = [
     "ease_item_weights",
     "ease_recommendations",
     "EASE_MAX_ITEMS",
+    "item_knn_similarities",
+    "item_knn_recommendations",
     "ranking_metrics",
     "evaluate_recommenders",
     "capped_ks",
@@ -298,6 +307,71 @@ def ease_recommendations(
         users = (binary[rows] > 0).astype(np.float32).toarray()
         block_exclude = None if exclude is None else exclude[start : start + len(rows)]
         out[start : start + len(rows)] = top_k_items(users, weights_t, k, exclude=block_exclude, block_size=block_size)
+    return out
+
+
+def item_knn_similarities(train_matrix: sp.csr_matrix, neighbours: int = 100, block_items: int = 2048) -> sp.csr_matrix:
+    """Item-kNN's (items x items) sparse weights: the cosine between items' binary user columns,
+    each item keeping its ``neighbours`` most similar other items (Sarwar et al. 2001).
+
+    Column j holds item j's neighbours, so a user's scores are ``x_u @ S``: the sum of the
+    similarities of each item to the items the user has. Built ``block_items`` columns at a
+    time, so no dense items x items matrix exists (200,000 items: blocks of 2,048 columns).
+    """
+    if neighbours <= 0:
+        raise ValueError(f"neighbours must be > 0, got {neighbours}")
+    binary = sp.csc_matrix(_binary(train_matrix))
+    norms = np.sqrt(np.asarray(binary.multiply(binary).sum(axis=0)).ravel())
+    normalised = sp.csc_matrix(binary.multiply(1.0 / np.maximum(norms, 1e-12)[None, :]))
+    gram_left = sp.csr_matrix(normalised.T)
+    n_items = binary.shape[1]
+    rows, cols, values = [], [], []
+    for start in range(0, n_items, block_items):
+        stop = min(start + block_items, n_items)
+        block = (gram_left @ normalised[:, start:stop]).toarray()  # (items, block) cosines
+        block[np.arange(start, stop), np.arange(stop - start)] = 0.0  # an item is not its own neighbour
+        keep = min(neighbours, n_items - 1)
+        if keep <= 0:
+            continue
+        top = np.argpartition(-block, keep - 1, axis=0)[:keep]
+        top_values = np.take_along_axis(block, top, axis=0)
+        positive = top_values > 0
+        rows.append(top[positive])
+        cols.append(np.broadcast_to(np.arange(start, stop)[None, :], top.shape)[positive])
+        values.append(top_values[positive])
+    if not rows:
+        return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+    return sp.csr_matrix(
+        (np.concatenate(values).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(n_items, n_items),
+    )
+
+
+def item_knn_recommendations(
+    train_matrix: sp.csr_matrix,
+    user_rows: np.ndarray,
+    k: int,
+    exclude=None,
+    neighbours: int = 100,
+    block_size: int = 2048,
+) -> np.ndarray:
+    """Top k of item-kNN (:func:`item_knn_similarities`) for the training users at ``user_rows``;
+    ``exclude`` is aligned with ``user_rows``. Any catalogue size: the weights are sparse."""
+    user_rows = np.asarray(user_rows, dtype=np.int64).ravel()
+    k, block_size = check_k(k), check_block_size(block_size)
+    n_items = train_matrix.shape[1]
+    exclude = as_exclude_matrix(exclude, len(user_rows), n_items)
+    weights = item_knn_similarities(train_matrix, neighbours)
+    binary = _binary(train_matrix).astype(np.float32)
+    out = np.empty((len(user_rows), min(k, n_items)), dtype=np.int64)
+    # Dense scores a block of users at a time, at most ~16M floats (64 MB) per block.
+    step = max(1, min(block_size, 16_000_000 // max(n_items, 1)))
+    for start in range(0, len(user_rows), step):
+        rows = user_rows[start : start + step]
+        scores = np.asarray((binary[rows] @ weights).todense(), dtype=np.float32)
+        if exclude is not None:
+            _mask_excluded(scores, exclude, start)
+        out[start : start + len(rows)] = _top_k_of_scores(scores, min(k, n_items))
     return out
 
 

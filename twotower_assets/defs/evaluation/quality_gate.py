@@ -3,13 +3,18 @@
 The model's recall@k must beat the popularity baseline (by ``min_lift_over_popularity``) and
 must not fall more than ``max_relative_drop`` below the previously *published* model (the
 newest earlier date in the embedding history table; its recall comes from that model's MLflow
-run). When it fails, ``match_model`` and everything published from it do not run for that
+run). It is also compared with the strongest simple baseline the evaluation could afford:
+EASE up to ``EvaluationConfig.ease_max_items`` items (10,000: a dense items x items inverse),
+item-kNN above. Falling short of that one warns by default (``strongest_baseline: warn``) and
+blocks with ``block``: docs/decisions.md says why. The lift over every baseline is reported.
+When the gate fails, ``match_model`` and everything published from it do not run for that
 date (the check is blocking), and the check's description and metadata in the UI say why.
 """
 
 import datetime as dt
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import dagster as dg
 import pandas as pd
@@ -30,6 +35,8 @@ from twotower_assets.warehouse.queries import latest_partition_before_query
 warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
 
 BASELINE = "popularity"
+STRONGEST_BASELINES = ("ease", "item_knn")
+"""In order of preference: the evaluation computes EASE up to its item bound, item-kNN above it."""
 
 
 class QualityGateConfig(dg.Config):
@@ -44,6 +51,14 @@ class QualityGateConfig(dg.Config):
         ge=0.0,
         le=1.0,
         description="recall@k may be at most this fraction below the previously published model's.",
+    )
+    strongest_baseline: Literal["warn", "block"] = Field(
+        default="warn",
+        description="When recall@k does not beat the strongest simple baseline (EASE, or item-kNN above "
+        "EASE's item bound): warn (publish, and say so) or block (publish nothing).",
+    )
+    min_lift_over_strongest: float = Field(
+        default=0.0, ge=-1.0, description="recall@k must exceed the strongest baseline's x (1 + this)."
     )
 
 
@@ -61,10 +76,12 @@ class GateDecision:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def description(self) -> str:
-        return "; ".join(self.reasons) if self.reasons else "passed"
+        text = "; ".join(self.reasons) if self.reasons else "passed"
+        return text + "".join(f"; warning: {warning}" for warning in self.warnings)
 
 
 def gated_k(metrics: pd.DataFrame, k: int) -> int | None:
@@ -101,6 +118,28 @@ def decide(metrics: pd.DataFrame, config: QualityGateConfig, previous: PreviousM
             f"recall@{k} {model_recall:.4f} does not beat the popularity baseline "
             f"({baseline_recall:.4f} x (1 + {config.min_lift_over_popularity:g}) = {needed:.4f})"
         )
+    for baseline in sorted({model for model, at in recall.index if at == k} - {layout.EVALUATED_MODEL}):
+        value = float(recall[(baseline, k)])
+        decision.metadata[f"lift_over_{baseline}_at_{k}"] = model_recall / value if value else float("nan")
+    strongest = next((b for b in STRONGEST_BASELINES if (b, k) in recall.index), None)
+    if strongest is None:
+        decision.metadata["strongest_baseline"] = "none evaluated (popularity only)"
+    else:
+        strongest_recall = float(recall[(strongest, k)])
+        threshold = strongest_recall * (1 + config.min_lift_over_strongest)
+        decision.metadata.update({
+            "strongest_baseline": strongest,
+            f"{strongest}_recall_at_{k}": strongest_recall,
+            "strongest_baseline_policy": config.strongest_baseline,
+        })
+        if not model_recall > threshold:
+            shortfall = (f"recall@{k} {model_recall:.4f} does not beat the strongest simple baseline, {strongest} "
+                         f"({strongest_recall:.4f} x (1 + {config.min_lift_over_strongest:g}) = {threshold:.4f})")
+            if config.strongest_baseline == "block":
+                decision.passed = False
+                decision.reasons.append(shortfall)
+            else:
+                decision.warnings.append(shortfall)
     if previous is None:
         decision.metadata["previous_model"] = "none published before this date"
     elif previous.recall is None:
@@ -169,6 +208,8 @@ def quality_gate(
     decision = decide(metrics, config, previous)
     if not decision.passed:
         context.log.warning(f"Quality gate failed for {context.partition_key}: {decision.description}")
+    elif decision.warnings:
+        context.log.warning(f"Quality gate passed for {context.partition_key} with a warning: {decision.description}")
     verdict = record_verdict(artifacts, mlflow, context.partition_key, decision)
     return dg.AssetCheckResult(
         passed=decision.passed,
