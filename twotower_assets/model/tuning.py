@@ -69,9 +69,14 @@ class RankingEvaluator:
         self.relevant, self.exclude = sp.csr_matrix(relevant), exclude
         self.k = min(k, n_items)
         self.batch_size = batch_size
+        self._forward: list[tuple[object, object]] = []
 
     def vectors(self, tower: tf.keras.Model, columns: Mapping[str, np.ndarray]) -> np.ndarray:
-        forward = tf.function(lambda rows: tower(rows, training=False), reduce_retracing=True)
+        # One traced function per tower, reused every epoch (a new one per call retraces).
+        forward = next((f for t, f in self._forward if t is tower), None)
+        if forward is None:
+            forward = tf.function(lambda rows: tower(rows, training=False), reduce_retracing=True)
+            self._forward = [*self._forward[-1:], (tower, forward)]  # this model's two towers
         dataset = tf.data.Dataset.from_tensor_slices(dict(columns)).batch(self.batch_size)
         return np.concatenate([forward(rows).numpy() for rows in dataset]).astype(np.float32, copy=False)
 
