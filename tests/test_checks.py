@@ -276,7 +276,9 @@ def test_a_model_that_passes_the_gate_is_published(gated_runs):
     resources, first, _ = gated_runs
     assert first.success
     gate = _gate(first)
-    assert gate.passed and gate.description == "passed"
+    # Passed; on tiny data EASE is ahead, which the default policy reports as a warning.
+    assert gate.passed and gate.description.split(";")[0] == "passed"
+    assert gate.metadata["strongest_baseline"].value == "ease"
     assert gate.metadata["previous_model"].value == "none published before this date"
     counts = resources["warehouse"].partition_row_counts(layout.ITEM_EMBEDDING_HISTORY, layout.PARTITION_COLUMN)
     assert dt.date.fromisoformat(TINY_PARTITION) in counts

@@ -97,8 +97,11 @@ def test_dagster_dev_serves_the_graph_and_runs_it_like_the_ui(tmp_path):
         selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}
         repository = dev.query(REPOSITORY_QUERY, {"selector": selector})
         assert repository["schedulesOrError"]["__typename"] == "Schedules", repository["schedulesOrError"]
-        (schedule,) = repository["schedulesOrError"]["results"]
-        assert schedule["name"] == "weekly_training" and schedule["pipelineName"] == "two_tower_training"
+        schedules = {s["name"]: s for s in repository["schedulesOrError"]["results"]}
+        assert set(schedules) == {"weekly_training", "monthly_tuning"}
+        schedule = schedules["weekly_training"]
+        assert schedule["pipelineName"] == "two_tower_training"
+        assert schedules["monthly_tuning"]["pipelineName"] == "hyperparameter_tuning"
         assert schedule["cronSchedule"] == "0 3 * * 1" and schedule["scheduleState"]["status"] == "RUNNING"
         sensors = {s["name"]: s for s in repository["sensorsOrError"]["results"]}
         assert sensors["twotower_automation"]["sensorType"] == "AUTO_MATERIALIZE"  # the automation-condition sensor type

@@ -331,10 +331,11 @@ def test_whole_graph_on_movielens_files(tmp_path, tiny_resources):
         "task": {"negatives": {"kind": "full_catalog"}},
     }
     ops["evaluation_metrics"]["config"].update({"ks": [5, 10, 20], "num_users": 100, "svd_factors": 5})
+    ops["tuned_hyperparameters"] = {"config": {"recipe": "movielens", "n_trials": 1, "max_epochs": 2, "k": 10}}
     result = materialize_all(
         tiny_resources,
         selection=["click_events", "training_events", "validation_events", "test_events", "tf_datasets",
-                   "two_tower_model", "evaluation_metrics", "match_model"],
+                   "tuned_hyperparameters", "two_tower_model", "evaluation_metrics", "match_model"],
         run_config=run_config,
     )
     assert result.success

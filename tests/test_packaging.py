@@ -28,6 +28,7 @@ FEATURE_CONFIGS = [
     # This project's own.
     "default-features-history",
     "movielens-features",
+    "movielens-one-vector-features",
     "tiny-features",
 ]
 
@@ -47,6 +48,8 @@ INSTALLED_CONFIGS = textwrap.dedent(
         "feature_configs": available_configs(),
         "default": [default.name, default.user_id_feature, list(default.item_embedding_layers)],
         "run_configs": {e.name: e.read_text(encoding="utf-8") for e in configs.joinpath("run").iterdir()},
+        "recipes": {e.name: e.read_text(encoding="utf-8") for e in configs.joinpath("models").iterdir()
+                    if e.name.endswith(".yaml")},
     }))
     """
 )
@@ -93,3 +96,6 @@ def test_installed_wheel_has_the_feature_and_run_configs(tmp_path):
     shipped = {path.name: path.read_text(encoding="utf-8") for path in (REPO / "configs" / "run").glob("*.yaml")}
     assert set(shipped) == {"movielens.yaml", "production-scale.yaml", "quickstart.yaml", "quickstart-history.yaml", "tiny.yaml"}
     assert found["run_configs"] == shipped
+    recipes = {path.name: path.read_text(encoding="utf-8") for path in (REPO / "configs" / "models").glob("*.yaml")}
+    assert set(recipes) == {"production.yaml", "movielens.yaml", "movielens-one-vector.yaml"}
+    assert found["recipes"] == recipes

@@ -135,7 +135,8 @@ def test_plots_reach_dagster_metadata_and_mlflow(tiny_resources):
                    "two_tower_model", "evaluation_metrics"],
         # The median test user has 7 distinct training items (tiny data, with daily sessions):
         # both segments are populated.
-        run_config=tiny_run_config(evaluation_metrics={"cold_user_max_events": 7}),
+        run_config={"ops": {op: value for op, value in tiny_run_config(
+            evaluation_metrics={"cold_user_max_events": 7})["ops"].items() if op != "tuned_hyperparameters"}},
     )
     training = result.asset_materializations_for_node("two_tower_model")[0].metadata
     assert training["loss_per_epoch"].value.startswith("![training and validation loss per epoch](data:image/png;base64,")

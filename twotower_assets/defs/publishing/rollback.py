@@ -14,7 +14,7 @@ the quality gate passed can be chosen.
 import dagster as dg
 from pydantic import Field
 
-from twotower_assets.defs.publishing.champion import move_champion
+from twotower_assets.lib.promotion import move_champion
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.serving.match_scorer import REGISTERED_MODEL_NAME as MATCH_MODEL_NAME
 from twotower_assets.serving.retriever import REGISTERED_MODEL_NAME as RETRIEVER_NAME

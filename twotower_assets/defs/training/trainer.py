@@ -25,7 +25,7 @@ import pydantic
 from dagster_pipes import PipesMetadataValue
 from pydantic import Field
 
-from twotower_assets.defs.training.tuning import newest_tuning
+from twotower_assets.lib.tuned import newest_tuning
 from twotower_assets.defs.training.warm_start_source import resolve_warm_start
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore

@@ -20,7 +20,6 @@ from typing import Literal
 
 import dagster as dg
 import numpy as np
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from twotower_assets import settings
@@ -31,9 +30,9 @@ from twotower_assets.lib.layout import DatasetFiles
 from twotower_assets.lib.metadata import rounded
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date_partitions
+from twotower_assets.lib.tuned import TUNED_FILE
 from twotower_assets.model.recipes import DEFAULT_RECIPE, load_recipe
 
-TUNED_FILE = "tuned.json"
 
 
 class TuningConfig(dg.Config):
@@ -252,18 +251,3 @@ def study_plots(study, directory: Path) -> dict[str, Path]:
         plt.close(figure)
         plots[name] = path
     return plots
-
-
-def newest_tuning(artifacts: ArtifactStore, partition_key: str, recipe: str) -> dict | None:
-    """The newest tuning of ``recipe`` at or before ``partition_key`` (its ``tuned.json``), or None."""
-    root = Path(artifacts.base_dir) / layout.TUNED_HYPERPARAMETERS
-    if not root.is_dir():
-        return None
-    dates = sorted((p.name for p in root.iterdir() if len(p.name) == 10 and p.name <= partition_key), reverse=True)
-    for date in dates:
-        if artifacts.current_version(layout.TUNED_HYPERPARAMETERS, date) is None:
-            continue
-        tuned = json.loads((artifacts.require(layout.TUNED_HYPERPARAMETERS, date) / TUNED_FILE).read_text())
-        if tuned.get("recipe") == recipe:
-            return tuned
-    return None
