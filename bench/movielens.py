@@ -684,7 +684,7 @@ def main() -> int:
         (args.out / "results.json").write_text(json.dumps(
             {"results": results, "tfrs_evaluate": tfrs_eval, "ease_lambda": ease_lambda, "ease_trials": ease_trials,
              "two_tower": setup.describe(), "best_epochs": tower.best_epochs, "seconds": seconds, "total_seconds": total,
-             "checks": checks, "machine": machine_at_start}, indent=2))
+             "checks": {name: bool(passed) for name, passed in checks.items()}, "machine": machine_at_start}, indent=2))
         (args.out / "metric_vs_k.png").write_bytes(plots.metric_vs_k_png(project, title="MovieLens 100K, seen removed"))
         (args.out / "item_pca_by_genre.png").write_bytes(plots.embedding_pca_png(
             tower.item_vectors, split.items["offer_category_id"].tolist(), title="Movie embeddings by first genre"))

@@ -5,15 +5,19 @@ date) and trains from saved tf datasets. Research and benchmark protocols need o
 (the TFRS tutorial's random 80/20, leave-last-out), and small data fits in memory, so this
 module is the public way to do that without the graph::
 
+    from twotower_assets.data.movielens import click_event_table, load_movielens
     from twotower_assets.model import in_memory
     from twotower_assets.model.features import load_feature_config
     from twotower_assets.model.recipes import load_recipe
     from twotower_assets.model.training import TrainingParams
 
-    split = in_memory.leave_last_out(events)            # or in_memory.random_split(events)
-    fitted = in_memory.fit(load_feature_config("movielens-features"), split.train, None,
-                           TrainingParams(recipe=load_recipe("movielens", {"schedule": {"epochs": 10}})))
-    users = in_memory.tower_vectors(fitted, "user", split.test)
+    events = click_event_table(load_movielens("data/ml-100k"))
+    split = in_memory.leave_last_out(events, validation=True)   # or in_memory.random_split(events)
+    config = load_feature_config("movielens-features")
+    tuned = in_memory.tune(config, split, "movielens", metric="ndcg", k=10)   # <= 30 minutes
+    recipe = tuned.best_recipe(load_recipe("movielens"))
+    fitted = in_memory.fit(config, split.train, split.validation, TrainingParams(recipe=recipe))
+    print(in_memory.rank_held_out(fitted, split.train, split.test, ks=(10, 100)))   # HR, recall, NDCG
 
 The model, loss, optimiser and feature layers are the product's own (:func:`train_two_tower`);
 only the input pipeline differs. Pure TensorFlow / pyarrow: no Dagster, no warehouse.
