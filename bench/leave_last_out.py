@@ -106,21 +106,30 @@ def main() -> int:
     baselines_seconds = time.perf_counter() - started
 
     searches = []
+    results["two-tower, recipe as is"] = []
     results["two-tower, tuned"] = []
+
+    def two_tower_scores(fitted):
+        scores = in_memory.rank_held_out(fitted, split.train, split.test, KS, catalog)
+        return {k: {"hit_rate": scores[f"hr@{k}"], "recall": scores[f"recall@{k}"], "ndcg": scores[f"ndcg@{k}"]}
+                for k in KS}
+
     for seed in args.seeds:
-        t0 = time.perf_counter()
         recipe = load_recipe(args.recipe)
+        as_is = in_memory.fit(config, split.train, split.validation, TrainingParams(recipe=recipe, seed=seed), catalog)
+        results["two-tower, recipe as is"].append(two_tower_scores(as_is))
+        t0 = time.perf_counter()
         tuned = in_memory.tune(config, split, recipe, n_trials=args.trials, timeout_minutes=args.minutes,
                                metric=args.metric, k=args.k, seed=seed, catalog=catalog)
         search_seconds = time.perf_counter() - t0
         final = in_memory.fit(config, split.train, split.validation,
                               TrainingParams(recipe=tuned.best_recipe(recipe), seed=seed), catalog)
-        scores = in_memory.rank_held_out(final, split.train, split.test, KS, catalog)
-        results["two-tower, tuned"].append({k: {"hit_rate": scores[f"hr@{k}"], "recall": scores[f"recall@{k}"],
-                                                "ndcg": scores[f"ndcg@{k}"]} for k in KS})
+        results["two-tower, tuned"].append(two_tower_scores(final))
         searches.append((seed, tuned.trials_run, round(search_seconds), tuned.best_overrides, tuned.best_epoch))
-        print(f"  seed {seed}: HR@10 {scores['hr@10']:.4f}, NDCG@10 {scores['ndcg@10']:.4f} "
-              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        scores, plain = results["two-tower, tuned"][-1], results["two-tower, recipe as is"][-1]
+        print(f"  seed {seed}: tuned HR@10 {scores[10]['hit_rate']:.4f}, NDCG@10 {scores[10]['ndcg']:.4f}; as is "
+              f"{plain[10]['hit_rate']:.4f} / {plain[10]['ndcg']:.4f} ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
 
     def summary(values):
         return f"{statistics.mean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
@@ -131,7 +140,8 @@ def main() -> int:
     ease_runs, tuned_runs = results["EASE"], results["two-tower, tuned"]
     for k, m, label in ((10, "hit_rate", "HR@10"), (10, "ndcg", "NDCG@10")):
         ratio = statistics.mean(r[k][m] for r in tuned_runs) / ease_runs[0][k][m]
-        print(f"\n{label} tuned / EASE: {ratio:.3f}")
+        per_seed = ", ".join(f"{r[k][m] / ease_runs[0][k][m]:.3f}" for r in tuned_runs)
+        print(f"\n{label} tuned / EASE: {ratio:.3f} (per seed {per_seed})")
     print(f"\nEASE lambda {lam:g}, item-kNN {neighbours} neighbours (chosen on validation NDCG@10); baselines "
           f"{baselines_seconds:.0f} s")
     for seed, trials, seconds, overrides, epoch in searches:

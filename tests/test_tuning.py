@@ -38,6 +38,12 @@ def test_the_search_finds_the_known_best_point_within_its_budget():
     assert pruned and all(len(t.values) < 8 for t in pruned)
     assert {t.state for t in result.study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     assert result.trials_run == 40
+    # The first trial is the recipe's own point where it lies in the space (production: learning
+    # rate 0.1, temperature 0.05, 64-d); its batch 2048 is not among SEARCH's choices, so sampled.
+    first = result.study.trials[0].params
+    assert {k: first[k] for k in ("optimizer.learning_rate", "task.temperature", "towers.embedding_size")} == {
+        "optimizer.learning_rate": 0.1, "task.temperature": 0.05, "towers.embedding_size": 64}
+    assert first["schedule.batch_size"] in (64, 128, 256)
 
 
 def test_a_recipe_without_a_search_space_is_refused():

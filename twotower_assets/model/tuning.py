@@ -237,6 +237,10 @@ def tune(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
     )
     _fail_abandoned_trials(study)
+    if not study.trials:
+        # The recipe's own values are the first trial: the search starts from what the recipe
+        # would train, so its best is never a point the validation rows rank below it.
+        study.enqueue_trial(recipe_point(recipe), skip_if_exists=True)
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     remaining = n_trials - len(done)
     started = time.perf_counter()
@@ -277,6 +281,18 @@ def tune(
         trials_run=len([t for t in study.trials if t.state != optuna.trial.TrialState.RUNNING]),
         seconds=time.perf_counter() - started,
     )
+
+
+def recipe_point(recipe: ModelRecipe) -> dict:
+    """The recipe's own value of each searched field that lies in its range (Optuna's params)."""
+    values = recipe.params()
+    point = {}
+    for path, dimension in recipe.search.items():
+        value = values[path]
+        inside = value in dimension.choices if dimension.choices is not None else dimension.low <= value <= dimension.high
+        if inside:
+            point[path] = value
+    return point
 
 
 def _nested(flat: Mapping[str, object]) -> dict:
