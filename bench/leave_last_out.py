@@ -42,7 +42,6 @@ def main() -> int:
 
     import numpy as np
     import pyarrow as pa
-    import scipy.sparse as sp
 
     import twotower_assets  # noqa: F401
     from twotower_assets.data.movielens import click_event_table, load_movielens
@@ -66,19 +65,15 @@ def main() -> int:
         return evaluator, users
 
     def baseline_scores(score_users, evaluator, ks):
-        """A baseline's scores for the evaluator's users (users x items), ranked by ranking_scores."""
+        """A baseline's scores for the evaluator's users (users x items), ranked as the model's are."""
         identity = np.eye(score_users.shape[1], dtype=np.float32)
-        return {k: tuning.ranking_scores(score_users, identity, evaluator.relevant, evaluator.exclude, k) for k in ks}
+        return tuning.ranking_scores_at(score_users, identity, evaluator.relevant, evaluator.exclude, ks)
 
     item_ids = np.asarray(catalog["item_id"].to_numpy(zero_copy_only=False)).astype(str)
     user_ids = np.unique(split.train["user_id"].to_numpy(zero_copy_only=False).astype(str))
     user_row = {u: i for i, u in enumerate(user_ids)}
-    item_row = {m: i for i, m in enumerate(item_ids)}
-    rows = [user_row[u] for u in split.train["user_id"].to_numpy(zero_copy_only=False).astype(str)]
-    cols = [item_row[m] for m in split.train["item_id"].to_numpy(zero_copy_only=False).astype(str)]
-    train_matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(user_ids), len(item_ids)))
-    train_matrix.sum_duplicates()
-    train_matrix.data[:] = 1.0
+    train_matrix = tuning.pairs_matrix(user_ids, item_ids, split.train["user_id"].to_numpy(zero_copy_only=False),
+                                       split.train["item_id"].to_numpy(zero_copy_only=False))
 
     def rows_of(evaluator_users):
         return np.array([user_row[u] for u in evaluator_users])

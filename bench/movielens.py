@@ -76,7 +76,7 @@ from bench._common import machine
 from twotower_assets.data.movielens import click_event_table, load_movielens, recent_items
 from twotower_assets.model import in_memory, metrics, plots, topk
 from twotower_assets.model.features import FeatureConfig, load_feature_config, parse_feature_config
-from twotower_assets.model.recipes import ModelRecipe, load_recipe
+from twotower_assets.model.recipes import ModelRecipe, load_recipe, overrides_from_fields
 from twotower_assets.model.training import TrainingParams
 
 DEFAULT_DATA = Path("data") / "ml-100k"
@@ -475,17 +475,13 @@ def seeds_table(per_seed: pd.DataFrame, project: pd.DataFrame) -> str:
 
 def parse_overrides(assignments: list[str]) -> dict:
     """``["schedule.epochs=20", "task.negatives.kind=full_catalog"]`` as the recipe's nested shape."""
-    overrides: dict = {}
+    fields = {}
     for assignment in assignments:
         path, separator, value = assignment.partition("=")
         if not separator or not path:
             raise SystemExit(f"--set takes SECTION.FIELD=VALUE, not {assignment!r}")
-        *sections, field = path.split(".")
-        target = overrides
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[field] = yaml.safe_load(value)
-    return overrides
+        fields[path] = yaml.safe_load(value)
+    return overrides_from_fields(fields)
 
 
 def main() -> int:

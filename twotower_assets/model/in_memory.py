@@ -31,7 +31,6 @@ import logging
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
@@ -263,19 +262,6 @@ def user_state(config: FeatureConfig, events: pa.Table, time_column: str = "even
     return pa.table(columns)
 
 
-def _pairs_matrix(users: np.ndarray, items: np.ndarray, table: pa.Table, user_key: str) -> sp.csr_matrix:
-    user_row = pd.Index(users)
-    item_row = pd.Index(items)
-    rows = user_row.get_indexer(table[user_key].to_numpy(zero_copy_only=False).astype(str))
-    cols = item_row.get_indexer(table[ITEM_ID].to_numpy(zero_copy_only=False).astype(str))
-    known = (rows >= 0) & (cols >= 0)
-    matrix = sp.csr_matrix((np.ones(int(known.sum()), np.float32), (rows[known], cols[known])),
-                           shape=(len(users), len(items)))
-    matrix.sum_duplicates()
-    matrix.data[:] = 1.0
-    return matrix
-
-
 def ranking_evaluator(
     config: FeatureConfig, train: pa.Table, held_out: pa.Table, k: int, catalog: pa.Table | None = None,
     time_column: str = "event_timestamp",
@@ -297,10 +283,11 @@ def ranking_evaluator(
     items = batch_to_features(pa.table({n: catalog[n] for n in item_kinds}).combine_chunks().to_batches()[0], item_kinds)
     user_ids = states[user_key].to_numpy(zero_copy_only=False).astype(str)
     item_ids = catalog[ITEM_ID].to_numpy(zero_copy_only=False).astype(str)
-    return RankingEvaluator(
-        users, items, _pairs_matrix(user_ids, item_ids, held_out, user_key),
-        _pairs_matrix(user_ids, item_ids, train, user_key), k,
-    )
+    def pairs(table: pa.Table) -> sp.csr_matrix:
+        return tuning.pairs_matrix(user_ids, item_ids, table[user_key].to_numpy(zero_copy_only=False).astype(str),
+                                   table[ITEM_ID].to_numpy(zero_copy_only=False).astype(str))
+
+    return RankingEvaluator(users, items, pairs(held_out), pairs(train), k)
 
 
 def rank_held_out(
@@ -314,10 +301,9 @@ def rank_held_out(
     Returns ``{"hr@10": ..., "recall@10": ..., "ndcg@10": ..., ...}``; with one held-out item
     per user (leave-last-out) HR@k and recall@k are the same number.
     """
+    evaluator = ranking_evaluator(fitted.config, train, held_out, max(ks), catalog)
     scores = {}
-    for k in ks:
-        evaluator = ranking_evaluator(fitted.config, train, held_out, k, catalog)
-        values = evaluator(fitted.model)
+    for k, values in evaluator.scores_at(fitted.model, ks).items():
         scores.update({f"hr@{k}": values["hit_rate"], f"recall@{k}": values["recall"], f"ndcg@{k}": values["ndcg"]})
     return scores
 

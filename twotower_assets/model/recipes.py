@@ -185,14 +185,10 @@ class ModelRecipe(_Section):
             if path not in fields or path == "task.negatives.kind":
                 raise ValueError(f"search: {path!r} is not a recipe field (fields: {', '.join(sorted(fields))})")
             for value in dimension.edges():
-                *sections, name = path.split(".")
-                raw = self.model_dump(exclude={"search"})
-                target = raw
-                for section in sections:
-                    target = target[section]
-                target[name] = value
                 try:
-                    ModelRecipe.model_validate(raw)
+                    ModelRecipe.model_validate(
+                        _merge(self.model_dump(exclude={"search"}), overrides_from_fields({path: value}))
+                    )
                 except pydantic.ValidationError as error:
                     raise ValueError(f"search: {path!r} value {value!r} is not valid: {error.errors()[0]['msg']}") from None
         return self
@@ -247,6 +243,19 @@ class ModelRecipe(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def overrides_from_fields(fields: Mapping[str, Any]) -> dict:
+    """``{"schedule.epochs": 20, "task.negatives.kind": "mixed"}`` as the nested overrides
+    :meth:`ModelRecipe.with_overrides` takes."""
+    nested: dict = {}
+    for path, value in fields.items():
+        *sections, name = path.split(".")
+        target = nested
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = value
+    return nested
 
 
 def _merge(base: dict, overrides: dict) -> dict:

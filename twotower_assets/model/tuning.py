@@ -28,11 +28,12 @@ from typing import Literal
 
 import numpy as np
 import optuna
+import pandas as pd
 import scipy.sparse as sp
 import tensorflow as tf
 
 from twotower_assets.model import metrics, topk
-from twotower_assets.model.recipes import ModelRecipe, SearchDimension
+from twotower_assets.model.recipes import ModelRecipe, SearchDimension, overrides_from_fields
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,14 @@ class RankingEvaluator:
         return np.concatenate([forward(rows).numpy() for rows in dataset]).astype(np.float32, copy=False)
 
     def __call__(self, model) -> dict[str, float]:
+        return self.scores_at(model, [self.k])[self.k]
+
+    def scores_at(self, model, ks: Sequence[int]) -> dict[int, dict[str, float]]:
+        """The scores at each k of ``ks``, from one pass of the towers and one ranking."""
         wanted = lambda tower, columns: {name: columns[name] for name in _tower_inputs(tower) if name in columns}
         user_vectors = self.vectors(model.user_tower, wanted(model.user_tower, self.users))
         item_vectors = self.vectors(model.item_tower, wanted(model.item_tower, self.items))
-        return ranking_scores(user_vectors, item_vectors, self.relevant, self.exclude, self.k)
+        return ranking_scores_at(user_vectors, item_vectors, self.relevant, self.exclude, ks)
 
 
 def ranking_scores(
@@ -92,13 +97,25 @@ def ranking_scores(
 ) -> dict[str, float]:
     """HR@k (share of users with a held-out item in their top k), recall@k and NDCG@k
     (:func:`metrics.ranking_metrics`), users with at least one held-out item only."""
-    recommended = topk.top_k_items(user_vectors, item_vectors, k, exclude=exclude)
-    table = metrics.ranking_metrics(recommended, relevant, np.zeros(relevant.shape[1]), [k]).iloc[0]
-    has_relevant = np.diff(relevant.indptr) > 0
-    hits = np.array([np.isin(recommended[u], relevant.indices[relevant.indptr[u]:relevant.indptr[u + 1]]).any()
-                     for u in np.flatnonzero(has_relevant)])
-    return {"hit_rate": float(hits.mean()) if hits.size else 0.0, "recall": float(table["recall"]),
-            "ndcg": float(table["ndcg"])}
+    return ranking_scores_at(user_vectors, item_vectors, relevant, exclude, [k])[k]
+
+
+def ranking_scores_at(
+    user_vectors: np.ndarray, item_vectors: np.ndarray, relevant: sp.csr_matrix, exclude: sp.csr_matrix | None,
+    ks: Sequence[int],
+) -> dict[int, dict[str, float]]:
+    """:func:`ranking_scores` at each k of ``ks``, from one top-max(ks) ranking."""
+    recommended = topk.top_k_items(user_vectors, item_vectors, max(ks), exclude=exclude)
+    counted = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    scores = {}
+    for k in ks:
+        top = recommended[:, :k]
+        table = metrics.ranking_metrics(top, relevant, np.zeros(relevant.shape[1]), [k]).iloc[0]
+        hits = np.array([np.isin(top[u], relevant.indices[relevant.indptr[u]:relevant.indptr[u + 1]]).any()
+                         for u in counted])
+        scores[k] = {"hit_rate": float(hits.mean()) if hits.size else 0.0, "recall": float(table["recall"]),
+                     "ndcg": float(table["ndcg"])}
+    return scores
 
 
 def _tower_inputs(tower) -> list[str]:
@@ -183,7 +200,7 @@ class TuningResult:
 
 def sample_overrides(trial: optuna.Trial, search: Mapping[str, SearchDimension]) -> dict:
     """One point of the search space, as the recipe's nested overrides."""
-    overrides: dict = {}
+    point = {}
     for path, dimension in search.items():
         if dimension.choices is not None:
             value = trial.suggest_categorical(path, list(dimension.choices))
@@ -191,12 +208,8 @@ def sample_overrides(trial: optuna.Trial, search: Mapping[str, SearchDimension])
             value = trial.suggest_int(path, dimension.low, dimension.high, log=dimension.log)
         else:
             value = trial.suggest_float(path, float(dimension.low), float(dimension.high), log=dimension.log)
-        *sections, name = path.split(".")
-        target = overrides
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[name] = value
-    return overrides
+        point[path] = value
+    return overrides_from_fields(point)
 
 
 Train = Callable[[ModelRecipe, list[tf.keras.callbacks.Callback]], object]
@@ -275,7 +288,7 @@ def tune(
     return TuningResult(
         study=study,
         metric=f"{metric}@{getattr(evaluator, 'k', 'k')}",
-        best_overrides=_nested(best.params),
+        best_overrides=overrides_from_fields(best.params),
         best_value=float(best.value),
         best_epoch=int(best.user_attrs.get("best_epoch", 0)),
         trials_run=len([t for t in study.trials if t.state != optuna.trial.TrialState.RUNNING]),
@@ -293,17 +306,6 @@ def recipe_point(recipe: ModelRecipe) -> dict:
         if inside:
             point[path] = value
     return point
-
-
-def _nested(flat: Mapping[str, object]) -> dict:
-    nested: dict = {}
-    for path, value in flat.items():
-        *sections, name = path.split(".")
-        target = nested
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[name] = value
-    return nested
 
 
 def _fail_abandoned_trials(study: optuna.Study) -> None:
@@ -324,16 +326,14 @@ def trials_frame(study: optuna.Study) -> list[dict]:
     ]
 
 
-def relevant_matrix(user_ids: Sequence[str], item_ids: Sequence[str], pairs_user: Sequence[str],
-                    pairs_item: Sequence[str]) -> sp.csr_matrix:
+def pairs_matrix(user_ids: Sequence[str], item_ids: Sequence[str], pairs_user: Sequence[str],
+                 pairs_item: Sequence[str]) -> sp.csr_matrix:
     """(users x items) binary matrix of the (user, item) pairs whose user and item are known."""
-    user_row = {u: i for i, u in enumerate(user_ids)}
-    item_row = {m: i for i, m in enumerate(item_ids)}
-    rows, cols = [], []
-    for user, item in zip(pairs_user, pairs_item):
-        if user in user_row and item in item_row:
-            rows.append(user_row[user])
-            cols.append(item_row[item])
-    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(user_ids), len(item_ids)))
+    rows = pd.Index(np.asarray(user_ids, dtype=str)).get_indexer(np.asarray(pairs_user, dtype=str))
+    cols = pd.Index(np.asarray(item_ids, dtype=str)).get_indexer(np.asarray(pairs_item, dtype=str))
+    known = (rows >= 0) & (cols >= 0)
+    matrix = sp.csr_matrix((np.ones(int(known.sum()), np.float32), (rows[known], cols[known])),
+                           shape=(len(user_ids), len(item_ids)))
+    matrix.sum_duplicates()
     matrix.data[:] = 1.0
     return matrix

@@ -144,14 +144,15 @@ class TrainingConfig(dg.Config):
         sections = {"towers": self.towers, "task": self.task, "optimizer": self.optimizer, "schedule": self.schedule}
         return {name: section.model_dump(exclude_none=True) for name, section in sections.items() if section is not None}
 
-    def model_recipe(self, tuned_overrides: dict | None = None) -> ModelRecipe:
-        """The recipe, then a tuning's values (if given), then this config's overrides."""
-        return load_recipe(self.recipe).with_overrides(tuned_overrides).with_overrides(self.recipe_overrides())
+    def model_recipe(self, *before: dict) -> ModelRecipe:
+        """The recipe, then ``before`` in order (a tuning's values, ...), then this config's overrides."""
+        recipe = load_recipe(self.recipe)
+        for overrides in (*before, self.recipe_overrides()):
+            recipe = recipe.with_overrides(overrides)
+        return recipe
 
-    def training_params(self, tuned_overrides: dict | None = None) -> TrainingParams:
-        return TrainingParams(
-            recipe=self.model_recipe(tuned_overrides), seed=self.seed, mixed_precision=self.mixed_precision
-        )
+    def training_params(self, *before: dict) -> TrainingParams:
+        return TrainingParams(recipe=self.model_recipe(*before), seed=self.seed, mixed_precision=self.mixed_precision)
 
 
 Log = Callable[[str], None]
@@ -194,7 +195,7 @@ def train_partition(
     tuned = newest_tuning(artifacts, partition_key, load_recipe(config.recipe).name) if config.tuned == "newest" else None
     refit_epochs = tuned["best_epoch"] if tuned and config.refit and tuned.get("best_epoch") else None
     refit_schedule = {"schedule": {"epochs": refit_epochs, "early_stopping_patience": refit_epochs}} if refit_epochs else {}
-    params = config.training_params(_merged(tuned["overrides"] if tuned else {}, refit_schedule))
+    params = config.training_params(tuned["overrides"] if tuned else {}, refit_schedule)
     recipe = params.recipe
     tuned_from = (f"{tuned['train_date']} ({tuned['metric']} {tuned['value']:.4f}, {tuned['trials']} trials)"
                   if tuned else "none")
@@ -333,14 +334,6 @@ def train_partition(
         "path": _value(str(artifacts.path(layout.TWO_TOWER_MODEL, partition_key)), "path"),
         "loss_per_epoch": _value(markdown_image(loss_png, "training and validation loss per epoch"), "md"),
     }
-
-
-def _merged(*overrides: dict) -> dict:
-    merged: dict = {}
-    for override in overrides:
-        for section, values in override.items():
-            merged.setdefault(section, {}).update(values)
-    return merged
 
 
 def _catalog(items) -> dict[str, np.ndarray]:

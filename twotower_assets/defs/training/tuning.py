@@ -108,9 +108,10 @@ def tune_partition(partition_key: str, config: TuningConfig, artifacts: Artifact
     train_rows, validation_rows = dataset_rows(datasets.training), dataset_rows(datasets.validation)
     if not validation_rows:
         raise ValueError(f"{partition_key} has no validation rows: tuning scores trials on them")
-    evaluator = validation_evaluator(datasets, feature_config, config.k, config.max_validation_users, config.seed)
     catalog = _catalog(load_dataset(datasets.items))
     seen = _seen_pairs(datasets.seen_pairs)
+    evaluator = validation_evaluator(datasets, feature_config, catalog, seen, config.k, config.max_validation_users,
+                                     config.seed)
     study_name = f"{config.experiment_name}/{partition_key}/{recipe.name}/{config.metric}@{config.k}"
     run_name = f"tuning_{partition_key}"
     experiment_id, parent_id = mlflow.find_or_create_run(
@@ -197,12 +198,14 @@ def tune_partition(partition_key: str, config: TuningConfig, artifacts: Artifact
     }
 
 
-def validation_evaluator(datasets: DatasetFiles, feature_config, k: int, max_users: int, seed: int):
-    """Ranks every item for the date's validation users (one row per user from the users
-    dataset, their state at the end of the training window), training items removed."""
+def validation_evaluator(datasets: DatasetFiles, feature_config, items: dict, seen_pairs, k: int, max_users: int,
+                         seed: int):
+    """Ranks every item (``items``: the items dataset's columns) for the date's validation users
+    (one row per user from the users dataset, their state at the end of the training window),
+    their training pairs (``seen_pairs``) removed."""
+    from twotower_assets.defs.training.trainer import _catalog
     from twotower_assets.model.datasets import load_dataset
-    from twotower_assets.model.tuning import RankingEvaluator, relevant_matrix
-    from twotower_assets.defs.training.trainer import _catalog, _seen_pairs
+    from twotower_assets.model.tuning import RankingEvaluator, pairs_matrix
 
     user_key = feature_config.user_id_feature
     item_key = feature_config.item_id_feature
@@ -215,12 +218,11 @@ def validation_evaluator(datasets: DatasetFiles, feature_config, k: int, max_use
         keep = np.sort(np.random.default_rng(seed).choice(keep, max_users, replace=False))
     users = {name: values[keep] for name, values in users.items()}
     user_ids = user_ids[keep]
-    items = _catalog(load_dataset(datasets.items))
     item_ids = _strings(items[item_key])
-    seen_users, seen_items = _seen_pairs(datasets.seen_pairs)
-    relevant = relevant_matrix(user_ids, item_ids, held_users, _strings(validation[item_key]))
-    exclude = relevant_matrix(user_ids, item_ids, _strings(seen_users.to_numpy(zero_copy_only=False)),
-                              _strings(seen_items.to_numpy(zero_copy_only=False)))
+    seen_users, seen_items = seen_pairs
+    relevant = pairs_matrix(user_ids, item_ids, held_users, _strings(validation[item_key]))
+    exclude = pairs_matrix(user_ids, item_ids, seen_users.to_numpy(zero_copy_only=False).astype(str),
+                           seen_items.to_numpy(zero_copy_only=False).astype(str))
     return RankingEvaluator(users, items, relevant, exclude, k)
 
 
