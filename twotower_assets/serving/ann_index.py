@@ -445,9 +445,18 @@ class ItemIndex:
         queries: np.ndarray,
         k: int,
         exclude: Sequence[Collection[str]] | None = None,
+        *,
+        allowed: Sequence[np.ndarray | None] | None = None,
+        exact: bool = False,
     ) -> list[tuple[list[str], list[float]]]:
         """Top k items per query vector by dot product, best first, excluding exclude[i] for query i
         (over-fetch k + len(exclude[i]) candidates, then drop), scores are exact dot products.
+
+        ``allowed[i]``, when given and not None, is a boolean mask over the catalogue (table
+        order, ``item_ids``): query i ranks only the items it marks, before the top k is cut,
+        so it still gets k items when k allowed, unexcluded items exist. ``exact=True`` scans
+        every item exactly even when the table has an ANN index (below the size where the
+        index pays for itself, a scan is faster and has recall 1).
 
         ``queries``: (n, d), or one vector (d,). Scores are float64 dot products of the stored
         float32 vectors; equal scores are ordered by item id. Fewer than k results come back
@@ -470,16 +479,56 @@ class ItemIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         if exclude is not None and len(exclude) != len(matrix):
             raise ValueError(f"exclude has {len(exclude)} entries for {len(matrix)} queries")
+        if allowed is not None and len(allowed) != len(matrix):
+            raise ValueError(f"allowed has {len(allowed)} entries for {len(matrix)} queries")
+        masks = [self._as_mask(mask) for mask in allowed] if allowed is not None else [None] * len(matrix)
         if len(matrix) == 0:
             return []
         excluded = [
             self._excluded_positions(exclude[i] if exclude is not None else ()) for i in range(len(matrix))
         ]
-        if self._settings["index_type"] == FLAT:
-            candidates = self._flat_candidates(matrix, k, excluded)
+        if exact or self._settings["index_type"] == FLAT:
+            candidates = self._flat_candidates(matrix, k, excluded, masks)
         else:
             candidates = self._index_candidates(matrix, k, excluded)
+            candidates = self._allowed_candidates(matrix, k, excluded, masks, candidates)
         return self._rank(matrix, candidates, k, excluded)
+
+    def _as_mask(self, mask: np.ndarray | None) -> np.ndarray | None:
+        if mask is None:
+            return None
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != (len(self),):
+            raise ValueError(
+                f"an allowed mask must be a boolean array of the catalogue's {len(self)} items, "
+                f"got {mask.dtype} {mask.shape}"
+            )
+        return mask
+
+    def _allowed_candidates(
+        self,
+        queries: np.ndarray,
+        k: int,
+        excluded: list[np.ndarray],
+        masks: list[np.ndarray | None],
+        candidates: list[np.ndarray],
+    ) -> list[np.ndarray]:
+        """The index's candidates cut to each query's allowed items; an exact scan of the allowed
+        items for a query the index left short of k (a narrow filter leaves few of its
+        candidates), so filtering never shortens an answer."""
+        result = []
+        for i, found in enumerate(candidates):
+            mask = masks[i]
+            if mask is None:
+                result.append(found)
+                continue
+            found = found[mask[found]]
+            available = int(mask.sum()) - int(mask[excluded[i]].sum())
+            usable = len(found) - int(np.isin(found, excluded[i]).sum()) if len(excluded[i]) else len(found)
+            if usable < min(k, available):
+                found = self._flat_candidates(queries[i : i + 1], k, excluded[i : i + 1], [mask])[0]
+            result.append(found)
+        return result
 
     def _excluded_positions(self, item_ids: Collection[str]) -> np.ndarray:
         # Ids not in the catalogue cannot be returned anyway; they are not an error.
@@ -487,18 +536,26 @@ class ItemIndex:
         return np.unique(np.asarray(found, np.int64))
 
     def _flat_candidates(
-        self, queries: np.ndarray, k: int, excluded: list[np.ndarray]
+        self,
+        queries: np.ndarray,
+        k: int,
+        excluded: list[np.ndarray],
+        masks: list[np.ndarray | None] | None = None,
     ) -> list[np.ndarray]:
-        """Every query's top (k + excluded) positions by an exact scan (FLAT tables)."""
+        """Every query's top (k + excluded) allowed positions by an exact scan."""
         n = len(self._vectors)
         result: list[np.ndarray] = []
         for start in range(0, len(queries), _FLAT_SCORE_BLOCK):
             block = queries[start : start + _FLAT_SCORE_BLOCK]
             scores = block @ self._vectors.T
             for row, i in enumerate(range(start, start + len(block))):
-                wanted = min(n, k + len(excluded[i]))
-                if wanted >= n:
-                    result.append(np.arange(n))
+                mask = masks[i] if masks is not None else None
+                if mask is not None:
+                    scores[row, ~mask] = -np.inf  # disallowed items never reach the cut
+                available = n if mask is None else int(mask.sum())
+                wanted = min(available, k + len(excluded[i]))
+                if wanted >= available:
+                    result.append(np.arange(n) if mask is None else np.flatnonzero(mask))
                     continue
                 # float32 scores pick the pool; a margin of ties at its edge is kept so the
                 # exact (float64) re-rank, not float32 rounding, decides the order.

@@ -79,6 +79,8 @@ ITEM_INDEX = "item_index"
 SEEN_PAIRS = "seen_pairs"
 POPULAR_ITEMS = "popular_items"
 SETTINGS = "settings"
+ITEM_ATTRIBUTES = "item_attributes"
+"""Optional: item attributes (category, subcategory, ...) the retrieval server filters on."""
 
 # The models-from-code entry point logged with the model; MLflow runs it to get the model.
 MODEL_ENTRY_CODE = """\
@@ -249,62 +251,73 @@ class TwoTowerRetriever(mlflow.pyfunc.PythonModel):
         problems: list[str] = []
         requests = []
         for position, row in enumerate(model_input.to_dict(orient="records")):
-            request, problem = self._checked_request(row)
+            request, problem = check_request(row, self.max_k, self.catalogue_size)
             if problem:
                 problems.append(f"requests[{position}]: {problem}")
             requests.append(request)
-        if len(problems) == 1:
-            raise bad_request(problems[0])
         if problems:
-            shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
-            hidden = len(problems) - MAX_PROBLEMS_SHOWN
-            more = f" (and {hidden} more)" if hidden > 0 else ""
-            raise bad_request(f"{len(problems)} bad requests: {shown}{more}")
+            raise bad_request(problems_message(problems))
         return requests
 
-    def _checked_request(self, row: dict) -> tuple[dict, str | None]:
-        ids = {}
-        for field in ("user_id", "item_id"):
-            value = row.get(field)
-            if _is_missing(value):
-                ids[field] = None
-            elif not isinstance(value, str):
-                return {}, f"{field} must be a string, got {type(value).__name__} {value!r}"
-            elif not value.strip():
-                blank = "an empty string" if not value else f"only whitespace ({value!r})"
-                return {}, f"{field} is {blank}"
-            else:
-                ids[field] = value
-        if ids["user_id"] is not None and ids["item_id"] is not None:
-            return {}, (
-                f"both user_id ({ids['user_id']!r}) and item_id ({ids['item_id']!r}) are given; "
-                "give exactly one"
-            )
-        if ids["user_id"] is None and ids["item_id"] is None:
-            return {}, "neither user_id nor item_id is given; give exactly one"
 
-        raw_k = row.get("k")
-        if _is_missing(raw_k):
-            return {}, "k is missing"
-        k = _as_whole_number(raw_k)
-        if k is None:
-            return {}, f"k must be an integer, got {type(raw_k).__name__} {raw_k!r}"
-        if k < 1:
-            return {}, f"k={k} is below 1"
-        if k > self.max_k:
-            if self.max_k == self.catalogue_size:
-                limit = f"the catalogue size ({self.catalogue_size} items)"
-            else:
-                limit = f"max_k ({self.max_k})"
-            return {}, f"k={k} is above {limit}"
+def problems_message(problems: Sequence[str]) -> str:
+    """One message for the bad requests of a batch: the first few, then a count."""
+    if len(problems) == 1:
+        return problems[0]
+    shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
+    hidden = len(problems) - MAX_PROBLEMS_SHOWN
+    more = f" (and {hidden} more)" if hidden > 0 else ""
+    return f"{len(problems)} bad requests: {shown}{more}"
 
-        exclude_seen = row.get("exclude_seen")
-        if _is_missing(exclude_seen):
-            exclude_seen = True
-        elif not isinstance(exclude_seen, (bool, np.bool_)):
-            got = f"{type(exclude_seen).__name__} {exclude_seen!r}"
-            return {}, f"exclude_seen must be true or false, got {got}"
-        return {**ids, "k": k, "exclude_seen": bool(exclude_seen)}, None
+
+def check_request(row: Mapping[str, Any], max_k: int, catalogue_size: int) -> tuple[dict, str | None]:
+    """(the request with every field filled in, None), or ({}, what is wrong with it).
+
+    ``row`` is one request as sent: a missing field is absent, None or NaN. The retrieval
+    server checks its requests with this too, so both answer a bad request alike.
+    """
+    ids = {}
+    for field in ("user_id", "item_id"):
+        value = row.get(field)
+        if _is_missing(value):
+            ids[field] = None
+        elif not isinstance(value, str):
+            return {}, f"{field} must be a string, got {type(value).__name__} {value!r}"
+        elif not value.strip():
+            blank = "an empty string" if not value else f"only whitespace ({value!r})"
+            return {}, f"{field} is {blank}"
+        else:
+            ids[field] = value
+    if ids["user_id"] is not None and ids["item_id"] is not None:
+        return {}, (
+            f"both user_id ({ids['user_id']!r}) and item_id ({ids['item_id']!r}) are given; "
+            "give exactly one"
+        )
+    if ids["user_id"] is None and ids["item_id"] is None:
+        return {}, "neither user_id nor item_id is given; give exactly one"
+
+    raw_k = row.get("k")
+    if _is_missing(raw_k):
+        return {}, "k is missing"
+    k = _as_whole_number(raw_k)
+    if k is None:
+        return {}, f"k must be an integer, got {type(raw_k).__name__} {raw_k!r}"
+    if k < 1:
+        return {}, f"k={k} is below 1"
+    if k > max_k:
+        if max_k == catalogue_size:
+            limit = f"the catalogue size ({catalogue_size} items)"
+        else:
+            limit = f"max_k ({max_k})"
+        return {}, f"k={k} is above {limit}"
+
+    exclude_seen = row.get("exclude_seen")
+    if _is_missing(exclude_seen):
+        exclude_seen = True
+    elif not isinstance(exclude_seen, (bool, np.bool_)):
+        got = f"{type(exclude_seen).__name__} {exclude_seen!r}"
+        return {}, f"exclude_seen must be true or false, got {got}"
+    return {**ids, "k": k, "exclude_seen": bool(exclude_seen)}, None
 
 
 # --- artifacts --------------------------------------------------------------------------------
@@ -359,6 +372,25 @@ def check_seen_pairs_schema(schema: pa.Schema, path) -> None:
         )
 
 
+def check_item_attributes(table: pa.Table, catalogue: set[str], path) -> None:
+    """A string ``item_id`` column naming catalogue items once each, and string attributes."""
+    schema = table.schema
+    if schema.get_field_index("item_id") < 0 or not pa.types.is_string(schema.field("item_id").type):
+        raise MlflowException(f"{path}: the item attributes need a string column 'item_id'; the file has {schema}")
+    not_strings = [f.name for f in schema if f.name != "item_id" and not pa.types.is_string(f.type)]
+    if not_strings or len(schema) < 2:
+        raise MlflowException(
+            f"{path}: item attributes must be string columns beside item_id; "
+            f"{'not strings: ' + str(not_strings) if not_strings else 'there are none'}"
+        )
+    item_ids = table.column("item_id").to_pylist()
+    unknown = sorted({i for i in item_ids if i not in catalogue}, key=str)
+    if unknown:
+        raise MlflowException(f"{path}: items not in the item index: {unknown[:10]}")
+    if len(set(item_ids)) != len(item_ids):
+        raise MlflowException(f"{path}: an item id appears more than once")
+
+
 def popular_ranking(interactions: Mapping[str, int], catalogue: Sequence[str]) -> dict[str, list]:
     """Every catalogue item, most training interactions first (ties by id), with its share.
 
@@ -404,12 +436,15 @@ def log_retriever(
     tags: Mapping[str, str] | None = None,
     max_k: int | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    item_attributes_path: str | os.PathLike | None = None,
 ) -> tuple[str, str]:
     """Log the retriever into ``run_id``, register it and tag the version; (model URI, version).
 
     ``popular_items`` maps item ids to their training interaction counts. ``tags`` go on the
-    logged model and the registered version. No alias is moved: promotion is not this step's
-    decision. The model URI is ``models:/<name>/<version>``.
+    logged model and the registered version. ``item_attributes_path``, optional, is a Parquet
+    file of ``item_id`` and string attribute columns (e.g. ``offer_category_id``) that the
+    retrieval server's filters read; ``predict`` does not use it. No alias is moved:
+    promotion is not this step's decision. The model URI is ``models:/<name>/<version>``.
     """
     from twotower_assets.serving.ann_index import ItemIndex
 
@@ -425,6 +460,8 @@ def log_retriever(
     if not user_ids:
         raise MlflowException(f"{user_embeddings_path}: there are no users")
     check_user_ids(user_ids, user_embeddings_path)
+    if item_attributes_path is not None:
+        check_item_attributes(pq.read_table(item_attributes_path), set(index.item_ids.tolist()), item_attributes_path)
 
     with tempfile.TemporaryDirectory(prefix="retriever-") as tmp:
         tmp = Path(tmp)
@@ -442,6 +479,7 @@ def log_retriever(
                 SEEN_PAIRS: str(seen_pairs_path),
                 POPULAR_ITEMS: str(tmp / "popular_items.json"),
                 SETTINGS: str(tmp / "settings.json"),
+                **({ITEM_ATTRIBUTES: str(item_attributes_path)} if item_attributes_path is not None else {}),
             },
             signature=SIGNATURE,
             input_example=example_requests(user_ids[0], str(index.item_ids[0]), min(10, max_k or len(index))),
