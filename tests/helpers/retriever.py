@@ -105,3 +105,49 @@ def log_tiny_retriever(directory: Path) -> LoggedRetriever:
 
 def request(user_id=None, item_id=None, k=3, exclude_seen=None) -> dict:
     return {"user_id": user_id, "item_id": item_id, "k": k, "exclude_seen": exclude_seen}
+
+
+# (payload, what the 400 body's message must say), posted to /invocations of both servers
+# (tests/test_model_serving.py, tests/test_retrieval_server.py). What MLflow's scoring server does
+# before predict: it reads the JSON into a DataFrame (malformed JSON and unknown top-level keys are
+# refused there), then checks the signature (a missing k column is refused there), then
+# predict checks each request.
+BAD_PAYLOADS = {
+    "not JSON": ('{"dataframe_records": [', "Ensure that input is a valid JSON formatted string"),
+    "no known top-level key": ({"requests": [{"user_id": "u1", "k": 3}]}, "dataframe_records"),
+    "k missing": ({"dataframe_records": [{"user_id": "u1"}]}, "Model is missing inputs ['k']"),
+    "k missing in one request": (
+        {"dataframe_records": [{"user_id": "u1", "k": 2}, {"user_id": "u2"}]}, "requests[1]: k is missing"
+    ),
+    "k null": ({"dataframe_records": [{"user_id": "u1", "k": None}]}, "requests[0]: k is missing"),
+    "both ids": (
+        {"dataframe_records": [{"user_id": "u1", "item_id": "i01", "k": 3}]},
+        "requests[0]: both user_id ('u1') and item_id ('i01') are given; give exactly one",
+    ),
+    "neither id": ({"dataframe_records": [{"k": 3}]}, "requests[0]: neither user_id nor item_id is given; give exactly one"),
+    "k zero": ({"dataframe_records": [{"user_id": "u1", "k": 0}]}, "requests[0]: k=0 is below 1"),
+    "k negative": ({"dataframe_records": [{"user_id": "u1", "k": -2}]}, "requests[0]: k=-2 is below 1"),
+    "k above the catalogue": (
+        {"dataframe_records": [{"item_id": "i01", "k": 13}]}, "requests[0]: k=13 is above the catalogue size (12 items)"
+    ),
+    "k fractional": ({"dataframe_records": [{"user_id": "u1", "k": 2.5}]}, "requests[0]: k must be an integer, got float 2.5"),
+    "k a string": ({"dataframe_records": [{"user_id": "u1", "k": "3"}]}, "requests[0]: k must be an integer, got str '3'"),
+    "k a boolean": ({"dataframe_records": [{"user_id": "u1", "k": True}]}, "requests[0]: k must be an integer, got bool True"),
+    "user_id a number": ({"dataframe_records": [{"user_id": 5, "k": 3}]}, "requests[0]: user_id must be a string, got int 5"),
+    "user_id a list": (
+        {"dataframe_records": [{"user_id": ["u1"], "k": 3}]}, "requests[0]: user_id must be a string, got list ['u1']"
+    ),
+    "item_id empty": ({"dataframe_records": [{"item_id": "", "k": 3}]}, "requests[0]: item_id is an empty string"),
+    "exclude_seen a string": (
+        {"dataframe_records": [{"user_id": "u1", "k": 3, "exclude_seen": "false"}]},
+        "requests[0]: exclude_seen must be true or false, got str 'false'",
+    ),
+    "exclude_seen a number": (
+        {"dataframe_records": [{"user_id": "u1", "k": 3, "exclude_seen": 0}]},
+        "requests[0]: exclude_seen must be true or false, got int 0",
+    ),
+    "10,000 requests": (
+        {"dataframe_records": [{"user_id": "u1", "k": 3}] * 10_000},
+        "a batch of 10000 requests is above the limit of 1000 requests per call; send smaller batches",
+    ),
+}
