@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -16,6 +17,7 @@ from mlflow import MlflowClient
 from helpers.graph import TINY_PARTITION, make_resources, materialize_all, metadata_of, tiny_run_config
 from twotower_assets.lib import layout
 from twotower_assets.model.recipes import load_recipe
+from twotower_assets.serving.registry import logged_model_id
 from twotower_assets.warehouse.errors import EmptyTableError
 
 SECOND_PARTITION = "2026-05-25"
@@ -131,6 +133,52 @@ def test_both_models_are_registered_gated_and_champion(graph):
         assert float(version.tags["gate.recall_at_50"]) == pytest.approx(metadata_of(result, "evaluation_metrics")["recall_at_50"].value, abs=1e-4)
         assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert metadata_of(result, layout.CHAMPION)["champion_train_date"].value == TINY_PARTITION
+
+
+BASELINES = ("random", "popularity", "svd", "ease", "item_knn")
+
+
+@pytest.mark.slow
+def test_each_logged_model_carries_its_own_metrics(graph):
+    """MLflow 3's Models view: the MatchModel shows the training losses of the weights it kept and
+    the evaluation the gate judged; the retriever the same model's evaluation; neither a baseline's."""
+    _, resources, result = graph
+    client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    run = client.get_run(metadata_of(result, "two_tower_model")["mlflow_run_id"].value)
+    versions = {name: client.get_model_version(name, metadata_of(result, asset)["model_version"].value)
+                for name, asset in (("two_tower_match", "match_model"), ("two_tower_retriever", "two_tower_retriever"))}
+    models = {name: client.get_logged_model(logged_model_id(client, name, v.version)) for name, v in versions.items()}
+    assert {m.name for m in models.values()} == {"match_model", "retriever"}
+    for name, model in models.items():
+        assert model.source_run_id == run.info.run_id, name
+        keys = {m.key for m in model.metrics}
+        assert not [k for k in keys if k.startswith(BASELINES)], (name, sorted(keys))
+
+    match = {m.key: m for m in models["two_tower_match"].metrics}
+    # Training keeps the weights of EarlyStopping's best epoch, by hand from the run's per-epoch
+    # history: the last epoch whose val_loss beat the best before it by more than min_delta.
+    val_loss = sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)
+    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    min_delta, best, kept = load_recipe("production").schedule.min_delta, float("inf"), None
+    for point in val_loss:
+        if point.value < best - min_delta:
+            best, kept = point.value, point
+    assert match["val_loss"].step == kept.step and match["val_loss"].value == pytest.approx(kept.value)
+    assert match["loss"].value == pytest.approx(loss[kept.step])
+    # The evaluation the quality gate judged: the CSV it read, to full precision.
+    csv = pd.read_csv(layout.EvaluationFiles(resources["artifacts"].path("evaluation_metrics", TINY_PARTITION)).metrics)
+    overall = csv[(csv["segment"] == "all") & (csv["model"] == layout.EVALUATED_MODEL)].set_index("k")
+    for k in (10, 50, 100):
+        for name in ("recall", "precision", "ndcg"):
+            assert match[f"{name}_at_{k}"].value == pytest.approx(overall.loc[k, name]), (name, k)
+    assert match["recall_at_50"].value == pytest.approx(metadata_of(result, "evaluation_metrics")["recall_at_50"].value,
+                                                        abs=1e-4)
+    retriever = {m.key: m.value for m in models["two_tower_retriever"].metrics}
+    assert retriever["recall_at_50"] == pytest.approx(overall.loc[50, "recall"])
+    assert "val_loss" not in retriever
+    # Linking metrics to a model adds no points to the run's own curves.
+    assert len(val_loss) == metadata_of(result, "two_tower_model")["epochs_run"].value
+    assert len(client.get_metric_history(run.info.run_id, "recall_at_50")) == 1
 
 
 @pytest.mark.slow

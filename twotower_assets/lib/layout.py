@@ -16,6 +16,7 @@ imports do not follow it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,10 @@ LATEST_VIEWS = {
 
 EVALUATED_MODEL = "two_tower"
 """The trained model's name in the evaluation metrics table (beside random, popularity, svd)."""
+
+EVALUATION_METRICS_PER_K = ("precision", "recall", "ndcg", "coverage", "novelty")
+MODEL_EVALUATION_METRIC = re.compile(rf"(?:{'|'.join(EVALUATION_METRICS_PER_K)})_at_\d+")
+"""The MLflow names of the evaluated model's own metrics (``recall_at_50``); baselines' have a prefix."""
 
 QUALITY_GATE = "quality_gate"
 """The blocking check on ``evaluation_metrics`` that decides whether a model is published."""
@@ -138,6 +143,10 @@ class ModelSummary(pydantic.BaseModel):
     )
     user_key: str = pydantic.Field(description="The user column the user vectors are keyed by.")
     epochs_run: int
+    kept_epoch: int | None = pydantic.Field(
+        default=None,
+        description="The epoch (0-based) whose weights were kept (EarlyStopping's best); None for models saved before it was recorded.",
+    )
     history: dict[str, list[float]]
     train_seconds: float
     examples_per_second: float

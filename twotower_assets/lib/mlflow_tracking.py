@@ -259,12 +259,13 @@ class RunLogger:
         if fresh:
             self.client.log_batch(self.run_id, params=fresh)
 
-    def metrics(self, values: Mapping[str, float], step: int = 0) -> None:
+    def metrics(self, values: Mapping[str, float], step: int = 0, model_id: str | None = None) -> None:
+        """Log ``values`` at ``step``; with ``model_id`` they are also that logged model's own (MLflow 3)."""
         from mlflow.entities import Metric
         import time
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+        batch = [Metric(k, float(v), now, step, model_id=model_id) for k, v in values.items()]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 

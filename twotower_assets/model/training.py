@@ -91,6 +91,8 @@ class TrainingResult:
     steps_per_epoch: int = 0
     examples_seen: int = 0
     device: str = ""
+    kept_epoch: int | None = None
+    """The epoch (0-based) whose weights the model holds: EarlyStopping restores its best epoch."""
 
 
 def build_model(
@@ -184,7 +186,7 @@ def train_two_tower(
         tf.keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, factor=0.5, patience=schedule.reduce_lr_patience, min_delta=schedule.min_delta
         ),
-        tf.keras.callbacks.EarlyStopping(
+        early_stopping := tf.keras.callbacks.EarlyStopping(
             monitor=monitor,
             patience=schedule.early_stopping_patience,
             min_delta=schedule.min_delta,
@@ -208,6 +210,7 @@ def train_two_tower(
         steps_per_epoch=steps_per_epoch,
         examples_seen=epochs_run * steps_per_epoch * batch_size,
         device=device,
+        kept_epoch=int(early_stopping.best_epoch) if epochs_run else None,
     )
 
 

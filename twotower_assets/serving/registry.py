@@ -3,7 +3,9 @@
 Both published models, the MatchModel (``two_tower_match``) and the retriever
 (``two_tower_retriever``), are MLflow 3 logged models of their training run and one registered
 version per training date, tagged with the date, the Dagster run and (once the quality gate has
-judged them) ``gate=passed`` or ``gate=failed`` with the gate's metrics. The alias ``champion``
+judged them) ``gate=passed`` or ``gate=failed`` with the gate's metrics. Each logged model carries
+only its own metrics (:func:`link_metrics`): the MatchModel the losses of the epoch it kept and
+its evaluation, the retriever the evaluation of the vectors it serves. The alias ``champion``
 names the versions consumers read; :func:`promote` moves it (after a passed gate, or to roll
 back). Aliases, not the deprecated stages.
 """
@@ -14,13 +16,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -85,6 +88,10 @@ def log_registered_pyfunc(
     """
     tags = {k: str(v) for k, v in (tags or {}).items()}
     run = client.get_run(run_id)
+    # Model.log links every run metric logged at its ``step`` to the model (MLflow 3); at a step
+    # no run metric has, the model gets none of the run's other numbers (per-epoch losses,
+    # baselines), only what link_metrics gives it.
+    step = unused_step(client, run)
     # Created here, in the run's experiment: Model.log given only a run_id (and no active run)
     # files the logged model under the default experiment "0", with artifacts in ./mlruns.
     logged_model = client.create_logged_model(
@@ -104,6 +111,7 @@ def log_registered_pyfunc(
                 model_id=logged_model.model_id,
                 flavor=mlflow.pyfunc,
                 run_id=run_id,
+                step=step,
                 python_model=str(entry),
                 artifacts=dict(artifacts),
                 code_paths=[str(package_copy(Path(tmp) / "code"))],
@@ -116,6 +124,59 @@ def log_registered_pyfunc(
     for key, value in tags.items():
         client.set_model_version_tag(registered_model_name, version, key, value)
     return f"models:/{registered_model_name}/{version}", version
+
+
+def unused_step(client: MlflowClient, run) -> int:
+    """One past the largest step of any metric of ``run``."""
+    steps = [m.step for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)]
+    return max(steps, default=-1) + 1
+
+
+def run_metrics(client: MlflowClient, run_id: str, keys: Iterable[str], step: int | None = None) -> list[Metric]:
+    """The points of ``keys`` in ``run_id``: each key's point at ``step``, or its latest point.
+
+    A key without such a point is left out.
+    """
+    points = []
+    for key in keys:
+        history = client.get_metric_history(run_id, key)
+        if step is not None:
+            history = [m for m in history if m.step == step]
+        if history:
+            points.append(max(history, key=lambda m: (m.step, m.timestamp)))
+    return points
+
+
+def link_metrics(client: MlflowClient, run_id: str, model_id: str, metrics: Iterable[Metric]) -> None:
+    """Record ``metrics`` of ``run_id`` as the logged model ``model_id``'s own (MLflow 3).
+
+    A point the run already has (same key, step, timestamp and value) is not added to the run
+    again: only the model's link is new. Nothing is logged without a ``model_id``.
+    """
+    if not model_id:
+        return
+    linked = [
+        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=run_id,
+               dataset_name=m.dataset_name, dataset_digest=m.dataset_digest)
+        for m in metrics
+    ]
+    for start in range(0, len(linked), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=linked[start:start + 1000])
+
+
+def logged_model_id(client: MlflowClient, name: str, version: str) -> str | None:
+    """The MLflow 3 logged model a registered version was made from.
+
+    A SQL registry does not fill ``ModelVersion.model_id``; its ``source`` is ``models:/<model_id>``.
+    """
+    model_version = client.get_model_version(name, str(version))
+    if model_version.model_id:
+        return model_version.model_id
+    prefix = "models:/"
+    source = model_version.source or ""
+    if source.startswith(prefix) and "/" not in source[len(prefix):]:
+        return source[len(prefix):]
+    return None
 
 
 def version_of_date(client: MlflowClient, name: str, train_date: str, mlflow_run_id: str | None = None) -> ModelVersion | None:

@@ -21,7 +21,7 @@ from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
-from twotower_assets.lib.layout import EvaluationFiles, ModelFiles
+from twotower_assets.lib.layout import EvaluationFiles, MatchModelFiles, ModelFiles
 from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.metadata import rounded
 from twotower_assets.model import metrics, plots
@@ -29,6 +29,7 @@ from twotower_assets.model.topk import top_k_items
 from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.errors import EmptyTableError
 from twotower_assets.warehouse.queries import item_attributes_query, pair_counts_query
+from twotower_assets.serving.registry import logged_model_id
 
 MODEL_NAME = layout.EVALUATED_MODEL
 
@@ -239,6 +240,16 @@ def log_metric_curves(run, overall: pd.DataFrame) -> None:
         )
 
 
+def _match_model_id(artifacts: ArtifactStore, mlflow: MlflowTracking, partition_key: str) -> str | None:
+    """The logged model of the date's registered MatchModel, the model this evaluation judges."""
+    files = MatchModelFiles(artifacts.path(layout.MATCH_MODEL, partition_key))
+    if not files.registration_file.is_file():
+        return None
+    registration = files.registration()
+    with mlflow.reporting_failures(f"reading {registration.name} version {registration.version}"):
+        return logged_model_id(mlflow.client(), registration.name, registration.version)
+
+
 @dg.asset(
     key=layout.EVALUATION_METRICS,
     partitions_def=training_date_partitions,
@@ -279,6 +290,7 @@ def evaluation_metrics(
         segment: metrics_markdown(table, segment) for segment in sorted(set(table["segment"]) - {"all"})
     }
     figures = _figures(table, pq.read_table(model.item_embeddings), warehouse, params)
+    match_model_id = _match_model_id(artifacts, mlflow, context.partition_key)
     with artifacts.writing(layout.EVALUATION_METRICS, context.partition_key) as directory, mlflow.active(summary.mlflow_run_id) as run:
         out = EvaluationFiles(directory)
         table.to_csv(out.metrics, index=False)
@@ -287,13 +299,17 @@ def evaluation_metrics(
             run.artifact(out.plot(name), "plots")
         out.write_counts(counts)
         overall = table[table["segment"] == "all"]
-        run.metrics(
-            {
-                f"{row.model}_{name}_at_{row.k}" if row.model != MODEL_NAME else f"{name}_at_{row.k}": getattr(row, name)
-                for row in overall.itertuples()
-                for name in ("precision", "recall", "ndcg", "coverage", "novelty")
-            }
-        )
+        # The model's own numbers are also the registered MatchModel's (MLflow's Models view);
+        # the baselines' stay the run's only.
+        for is_model, rows in ((True, overall[overall["model"] == MODEL_NAME]), (False, overall[overall["model"] != MODEL_NAME])):
+            run.metrics(
+                {
+                    f"{name}_at_{row.k}" if is_model else f"{row.model}_{name}_at_{row.k}": getattr(row, name)
+                    for row in rows.itertuples()
+                    for name in layout.EVALUATION_METRICS_PER_K
+                },
+                model_id=match_model_id if is_model else None,
+            )
         log_metric_curves(run, overall)
         run.artifact(out.metrics, "evaluation")
         run.text(markdown, "metrics.md", "evaluation")

@@ -20,7 +20,17 @@ from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date_partitions
 from twotower_assets.serving import match_scorer
-from twotower_assets.serving.registry import DAGSTER_RUN_TAG, TRAIN_DATE_TAG
+from twotower_assets.serving.registry import (
+    DAGSTER_RUN_TAG,
+    TRAIN_DATE_TAG,
+    link_metrics,
+    logged_model_id,
+    run_metrics,
+)
+
+def is_per_epoch_metric(key: str) -> bool:
+    """What training logs once per epoch (defs/training/trainer.py): loss, lr and the validation values."""
+    return key in ("loss", "lr") or key.startswith("val_")
 
 
 class MatchModelConfig(dg.Config):
@@ -63,6 +73,14 @@ def match_model(
                 run.client, summary.mlflow_run_id, out.saved_model, (str(user_ids[0]), str(item_ids[0])),
                 registered_model_name=config.registered_model_name,
                 tags={TRAIN_DATE_TAG: context.partition_key, DAGSTER_RUN_TAG: context.run_id},
+            )
+            # The model's own training numbers: those of the epoch whose weights it holds.
+            kept_epoch = summary.kept_epoch if summary.kept_epoch is not None else summary.epochs_run - 1
+            per_epoch = [k for k in run.client.get_run(summary.mlflow_run_id).data.metrics if is_per_epoch_metric(k)]
+            link_metrics(
+                run.client, summary.mlflow_run_id,
+                logged_model_id(run.client, config.registered_model_name, version),
+                run_metrics(run.client, summary.mlflow_run_id, per_epoch, step=kept_epoch),
             )
         out.registration_file.write_text(
             Registration(name=config.registered_model_name, version=version, model_uri=model_uri).model_dump_json()

@@ -28,7 +28,14 @@ from twotower_assets.lib.partitions import training_date, training_date_partitio
 from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.serving import retriever
 from twotower_assets.serving.ann_index import INDEX_TYPES, ItemIndex
-from twotower_assets.serving.registry import DAGSTER_RUN_TAG, GATE_TAG, TRAIN_DATE_TAG
+from twotower_assets.serving.registry import (
+    DAGSTER_RUN_TAG,
+    GATE_TAG,
+    TRAIN_DATE_TAG,
+    link_metrics,
+    logged_model_id,
+    run_metrics,
+)
 from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.queries import item_event_counts_query
 
@@ -151,6 +158,14 @@ def two_tower_retriever(
                 tags={TRAIN_DATE_TAG: context.partition_key, DAGSTER_RUN_TAG: context.run_id,
                       "match_model_version": match.version, **gate_tags},
                 max_batch=config.max_batch,
+            )
+            # It serves the evaluated vectors: their evaluation is its own; the baselines' is not.
+            run_logged = run.client.get_run(summary.mlflow_run_id).data.metrics
+            link_metrics(
+                run.client, summary.mlflow_run_id,
+                logged_model_id(run.client, config.registered_model_name, version),
+                run_metrics(run.client, summary.mlflow_run_id,
+                            sorted(k for k in run_logged if layout.MODEL_EVALUATION_METRIC.fullmatch(k))),
             )
         out.registration_file.write_text(
             Registration(name=config.registered_model_name, version=version, model_uri=model_uri).model_dump_json()

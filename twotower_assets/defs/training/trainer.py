@@ -300,6 +300,7 @@ def train_partition(
             datasets_version=artifacts.version_of(datasets.root),  # the immutable version read above
             user_key=user_key,
             epochs_run=result.epochs_run,
+            kept_epoch=result.kept_epoch,
             history=result.history,
             train_seconds=train_seconds,
             examples_per_second=result.examples_seen / train_seconds if train_seconds else 0.0,
