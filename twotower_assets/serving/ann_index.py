@@ -490,7 +490,7 @@ class ItemIndex:
         if exact or self._settings["index_type"] == FLAT:
             candidates = self._flat_candidates(matrix, k, excluded, masks)
         else:
-            candidates = self._index_candidates(matrix, k, excluded)
+            candidates = self._index_candidates(matrix, k, excluded, masks)
             candidates = self._allowed_candidates(matrix, k, excluded, masks, candidates)
         return self._rank(matrix, candidates, k, excluded)
 
@@ -564,21 +564,29 @@ class ItemIndex:
         return result
 
     def _index_candidates(
-        self, queries: np.ndarray, k: int, excluded: list[np.ndarray]
+        self,
+        queries: np.ndarray,
+        k: int,
+        excluded: list[np.ndarray],
+        masks: list[np.ndarray | None] | None = None,
     ) -> list[np.ndarray]:
         """Candidate table positions per query from LanceDB's ANN index.
 
         Queries go to LanceDB in blocks of QUERIES_PER_LANCEDB_CALL vectors, one
         multi-vector search per block, all blocks in flight at once on the event loop.
+        A query with an allowed mask asks for 1 / (the share of items allowed) times as many
+        candidates, so about as many allowed ones survive the cut as an unfiltered query gets.
         """
         blocks = []
         for start in range(0, len(queries), QUERIES_PER_LANCEDB_CALL):
             block = queries[start : start + QUERIES_PER_LANCEDB_CALL]
             most_excluded = max(len(e) for e in excluded[start : start + len(block)])
-            blocks.append((block, k + most_excluded))
+            shares = [m.mean() for m in (masks or [])[start : start + len(block)] if m is not None]
+            scale = 1.0 / max(min(shares), 1.0 / len(self)) if shares else 1.0
+            blocks.append((block, k + most_excluded, scale))
         found = _event_loop().run(self._search_blocks(blocks))
         result: list[np.ndarray] = []
-        for (block, _), table in zip(blocks, found, strict=True):
+        for (block, _, _), table in zip(blocks, found, strict=True):
             positions = self._positions_of_row_ids(table.column("_rowid").to_numpy())
             if len(block) == 1:
                 result.append(positions)
@@ -589,12 +597,12 @@ class ItemIndex:
             result.extend(positions[order[bounds[j] : bounds[j + 1]]] for j in range(len(block)))
         return result
 
-    async def _search_blocks(self, blocks: list[tuple[np.ndarray, int]]) -> list[pa.Table]:
+    async def _search_blocks(self, blocks: list[tuple[np.ndarray, int, float]]) -> list[pa.Table]:
         if len(blocks) == 1:  # the common single request: no task to schedule
             return [await self._search_block(*blocks[0])]
-        return await asyncio.gather(*(self._search_block(block, wanted) for block, wanted in blocks))
+        return await asyncio.gather(*(self._search_block(*block) for block in blocks))
 
-    async def _search_block(self, block: np.ndarray, wanted: int) -> pa.Table:
+    async def _search_block(self, block: np.ndarray, wanted: int, scale: float = 1.0) -> pa.Table:
         """Row ids of the index's best refine_factor x wanted candidates for each vector of block.
 
         Only ``_rowid`` (and LanceDB's own ``_distance``) is selected: any stored column
@@ -602,7 +610,7 @@ class ItemIndex:
         the cost of a query; the exact scores come from the vectors held in memory instead.
         """
         settings = self._settings
-        limit = min(len(self), max(settings["refine_factor"] * wanted, MIN_CANDIDATES))
+        limit = min(len(self), math.ceil(max(settings["refine_factor"] * wanted, MIN_CANDIDATES) * scale))
         query = (
             self._async_table.query()
             .nearest_to(block if len(block) > 1 else block[0])
