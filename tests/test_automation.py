@@ -251,7 +251,6 @@ def test_the_weekly_schedule_trains_the_date_of_its_tick():
     schedule = defs.resolve_schedule_def("weekly_training")
     assert schedule.cron_schedule == "0 3 * * 1"
     assert schedule.job_name == jobs.TRAINING_JOB
-    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     monday = dt.datetime(2026, 6, 1, 3, tzinfo=dt.timezone.utc)
     (request,) = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=monday, repository_def=defs.get_repository_def())).run_requests
     assert request.partition_key == "2026-06-01"
@@ -269,6 +268,22 @@ def test_tuning_has_its_own_monthly_schedule_and_the_weekly_training_does_not_re
     training = {key.to_user_string() for key in defs.resolve_job_def(jobs.TRAINING_JOB).asset_layer.selected_asset_keys}
     assert layout.TUNED_HYPERPARAMETERS not in training and "two_tower_model" in training
     assert layout.TUNED_HYPERPARAMETERS not in jobs.load_run_config(REPO / "configs" / "run" / "tiny.yaml")["ops"]
+
+
+def test_schedules_start_stopped_unless_the_deployment_turns_them_on(monkeypatch):
+    """A fresh `dagster dev` trains nothing on its own at the next Monday; production opts in."""
+    for name in ("weekly_training", "monthly_tuning"):
+        schedule = defs.resolve_schedule_def(name)
+        assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED, name
+        assert "TWOTOWER_SCHEDULES_RUNNING" in schedule.description, name
+    assert schedules.schedules_status({"TWOTOWER_SCHEDULES_RUNNING": "true"}) == dg.DefaultScheduleStatus.RUNNING
+    assert schedules.schedules_status({}) == dg.DefaultScheduleStatus.STOPPED
+    with pytest.raises(conditions.AutomationSettingsError, match="TWOTOWER_SCHEDULES_RUNNING"):
+        schedules.schedules_status({"TWOTOWER_SCHEDULES_RUNNING": "sometimes"})
+    # The description names the run config its runs get, as the UI's schedule page shows it.
+    assert "production defaults" in schedules.build_training_schedule("0 3 * * 1").description
+    monkeypatch.setenv("TWOTOWER_RUN_CONFIG", str(REPO / "configs" / "run" / "tiny.yaml"))
+    assert "configs/run/tiny.yaml" in schedules.build_training_schedule("0 3 * * 1").description
 
 
 def test_the_schedule_cadence_is_configurable():

@@ -102,7 +102,8 @@ def test_dagster_dev_serves_the_graph_and_runs_it_like_the_ui(tmp_path):
         schedule = schedules["weekly_training"]
         assert schedule["pipelineName"] == "two_tower_training"
         assert schedules["monthly_tuning"]["pipelineName"] == "hyperparameter_tuning"
-        assert schedule["cronSchedule"] == "0 3 * * 1" and schedule["scheduleState"]["status"] == "RUNNING"
+        # Stopped on a fresh instance: nothing trains with the production defaults behind the user's back.
+        assert schedule["cronSchedule"] == "0 3 * * 1" and schedule["scheduleState"]["status"] == "STOPPED"
         sensors = {s["name"]: s for s in repository["sensorsOrError"]["results"]}
         assert sensors["twotower_automation"]["sensorType"] == "AUTO_MATERIALIZE"  # the automation-condition sensor type
         assert sensors["twotower_automation"]["sensorState"]["status"] == "RUNNING"

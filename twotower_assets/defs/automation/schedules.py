@@ -9,6 +9,9 @@ Environment (read when the code location loads):
 ``TWOTOWER_TRAINING_CRON``      full cron string of the schedule (wins over the next two)
 ``TWOTOWER_TRAINING_WEEKDAY``   ``mon`` .. ``sun`` (default ``mon``)
 ``TWOTOWER_TRAINING_HOUR``      hour of day, UTC (default ``3``)
+``TWOTOWER_SCHEDULES_RUNNING``  ``true``: both schedules start running when a fresh instance loads
+                                the code; by default they start stopped (Dagster's convention), so
+                                a local ``dagster dev`` trains nothing until someone turns them on
 """
 
 import datetime as dt
@@ -51,6 +54,28 @@ def training_cron(env: Mapping[str, str] = os.environ) -> str:
     return weekly_cron(env.get("TWOTOWER_TRAINING_WEEKDAY", "mon"), int(hour))
 
 
+def schedules_status(env: Mapping[str, str] = os.environ) -> dg.DefaultScheduleStatus:
+    """Both schedules' status on an instance that has not set one (``TWOTOWER_SCHEDULES_RUNNING``)."""
+    raw = env.get("TWOTOWER_SCHEDULES_RUNNING", "").strip().lower()
+    if raw not in {"", "0", "false", "no", "1", "true", "yes"}:
+        raise AutomationSettingsError(f"TWOTOWER_SCHEDULES_RUNNING must be true or false, not {raw!r}")
+    return dg.DefaultScheduleStatus.RUNNING if raw in {"1", "true", "yes"} else dg.DefaultScheduleStatus.STOPPED
+
+
+TURN_ON = (
+    "Stopped until turned on: the toggle under Automation, `dagster schedule start {name}`, or "
+    "TWOTOWER_SCHEDULES_RUNNING=true where the code location loads."
+)
+
+
+def run_config_source(env: Mapping[str, str] = os.environ) -> str:
+    """Which run config the training job's scheduled runs get, in words."""
+    path = env.get("TWOTOWER_RUN_CONFIG", "").strip()
+    return f"run config {path} (TWOTOWER_RUN_CONFIG)" if path else (
+        "the production defaults (set TWOTOWER_RUN_CONFIG to a run-config file for others)"
+    )
+
+
 def training_partition_at(when: dt.datetime) -> str:
     """The training date a run started at ``when`` trains: the latest partition then."""
     with dg.partition_loading_context(effective_dt=when):
@@ -74,8 +99,9 @@ def build_training_schedule(cron: str | None = None) -> dg.ScheduleDefinition:
         cron_schedule=cron,
         job=jobs.training_job,
         execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Trains and publishes the model of the tick's date ({cron}, UTC).",
+        default_status=schedules_status(),
+        description=f"Trains and publishes the model of the tick's date ({cron}, UTC) with "
+        f"{run_config_source()}. {TURN_ON.format(name='weekly_training')}",
     )
     def weekly_training(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         partition_key = training_partition_at(context.scheduled_execution_time)
@@ -96,9 +122,9 @@ TUNING_CRON = "0 1 1 * *"
     cron_schedule=TUNING_CRON,
     job=jobs.tuning_job,
     execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=schedules_status(),
     description=f"Tunes the recipe's hyperparameters on the tick's training date ({TUNING_CRON}, UTC); "
-    "the weekly trainings after it use the result.",
+    f"the weekly trainings after it use the result. {TURN_ON.format(name='monthly_tuning')}",
 )
 def monthly_tuning(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     partition_key = training_partition_at(context.scheduled_execution_time)
