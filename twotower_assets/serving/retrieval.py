@@ -37,13 +37,14 @@ from twotower_assets.serving.retriever import (
 
 REQUEST_FIELDS = REQUEST_COLUMNS + FILTER_FIELDS
 
-DEFAULT_EXACT_MAX_ELEMENTS = 32_000_000
-"""Exact search while items x dimensions is at most this (500,000 items at 64 dimensions).
+DEFAULT_EXACT_MAX_ELEMENTS = 16_000_000
+"""Exact search while items x dimensions is at most this (250,000 items at 64 dimensions).
 
-Measured at 200,000 x 64 (docs/benchmarks-serving.md): one exact query cost 0.77-0.96 CPU ms,
-one query through the LanceDB index 2.3-2.4 ms, nearly all of it LanceDB's fixed cost per
-call; exact grows with the catalogue, that fixed cost does not, so single requests cross
-over at about 2.5x that size. Below it the answer is exact (recall 1) and cheaper."""
+At 200,000 x 64 one query cost about the same CPU either way, ~1.1 ms exact (a float32
+matrix-vector product and a partition) and ~1.1-1.2 ms through the LanceDB index, nearly all
+of it LanceDB's fixed cost per call (docs/benchmarks-serving.md). Exact search grows with the
+catalogue and that fixed cost does not, so they cross near this size; below it exact costs
+no more and has recall 1."""
 
 PROBE_USERS = 64
 """Users the probe asks for (evenly spread over the user file), besides one item and one
