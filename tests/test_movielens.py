@@ -225,7 +225,29 @@ def test_click_events_asset_needs_a_path(tiny_resources):
         raise_on_error=False,
     )
     assert not result.success
-    assert "ValueError: source is 'movielens' but movielens_path is not set" in failure_text(result)
+    assert "source is 'movielens' but neither movielens_path nor TWOTOWER_MOVIELENS_PATH is set" in failure_text(result)
+
+
+def test_click_events_reads_the_movielens_path_from_the_environment(tiny_resources, monkeypatch):
+    """The packaged run config names no path: TWOTOWER_MOVIELENS_PATH points at the files."""
+    import yaml
+
+    from twotower_assets.defs.source.assets import click_events
+
+    packaged = yaml.safe_load((REPO / "configs" / "run" / "movielens.yaml").read_text())["ops"]["click_events"]["config"]
+    assert "movielens_path" not in packaged
+    monkeypatch.setenv("TWOTOWER_MOVIELENS_PATH", str(GROUPLENS))
+    result = dg.materialize(
+        [click_events],
+        resources={"warehouse": tiny_resources["warehouse"]},
+        run_config={"ops": {"click_events": {"config": packaged}}},
+        partition_key="2026-05-31",
+    )
+    assert result.success
+    [metadata] = [m.metadata for m in result.asset_materializations_for_node("click_events") if m.partition == "2026-05-31"]
+    assert metadata["movielens_path"].value == str(GROUPLENS)
+    events = click_event_table(load_movielens(GROUPLENS), dt.date(2026, 5, 31))
+    assert metadata["dagster/row_count"].value == sum(d == dt.date(2026, 5, 31) for d in events["event_date"].to_pylist()) > 0
 
 
 # ------------------------------------------------------ full-catalogue softmax (opt-in)

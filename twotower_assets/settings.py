@@ -8,6 +8,8 @@
 ``TWOTOWER_DUCKDB_MEMORY_LIMIT`` DuckDB's memory limit (default ``2GB``; past it DuckDB spills to disk).
 ``TWOTOWER_ASSET_OWNERS`` owners of every asset, comma-separated (default ``team:recommendations``).
 ``TWOTOWER_ASSET_TAGS``   tags of every asset, ``key=value`` comma-separated (default ``pipeline=two_tower``).
+``TWOTOWER_MOVIELENS_PATH`` MovieLens 100K's directory, for ``click_events`` with ``source: movielens``
+                         when the run config names no ``movielens_path``.
 
 BigQuery (``TWOTOWER_WAREHOUSE=bigquery``; docs/bigquery.md is the guide):
 
@@ -31,6 +33,11 @@ from pathlib import Path
 
 def home() -> Path:
     return Path(os.environ.get("TWOTOWER_HOME", "data")).resolve()
+
+
+def movielens_path() -> str | None:
+    """``TWOTOWER_MOVIELENS_PATH``, or None."""
+    return os.environ.get("TWOTOWER_MOVIELENS_PATH", "").strip() or None
 
 
 def warehouse_kind() -> str:

@@ -108,7 +108,8 @@ class MovieLensOptions(pydantic.BaseModel):
 
     movielens_path: str | None = Field(
         default=None,
-        description="Directory of GroupLens's u.data/u.user/u.item or RecBole's ml-100k.inter/.user/.item.",
+        description="Directory of GroupLens's u.data/u.user/u.item or RecBole's ml-100k.inter/.user/.item "
+        "(unset: TWOTOWER_MOVIELENS_PATH).",
     )
     movielens_recent_items: int = Field(
         default=10, ge=0, description="Length of the user_recent_items feature (earlier ratings, newest first)."

@@ -125,12 +125,17 @@ def _synthetic_days(config: ClickEventsConfig, days: list[dt.date]) -> Iterator[
     return generate_days(config.spec(), days)
 
 
+def movielens_path(config: ClickEventsConfig) -> str | None:
+    """The run config's ``movielens_path``, else ``TWOTOWER_MOVIELENS_PATH``."""
+    return config.movielens_path or settings.movielens_path()
+
+
 def _movielens_days(config: ClickEventsConfig, days: list[dt.date]) -> Iterator[tuple[dt.date, pa.Table]]:
     """MovieLens ratings as click events, shifted so the last one falls on end_date, by day."""
     from twotower_assets.data.movielens import click_event_table, load_movielens
 
     events = click_event_table(
-        load_movielens(config.movielens_path), config.last_event_date(), config.movielens_recent_items
+        load_movielens(movielens_path(config)), config.last_event_date(), config.movielens_recent_items
     )
     dates = events[DATE_COLUMN]
     for day in days:
@@ -154,8 +159,11 @@ def click_events(
 ) -> dg.MaterializeResult:
     days, kept = days_to_write(context, config, warehouse)
     days_of = _movielens_days if config.source == "movielens" else _synthetic_days
-    if config.source == "movielens" and not config.movielens_path:
-        raise ValueError("source is 'movielens' but movielens_path is not set (docs/benchmarks-movielens.md)")
+    if config.source == "movielens" and not movielens_path(config):
+        raise ValueError(
+            "source is 'movielens' but neither movielens_path nor TWOTOWER_MOVIELENS_PATH is set: point one "
+            "of them at the unzipped ml-100k directory (README, MovieLens 100K)"
+        )
     table = warehouse.table_name(layout.CLICK_EVENTS)
     schema = None
     rows: dict[dt.date, int] = {}
@@ -188,7 +196,7 @@ def click_events(
         "dagster/column_schema": column_schema(schema or CLICK_EVENT_SCHEMA),
     }
     if config.source == "movielens":
-        metadata["movielens_path"] = config.movielens_path
+        metadata["movielens_path"] = movielens_path(config)
     else:
         metadata.update({"num_users": config.num_users, "num_items": config.num_items, "seed": config.seed,
                          "events_per_day": config.num_events / config.days})
