@@ -26,7 +26,6 @@ from helpers.browser import (
     chromium_context,
     label_matches,
     materialize_tiny,
-    quiet_dagster_home,
     require_chromium,
     saved_on_failure,
 )
@@ -106,8 +105,7 @@ def test_the_uis_show_the_graph_the_metrics_and_the_logged_models(tmp_path):
     from playwright.sync_api import expect
 
     evidence = tmp_path / "browser"
-    dev = DagsterDev(tmp_path)
-    quiet_dagster_home(tmp_path / "dagster_home")
+    dev = DagsterDev(tmp_path)  # the shipped configs/dagster.yaml, as the README copies it
     materialize_tiny(dev.env, tmp_path / "materialize.log")
     names = asset_names()
 
@@ -120,6 +118,8 @@ def test_the_uis_show_the_graph_the_metrics_and_the_logged_models(tmp_path):
             page.goto(f"{dev.url}/asset-groups")
             graph = page.locator("svg foreignObject")
             expect(graph.filter(has_text="publishing").first).to_be_visible()
+            # The shipped instance config turns off the first visit's community dialog.
+            expect(page.get_by_text("Join the Dagster community")).to_have_count(0)
             choose_graph_setting(page, "Expand all groups")
             expect(graph.get_by_text("champion", exact=True)).to_have_count(1)
             # The vertical layout of this graph fits a landscape window; the horizontal one is tall.

@@ -50,3 +50,31 @@ def test_lineage_runs_from_click_events_to_the_embedding_tables():
             "match_model",
             "two_tower_user_embedding_history", "two_tower_item_embedding_history", "item_ann_index",
             "two_tower_retriever", "champion"} <= partitioned
+
+
+GROUPS_IN_DATA_ORDER = ["source", "splits", "training", "evaluation", "publishing"]
+
+
+def test_groups_follow_the_data_so_the_graph_reads_in_one_direction():
+    """No asset feeds a group that comes before its own: the UI lays groups out by their edges."""
+    from twotower_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    backwards = []
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.group_name in GROUPS_IN_DATA_ORDER, (key, node.group_name)
+        for parent in node.parent_keys:
+            parent_group = graph.get(parent).group_name
+            if GROUPS_IN_DATA_ORDER.index(parent_group) > GROUPS_IN_DATA_ORDER.index(node.group_name):
+                backwards.append(f"{parent.to_user_string()} ({parent_group}) -> {key.to_user_string()} ({node.group_name})")
+    assert not backwards, backwards
+
+
+def test_the_shipped_instance_config_turns_off_the_community_dialog(tmp_path):
+    """configs/dagster.yaml, copied as the README says: the UI opens on the graph, not a dialog."""
+    import shutil
+
+    shutil.copy(REPO / "configs" / "dagster.yaml", tmp_path / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert not instance.nux_enabled

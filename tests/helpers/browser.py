@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import yaml
 
 from helpers.graph import REPO, TINY_PARTITION
 from helpers.processes import free_port
@@ -124,15 +123,6 @@ def materialize_tiny(env: dict, log_path: Path, partition: str = TINY_PARTITION)
     if result.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
         pytest.fail(f"materialising the tiny graph failed ({result.returncode}, log: {log_path}):\n{tail}")
-
-
-def quiet_dagster_home(path: Path) -> None:
-    """Turns off the UI's "Join the Dagster community" dialog (nux) in a DAGSTER_HOME: it
-    would cover the page the first time it is opened."""
-    settings_path = path / "dagster.yaml"
-    settings = yaml.safe_load(settings_path.read_text())
-    settings["nux"] = {"enabled": False}
-    settings_path.write_text(yaml.safe_dump(settings))
 
 
 class MlflowUI:

@@ -45,7 +45,9 @@ class MatchModelConfig(dg.Config):
     key=layout.MATCH_MODEL,
     partitions_def=training_date_partitions,
     deps=[layout.TWO_TOWER_MODEL],
-    group_name="publishing",
+    # With the model it freezes: it is the candidate evaluation judges, so the graph's groups read
+    # training -> evaluation -> publishing with no edge going back.
+    group_name="training",
     kinds={"tensorflow", "mlflow"},
     description="The MatchModel: frozen user and item vectors scored by dot product; an MLflow model, "
     "registered one version per training date (evaluated and gated next).",
