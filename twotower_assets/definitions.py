@@ -11,11 +11,23 @@ from pathlib import Path
 import dagster as dg
 
 from twotower_assets import settings
+from twotower_assets.lib import layout
+
+
+TRAINING_DATE_HEALTH = (
+    " Partitions are training dates on a daily calendar; only the dates trained (weekly by default) "
+    "fill, so most dates show as missing (grey), not failed (red)."
+)
+"""Said on every training-date asset: the UI's partition health counts every date of the calendar."""
 
 
 def with_owners_and_tags(spec: dg.AssetSpec) -> dg.AssetSpec:
-    """Every asset's owners and tags, from the environment (``settings.asset_owners/asset_tags``)."""
-    return spec.merge_attributes(owners=settings.asset_owners(), tags=settings.asset_tags())
+    """Every asset's owners and tags, from the environment (``settings.asset_owners/asset_tags``),
+    and on training-date assets how their partition health reads (:data:`TRAINING_DATE_HEALTH`)."""
+    spec = spec.merge_attributes(owners=settings.asset_owners(), tags=settings.asset_tags())
+    if spec.partitions_def is not None and spec.key != dg.AssetKey(layout.CLICK_EVENTS):
+        spec = spec.replace_attributes(description=(spec.description or "").rstrip() + TRAINING_DATE_HEALTH)
+    return spec
 
 
 with warnings.catch_warnings():
