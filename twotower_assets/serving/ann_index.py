@@ -496,6 +496,39 @@ class ItemIndex:
             candidates = self._allowed_candidates(matrix, k, excluded, masks, candidates)
         return self._rank(matrix, candidates, k, excluded)
 
+    def positions_of(self, item_ids: Collection[str]) -> np.ndarray:
+        """Table positions of the ``item_ids`` that are in the catalogue (others are skipped)."""
+        position = self._position
+        return np.fromiter((position[x] for x in item_ids if x in position), np.int64)
+
+    def exact_one(
+        self, query: np.ndarray, k: int, excluded: np.ndarray, allowed: np.ndarray | None = None
+    ) -> tuple[list[str], list[float]]:
+        """What ``search(query, k, exclude, allowed=[allowed], exact=True)`` answers for one
+        query, with ``excluded`` already as table positions (:meth:`positions_of`), and no
+        input checks: the retrieval server's path for a single request, where the general
+        batch machinery cost more than the matrix-vector product itself.
+
+        The same steps as the batch path, so the same answer: float32 scores pick the pool
+        (with a margin of ties at its edge), float64 dot products rank it, ties by item id.
+        """
+        scores = self._vectors @ query
+        if allowed is not None:
+            scores[~allowed] = -np.inf
+        if len(excluded):
+            scores[excluded] = -np.inf
+        available = len(scores) if allowed is None and not len(excluded) else int(np.isfinite(scores).sum())
+        wanted = min(available, k)
+        if wanted == 0:
+            return [], []
+        cut = np.partition(scores, len(scores) - wanted)[len(scores) - wanted]
+        pool = np.flatnonzero(scores >= cut - 1e-5)
+        exact = np.einsum(
+            "qcd,qd->qc", self._vectors[pool][None].astype(np.float64), query[None].astype(np.float64)
+        )[0]
+        order = np.lexsort((self._id_rank[pool], -exact))[:wanted]
+        return self._item_ids[pool[order]].tolist(), exact[order].tolist()
+
     def _as_mask(self, mask: np.ndarray | None) -> np.ndarray | None:
         if mask is None:
             return None

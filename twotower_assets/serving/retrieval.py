@@ -158,6 +158,15 @@ class Retrieval:
         return seen
 
     def _search(self, batch, checked, vectors, exclude, masks, source, results) -> None:
+        index = self.model.index
+        if self.exact and len(batch) == 1:
+            # One request (the common call): the index's lean single-query path.
+            (i,) = batch
+            item_ids, scores = index.exact_one(
+                np.asarray(vectors[0], dtype=np.float32), checked[i][0]["k"], index.positions_of(exclude[0]), masks[i]
+            )
+            results[i] = {"item_ids": item_ids, "scores": scores, "source": source}
+            return
         # One index call for the batch: the top max(k) per query, each cut to its own k.
         largest_k = max(checked[i][0]["k"] for i in batch)
         allowed = [masks[i] for i in batch]
