@@ -64,3 +64,62 @@ def test_fit_on_a_leave_last_out_split_learns_the_groups():
     user_group = np.array([int(u[1:]) % 8 for u in split.test["user_id"].to_pylist()])
     same = user_group[:, None] == (np.arange(80) // 10)[None, :]
     assert scores[same].mean() > scores[~same].mean() + 0.2
+
+
+def _groups_events(n_events: int = 4000):
+    """Users of group g click only items of group g, as above."""
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 200, n_events)
+    items = (users % 8) * 10 + rng.integers(0, 10, n_events)
+    return pa.table({"user_id": [f"u{u}" for u in users], "item_id": [f"i{i}" for i in items],
+                     "event_timestamp": np.arange(n_events)})
+
+
+GROUPS_CONFIG = {
+    "user_embedding_layers": {"user_id": {"type": "string", "embedding_size": 8}},
+    "item_embedding_layers": {"item_id": {"type": "string", "embedding_size": 8}},
+}
+
+
+def test_a_ranking_monitor_keeps_the_epoch_with_the_best_validation_ranking():
+    config = parse_feature_config(GROUPS_CONFIG, "groups", "test")
+    split = in_memory.leave_last_out(_groups_events(), validation=True)
+    recipe = ModelRecipe(
+        towers=Towers(embedding_size=8), optimizer=Optimizer(learning_rate=0.05),
+        schedule=Schedule(batch_size=64, epochs=8, min_delta=0.0, early_stopping_patience=2, monitor="recall@10"),
+    )
+    fitted = in_memory.fit(config, split.train, split.validation, TrainingParams(recipe=recipe, seed=3))
+    values = fitted.result.history["val_recall_at_10"]
+    assert len(values) == fitted.result.epochs_run and "val_ndcg_at_10" in fitted.result.history
+    # Kept: the first epoch with the highest validation recall@10 (0-based), not val_loss's best.
+    assert fitted.result.kept_epoch == int(np.argmax(values))
+    # And the model holds that epoch's weights: ranking the validation rows again gives its value.
+    evaluator = in_memory.ranking_evaluator(config, split.train, split.validation, 10)
+    assert evaluator(fitted.model)["recall"] == pytest.approx(max(values), abs=1e-6)
+
+
+def test_a_ranking_monitor_needs_a_ranking_of_the_validation_users():
+    from twotower_assets.model.training import train_two_tower
+    from twotower_assets.model.tuning import EpochRanking
+
+    config = parse_feature_config(GROUPS_CONFIG, "groups", "test")
+    split = in_memory.leave_last_out(_groups_events(400), validation=True)
+    params = TrainingParams(recipe=ModelRecipe(towers=Towers(embedding_size=8),
+                                               schedule=Schedule(batch_size=32, epochs=1, monitor="ndcg@10")))
+    fitted = in_memory.fit(config, split.train, split.validation, params)  # in_memory builds it
+    assert "val_ndcg_at_10" in fitted.result.history
+    evaluator = in_memory.ranking_evaluator(config, split.train, split.validation, 5)
+    with pytest.raises(ValueError, match=r"schedule.monitor is 'ndcg@10'.*k = 10.*got one at k = 5"):
+        in_memory.fit(config, split.train, split.validation, params, ranking=EpochRanking(evaluator, "ndcg"))
+    with pytest.raises(ValueError, match=r"schedule.monitor is 'ndcg@10'.*got none"):
+        # Refused before any data is read: a fit would otherwise run without its early stopping.
+        train_two_tower(config, fitted.stats, train_examples=None, train_rows=10, validation_examples=object(),
+                        params=params)
+
+
+def test_a_monitor_that_is_not_a_validation_metric_is_refused():
+    from twotower_assets.model.recipes import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"schedule\.monitor"):
+        load_recipe("production", {"schedule": {"monitor": "precision@5"}})
+    assert load_recipe("production", {"schedule": {"monitor": "ndcg@10"}}).schedule.ranking_monitor == ("ndcg", 10)

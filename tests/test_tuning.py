@@ -62,12 +62,12 @@ KILLED_SEARCH = textwrap.dedent(
     train = t.hand_made_train()
     calls = []
 
-    def slow_on_fourth(recipe, callbacks):
+    def slow_on_fourth(recipe, ranking):
         calls.append(recipe)
         if len(calls) == 4:  # the kill comes while this trial runs
             open(marker, "w").write("in trial 4")
             time.sleep(600)
-        return train(recipe, callbacks)
+        return train(recipe, ranking)
 
     tuning.tune(load_recipe("production", t.SEARCH), slow_on_fourth, lambda _: {"recall": 0.0}, n_trials=10,
                 storage=sys.argv[1], study_name="resume", seed=5)

@@ -29,14 +29,12 @@ def hand_made_train(epochs: int = 8):
     """A 'training' that runs the callbacks' epochs, each scored by hand_made_score (the
     objective the search must maximise, in place of a trained model's recall)."""
 
-    def train(recipe, callbacks):
+    def train(recipe, ranking):
         model = _Model()
-        for callback in callbacks:
-            callback.set_model(model)
+        ranking.set_model(model)
         for epoch in range(epochs):
-            for callback in callbacks:
-                callback.evaluator = lambda _, e=epoch + 1: {"recall": hand_made_score(recipe, e)}
-                callback.on_epoch_end(epoch, {})
+            ranking.evaluator = lambda _, e=epoch + 1: {"recall": hand_made_score(recipe, e)}
+            ranking.on_epoch_end(epoch, {})
             if model.stop_training:
                 break
         return None

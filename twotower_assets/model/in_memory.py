@@ -162,6 +162,7 @@ def fit(
     seen_pairs: SeenPairs | Literal["train"] | None = "train",
     callbacks: list[tf.keras.callbacks.Callback] | None = None,
     progress: bool = False,
+    ranking: tuning.EpochRanking | None = None,
 ) -> FittedModel:
     """Train the product's two-tower model on ``train`` (early stopping on ``validation`` if given).
 
@@ -172,7 +173,9 @@ def fit(
     offline evaluation removes a user's training items before ranking; ``"train"`` (default):
     ``train``'s own pairs; None: none. ``callbacks``: Keras callbacks for the fit (after the
     product's own). ``progress``: log each epoch's losses (logger
-    ``twotower_assets.model.in_memory``, INFO).
+    ``twotower_assets.model.in_memory``, INFO). ``ranking``: the validation ranking run after
+    each epoch (:class:`~twotower_assets.model.tuning.EpochRanking`); default, when the recipe's
+    ``schedule.monitor`` is a ranking metric: that metric over ``validation``'s users.
     """
     params = params if params is not None else TrainingParams()
     config.check_columns(train.column_names, source="the training table")
@@ -200,10 +203,14 @@ def fit(
         if seen_pairs != "train":
             raise ValueError(f"seen_pairs must be 'train', None or (user ids, item ids), not {seen_pairs!r}")
         seen_pairs = (train[config.user_id_feature], train[config.item_id_feature])
+    watched = params.recipe.schedule.ranking_monitor
+    if ranking is None and watched is not None and validation_data is not None:
+        metric, k = watched
+        ranking = tuning.EpochRanking(ranking_evaluator(config, train, validation, k, catalog), metric)
     all_callbacks = [*(callbacks or []), *([_ProgressLog()] if progress else [])]
     result = train_two_tower(
         config, stats, tf.data.Dataset.from_tensor_slices(features), train.num_rows, validation_data, params,
-        callbacks=all_callbacks, catalog=catalog_features, seen_pairs=seen_pairs,
+        callbacks=all_callbacks, catalog=catalog_features, seen_pairs=seen_pairs, ranking=ranking,
     )
     return FittedModel(config=config, stats=stats, kinds=kinds, result=result)
 
@@ -335,9 +342,9 @@ def tune(
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     evaluator = ranking_evaluator(config, split.train, split.validation, k, catalog)
 
-    def train(candidate: ModelRecipe, callbacks):
+    def train(candidate: ModelRecipe, ranking):
         return fit(config, split.train, split.validation, TrainingParams(recipe=candidate, seed=seed), catalog,
-                   callbacks=callbacks).result
+                   ranking=ranking).result
 
     return tuning.tune(
         recipe, train, evaluator, metric=metric, n_trials=n_trials,

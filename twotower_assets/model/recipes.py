@@ -123,8 +123,23 @@ class Schedule(_Section):
         default=10, ge=0, description="Epochs without improvement before training stops and restores the best weights."
     )
     min_delta: float = Field(
-        default=0.001, ge=0, description="The smallest decrease of the monitored loss that counts as an improvement."
+        default=0.001, ge=0, description="The smallest change of the monitored value that counts as an improvement."
     )
+    monitor: str = Field(
+        default="val_loss",
+        pattern=r"^(val_loss|(recall|ndcg)@[1-9][0-9]*)$",
+        description="What picks the epoch kept and drives the learning-rate halving and early stopping: "
+        "val_loss, or a ranking metric of the validation users (recall@50, ndcg@10: the whole catalogue "
+        "ranked after each epoch, their training items removed, as the offline evaluation does).",
+    )
+
+    @property
+    def ranking_monitor(self) -> tuple[str, int] | None:
+        """``(metric, k)`` when ``monitor`` is a ranking metric (``("recall", 50)``), else None."""
+        if self.monitor == "val_loss":
+            return None
+        metric, k = self.monitor.split("@")
+        return metric, int(k)
     shuffle_buffer: int = Field(
         default=100_000, gt=0, description="Training rows shuffled together (at most the whole training set)."
     )

@@ -135,6 +135,7 @@ def train_two_tower(
     seen_pairs: SeenPairs | Callable[[], SeenPairs] | None = None,
     strategy: tf.distribute.Strategy | None = None,
     initialize: Callable[[TwoTowerModel], object] | None = None,
+    ranking: tf.keras.callbacks.Callback | None = None,
 ) -> TrainingResult:
     """Fit the towers; returns the model with the best validation weights restored.
 
@@ -148,10 +149,14 @@ def train_two_tower(
     ``strategy``: where to train; default :func:`distribution_strategy` (all GPUs if several).
     ``initialize``: called with the built model (variables created) before fitting, e.g. a
     warm start (:func:`twotower_assets.model.warm_start.warm_start`).
+    ``ranking``: an :class:`~twotower_assets.model.tuning.EpochRanking` of the validation users,
+    run after each epoch before the callbacks that read its values; required when the recipe's
+    ``schedule.monitor`` is a ranking metric (at the ranking's k), which then picks the epoch kept.
     """
     if train_rows <= 0:
         raise ValueError("the training dataset is empty: nothing to train on")
     recipe, schedule = params.recipe, params.recipe.schedule
+    monitor, mode = _monitored(schedule, validation_examples is not None, ranking)  # before any work
     device = configure_devices(params.mixed_precision)
     strategy = strategy or distribution_strategy()
     tf.keras.utils.set_random_seed(params.seed)
@@ -179,15 +184,16 @@ def train_two_tower(
         if validation_examples is not None
         else None
     )
-    monitor = "val_loss" if validation is not None else "loss"
     all_callbacks = [
         # First, so that the callbacks after it see the averaged weights when an epoch ends.
         *([WeightAveraging(recipe.optimizer.weight_averaging)] if recipe.optimizer.weight_averaging else []),
+        *([ranking] if ranking is not None else []),
         tf.keras.callbacks.ReduceLROnPlateau(
-            monitor=monitor, factor=0.5, patience=schedule.reduce_lr_patience, min_delta=schedule.min_delta
+            monitor=monitor, mode=mode, factor=0.5, patience=schedule.reduce_lr_patience, min_delta=schedule.min_delta
         ),
         early_stopping := tf.keras.callbacks.EarlyStopping(
             monitor=monitor,
+            mode=mode,
             patience=schedule.early_stopping_patience,
             min_delta=schedule.min_delta,
             restore_best_weights=True,
@@ -212,6 +218,22 @@ def train_two_tower(
         device=device,
         kept_epoch=int(early_stopping.best_epoch) if epochs_run else None,
     )
+
+
+def _monitored(schedule, has_validation: bool, ranking) -> tuple[str, str]:
+    """The Keras log key the schedule's callbacks watch, and whether lower or higher is better."""
+    if not has_validation:
+        return "loss", "min"  # nothing held out: the training loss is all there is
+    if schedule.ranking_monitor is None:
+        return "val_loss", "min"
+    metric, k = schedule.ranking_monitor
+    if ranking is None or getattr(ranking, "k", None) != k:
+        have = "none" if ranking is None else f"one at k = {getattr(ranking, 'k', None)}"
+        raise ValueError(
+            f"schedule.monitor is {schedule.monitor!r}: training needs a ranking of the validation users "
+            f"at k = {k} (ranking=EpochRanking(...)), got {have}"
+        )
+    return f"val_{metric}_at_{k}", "max"
 
 
 def tower_outputs(

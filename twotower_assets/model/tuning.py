@@ -212,8 +212,9 @@ def sample_overrides(trial: optuna.Trial, search: Mapping[str, SearchDimension])
     return overrides_from_fields(point)
 
 
-Train = Callable[[ModelRecipe, list[tf.keras.callbacks.Callback]], object]
-"""Trains a recipe with extra Keras callbacks (the caller's data and pipeline); returns its result."""
+Train = Callable[[ModelRecipe, "EpochRanking"], object]
+"""Trains a recipe with the trial's :class:`EpochRanking` (``train_two_tower(..., ranking=...)``:
+the caller's data and pipeline); returns its result."""
 
 
 def tune(
@@ -263,7 +264,7 @@ def tune(
         candidate = recipe.with_overrides(overrides)
         ranking = EpochRanking(evaluator, metric, trial)
         trial_started = time.perf_counter()
-        result = train(candidate, [ranking])
+        result = train(candidate, ranking)
         trial.set_user_attr("best_epoch", ranking.best_epoch)
         trial.set_user_attr("values", ranking.values)
         outcome = TrialOutcome(

@@ -31,6 +31,7 @@ from twotower_assets.lib.metadata import rounded
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date_partitions
 from twotower_assets.lib.tuned import TUNED_FILE
+from twotower_assets.defs.training.trainer import MAX_VALIDATION_USERS
 from twotower_assets.model.recipes import DEFAULT_RECIPE, load_recipe
 
 
@@ -47,7 +48,8 @@ class TuningConfig(dg.Config):
         default=None, gt=0, description="Caps each trial's epochs (None: the recipe's schedule.epochs)."
     )
     max_validation_users: int = Field(
-        default=5000, gt=0, description="Validation users ranked after each epoch (a seeded sample above this)."
+        default=MAX_VALIDATION_USERS, gt=0,
+        description="Validation users ranked after each epoch (a seeded sample above this).",
     )
     seed: int = Field(default=42, description="Seeds the sampler, the user sample and each trial's training.")
     experiment_name: str = Field(default="two_tower_tuning", min_length=1, description="MLflow experiment.")
@@ -96,7 +98,7 @@ def tune_partition(partition_key: str, config: TuningConfig, artifacts: Artifact
     from twotower_assets.model.layers import FeatureStats
     from twotower_assets.model.plots import markdown_image
     from twotower_assets.model.training import TrainingParams, train_two_tower
-    from twotower_assets.defs.training.trainer import _catalog, _seen_pairs
+    from twotower_assets.defs.training.trainer import _catalog, _seen_pairs, validation_evaluator
 
     recipe = load_recipe(config.recipe)
     if config.max_epochs is not None:
@@ -121,10 +123,10 @@ def tune_partition(partition_key: str, config: TuningConfig, artifacts: Artifact
     client = mlflow.client()
     client.set_tag(parent_id, "dagster_run_id", dagster_run_id)
 
-    def train(candidate, callbacks):
+    def train(candidate, ranking):
         return train_two_tower(
             feature_config, stats, load_blocks(datasets.training), train_rows, load_blocks(datasets.validation),
-            TrainingParams(recipe=candidate, seed=config.seed), callbacks=callbacks,
+            TrainingParams(recipe=candidate, seed=config.seed), ranking=ranking,
             catalog=catalog if candidate.task.negatives.needs_catalog else None, seen_pairs=seen,
         )
 
@@ -196,38 +198,6 @@ def tune_partition(partition_key: str, config: TuningConfig, artifacts: Artifact
         "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(experiment_id, parent_id)),
         **{name: dg.MetadataValue.md(markdown_image(png, name.replace("_", " "))) for name, png in images.items()},
     }
-
-
-def validation_evaluator(datasets: DatasetFiles, feature_config, items: dict, seen_pairs, k: int, max_users: int,
-                         seed: int):
-    """Ranks every item (``items``: the items dataset's columns) for the date's validation users
-    (one row per user from the users dataset, their state at the end of the training window),
-    their training pairs (``seen_pairs``) removed."""
-    from twotower_assets.defs.training.trainer import _catalog
-    from twotower_assets.model.datasets import load_dataset
-    from twotower_assets.model.tuning import RankingEvaluator, pairs_matrix
-
-    user_key = feature_config.user_id_feature
-    item_key = feature_config.item_id_feature
-    validation = _catalog(load_dataset(datasets.validation))
-    held_users = _strings(validation[user_key])
-    users = _catalog(load_dataset(datasets.users))
-    user_ids = _strings(users[user_key])
-    keep = np.flatnonzero(np.isin(user_ids, np.unique(held_users)))
-    if len(keep) > max_users:
-        keep = np.sort(np.random.default_rng(seed).choice(keep, max_users, replace=False))
-    users = {name: values[keep] for name, values in users.items()}
-    user_ids = user_ids[keep]
-    item_ids = _strings(items[item_key])
-    seen_users, seen_items = seen_pairs
-    relevant = pairs_matrix(user_ids, item_ids, held_users, _strings(validation[item_key]))
-    exclude = pairs_matrix(user_ids, item_ids, seen_users.to_numpy(zero_copy_only=False).astype(str),
-                           seen_items.to_numpy(zero_copy_only=False).astype(str))
-    return RankingEvaluator(users, items, relevant, exclude, k)
-
-
-def _strings(values) -> np.ndarray:
-    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
 
 
 def study_plots(study, directory: Path) -> dict[str, Path]:
