@@ -95,9 +95,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 f"This server only supports Content-Type {JSON}. Got {content_type or 'none'!r}.",
             )
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            raise PayloadError(413, "REQUEST_TOO_LARGE", _too_large(int(declared), settings.max_body_bytes))
-        body = bytearray()
+        if declared is not None and declared.isdigit():
+            if int(declared) > settings.max_body_bytes:  # refused before reading a byte of it
+                raise PayloadError(413, "REQUEST_TOO_LARGE", _too_large(int(declared), settings.max_body_bytes))
+            return await request.body()
+        body = bytearray()  # chunked: counted as it arrives
         async for chunk in request.stream():
             body += chunk
             if len(body) > settings.max_body_bytes:
@@ -119,8 +121,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         except Exception as error:  # noqa: BLE001 (answer 500, log it, keep serving)
             log.exception("request_failed", extra={"fields": {"route": route, "version": version}})
             response = _error(500, "INTERNAL_ERROR", f"{type(error).__name__}: {error}", version)
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
-        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.observe(route, response.status_code, time.perf_counter() - started)
         if response.status_code >= 400:
             metrics.errors.labels(route, orjson.loads(response.body)["error_code"]).inc()
         return response
@@ -136,13 +137,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return _json_response({**results[0], "model_version": served.version}, version=served.version)
         return _json_response({"results": results, "model_version": served.version}, version=served.version)
 
-    @app.post("/invocations")
     async def invocations_route(request: Request) -> Response:
         return await answer("/invocations", request, invocations)
 
-    @app.post("/recommend")
     async def recommend_route(request: Request) -> Response:
         return await answer("/recommend", request, recommend)
+
+    # Plain Starlette routes for the two hot paths: FastAPI's dependency resolution has
+    # nothing to do for a handler that reads the raw body, and cost ~10% of a request.
+    app.add_route("/invocations", invocations_route, methods=["POST"])
+    app.add_route("/recommend", recommend_route, methods=["POST"])
 
     def readiness() -> Response:
         served = follower.current

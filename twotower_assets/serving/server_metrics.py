@@ -36,6 +36,18 @@ class ServerMetrics:
             "retrieval_registry_poll_failures", "Looks at the registry that failed", registry=self.registry
         )
 
+        self._children: dict[tuple[str, int], tuple] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        """One answered call: its latency and its count by route and status."""
+        children = self._children.get((route, status))
+        if children is None:  # labels() looks the child up by hashing: done once per pair
+            children = self._children[(route, status)] = (
+                self.latency.labels(route), self.requests.labels(route, str(status))
+            )
+        children[0].observe(seconds)
+        children[1].inc()
+
     def on_follower_event(self, event: str, fields: dict) -> None:
         if event in ("loaded", "swapped"):
             self.model_version.set(float(fields["version"]))
