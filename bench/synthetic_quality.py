@@ -6,11 +6,12 @@ events, the split and the datasets are written once; then, per seed, the graph's
 run: ``tuned_hyperparameters`` (the production recipe's search, ``--trials`` / ``--minutes``),
 ``two_tower_model`` with that tuning, and ``evaluation_metrics``; and, for comparison, the
 production recipe untuned (``tuned: none``). The table gives recall@50 and NDCG@10 (mean ± sample
-standard deviation over the seeds) with popularity's and EASE's from the same evaluation, the
+standard deviation over the seeds) with popularity's, item-kNN's and EASE's from the same evaluation, the
 tuned parameters, and how long each search took.
 
     .venv/bin/python -m bench.synthetic_quality                      # 3 seeds, 20 trials / 30 min
     .venv/bin/python -m bench.synthetic_quality --seeds 42 --trials 10 --minutes 8
+    .venv/bin/python -m bench.synthetic_quality --features default-features-history
 """
 
 import argparse
@@ -23,6 +24,7 @@ from pathlib import Path
 from bench._common import load_average, machine, markdown_table, print_header
 
 PARTITION = "2026-06-01"
+BASELINES = ("popularity", "item_knn", "ease")
 
 
 def main() -> int:
@@ -31,6 +33,8 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=20, help="tuning budget: trials per seed")
     parser.add_argument("--minutes", type=float, default=30.0, help="tuning budget: minutes per seed")
     parser.add_argument("--home", default=None, help="where the run's warehouse, MLflow and artifacts go")
+    parser.add_argument("--features", default="default-features",
+                        help="the feature config split_tables and tf_datasets prepare (configs/*.json)")
     args = parser.parse_args()
     print_header("Model quality on the synthetic data, tuned and untuned",
                  "python -m bench.synthetic_quality " + " ".join(sys.argv[1:]))
@@ -54,7 +58,9 @@ def main() -> int:
         "artifacts": ArtifactStore(base_dir=str(home / "artifacts")),
     }
     instance = dg.DagsterInstance.ephemeral()
-    source = {"ops": {layout.CLICK_EVENTS: {"config": {"end_date": "2026-05-31"}}}}
+    features = {"config": {"config_name": args.features}}
+    source = {"ops": {layout.CLICK_EVENTS: {"config": {"end_date": "2026-05-31"}}, "split_tables": features,
+                      "tf_datasets": features}}
     prepared = dg.materialize(
         ALL_ASSETS, selection=[layout.CLICK_EVENTS, *layout.SPLIT_TABLES.values(), layout.TF_DATASETS],
         resources=resources, partition_key=PARTITION, run_config=source, instance=instance,
@@ -73,7 +79,7 @@ def main() -> int:
         metrics = pd.read_csv(home / "artifacts" / layout.EVALUATION_METRICS / PARTITION / "metrics.csv")
         overall = metrics[metrics["segment"] == "all"].set_index(["model", "k"])
         scores = {f"{model}_{metric}@{k}": float(overall.loc[(model, k), metric])
-                  for model in ("two_tower", "popularity", "ease") for metric, k in (("recall", 50), ("ndcg", 10))}
+                  for model in ("two_tower", *BASELINES) for metric, k in (("recall", 50), ("ndcg", 10))}
         tuned = {}
         for event in run.get_asset_materialization_events():
             if event.asset_key.to_user_string() == layout.TUNED_HYPERPARAMETERS:
@@ -107,7 +113,7 @@ def main() -> int:
     for key in ("recall@50", "ndcg@10"):
         for name in ("untuned", "tuned"):
             table.append([f"two-tower, {name}", key, summary([r[f"two_tower_{key}"] for r in rows[name]])])
-        for baseline in ("popularity", "ease"):
+        for baseline in BASELINES:
             table.append([baseline, key, summary([r[f"{baseline}_{key}"] for r in rows["tuned"]])])
     print(markdown_table(["model", "metric", f"mean ± sd over seeds {args.seeds}"], table))
     for key in ("recall@50", "ndcg@10"):

@@ -374,6 +374,8 @@ def test_evaluation_reports_ease_under_its_bound_and_says_why_not_above_it():
     # u2 (has a) gets b first, u4 (has d) gets c first (the weights above): both hit at k = 1.
     assert ease.loc[1, "recall"] == 1.0 and ease.loc[1, "precision"] == 1.0
     assert counts["ease"] == "evaluated"
+    # Item-kNN is evaluated beside EASE too (the same hits as below: a~b, c~d).
+    assert table[(table["model"] == "item_knn") & (table["segment"] == "all")].set_index("k").loc[1, "recall"] == 1.0
 
     table, counts = evaluate(vectors(users, "user_id"), vectors(items, "item_id"), training, test,
                              EvaluationConfig(ks=[1], num_users=10, svd_factors=1, ease_max_items=3))
