@@ -13,7 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from twotower_assets.lib import layout
-from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.artifacts import ArtifactStore, write_references
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.layout import MatchModelFiles, ModelFiles, Registration
 from twotower_assets.lib.lineage import check_model_datasets
@@ -67,6 +67,8 @@ def match_model(
     model = MatchModel(user_ids, user_vectors, item_ids, item_vectors)
     with artifacts.writing(layout.MATCH_MODEL, context.partition_key) as directory, mlflow.active(summary.mlflow_run_id) as run:
         out = MatchModelFiles(directory)
+        # The registered version's record keeps the model (and so its datasets) it was made from.
+        write_references(directory, {layout.TWO_TOWER_MODEL: (context.partition_key, artifacts.version_of(trained.root))})
         save_match_model(model, out.saved_model)
         # Loaded back and scored before it is logged, registered or moved into place.
         probe_match_model(out.saved_model, user_ids, user_vectors, item_ids, item_vectors)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from twotower_assets.lib import layout
-from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.artifacts import ArtifactStore, write_references
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.layout import DatasetFiles, ItemIndexFiles, MatchModelFiles, ModelFiles, Registration, RetrieverFiles
@@ -133,7 +133,8 @@ def two_tower_retriever(
     trained = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, context.partition_key))
     summary = trained.summary()
     datasets_version = check_model_datasets(artifacts, context.partition_key, summary, "two_tower_retriever")
-    index_dir = ItemIndexFiles(artifacts.require(layout.ITEM_ANN_INDEX, context.partition_key)).uri()
+    index_files = ItemIndexFiles(artifacts.require(layout.ITEM_ANN_INDEX, context.partition_key))
+    index_dir = index_files.uri()
     seen_pairs = DatasetFiles(artifacts.require(layout.TF_DATASETS, context.partition_key, datasets_version)).seen_pairs
     match = MatchModelFiles(artifacts.require(layout.MATCH_MODEL, context.partition_key)).registration()
     # The gate judged the MatchModel of this date; its verdict and numbers go on the retriever too.
@@ -147,6 +148,8 @@ def two_tower_retriever(
     user_ids, user_vectors = trained.user_vectors(summary.user_key)
     with artifacts.writing(layout.TWO_TOWER_RETRIEVER, context.partition_key) as directory, mlflow.active(summary.mlflow_run_id) as run:
         out = RetrieverFiles(directory)
+        write_references(directory, {layout.TWO_TOWER_MODEL: (context.partition_key, artifacts.version_of(trained.root)),
+                                     layout.ITEM_ANN_INDEX: (context.partition_key, artifacts.version_of(index_files.root))})
         # The retriever's user_id is the model's user key, as for the MatchModel.
         pq.write_table(layout.embeddings_table({"user_id": user_ids}, user_vectors), out.user_vectors)
         pairs = pq.read_table(seen_pairs)

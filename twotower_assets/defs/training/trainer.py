@@ -28,7 +28,7 @@ from pydantic import Field
 from twotower_assets.lib.tuned import newest_tuning
 from twotower_assets.defs.training.warm_start_source import resolve_warm_start
 from twotower_assets.lib import layout
-from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.artifacts import ArtifactStore, write_references
 from twotower_assets.lib.layout import DatasetFiles, DatasetsManifest, ModelFiles, ModelSummary
 from twotower_assets.lib.metadata import rounded
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
@@ -217,6 +217,8 @@ def train_partition(
     # The run ends FINISHED before the files move into place: a run that cannot be ended leaves no model.
     with artifacts.writing(layout.TWO_TOWER_MODEL, partition_key) as directory, mlflow.active(run_id) as run:
         out = ModelFiles(directory)
+        # While this model (or its scratch) exists, the datasets it trained on are kept.
+        write_references(directory, {layout.TF_DATASETS: (partition_key, artifacts.version_of(datasets.root))})
         run.params(
             {
                 "environment": "local" if "sqlite" in mlflow.tracking_uri else "remote",

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from twotower_assets import settings
 from twotower_assets.lib import layout
-from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.artifacts import ArtifactStore, write_references
 from twotower_assets.lib.conditions import TRAINING_POOL
 from twotower_assets.lib.layout import DatasetFiles
 from twotower_assets.lib.metadata import rounded
@@ -150,6 +150,7 @@ def tune_partition(partition_key: str, config: TuningConfig, artifacts: Artifact
 
     started = time.perf_counter()
     with artifacts.writing(layout.TUNED_HYPERPARAMETERS, partition_key) as directory, mlflow.active(parent_id) as run:
+        write_references(directory, {layout.TF_DATASETS: (partition_key, artifacts.version_of(datasets.root))})
         run.params({"recipe": recipe.name, "metric": f"{config.metric}@{evaluator.k}", "n_trials": config.n_trials,
                     "timeout_minutes": config.timeout_minutes, "train_date": partition_key, "study": study_name,
                     "validation_users": evaluator.relevant.shape[0]})
