@@ -162,12 +162,13 @@ class AliasFollower:
             retrieval.probe()
         except Exception as error:  # noqa: BLE001 (whatever went wrong, the version is refused)
             reason = f"{stage} failed: {type(error).__name__}: {error}"
+            shutil.rmtree(target, ignore_errors=True)
+            serving = self.current.version if self.current else None
+            # Logged before /health shows it: whoever sees the refusal there finds its log line.
+            self._event("refused", version=version, reason=reason, serving=serving)
             self.state.refused[version] = reason
             self.state.last_refusal = {"version": version, "reason": reason, "unix": time.time()}
             self.state.loading = None
-            shutil.rmtree(target, ignore_errors=True)
-            serving = self.current.version if self.current else None
-            self._event("refused", version=version, reason=reason, serving=serving)
             return
         previous = self.current.version if self.current else None
         self.current = retrieval  # the swap: requests read this attribute once each
