@@ -1,9 +1,14 @@
-"""Moving ``champion``: the registry alias of both published models and the ``_latest`` views.
+"""Moving ``champion``: one record, and everything else following it.
+
+The record is ``two_tower_retriever@champion``, the alias the retrieval server follows: one
+registry write says which training run is champion. ``two_tower_match@champion`` (the same
+run's MatchModel: both versions carry the run id and ``train_date``) and the ``_latest``
+views are derived from it by :func:`reconcile_champion`, which is idempotent: a promotion
+killed after the record moved is finished by the next run of ``champion``, the
+``rollback_champion`` job or the ``champion_reconciler`` sensor, and the asset check
+``champion_aliases_agree`` fails while the two aliases disagree.
 
 Used by the ``champion`` asset after a date is published and by the ``rollback_champion`` job.
-Consumers follow what it moves: the server (``models:/two_tower_retriever@champion``),
-``models:/two_tower_match@champion``, and the ``_latest`` views of the embedding and
-recommendation tables, which show the champion's training date rather than the newest one.
 """
 
 import datetime as dt
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 
 from twotower_assets.lib import layout
-from twotower_assets.serving.registry import TRAIN_DATE_TAG, promote, version_of_date
+from twotower_assets.serving.registry import GATE_TAG, TRAIN_DATE_TAG, champion, promote, version_of_date
 from twotower_assets.warehouse.base import WarehouseResource
 
 
@@ -21,8 +26,30 @@ class Champion:
     train_date: str
     match_model: str
     match_version: str
-    retriever: str | None
-    retriever_version: str | None
+    retriever: str
+    retriever_version: str
+    mlflow_run_id: str
+
+
+@dataclass(frozen=True)
+class AliasState:
+    """Where the two aliases point: ``agree`` when both name one training run's versions."""
+
+    record: str | None  # the retriever's champion version (the record)
+    match: str | None  # the MatchModel's champion version
+    expected_match: str | None  # the MatchModel version of the record's run
+    train_date: str | None
+
+    @property
+    def agree(self) -> bool:
+        return self.match == self.expected_match
+
+    def describe(self, match_model: str, retriever: str) -> str:
+        if self.record is None:
+            return f"{retriever} has no champion yet; {match_model}@champion is {self.match or 'unset'}"
+        return (f"{retriever}@champion is v{self.record} ({self.train_date}); {match_model}@champion is "
+                f"{'v' + self.match if self.match else 'unset'}, the same run's version is "
+                f"{'v' + self.expected_match if self.expected_match else 'missing'}")
 
 
 def move_champion(
@@ -32,22 +59,62 @@ def move_champion(
     match_version: str,
     retriever: str,
 ) -> Champion:
-    """Make ``match_model`` version ``match_version`` (and the retriever of its date) champion.
+    """Make ``match_model`` version ``match_version`` and its run's retriever the champion.
 
-    Refuses a version the quality gate did not pass. The views move last: a failure before
-    them leaves consumers on the previous champion's tables.
+    Refuses a version the quality gate did not pass, or one whose run has no retriever. The
+    record (the retriever's alias) is written in one call, then the MatchModel's alias and the
+    views follow it (:func:`reconcile_champion`).
     """
     version = client.get_model_version(match_model, match_version)
     train_date = version.tags.get(TRAIN_DATE_TAG)
     if not train_date:
         raise ValueError(f"{match_model} version {match_version} has no {TRAIN_DATE_TAG} tag: not a version this graph registered")
-    promote(client, match_model, match_version)
+    _check_passed(client, match_model, match_version)
     served = version_of_date(client, retriever, train_date, mlflow_run_id=version.run_id)
-    if served is not None:
-        promote(client, retriever, served.version)
-    point_latest_views(warehouse, dt.date.fromisoformat(train_date))
-    return Champion(train_date, match_model, str(match_version), retriever if served else None,
-                    served.version if served else None)
+    if served is None:
+        raise ValueError(
+            f"{match_model} version {match_version} ({train_date}) has no {retriever} version of the same run "
+            f"({version.run_id}): materialise two_tower_retriever for {train_date} first"
+        )
+    promote(client, retriever, served.version)  # the record
+    return reconcile_champion(warehouse, client, match_model, retriever)
+
+
+def _check_passed(client: MlflowClient, name: str, version: str) -> None:
+    tags = client.get_model_version(name, str(version)).tags
+    if tags.get(GATE_TAG) != "passed":
+        raise ValueError(
+            f"{name} version {version} (train_date {tags.get(TRAIN_DATE_TAG)}) has gate={tags.get(GATE_TAG) or 'unset'}: "
+            "only a version that passed the quality gate can be champion"
+        )
+
+
+def alias_state(client: MlflowClient, match_model: str, retriever: str) -> AliasState:
+    """Where both aliases point, and where the MatchModel's should point given the record."""
+    record = champion(client, retriever)
+    match = champion(client, match_model)
+    if record is None:
+        return AliasState(None, match.version if match else None, None, None)
+    train_date = record.tags.get(TRAIN_DATE_TAG)
+    paired = version_of_date(client, match_model, train_date, mlflow_run_id=record.run_id) if train_date else None
+    return AliasState(str(record.version), str(match.version) if match else None,
+                      str(paired.version) if paired else None, train_date)
+
+
+def reconcile_champion(warehouse: WarehouseResource, client: MlflowClient, match_model: str, retriever: str) -> Champion | None:
+    """Bring ``match_model@champion`` and the ``_latest`` views in line with the record; None
+    when there is no champion. Safe to repeat: it writes only what differs (the views are
+    always re-pointed, which is idempotent)."""
+    state = alias_state(client, match_model, retriever)
+    if state.record is None:
+        return None
+    if state.expected_match is None:
+        raise ValueError(f"the champion record cannot be followed: {state.describe(match_model, retriever)}")
+    if not state.agree:
+        promote(client, match_model, state.expected_match)
+    point_latest_views(warehouse, dt.date.fromisoformat(state.train_date))
+    run_id = client.get_model_version(retriever, state.record).run_id
+    return Champion(state.train_date, match_model, state.expected_match, retriever, state.record, run_id)
 
 
 def point_latest_views(warehouse: WarehouseResource, train_date: dt.date) -> list[str]:

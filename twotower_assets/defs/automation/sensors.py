@@ -1,6 +1,9 @@
-"""The sensor that evaluates the assets' automation conditions (``lib/conditions.py``)."""
+"""The sensors: the one that evaluates the assets' automation conditions (``lib/conditions.py``),
+and the one that finishes a promotion that stopped halfway (``lib/promotion.py``)."""
 
 import dagster as dg
+
+from twotower_assets.lib.mlflow_tracking import MlflowTracking
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "twotower_automation",
@@ -12,3 +15,26 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
         "models. Running by default (Dagster's own default sensor starts stopped)."
     ),
 )
+
+
+@dg.sensor(
+    name="champion_reconciler",
+    job_name="reconcile_champion_job",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=300,
+    description=(
+        "Every 5 minutes: when two_tower_match@champion is not the MatchModel of the run "
+        "two_tower_retriever@champion (the record) names, a promotion stopped halfway; it starts "
+        "reconcile_champion_job, which makes the alias and the _latest views follow the record."
+    ),
+)
+def champion_reconciler(context: dg.SensorEvaluationContext, mlflow: MlflowTracking):
+    from twotower_assets.lib.promotion import alias_state
+    from twotower_assets.serving.match_scorer import REGISTERED_MODEL_NAME as MATCH_MODEL_NAME
+    from twotower_assets.serving.retriever import REGISTERED_MODEL_NAME as RETRIEVER_NAME
+
+    state = alias_state(mlflow.client(), MATCH_MODEL_NAME, RETRIEVER_NAME)
+    if state.agree:
+        return dg.SkipReason(f"the aliases agree ({state.describe(MATCH_MODEL_NAME, RETRIEVER_NAME)})")
+    # One run per disagreement: the key names the state, so an unchanged one is not re-run.
+    return dg.RunRequest(run_key=f"record-{state.record}-match-{state.match}")

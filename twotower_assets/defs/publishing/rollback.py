@@ -14,7 +14,7 @@ the quality gate passed can be chosen.
 import dagster as dg
 from pydantic import Field
 
-from twotower_assets.lib.promotion import move_champion
+from twotower_assets.lib.promotion import alias_state, move_champion, reconcile_champion
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.serving.match_scorer import REGISTERED_MODEL_NAME as MATCH_MODEL_NAME
 from twotower_assets.serving.retriever import REGISTERED_MODEL_NAME as RETRIEVER_NAME
@@ -43,3 +43,25 @@ def set_champion(context: dg.OpExecutionContext, config: RollbackConfig, warehou
 @dg.job(description="Roll back: make an earlier gate-passed model version the champion (docs/operations.md).")
 def rollback_champion():
     set_champion()
+
+
+class ReconcileConfig(dg.Config):
+    registered_model_name: str = Field(default=MATCH_MODEL_NAME, description="The MatchModel's registered model.")
+    retriever_model_name: str = Field(default=RETRIEVER_NAME, description="The retriever's registered model (the record).")
+
+
+@dg.op(description="Points two_tower_match@champion and the _latest views at the run two_tower_retriever@champion names.")
+def follow_champion_record(context: dg.OpExecutionContext, config: ReconcileConfig, warehouse: WarehouseResource,
+                           mlflow: MlflowTracking):
+    with mlflow.reporting_failures("finishing a half-done promotion"):
+        client = mlflow.client()
+        before = alias_state(client, config.registered_model_name, config.retriever_model_name)
+        followed = reconcile_champion(warehouse, client, config.registered_model_name, config.retriever_model_name)
+    context.log.info(f"before: {before.describe(config.registered_model_name, config.retriever_model_name)}; "
+                     f"now both name {followed.train_date if followed else 'nothing'}")
+
+
+@dg.job(description="Finish a promotion that stopped halfway: the MatchModel alias and the _latest views follow "
+        "the retriever's champion alias (started by the champion_reconciler sensor).")
+def reconcile_champion_job():
+    follow_champion_record()
