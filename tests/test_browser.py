@@ -10,7 +10,9 @@ loopback ports against them, and checks what a person would look at:
   popularity | ...`` table rendered as an HTML table) and a plot (a ``data:image/png`` image in
   the markdown metadata), and the MLflow run id;
 * the MLflow UI's page of that run lists its logged models ``match_model`` and
-  ``retriever``, with the registered models they became.
+  ``retriever``, with the registered models they became;
+* each logged model's own page shows the run's recall@50 of the model and no baseline's metric;
+* no "Join the Dagster community" dialog covers the graph (the shipped instance config).
 
 Each wait is bounded; a failed check saves a screenshot and the page text next to the test's
 temporary files and names them in the assertion message. Needs Debian's chromium
@@ -171,6 +173,22 @@ def test_the_uis_show_the_graph_the_metrics_and_the_logged_models(tmp_path):
                 expect(row).to_have_count(1)
                 expect(row.get_by_role("link", name=re.compile(rf"^{registered}\b"))).to_be_visible()
                 expect(row).to_contain_text("Ready")
+
+        # 4. MLflow UI: each logged model's page shows its own numbers, the run's evaluation of
+        # the model (to full precision), and no baseline's.
+        from mlflow import MlflowClient
+
+        from twotower_assets.serving.registry import logged_model_id
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+        recall = client.get_run(run_id).data.metrics["recall_at_50"]
+        for logged, registered in LOGGED_MODELS.items():
+            with saved_on_failure(page, evidence, f"logged_model_{logged}"):
+                model = client.get_logged_model(logged_model_id(client, registered, "1"))
+                page.goto(f"{mlflow_ui.url}/#/experiments/{model.experiment_id}/models/{model.model_id}")
+                expect(page.get_by_text("recall_at_50", exact=True)).to_be_visible()
+                expect(page.get_by_text(repr(recall), exact=True).first).to_be_visible()
+                expect(page.get_by_text(re.compile(r"^(random|popularity|svd|ease)_"))).to_have_count(0)
 
 
 def test_a_missing_chromium_fails_with_how_to_install_it(monkeypatch, tmp_path):
