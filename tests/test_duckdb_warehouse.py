@@ -114,23 +114,39 @@ def test_write_table_failure_keeps_the_old_table(warehouse):
     assert warehouse.query("SELECT x FROM events ORDER BY x")["x"].to_pylist() == [1, 2, 3]
 
 
-def test_latest_view_shows_only_the_newest_partition(warehouse):
-    warehouse.replace_partition("history", "train_date", DAY1, rows(DAY1, ["a", "b"]))
-    warehouse.replace_partition("history", "train_date", DAY2, rows(DAY2, ["c"]))
-    warehouse.create_latest_view("history_latest", "history", "train_date")
-    assert warehouse.query("SELECT item_id FROM history_latest")["item_id"].to_pylist() == ["c"]
+RUN_1, RUN_2 = "a" * 32, "b" * 32
 
 
-def test_latest_view_can_follow_a_chosen_partition_and_back(warehouse):
-    """The champion's date, not the newest: a rollback points the view at an older partition."""
-    warehouse.replace_partition("history", "train_date", DAY1, rows(DAY1, ["a", "b"]))
-    warehouse.replace_partition("history", "train_date", DAY2, rows(DAY2, ["c"]))
-    warehouse.create_latest_view("history_latest", "history", "train_date", DAY1)
+def run_rows(day, ids, run_id):
+    return rows(day, ids).append_column("mlflow_run_id", pa.array([run_id] * len(ids), pa.string()))
+
+
+def test_the_latest_table_is_a_copy_of_one_runs_partition_that_a_rewrite_leaves_alone(warehouse):
+    """The champion's run, not the newest date: a rollback copies an older partition, and a
+    rewrite of the champion's date by another run does not reach the copy."""
+    warehouse.replace_partition("history", "train_date", DAY1, run_rows(DAY1, ["a", "b"], RUN_1))
+    warehouse.replace_partition("history", "train_date", DAY2, run_rows(DAY2, ["c"], RUN_2))
+    assert warehouse.write_run_snapshot("history_latest", "history", "train_date", DAY1, "mlflow_run_id", RUN_1) == 2
     assert sorted(warehouse.query("SELECT item_id FROM history_latest")["item_id"].to_pylist()) == ["a", "b"]
-    warehouse.create_latest_view("history_latest", "history", "train_date", DAY2)
+    assert warehouse.run_rows("history", "train_date", DAY1, "mlflow_run_id", RUN_1) == 2
+    warehouse.replace_partition("history", "train_date", DAY1, run_rows(DAY1, ["z"], RUN_2))  # a retrain of DAY1
+    assert warehouse.run_rows("history", "train_date", DAY1, "mlflow_run_id", RUN_1) == 0
+    assert sorted(warehouse.query("SELECT item_id FROM history_latest")["item_id"].to_pylist()) == ["a", "b"]
+    assert warehouse.write_run_snapshot("history_latest", "history", "train_date", DAY2, "mlflow_run_id", RUN_2) == 1
     assert warehouse.query("SELECT item_id FROM history_latest")["item_id"].to_pylist() == ["c"]
     with pytest.raises(TypeError, match="datetime.date"):
-        warehouse.create_latest_view("history_latest", "history", "train_date", "2026-01-01' OR 1=1 --")
+        warehouse.write_run_snapshot("history_latest", "history", "train_date", "2026-01-01' OR 1=1 --",
+                                     "mlflow_run_id", RUN_1)
+    with pytest.raises(ValueError, match="not an MLflow run id"):
+        warehouse.write_run_snapshot("history_latest", "history", "train_date", DAY1, "mlflow_run_id", "x' OR 1=1 --")
+
+
+def test_a_latest_view_of_an_older_install_becomes_a_table(warehouse):
+    warehouse.replace_partition("history", "train_date", DAY1, run_rows(DAY1, ["a"], RUN_1))
+    warehouse.execute('CREATE VIEW history_latest AS SELECT * FROM history')
+    assert warehouse.write_run_snapshot("history_latest", "history", "train_date", DAY1, "mlflow_run_id", RUN_1) == 1
+    kinds = warehouse.query("SELECT table_type FROM information_schema.tables WHERE table_name = 'history_latest'")
+    assert kinds["table_type"].to_pylist() == ["BASE TABLE"]
 
 
 def test_query_values_are_parameters_not_sql(warehouse):

@@ -38,8 +38,8 @@ def registry(tmp_path):
                 "train_date": date, "gate": "failed" if version == "3" else "passed"})
     warehouse = DuckDBWarehouse(path=str(tmp_path / "warehouse.duckdb"))
     table = warehouse.table_name(layout.USER_EMBEDDING_HISTORY)
-    warehouse.execute(f"CREATE TABLE {table} AS SELECT * FROM (VALUES ('u1', DATE '2026-06-01'), "
-                      "('u1', DATE '2026-06-08')) AS t(user_id, train_date)")
+    rows = ", ".join(f"('u1', DATE '{date}', '{client.get_model_version(MATCH, v).run_id}')" for v, date in DATES.items())
+    warehouse.execute(f"CREATE TABLE {table} AS SELECT * FROM (VALUES {rows}) AS t(user_id, train_date, mlflow_run_id)")
     return client, mlflow, warehouse
 
 
@@ -90,6 +90,25 @@ def test_a_promotion_stopped_after_the_record_is_noticed_and_finished(registry):
     # Again: idempotent.
     assert job.execute_in_process(resources={"mlflow": mlflow, "warehouse": warehouse}).success
     assert _aliases(client) == ("2", "2")
+
+
+def test_a_champion_whose_rows_were_rewritten_is_refused_before_the_record_moves(registry):
+    client, _, warehouse = registry
+    move_champion(warehouse, client, MATCH, "2", RETRIEVER)
+    table = warehouse.table_name(layout.USER_EMBEDDING_HISTORY)
+    warehouse.execute(f"UPDATE {table} SET mlflow_run_id = '{'f' * 32}' WHERE train_date = DATE '2026-06-01'")  # a retrain
+    with pytest.raises(ValueError, match=r"two_tower_user_embedding_history has no rows of run \w+ for 2026-06-01: "
+                                         r"the date was rewritten by another run since"):
+        move_champion(warehouse, client, MATCH, "1", RETRIEVER)
+    assert _aliases(client) == ("2", "2") and _view_dates(warehouse) == {dt.date(2026, 6, 8)}
+
+
+def test_the_latest_tables_keep_the_champions_rows_when_its_date_is_rewritten(registry):
+    client, _, warehouse = registry
+    move_champion(warehouse, client, MATCH, "2", RETRIEVER)
+    table = warehouse.table_name(layout.USER_EMBEDDING_HISTORY)
+    warehouse.execute(f"DELETE FROM {table} WHERE train_date = DATE '2026-06-08'")  # a retrain's rewrite begins
+    assert _view_dates(warehouse) == {dt.date(2026, 6, 8)}
 
 
 def test_a_version_with_no_retriever_of_its_run_is_refused(registry):

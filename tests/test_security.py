@@ -270,9 +270,10 @@ def test_duckdb_refuses_bad_names_before_opening_the_file(tmp_path, bad):
         lambda: warehouse.replace_partition(bad, "train_date", day, _rows(day)),
         lambda: warehouse.replace_partition("t", bad, day, _rows(day)),  # the partition column
         lambda: warehouse.replace_partition_from_queries({"t": "SELECT 1 AS x"}, bad, day, {}),
-        lambda: warehouse.create_latest_view(bad, "t", "train_date"),
-        lambda: warehouse.create_latest_view("v", bad, "train_date"),
-        lambda: warehouse.create_latest_view("v", "t", bad),
+        lambda: warehouse.write_run_snapshot(bad, "t", "train_date", day, "mlflow_run_id", "a" * 32),
+        lambda: warehouse.write_run_snapshot("v", bad, "train_date", day, "mlflow_run_id", "a" * 32),
+        lambda: warehouse.write_run_snapshot("v", "t", bad, day, "mlflow_run_id", "a" * 32),
+        lambda: warehouse.write_run_snapshot("v", "t", "train_date", day, bad, "a" * 32),
         lambda: warehouse.partition_row_counts("t", bad),
     ]
     for call in calls:
@@ -334,8 +335,9 @@ def test_bigquery_refuses_bad_names_before_any_request(bad):
         lambda: warehouse.replace_partition("twotower-test.ds.t", bad, day, _rows(day)),
         lambda: warehouse.replace_partition_from_queries({bad: "SELECT 1"}, "train_date", day, {}),
         lambda: warehouse.replace_partition_from_queries({"twotower-test.ds.t": "SELECT 1"}, bad, day, {}),
-        lambda: warehouse.create_latest_view("twotower-test.ds.v", bad, "train_date"),
-        lambda: warehouse.create_latest_view("twotower-test.ds.v", "twotower-test.ds.t", bad),
+        lambda: warehouse.write_run_snapshot("twotower-test.ds.v", bad, "train_date", day, "mlflow_run_id", "a" * 32),
+        lambda: warehouse.write_run_snapshot("twotower-test.ds.v", "twotower-test.ds.t", bad, day, "mlflow_run_id",
+                                             "a" * 32),
         lambda: warehouse.partition_row_counts("t", bad),
         lambda: warehouse.query("SELECT 1", {bad: 1}),
     ]

@@ -149,18 +149,19 @@ def test_replace_partitions_writes_each_listed_day_and_refuses_an_unlisted_one(b
     assert bq_warehouse.partition_row_counts(name, "train_date") == {JUNE_1: 5, JUNE_8: 2, june_15: 4}
 
 
-def test_latest_view_shows_the_newest_partition(bq_warehouse, bq_client):
+def test_the_latest_table_is_a_copy_of_the_champion_runs_partition(bq_warehouse, bq_client):
+    run_1, run_2 = "a" * 32, "b" * 32
     name = bq_warehouse.table_name("two_tower_item_embedding_history")
-    view = bq_warehouse.table_name("two_tower_item_embedding_latest")
-    bq_warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 5))
-    bq_warehouse.create_latest_view(view, name, "train_date")
-    assert set(bq_warehouse.query(f"SELECT train_date FROM `{view}`")["train_date"].to_pylist()) == {JUNE_1}
+    latest_name = bq_warehouse.table_name("two_tower_item_embedding_latest")
+    bq_warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 5, run_id=run_1))
+    assert bq_warehouse.write_run_snapshot(latest_name, name, "train_date", JUNE_1, "mlflow_run_id", run_1) == 5
+    assert bq_client.get_table(latest_name).table_type == "TABLE"
 
-    bq_warehouse.replace_partition(name, "train_date", JUNE_8, item_rows(JUNE_8, 7))
-    bq_warehouse.create_latest_view(view, name, "train_date")  # idempotent
-    latest = bq_warehouse.query(f"SELECT * FROM `{view}`")
-    assert latest.num_rows == 7 and set(latest["train_date"].to_pylist()) == {JUNE_8}
-    assert bq_client.get_table(view).table_type == "VIEW"
+    bq_warehouse.replace_partition(name, "train_date", JUNE_1, item_rows(JUNE_1, 7, run_id=run_2))  # a retrain
+    assert bq_warehouse.run_rows(name, "train_date", JUNE_1, "mlflow_run_id", run_1) == 0
+    latest = bq_warehouse.query(f"SELECT * FROM `{latest_name}`")
+    assert latest.num_rows == 5 and set(latest["mlflow_run_id"].to_pylist()) == {run_1}
+    assert bq_warehouse.write_run_snapshot(latest_name, name, "train_date", JUNE_1, "mlflow_run_id", run_2) == 7
 
 
 def test_rows_of_another_partition_are_refused_and_nothing_changes(bq_warehouse, bq_client):

@@ -55,12 +55,12 @@ MODEL_COMPARISON = "model_comparison"
 CHAMPION = "champion"
 """The promotion step: moves the registry alias ``champion`` and the ``_latest`` views to a date."""
 
-LATEST_VIEWS = {
+LATEST_TABLES = {
     USER_EMBEDDING_HISTORY: USER_EMBEDDING_LATEST,
     ITEM_EMBEDDING_HISTORY: ITEM_EMBEDDING_LATEST,
     RECOMMENDATIONS: RECOMMENDATIONS_LATEST,
 }
-"""Table -> the view of its champion partition, what consumers read."""
+"""Table -> its ``_latest`` table: the champion run's rows, copied at promotion, what consumers read."""
 
 EVALUATED_MODEL = "two_tower"
 """The trained model's name in the evaluation metrics table (beside random, popularity, svd)."""

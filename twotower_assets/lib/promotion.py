@@ -3,7 +3,10 @@
 The record is ``two_tower_retriever@champion``, the alias the retrieval server follows: one
 registry write says which training run is champion. ``two_tower_match@champion`` (the same
 run's MatchModel: both versions carry the run id and ``train_date``) and the ``_latest``
-views are derived from it by :func:`reconcile_champion`, which is idempotent: a promotion
+tables are derived from it by :func:`reconcile_champion`, which is idempotent. The ``_latest``
+tables are copies of the champion run's rows (:meth:`WarehouseResource.write_run_snapshot`),
+so a later rewrite of the champion's date (a retrain not yet promoted, or one the gate fails)
+changes nothing consumers read. A promotion
 killed after the record moved is finished by the next run of ``champion``, the
 ``rollback_champion`` job or the ``champion_reconciler`` sensor, and the asset check
 ``champion_aliases_agree`` fails while the two aliases disagree.
@@ -19,6 +22,10 @@ from mlflow import MlflowClient
 from twotower_assets.lib import layout
 from twotower_assets.serving.registry import GATE_TAG, TRAIN_DATE_TAG, champion, promote, version_of_date
 from twotower_assets.warehouse.base import WarehouseResource
+
+
+RUN_COLUMN = "mlflow_run_id"
+"""The training run of each row of the published tables."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ def move_champion(
             f"{match_model} version {match_version} ({train_date}) has no {retriever} version of the same run "
             f"({version.run_id}): materialise two_tower_retriever for {train_date} first"
         )
+    check_tables_can_follow(warehouse, dt.date.fromisoformat(train_date), version.run_id)  # before the record moves
     promote(client, retriever, served.version)  # the record
     return reconcile_champion(warehouse, client, match_model, retriever)
 
@@ -112,17 +120,31 @@ def reconcile_champion(warehouse: WarehouseResource, client: MlflowClient, match
         raise ValueError(f"the champion record cannot be followed: {state.describe(match_model, retriever)}")
     if not state.agree:
         promote(client, match_model, state.expected_match)
-    point_latest_views(warehouse, dt.date.fromisoformat(state.train_date))
     run_id = client.get_model_version(retriever, state.record).run_id
+    write_latest_tables(warehouse, dt.date.fromisoformat(state.train_date), run_id)
     return Champion(state.train_date, match_model, state.expected_match, retriever, state.record, run_id)
 
 
-def point_latest_views(warehouse: WarehouseResource, train_date: dt.date) -> list[str]:
-    """Point each ``_latest`` view at ``train_date``'s partition (tables that exist only)."""
-    moved = []
-    for table, view in layout.LATEST_VIEWS.items():
+def check_tables_can_follow(warehouse: WarehouseResource, train_date: dt.date, run_id: str) -> None:
+    """Refuse a champion whose rows are gone from a published table (its date was rewritten by
+    another run since): its ``_latest`` tables could not be written."""
+    for table in layout.LATEST_TABLES:
+        name = warehouse.table_name(table)
+        if warehouse.table_exists(name) and not warehouse.run_rows(name, layout.PARTITION_COLUMN, train_date,
+                                                                   RUN_COLUMN, run_id):
+            raise ValueError(
+                f"{name} has no rows of run {run_id} for {train_date.isoformat()}: the date was rewritten by another "
+                "run since, so that model's tables are gone; choose another version or retrain the date"
+            )
+
+
+def write_latest_tables(warehouse: WarehouseResource, train_date: dt.date, run_id: str) -> list[str]:
+    """Replace each ``_latest`` table with run ``run_id``'s rows of ``train_date`` (tables that exist only)."""
+    written = []
+    for table, latest in layout.LATEST_TABLES.items():
         name = warehouse.table_name(table)
         if warehouse.table_exists(name):
-            warehouse.create_latest_view(warehouse.table_name(view), name, layout.PARTITION_COLUMN, train_date)
-            moved.append(warehouse.table_name(view))
-    return moved
+            warehouse.write_run_snapshot(warehouse.table_name(latest), name, layout.PARTITION_COLUMN, train_date,
+                                         RUN_COLUMN, run_id)
+            written.append(warehouse.table_name(latest))
+    return written

@@ -141,10 +141,30 @@ class WarehouseResource(dg.ConfigurableResource):
         """Fill one partition of several tables from SELECTs run in the warehouse, atomically."""
 
     @abstractmethod
-    def create_latest_view(
-        self, view: str, table: str, partition_column: str, partition_value: dt.date | None = None
-    ) -> None:
-        """A view of one partition of ``table``: ``partition_value`` (the champion's date), or the newest."""
+    def drop_view(self, name: str) -> None:
+        """Drop ``name`` if it is a view (a table of that name is left alone)."""
+
+    def write_run_snapshot(
+        self, target: str, table: str, partition_column: str, partition_value: dt.date, run_column: str, run_id: str
+    ) -> int:
+        """Replace table ``target`` with the rows of run ``run_id`` in one partition of ``table``
+        (:func:`~twotower_assets.warehouse.sql.run_snapshot_statement`); returns its row count.
+        A view of that name (how ``_latest`` was once published) is dropped first."""
+        from twotower_assets.warehouse.sql import run_snapshot_statement
+
+        statement = run_snapshot_statement(self.dialect, target, table, partition_column, partition_value,
+                                           run_column, run_id)  # every name and value checked before any write
+        self.drop_view(target)
+        self.execute(statement)
+        return int(self.query(f"SELECT COUNT(*) AS n FROM {self.dialect.table(target)}")["n"][0].as_py())
+
+    def run_rows(self, table: str, partition_column: str, partition_value: dt.date, run_column: str, run_id: str) -> int:
+        """How many rows of run ``run_id`` partition ``partition_value`` of ``table`` holds."""
+        from twotower_assets.warehouse.sql import run_rows_query
+
+        rows = self.query(run_rows_query(self.dialect, table, partition_column, run_column),
+                          {"train_date": partition_value, "mlflow_run_id": run_id})
+        return int(rows["n"][0].as_py())
 
     @property
     def has_vector_search(self) -> bool:

@@ -80,7 +80,6 @@ from twotower_assets.warehouse.sql import (
     NeighborSearch,
     bigquery_vector_index_statement,
     bigquery_vector_search_query,
-    partition_view_statement,
 )
 
 EMULATOR_HOST_VARIABLE = "BIGQUERY_EMULATOR_HOST"
@@ -386,10 +385,14 @@ class BigQueryWarehouse(WarehouseResource):
                     client.delete_table(staging, not_found_ok=True, retry=self.api_retry)
         return {target: self._partition_rows(target, partition_column, partition_value) for target in selects}
 
-    def create_latest_view(
-        self, view: str, table: str, partition_column: str, partition_value: dt.date | None = None
-    ) -> None:
-        self.execute(partition_view_statement(BIGQUERY, view, table, partition_column, partition_value))
+    def drop_view(self, name: str) -> None:
+        with self.client() as client:
+            try:
+                table = client.get_table(check_table_name(name), retry=self.api_retry)
+            except NotFound:
+                return
+            if table.table_type == "VIEW":
+                client.delete_table(table, retry=self.api_retry, not_found_ok=True)
 
     # -- vector search --------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from twotower_assets.warehouse.base import (
 from twotower_assets.warehouse.errors import DUCKDB_LOCK_MESSAGES, WarehouseError
 from twotower_assets.identifiers import check_table_name, quote_identifier
 from twotower_assets.preflight import check_writable_directory
-from twotower_assets.warehouse.sql import DUCKDB, Dialect, partition_view_statement
+from twotower_assets.warehouse.sql import DUCKDB, Dialect
 
 
 class DuckDBWarehouse(WarehouseResource):
@@ -218,10 +218,14 @@ class DuckDBWarehouse(WarehouseResource):
                 ).fetchone()[0]
         return counts
 
-    def create_latest_view(
-        self, view: str, table: str, partition_column: str, partition_value: dt.date | None = None
-    ) -> None:
-        self.execute(partition_view_statement(DUCKDB, view, table, partition_column, partition_value))
+    def drop_view(self, name: str) -> None:
+        check_table_name(name)
+        with self.connect() as con:
+            views = con.execute(
+                "SELECT 1 FROM information_schema.tables WHERE table_name = $name AND table_type = 'VIEW'", {"name": name}
+            ).fetchall()
+            if views:
+                con.execute(f"DROP VIEW {DUCKDB.table(name)}")
 
 
 def _add_new_columns(con: duckdb.DuckDBPyConnection, name: str, select: str, params: QueryParams) -> None:

@@ -12,6 +12,7 @@ BigQuery's native vector search (``bigquery_vector_*``), which DuckDB does not h
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -424,20 +425,32 @@ FROM {dialect.table(table)}
 WHERE train_date = {dialect.param("train_date")}"""
 
 
-def partition_view_statement(
-    dialect: Dialect, view: str, table: str, partition_column: str, partition_value: dt.date | None = None
-) -> str:
-    """CREATE OR REPLACE VIEW ``view`` of one partition of ``table``: ``partition_value``, or the newest.
+MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
+"""What an MLflow run id looks like (uuid4 hex): the only run ids written into a statement."""
 
-    A view cannot take query parameters, so the date is a literal; it is written from a
-    ``datetime.date`` (``DATE 'YYYY-MM-DD'``, the same in both dialects), never from text.
-    """
-    column = quote_identifier(partition_column)
-    source = dialect.table(table)
-    if partition_value is None:
-        value = f"(SELECT MAX({column}) FROM {source})"
-    elif isinstance(partition_value, dt.date) and not isinstance(partition_value, dt.datetime):
-        value = f"DATE '{partition_value.isoformat()}'"
-    else:
+
+def run_snapshot_statement(
+    dialect: Dialect, target: str, table: str, partition_column: str, partition_value: dt.date, run_column: str,
+    run_id: str,
+) -> str:
+    """CREATE OR REPLACE TABLE ``target`` as the rows of training run ``run_id`` in partition
+    ``partition_value`` of ``table``: the champion's ``_latest`` table, which a later rewrite of
+    the partition does not change. Literals, not parameters (DDL takes none in BigQuery): the
+    date from a ``datetime.date`` and the run id checked against :data:`MLFLOW_RUN_ID`."""
+    if not isinstance(partition_value, dt.date) or isinstance(partition_value, dt.datetime):
         raise TypeError(f"partition_value must be a datetime.date, not {type(partition_value).__name__}")
-    return f"CREATE OR REPLACE VIEW {dialect.table(view)} AS SELECT * FROM {source} WHERE {column} = {value}"
+    if not MLFLOW_RUN_ID.fullmatch(run_id or ""):
+        raise ValueError(f"not an MLflow run id: {run_id!r}")
+    return (
+        f"CREATE OR REPLACE TABLE {dialect.table(target)} AS SELECT * FROM {dialect.table(table)} "
+        f"WHERE {quote_identifier(partition_column)} = DATE '{partition_value.isoformat()}' "
+        f"AND {quote_identifier(run_column)} = '{run_id}'"
+    )
+
+
+def run_rows_query(dialect: Dialect, table: str, partition_column: str, run_column: str) -> str:
+    """SELECT ``n``: the rows of run ``@mlflow_run_id`` in partition ``@train_date`` of ``table``."""
+    return (
+        f"SELECT COUNT(*) AS n FROM {dialect.table(table)} WHERE {quote_identifier(partition_column)} = "
+        f"{dialect.param('train_date')} AND {quote_identifier(run_column)} = {dialect.param('mlflow_run_id')}"
+    )

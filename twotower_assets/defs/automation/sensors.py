@@ -25,7 +25,7 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     description=(
         "Every 5 minutes: when two_tower_match@champion is not the MatchModel of the run "
         "two_tower_retriever@champion (the record) names, a promotion stopped halfway; it starts "
-        "reconcile_champion_job, which makes the alias and the _latest views follow the record."
+        "reconcile_champion_job, which makes the alias and the _latest tables follow the record."
     ),
 )
 def champion_reconciler(context: dg.SensorEvaluationContext, mlflow: MlflowTracking):

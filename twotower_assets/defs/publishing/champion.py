@@ -73,7 +73,7 @@ def champion(
             "previous_champion_train_date": current_date or "none",
             "match_model": dg.MetadataValue.url(mlflow.model_version_url(match.name, moved.match_version)),
             "retriever": dg.MetadataValue.url(mlflow.model_version_url(served.name, moved.retriever_version)),
-            "latest_views": ", ".join(warehouse.table_name(v) for v in layout.LATEST_VIEWS.values()),
+            "latest_tables": ", ".join(warehouse.table_name(v) for v in layout.LATEST_TABLES.values()),
         }
     )
 

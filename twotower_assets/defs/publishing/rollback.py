@@ -27,7 +27,7 @@ class RollbackConfig(dg.Config):
     retriever_model_name: str = Field(default=RETRIEVER_NAME, description="The retriever's registered model.")
 
 
-@dg.op(description="Moves the champion alias of both registered models and the _latest views to a chosen version.")
+@dg.op(description="Moves the champion alias of both registered models and the _latest tables to a chosen version.")
 def set_champion(context: dg.OpExecutionContext, config: RollbackConfig, warehouse: WarehouseResource, mlflow: MlflowTracking):
     with mlflow.reporting_failures(f"moving champion to {config.registered_model_name} v{config.match_model_version}"):
         moved = move_champion(
@@ -35,7 +35,7 @@ def set_champion(context: dg.OpExecutionContext, config: RollbackConfig, warehou
         )
     context.log.info(
         f"champion is now {moved.match_model} v{moved.match_version} and {moved.retriever} v{moved.retriever_version} "
-        f"(train_date {moved.train_date}); the _latest views show {moved.train_date}"
+        f"(train_date {moved.train_date}); the _latest tables show {moved.train_date}"
     )
     return moved.train_date
 
@@ -50,7 +50,7 @@ class ReconcileConfig(dg.Config):
     retriever_model_name: str = Field(default=RETRIEVER_NAME, description="The retriever's registered model (the record).")
 
 
-@dg.op(description="Points two_tower_match@champion and the _latest views at the run two_tower_retriever@champion names.")
+@dg.op(description="Points two_tower_match@champion and the _latest tables at the run two_tower_retriever@champion names.")
 def follow_champion_record(context: dg.OpExecutionContext, config: ReconcileConfig, warehouse: WarehouseResource,
                            mlflow: MlflowTracking):
     with mlflow.reporting_failures("finishing a half-done promotion"):
@@ -61,7 +61,7 @@ def follow_champion_record(context: dg.OpExecutionContext, config: ReconcileConf
                      f"now both name {followed.train_date if followed else 'nothing'}")
 
 
-@dg.job(description="Finish a promotion that stopped halfway: the MatchModel alias and the _latest views follow "
+@dg.job(description="Finish a promotion that stopped halfway: the MatchModel alias and the _latest tables follow "
         "the retriever's champion alias (started by the champion_reconciler sensor).")
 def reconcile_champion_job():
     follow_champion_record()
