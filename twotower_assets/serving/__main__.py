@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+from threadpoolctl import threadpool_limits
+
 from twotower_assets.serving.app import ServerSettings, create_app
 
 ENV_PREFIX = "TWOTOWER_SERVING_"
@@ -70,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-body-bytes", type=int, default=int(_env("max_body_bytes", defaults.max_body_bytes)))
     parser.add_argument("--cache-dir", default=_env("cache_dir", None),
                         help="where model versions are downloaded (default: a temporary directory)")
+    parser.add_argument("--blas-threads", type=int, default=int(_env("blas_threads", 1)),
+                        help="threads of the exact search's matrix product (BLAS)")
     parser.add_argument("--log-level", default=_env("log_level", "info"))
     parser.add_argument("--access-log", action="store_true", help="log every request (costs latency)")
     return parser.parse_args(argv)
@@ -88,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, tracking_uri=args.tracking_uri, poll_interval_s=args.poll_interval,
         exact_max_elements=args.exact_max_elements, max_body_bytes=args.max_body_bytes, cache_dir=args.cache_dir,
     )
+    # One request's matrix-vector product gains nothing from more BLAS threads, and OpenBLAS's
+    # idle threads spin: at 200,000 x 64 on 2 busy cores an exact query cost 8-11 CPU ms with
+    # the default threads and ~2 ms with one (docs/benchmarks-serving.md).
+    threadpool_limits(limits=args.blas_threads, user_api="blas")
     config = logging_config(args.log_level)
     logging.config.dictConfig(config)
     try:
