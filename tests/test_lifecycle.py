@@ -108,3 +108,19 @@ def test_previous_picks_the_newest_earlier_saved_model(two_dates):
     source = resolve_warm_start("previous", "2026-06-08", artifacts, resources["mlflow"])
     assert source.label == f"previous:{TINY_PARTITION}"
     assert resolve_warm_start("none", TINY_PARTITION, artifacts, resources["mlflow"]).model is None
+
+
+def test_warm_start_champion_loads_the_champions_own_run_not_a_later_retrain(two_dates):
+    """An unpublished retrain of the champion's date is that date's current model, not the champion."""
+    resources, _, second, instance = two_dates
+    artifacts, client = resources["artifacts"], MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    champion_run = client.get_model_version_by_alias("two_tower_match", "champion").run_id
+    assert champion_run == metadata_of(second, layout.TWO_TOWER_MODEL)["mlflow_run_id"].value
+    champion_version = artifacts.current_version(layout.TWO_TOWER_MODEL, TINY_PARTITION)
+    retrain = materialize_all(resources, TINY_PARTITION, selection=[layout.TWO_TOWER_MODEL], instance=instance,
+                              run_config={"ops": {layout.TWO_TOWER_MODEL: tiny_run_config()["ops"][layout.TWO_TOWER_MODEL]}})
+    assert retrain.success
+    assert artifacts.current_version(layout.TWO_TOWER_MODEL, TINY_PARTITION) != champion_version
+    source = resolve_warm_start("champion", "2026-06-08", artifacts, resources["mlflow"])
+    assert source.model.root.name == champion_version
+    assert f"MLflow run {champion_run}" in source.reason and champion_version in source.reason

@@ -1,7 +1,8 @@
 """Which trained model a warm start begins from (the model asset's ``warm_start`` run config).
 
-* ``champion``: the date of ``two_tower_match@champion`` (its ``train_date`` tag), whose towers
-  the ``two_tower_model`` asset saved under that date.
+* ``champion``: the towers of the champion's own training run: the version of the champion's
+  date (its ``train_date`` tag) whose ``summary.json`` records the run the registered version
+  came from. A later retrain of that date that was not promoted is not the champion.
 * ``previous``: the newest earlier date with a saved ``two_tower_model``, published or not.
 
 When there is no such model (the first training, a registry without a champion, the
@@ -13,6 +14,7 @@ never a reason for a weekly training to fail. Glue only; the weights are mapped 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +41,26 @@ class WarmStartSource:
         return f"{self.choice}:{self.train_date}" if self.model is not None else "none"
 
 
-def _saved(artifacts: ArtifactStore, train_date: str) -> ModelFiles | None:
-    """The date's saved model (its current version, resolved and verified once), or None."""
+def _saved(artifacts: ArtifactStore, train_date: str, version: str | None = None) -> ModelFiles | None:
+    """The date's saved model (its current version, or ``version``; resolved and verified once), or None."""
     try:
-        files = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, train_date))
+        files = ModelFiles(artifacts.require(layout.TWO_TOWER_MODEL, train_date, version))
     except FileNotFoundError:
         return None
     return files if files.user_tower.is_dir() and files.item_tower.is_dir() else None
+
+
+def _saved_of_run(artifacts: ArtifactStore, train_date: str, mlflow_run_id: str) -> ModelFiles | None:
+    """The date's saved model trained by MLflow run ``mlflow_run_id`` (newest such version), or None."""
+    for version in reversed(artifacts.versions(layout.TWO_TOWER_MODEL, train_date)):
+        summary = artifacts.version_path(layout.TWO_TOWER_MODEL, train_date, version) / "summary.json"
+        try:
+            run_id = json.loads(summary.read_text()).get("mlflow_run_id")
+        except (OSError, ValueError):
+            continue
+        if run_id == mlflow_run_id:
+            return _saved(artifacts, train_date, version)
+    return None
 
 
 def _is_date(name: str) -> bool:
@@ -81,10 +96,9 @@ def resolve_warm_start(choice: str, partition_key: str, artifacts: ArtifactStore
         if version is None:
             return WarmStartSource(choice, None, None, f"{REGISTERED_MODEL_NAME} has no champion yet: cold start")
         date = version.tags.get(TRAIN_DATE_TAG)
-        model = _saved(artifacts, date) if date else None
+        model = _saved_of_run(artifacts, date, version.run_id) if date else None
+        described = f"the champion ({REGISTERED_MODEL_NAME} v{version.version}, {date}, MLflow run {version.run_id})"
         if model is None:
-            return WarmStartSource(
-                choice, date, None, f"the champion ({REGISTERED_MODEL_NAME} v{version.version}, {date}) has no saved towers here: cold start"
-            )
-        return WarmStartSource(choice, date, model, f"the champion ({REGISTERED_MODEL_NAME} v{version.version}, {date})")
+            return WarmStartSource(choice, date, None, f"{described} has no saved towers here: cold start")
+        return WarmStartSource(choice, date, model, f"{described}, model version {model.root.name}")
     raise ValueError(f"warm_start must be none, champion or previous, not {choice!r}")
