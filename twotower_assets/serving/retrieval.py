@@ -37,14 +37,15 @@ from twotower_assets.serving.retriever import (
 
 REQUEST_FIELDS = REQUEST_COLUMNS + FILTER_FIELDS
 
-DEFAULT_EXACT_MAX_ELEMENTS = 16_000_000
-"""Exact search while items x dimensions is at most this (250,000 items at 64 dimensions).
+DEFAULT_EXACT_MAX_ELEMENTS = 8_000_000
+"""Exact search while items x dimensions is at most this (125,000 items at 64 dimensions).
 
-At 200,000 x 64 one query cost about the same CPU either way, ~1.1 ms exact (a float32
-matrix-vector product and a partition) and ~1.1-1.2 ms through the LanceDB index, nearly all
-of it LanceDB's fixed cost per call (docs/benchmarks-serving.md). Exact search grows with the
-catalogue and that fixed cost does not, so they cross near this size; below it exact costs
-no more and has recall 1."""
+Measured through the server at 200,000 x 64 (bench/serving_server.py, docs/benchmarks-serving.md):
+an exact request cost 2.7-2.9 server CPU ms, one through the LanceDB index 1.6-2.3 ms at
+recall@10 1.000, nearly all of it LanceDB's fixed cost per call. Exact search grows with the
+catalogue and that fixed cost does not, so they cross near 9M elements; below it exact costs
+no more and has recall 1 by construction. At the quickstart's 1,000 x 64 an exact request is
+0.02 ms of search."""
 
 PROBE_USERS = 64
 """Users the probe asks for (evenly spread over the user file), besides one item and one
