@@ -318,6 +318,7 @@ def test_bad_training_config_fails_before_training(home, section, field, value):
 def test_bad_cutoffs_are_config_errors():
     from pydantic import ValidationError
 
+    from twotower_assets.lib.retries import RunConfigError
     from twotower_assets.defs.evaluation.quality_gate import QualityGateConfig
     from twotower_assets.defs.evaluation.assets import EvaluationConfig
     from twotower_assets.defs.publishing.recommendations import RecommendationsConfig
@@ -331,9 +332,34 @@ def test_bad_cutoffs_are_config_errors():
         (lambda: RecommendationsConfig(k=0), "k"),
         (lambda: VectorSearchConfig(top_k=0), "top_k"),
     ]:
-        with pytest.raises(ValidationError) as error:
+        with pytest.raises((ValidationError, RunConfigError)) as error:
             make()
-        assert error.value.errors()[0]["loc"][0] == field
+        errors = error.value.errors() if isinstance(error.value, ValidationError) else error.value.field_errors
+        assert errors[0]["loc"][0] == field
+
+
+def test_an_invalid_run_config_fails_a_retried_step_once_naming_the_field(tmp_path):
+    """Dagster builds the config before the step runs; the warehouse retry policy must not
+    retry a value that can never be valid (it used to take 3 retries and 343 s)."""
+    import time
+
+    import dagster as dg
+
+    from helpers.graph import make_resources
+    from twotower_assets.definitions import ALL_ASSETS
+
+    started = time.monotonic()
+    result = dg.materialize(
+        ALL_ASSETS, selection=["click_events"], partition_key="2026-06-01", resources=make_resources(tmp_path),
+        run_config={"ops": {"click_events": {"config": {"num_users": -5, "num_items": 0}}}}, raise_on_error=False,
+    )
+    assert not result.success and time.monotonic() - started < 60
+    events = {e.event_type_value for e in result.all_events}
+    assert "STEP_UP_FOR_RETRY" not in events
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.event_specific_data.error.message
+    assert "invalid run config (ClickEventsConfig): num_users: Input should be greater than 0" in message
+    assert "num_items: Input should be greater than 0" in message
 
 
 @pytest.fixture(scope="module")

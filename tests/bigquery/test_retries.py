@@ -205,6 +205,13 @@ def test_the_graph_puts_the_warehouse_policy_on_warehouse_assets_only():
     assert all(policies[name] == WAREHOUSE_RETRY_POLICY for name in warehouse_steps)
     assert policies["two_tower_model"] is None and policies["match_model"] is None
     assert WAREHOUSE_RETRY_POLICY.backoff == dg.Backoff.EXPONENTIAL
+    # Every retried step's config fails once when invalid (lib/retries.StepConfig).
+    from twotower_assets.lib.retries import StepConfig
+
+    configs = {asset.node_def.name: asset.op.compute_fn.decorated_fn.__annotations__.get("config")
+               for asset in ALL_ASSETS if asset.node_def.name in warehouse_steps}
+    assert {name for name, config in configs.items() if config is not None} >= {"click_events", "split_tables"}
+    assert all(issubclass(config, StepConfig) for config in configs.values() if config is not None), configs
 
 
 def events_table_run(warehouse: BigQueryWarehouse, policy: dg.RetryPolicy):

@@ -25,6 +25,12 @@ Every asset that uses the ``warehouse`` resource says so where it is defined::
 (``tests/bigquery/test_retries.py`` checks that none is missed.) The training step does not
 use the warehouse and gets no retry policy: on a Dagster run termination (SIGTERM) a retry
 policy would restart training instead of stopping it.
+
+Dagster builds a step's config object before the step's function runs, so a value its
+pydantic constraints refuse (``num_users: -5``) would fail outside the function and be
+retried like an outage. The config classes of these assets derive from :class:`StepConfig`,
+which raises such an error as :class:`RunConfigError`: a ``Failure(allow_retries=False)``
+naming every bad field, so the step fails once.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import functools
 import inspect
 
 import dagster as dg
+import pydantic
 
 from twotower_assets.warehouse.errors import is_transient_warehouse_error
 
@@ -88,3 +95,28 @@ def retry_transient_errors_only(fn):
             raise error from exc
 
     return call
+
+
+class RunConfigError(dg.Failure, ValueError):
+    """A step's run config is invalid: the step fails at once, not retried. ``field_errors``:
+    pydantic's errors (``loc``, ``msg``), one per bad field."""
+
+    def __init__(self, description: str, field_errors: list[dict]):
+        super().__init__(description=description, metadata={"retried": False, "reason": "invalid run config"},
+                         allow_retries=False)
+        self.field_errors = field_errors
+
+
+class StepConfig(dg.Config):
+    """The run config of a step with a retry policy: invalid values fail the step once."""
+
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except pydantic.ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in problem['loc']) or 'config'}: {problem['msg']}"
+                for problem in error.errors()
+            )
+            raise RunConfigError(f"invalid run config ({type(self).__name__}): {problems}",
+                                 [dict(problem) for problem in error.errors()]) from None

@@ -20,7 +20,7 @@ from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
-from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, StepConfig, retry_transient_errors_only
 from twotower_assets.lib.layout import EvaluationFiles, MatchModelFiles, ModelFiles
 from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.metadata import rounded
@@ -34,7 +34,7 @@ from twotower_assets.serving.registry import logged_model_id
 MODEL_NAME = layout.EVALUATED_MODEL
 
 
-class EvaluationConfig(dg.Config):
+class EvaluationConfig(StepConfig):
     ks: list[int] = Field(
         default=[10, 50, 100, 250, 500, 1000],
         min_length=1,

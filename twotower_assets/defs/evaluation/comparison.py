@@ -39,7 +39,7 @@ from twotower_assets.lib.layout import ModelFiles
 from twotower_assets.lib.metadata import rounded
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
-from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, StepConfig, retry_transient_errors_only
 from twotower_assets.model import plots
 from twotower_assets.model.comparison import Embeddings, compare_models, comparison_markdown
 from twotower_assets.warehouse.base import WarehouseResource
@@ -53,7 +53,7 @@ from twotower_assets.warehouse.queries import (
 CHURN_CHECK = "churn"
 
 
-class ComparisonConfig(dg.Config):
+class ComparisonConfig(StepConfig):
     ks: list[int] = Field(default=[10, 100], min_length=1, description="Top-k cut-offs of the per-user Jaccard.")
     neighbour_k: int = Field(default=50, gt=0, description="Neighbours per item in the item-neighbour overlap.")
     max_users: int = Field(default=5_000, gt=0, description="Shared users compared at most (a seeded sample).")

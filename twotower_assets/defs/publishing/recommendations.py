@@ -41,7 +41,7 @@ from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.metadata import table_metadata
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
-from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, StepConfig, retry_transient_errors_only
 from twotower_assets.lib.layout import ModelFiles, ModelSummary
 from twotower_assets.model.topk import top_k_items
 from twotower_assets.warehouse.base import WarehouseResource
@@ -55,7 +55,7 @@ from twotower_assets.warehouse.recommendation_sql import (
 from twotower_assets.warehouse.sql import ITEM_COLUMN, distinct_pairs_query
 
 
-class RecommendationsConfig(dg.Config):
+class RecommendationsConfig(StepConfig):
     k: int = Field(default=100, gt=0, description="Items per user (fewer when a user has seen almost every item).")
     users_per_batch: int = Field(
         default=32_768, gt=0, description="Users scored and written per record batch (bounds memory)."

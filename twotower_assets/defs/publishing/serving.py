@@ -25,7 +25,7 @@ from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.layout import DatasetFiles, ItemIndexFiles, MatchModelFiles, ModelFiles, Registration, RetrieverFiles
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date, training_date_partitions
-from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, StepConfig, retry_transient_errors_only
 from twotower_assets.serving import retriever
 from twotower_assets.serving.ann_index import INDEX_TYPES, ItemIndex
 from twotower_assets.serving.registry import (
@@ -40,7 +40,7 @@ from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.queries import item_event_counts_query
 
 
-class ItemIndexConfig(dg.Config):
+class ItemIndexConfig(StepConfig):
     uri_prefix: str | None = Field(
         default=None,
         description="Where the index lives, as a LanceDB URI prefix (e.g. gs://bucket/two_tower/item_index); "
@@ -101,7 +101,7 @@ def item_ann_index(context: dg.AssetExecutionContext, config: ItemIndexConfig, a
     )
 
 
-class RetrieverConfig(dg.Config):
+class RetrieverConfig(StepConfig):
     registered_model_name: str = Field(
         default=retriever.REGISTERED_MODEL_NAME,
         pattern=r"^[A-Za-z0-9_.-]{1,256}$",

@@ -33,7 +33,7 @@ from twotower_assets.lib import layout
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.metadata import table_metadata
 from twotower_assets.lib.partitions import training_date, training_date_partitions
-from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, StepConfig, retry_transient_errors_only
 from twotower_assets.model.topk import top_k_items
 from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.errors import EmptyTableError
@@ -41,7 +41,7 @@ from twotower_assets.warehouse.queries import item_vectors_query
 from twotower_assets.warehouse.sql import NeighborSearch
 
 
-class VectorSearchConfig(dg.Config):
+class VectorSearchConfig(StepConfig):
     top_k: int = Field(default=50, ge=1, le=1000, description="Similar items kept per item (at most catalog size - 1).")
     metric: Literal["DOT_PRODUCT", "COSINE"] = Field(
         default="DOT_PRODUCT", description="The towers' vectors are L2-normalised, so both rank alike."

@@ -43,13 +43,13 @@ from twotower_assets.data.synthetic import CLICK_EVENT_SCHEMA, SyntheticParams, 
 from twotower_assets.lib import layout
 from twotower_assets.lib.metadata import column_schema
 from twotower_assets.lib.partitions import EVENT_WINDOW_DAYS, day_range, describe_days, event_day_partitions
-from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, StepConfig, retry_transient_errors_only
 from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.event_days import event_day_counts_query
 from twotower_assets.warehouse.sql import DATE_COLUMN
 
 
-class ClickEventsConfig(SyntheticParams, MovieLensOptions, dg.Config):
+class ClickEventsConfig(SyntheticParams, MovieLensOptions, StepConfig):
     """Where the events come from and, for generated events, their daily volume
     (``num_events / days``; the defaults live in
     :class:`~twotower_assets.data.synthetic.SyntheticParams` and

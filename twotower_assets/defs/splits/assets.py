@@ -27,7 +27,7 @@ from twotower_assets.lib.partitions import (
     training_date,
     training_date_partitions,
 )
-from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, StepConfig, retry_transient_errors_only
 from twotower_assets.model.features import load_feature_config
 from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.errors import EmptyTableError, WarehouseError
@@ -36,7 +36,7 @@ from twotower_assets.warehouse.queries import events_in_window_count
 from twotower_assets.warehouse.sql import split_queries
 
 
-class SplitConfig(dg.Config):
+class SplitConfig(StepConfig):
     train_set_size: float = Field(
         default=0.95, gt=0.0, lt=1.0, description="Share of each user's events that go to training."
     )

@@ -14,7 +14,7 @@ from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.partitions import training_date, training_date_partitions
-from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, StepConfig, retry_transient_errors_only
 from twotower_assets.defs.splits.input_validation import validate_training_input
 from twotower_assets.lib.layout import DatasetFiles, DatasetsManifest
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, save_dataset
@@ -32,7 +32,7 @@ from twotower_assets.warehouse.sql import (
 BATCH_ROWS = 65_536
 
 
-class DatasetConfig(dg.Config):
+class DatasetConfig(StepConfig):
     config_name: str = Field(
         default="default-features", description="Feature config in configs/ (name without .json)."
     )
