@@ -17,7 +17,10 @@ are twice version 1's: an answer's scores tell which version produced it.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -335,3 +338,29 @@ def test_a_version_that_cannot_load_or_fails_the_probe_is_refused_and_the_old_on
         assert metrics[("retrieval_model_refusals_total", ())] == 2
         assert metrics[("retrieval_model_version", ())] == 1.0
     registry.promote("1")
+
+
+def test_a_pinned_version_is_served_whatever_the_alias_says(registry, tmp_path):
+    with retrieval_server(registry.tracking_uri, tmp_path / "server.log", "--model",
+                          f"models:/{REGISTERED_MODEL_NAME}/2", "--poll-interval", "0.2") as server:
+        assert server.post("/recommend", {"user_id": "u1", "k": 3}).json() == {
+            **U1_TOP3, "scores": [28.0, 20.0, 18.0], "model_version": "2"
+        }
+        assert server.health()["model"] == f"models:/{REGISTERED_MODEL_NAME}/2"
+
+
+@pytest.mark.parametrize("arguments, environment, message", [
+    ([], {"MLFLOW_TRACKING_URI": ""},
+     "set MLFLOW_TRACKING_URI (or --tracking-uri) to the registry the model is registered in"),
+    (["--model", "two_tower_retriever@champion"], {"MLFLOW_TRACKING_URI": "sqlite:///unused.db"},
+     "model 'two_tower_retriever@champion': give models:/<name>@<alias> or models:/<name>/<version>"),
+    (["--poll-interval", "0"], {"MLFLOW_TRACKING_URI": "sqlite:///unused.db"},
+     "poll_interval_s must be above 0, got 0.0"),
+], ids=["no registry", "not a models URI", "poll interval zero"])
+def test_bad_settings_stop_the_server_before_it_listens_with_a_message(arguments, environment, message, tmp_path):
+    finished = subprocess.run(
+        [sys.executable, "-m", "twotower_assets.serving", "--port", "1", *arguments],
+        env={**os.environ, **environment}, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert (finished.returncode, finished.stderr.strip().splitlines()[-1]) == (2, message)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no store created
