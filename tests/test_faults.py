@@ -235,6 +235,18 @@ def test_training_killed_mid_epoch_fails_its_run_on_the_rerun_and_publishes_noth
     killed = stack.client.get_run(run.info.run_id)
     assert killed.info.status == "RUNNING" and killed.data.tags[OWNER_PID_TAG] == str(process.pid)
     stack.assert_nothing_published(date)
+
+    # The Dagster run is left STARTED too, until the dead_run_detector sensor sees its worker is gone.
+    from twotower_assets.defs.automation.sensors import dead_run_detector
+
+    with dg.DagsterInstance.from_config(str(stack.root / f"dagster-{date}")) as instance:
+        [dagster_run] = instance.get_runs()
+        assert dagster_run.status == dg.DagsterRunStatus.STARTED
+        dead_run_detector(dg.build_sensor_context(instance=instance))
+        dagster_run = instance.get_run_by_id(dagster_run.run_id)
+        assert dagster_run.status == dg.DagsterRunStatus.FAILURE
+        [failure] = instance.all_logs(dagster_run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert f"its run worker (pid {process.pid} on {socket.gethostname()}) is gone" in failure.message
     assert stack.snapshot(PREVIOUS) == stack.previous
 
     # The rerun of the date first ends the abandoned run FAILED, then trains and publishes.

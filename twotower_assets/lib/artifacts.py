@@ -52,6 +52,7 @@ from pydantic import Field
 
 from twotower_assets.lib.checksums import CHECKSUMS_FILE, verify_checksums, write_checksums
 from twotower_assets.lib.mlflow_tracking import process_is_gone
+from twotower_assets.lib.run_liveness import record_run_host
 from twotower_assets.preflight import check_writable_directory
 
 VERSIONS_SUFFIX = ".versions"
@@ -80,6 +81,7 @@ class ArtifactStore(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # At the start of the run, before any step writes (twotower_assets/preflight.py).
         check_writable_directory(self.base_dir, self.base_dir_setting, "the artifacts directory")
+        record_run_host(context)
         _LEASES.holder = getattr(context, "run_id", None) or _LEASES.holder
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

@@ -38,3 +38,23 @@ def champion_reconciler(context: dg.SensorEvaluationContext, mlflow: MlflowTrack
         return dg.SkipReason(f"the aliases agree ({state.describe(MATCH_MODEL_NAME, RETRIEVER_NAME)})")
     # One run per disagreement: the key names the state, so an unchanged one is not re-run.
     return dg.RunRequest(run_key=f"record-{state.record}-match-{state.match}")
+
+
+@dg.sensor(
+    name="dead_run_detector",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description=(
+        "Every minute: a STARTED run whose worker process on this host is gone (SIGKILL, out of "
+        "memory) is marked FAILED, freeing its concurrency slot; run retries and the automation "
+        "conditions then take over (twotower_assets/lib/run_liveness.py)."
+    ),
+)
+def dead_run_detector(context: dg.SensorEvaluationContext):
+    from twotower_assets.lib.run_liveness import dead_runs
+
+    marked = []
+    for run, reason in dead_runs(context.instance):
+        context.instance.report_run_failed(run, reason)
+        marked.append(run.run_id)
+    return dg.SkipReason(f"marked failed: {', '.join(marked)}" if marked else "no dead run")
