@@ -5,7 +5,8 @@ Two dates of the tiny graph are materialised; then ``mlflow models serve`` is st
 checked against the tables the same date published (the tiny catalogue is below the index's
 ``min_rows_for_index``, so the index searches exactly and the answers must be equal). The
 ``rollback_champion`` job moves the alias and the ``_latest`` views back; a failed gate keeps
-the alias where it was.
+the alias where it was. The retrieval server (``python -m twotower_assets.serving``) answers the
+same tables and follows a rollback and the way back without a restart.
 """
 
 import datetime as dt
@@ -18,6 +19,7 @@ from mlflow import MlflowClient
 
 from helpers.graph import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
 from helpers.model_server import mlflow_models_serve
+from helpers.retrieval_server import retrieval_server
 from twotower_assets.lib import layout
 
 pytestmark = pytest.mark.slow
@@ -136,6 +138,51 @@ def test_a_bad_request_gets_a_400_and_the_server_keeps_serving(server):
     response = requests.post(f"{server}/invocations", json={"dataframe_records": [{"user_id": "u0", "k": 0}]}, timeout=60)
     assert response.status_code == 400 and "k=0 is below 1" in response.json()["message"]
     assert invoke(server, [{"user_id": "somebody-new", "k": 1}])[0]["source"] == "popular"
+
+
+def test_the_retrieval_server_answers_the_published_tables_and_follows_a_rollback(published, tmp_path):
+    # The package's server on the same registry: its answers are the tables of the champion's
+    # date, and a rollback (and back) moves what it serves without a restart.
+    _, resources = published
+    client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
+    matches = {v.tags["train_date"]: v for v in client.search_model_versions(f"name = '{MATCH}'")}
+    served_date = champion_version(client, RETRIEVER).tags["train_date"]
+    other_date = OLDER_PARTITION if served_date == TINY_PARTITION else TINY_PARTITION
+
+    def check_answers(server, date: str) -> None:
+        champion = champion_version(client, RETRIEVER)
+        assert champion.tags["train_date"] == date
+        version = str(champion.version)  # MlflowClient gives an int here, the server a string
+        server.wait_for(lambda h: h["model_version"] == version, f"version {version} served")
+        table = resources["warehouse"].query(
+            "SELECT user_id, item_ids, scores FROM two_tower_recommendations_latest ORDER BY user_id"
+        ).to_pylist()
+        sample = table[:: max(1, len(table) // 20)]
+        response = server.post("/invocations", {"dataframe_records": [{"user_id": r["user_id"], "k": 10} for r in sample]})
+        assert response.json()["model_version"] == version
+        for row, answer in zip(sample, response.json()["predictions"], strict=True):
+            assert answer["source"] == "user"
+            assert answer["scores"] == pytest.approx(row["scores"][:10], abs=1e-4)
+            assert set(answer["item_ids"]) == set(row["item_ids"][:10])
+        similar = resources["warehouse"].query(
+            "SELECT item_id, similar_item_id, score FROM two_tower_similar_items WHERE train_date = $d "
+            "ORDER BY item_id, neighbor_rank", {"d": dt.date.fromisoformat(date)}
+        ).to_pylist()
+        item = similar[0]["item_id"]
+        neighbours = [r for r in similar if r["item_id"] == item][:5]
+        answer = server.post("/recommend", {"item_id": item, "k": 5}).json()
+        assert answer["source"] == "item"
+        assert answer["scores"] == pytest.approx([r["score"] for r in neighbours], abs=1e-4)
+        assert set(answer["item_ids"]) == {r["similar_item_id"] for r in neighbours}
+
+    with retrieval_server(resources["mlflow"].tracking_uri, tmp_path / "server.log", "--poll-interval", "0.2") as server:
+        check_answers(server, served_date)
+        try:
+            assert rollback(resources, str(matches[other_date].version)).success
+            check_answers(server, other_date)
+        finally:
+            assert rollback(resources, str(matches[served_date].version)).success
+        check_answers(server, served_date)
 
 
 def rollback(resources, version: str, raise_on_error: bool = True):
