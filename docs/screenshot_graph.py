@@ -3,10 +3,11 @@
 Used by ``docs/screenshot.sh``. Chromium's ``--screenshot`` flag cannot press keys or click,
 and the graph page starts with its groups collapsed, so this drives headless Chromium over the
 DevTools protocol instead: open the page, wait for the graph, hide the side panels, press the
-UI's own "expand all groups" shortcut (Alt+E), switch the graph to its vertical orientation
-from the graph's settings menu (this graph's horizontal layout is taller than it is wide),
-double-click the graph's background (the UI's "zoom to fit": the graph does not refit by
-itself after a re-layout), wait, save the PNG.
+UI's own "expand all groups" shortcut (Alt+E), keep the default horizontal orientation (the
+groups read source -> splits -> training -> evaluation -> publishing from left to right; the
+vertical layout of the expanded graph is too tall to fit), double-click the graph's background
+(the UI's "zoom to fit": the graph does not refit by itself after a re-layout), wait, save the
+PNG.
 
     python docs/screenshot_graph.py http://127.0.0.1:3000/asset-groups out.png
 """
@@ -85,19 +86,6 @@ class DevTools:
             await asyncio.sleep(0.5)
         raise TimeoutError(f"page never satisfied {expression!r}")
 
-    async def click_menu_item(self, menu_button_icon: str, item: str, timeout_s: float = 30) -> None:
-        """Open the menu behind the (last) button showing ``menu_button_icon`` and click ``item``."""
-        await self.evaluate(
-            f"Array.from(document.querySelectorAll('button'))"
-            f".filter(b => b.querySelector('[aria-label=\"{menu_button_icon}\"]')).pop().click()"
-        )
-        find_item = (
-            "Array.from(document.querySelectorAll('[role=menuitem]'))"
-            f".find(e => e.innerText.includes({json.dumps(item)}))"
-        )
-        await self.wait_for(f"!!{find_item}", timeout_s)
-        await self.evaluate(f"{find_item}.click()")
-
     async def double_click(self, x: float, y: float) -> None:
         for count in (1, 2):
             for kind in ("mousePressed", "mouseReleased"):
@@ -130,8 +118,6 @@ async def screenshot(url: str, out: Path, port: int) -> None:
         await tools.press_alt("e")  # the UI's "expand all groups" shortcut
         await tools.wait_for("Array.from(document.querySelectorAll('svg foreignObject'))"
                              ".some(e => e.textContent.trim() === 'champion')", 60)
-        await asyncio.sleep(3)  # re-layout
-        await tools.click_menu_item("settings", "Change graph to vertical orientation")
         await asyncio.sleep(3)  # re-layout
         point = await tools.evaluate(EMPTY_GRAPH_POINT)
         if not point:
