@@ -88,6 +88,25 @@ def test_logging_again_makes_version_2_and_leaves_the_processs_tracking_uri_alon
     assert not (tmp_path / "elsewhere.db").exists()
 
 
+def test_an_untagged_version_of_the_same_run_is_removed_when_the_run_registers_again(tmp_path, monkeypatch):
+    """An attempt that died between registering and tagging left a version with no date (an
+    orphan): the rerun of the same training run removes it, so versions stay paired by run;
+    another run's untagged version is not this rerun's to remove."""
+    logged = log_tiny_retriever(tmp_path)
+    client = MlflowClient(tracking_uri=logged.tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)  # MLflow resolves a models:/ source globally
+    first = client.get_model_version(REGISTERED_MODEL_NAME, logged.version)
+    orphan = client.create_model_version(REGISTERED_MODEL_NAME, first.source, run_id=logged.run_id)
+    assert "train_date" not in orphan.tags
+    other_run = client.create_run(client.get_run(logged.run_id).info.experiment_id).info.run_id
+    unrelated = client.create_model_version(REGISTERED_MODEL_NAME, first.source, run_id=other_run)
+    _, version = log_retriever(logged.tracking_uri, logged.run_id, **write_catalogue(tmp_path / "again"),
+                               tags=VERSION_TAGS)
+    numbers = sorted(int(v.version) for v in client.search_model_versions(f"name = '{REGISTERED_MODEL_NAME}'"))
+    assert numbers == [1, int(unrelated.version), int(version)] and str(orphan.version) not in map(str, numbers)
+    assert {k: client.get_model_version(REGISTERED_MODEL_NAME, version).tags[k] for k in VERSION_TAGS} == VERSION_TAGS
+
+
 def test_the_logged_model_carries_its_code_requirements_signature_and_example(logged, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{REGISTERED_MODEL_NAME}/1", dst_path=str(tmp_path)))

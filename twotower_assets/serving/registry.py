@@ -87,6 +87,8 @@ def log_registered_pyfunc(
     pickle, so servers that refuse pickles load it.
     """
     tags = {k: str(v) for k, v in (tags or {}).items()}
+    # A version of this run left untagged by an attempt that died before tagging goes first.
+    remove_orphans(client, registered_model_name, run_id)
     run = client.get_run(run_id)
     # Model.log links every run metric logged at its ``step`` to the model (MLflow 3); at a step
     # no run metric has, the model gets none of the run's other numbers (per-epoch losses,
@@ -124,6 +126,21 @@ def log_registered_pyfunc(
     for key, value in tags.items():
         client.set_model_version_tag(registered_model_name, version, key, value)
     return f"models:/{registered_model_name}/{version}", version
+
+
+def remove_orphans(client: MlflowClient, name: str, run_id: str) -> list[str]:
+    """Delete ``name``'s versions of ``run_id`` that carry no ``train_date`` tag: left by an
+    attempt that died between registering and tagging (MLflow registers the logged model, then
+    the tags are set). A rerun of the same training run calls this before registering, so
+    versions stay paired by run. Returns their numbers."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return []  # no such registered model yet
+    orphans = [str(v.version) for v in versions if TRAIN_DATE_TAG not in (v.tags or {})]
+    for version in orphans:
+        client.delete_model_version(name, version)
+    return orphans
 
 
 def unused_step(client: MlflowClient, run) -> int:
