@@ -44,7 +44,7 @@ def champion_version(client: MlflowClient, name: str):
 def latest_view_dates(warehouse) -> dict[str, list]:
     return {
         view: sorted(set(warehouse.query(f"SELECT train_date FROM {view}")["train_date"].to_pylist()))
-        for view in layout.LATEST_VIEWS.values()
+        for view in layout.LATEST_TABLES.values()
     }
 
 
@@ -57,7 +57,7 @@ def test_champion_is_the_newest_gated_date_and_the_views_follow_it(published):
         assert all(v.tags["gate"] == "passed" for v in versions.values())
         assert champion_version(client, name).tags["train_date"] == TINY_PARTITION
     newest = dt.date.fromisoformat(TINY_PARTITION)
-    assert latest_view_dates(resources["warehouse"]) == {view: [newest] for view in layout.LATEST_VIEWS.values()}
+    assert latest_view_dates(resources["warehouse"]) == {view: [newest] for view in layout.LATEST_TABLES.values()}
 
 
 def test_a_backfill_of_an_older_date_does_not_take_the_alias_back(published):
@@ -205,7 +205,7 @@ def test_rollback_moves_both_aliases_and_the_views_and_refuses_a_failed_version(
         version = champion_version(client, name)
         assert version.tags["train_date"] == OLDER_PARTITION and version.run_id == older.run_id
     older_date = dt.date.fromisoformat(OLDER_PARTITION)
-    assert latest_view_dates(resources["warehouse"]) == {view: [older_date] for view in layout.LATEST_VIEWS.values()}
+    assert latest_view_dates(resources["warehouse"]) == {view: [older_date] for view in layout.LATEST_TABLES.values()}
 
     # A version the gate failed cannot be made champion.
     newest = champion_version(client, MATCH)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 
 from twotower_assets.lib import layout
+from twotower_assets.lib.kill_points import kill_point
 from twotower_assets.serving.registry import GATE_TAG, TRAIN_DATE_TAG, champion, promote, version_of_date
 from twotower_assets.warehouse.base import WarehouseResource
 
@@ -85,6 +86,7 @@ def move_champion(
         )
     check_tables_can_follow(warehouse, dt.date.fromisoformat(train_date), version.run_id)  # before the record moves
     promote(client, retriever, served.version)  # the record
+    kill_point("promotion.record_moved")
     return reconcile_champion(warehouse, client, match_model, retriever)
 
 
@@ -120,6 +122,7 @@ def reconcile_champion(warehouse: WarehouseResource, client: MlflowClient, match
         raise ValueError(f"the champion record cannot be followed: {state.describe(match_model, retriever)}")
     if not state.agree:
         promote(client, match_model, state.expected_match)
+        kill_point("promotion.match_alias_moved")
     run_id = client.get_model_version(retriever, state.record).run_id
     write_latest_tables(warehouse, dt.date.fromisoformat(state.train_date), run_id)
     return Champion(state.train_date, match_model, state.expected_match, retriever, state.record, run_id)

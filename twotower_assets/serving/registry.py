@@ -27,6 +27,8 @@ from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from twotower_assets.lib.kill_points import kill_point
+
 CHAMPION = "champion"
 TRAIN_DATE_TAG = "train_date"
 GATE_TAG = "gate"
@@ -123,23 +125,29 @@ def log_registered_pyfunc(
                 registered_model_name=registered_model_name,
             )
     version = str(info.registered_model_version)
+    kill_point("registration.registered")
     for key, value in tags.items():
         client.set_model_version_tag(registered_model_name, version, key, value)
     return f"models:/{registered_model_name}/{version}", version
 
 
 def remove_orphans(client: MlflowClient, name: str, run_id: str) -> list[str]:
-    """Delete ``name``'s versions of ``run_id`` that carry no ``train_date`` tag: left by an
-    attempt that died between registering and tagging (MLflow registers the logged model, then
-    the tags are set). A rerun of the same training run calls this before registering, so
-    versions stay paired by run. Returns their numbers."""
+    """Delete ``name``'s versions that carry no ``train_date`` tag, left by an attempt that died
+    between registering and tagging (MLflow registers the logged model, then the tags are set):
+    those of ``run_id`` (this run registering again) and those of runs no longer RUNNING (a
+    killed run is marked FAILED by the rerun of its date before it trains). A version another
+    live run is tagging right now is left alone. Returns their numbers."""
     try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return []  # no such registered model yet
-    orphans = [str(v.version) for v in versions if TRAIN_DATE_TAG not in (v.tags or {})]
-    for version in orphans:
-        client.delete_model_version(name, version)
+    orphans = []
+    for version in versions:
+        if TRAIN_DATE_TAG in (version.tags or {}):
+            continue
+        if version.run_id == run_id or (version.run_id and client.get_run(version.run_id).info.status != "RUNNING"):
+            client.delete_model_version(name, str(version.version))
+            orphans.append(str(version.version))
     return orphans
 
 

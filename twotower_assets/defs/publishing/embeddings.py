@@ -17,6 +17,7 @@ import pyarrow as pa
 from twotower_assets import settings
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore
+from twotower_assets.lib.kill_points import kill_point
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION, RETRAIN_FRESHNESS
 from twotower_assets.lib.layout import ModelFiles
 from twotower_assets.lib.lineage import check_model_datasets
@@ -86,6 +87,8 @@ def _embedding_history_asset(entity: str, table: str, view: str):
         written = warehouse.replace_partition(
             qualified, layout.PARTITION_COLUMN, training_date(context), rows, schema=history_schema(entity)
         )
+        if entity == "user":
+            kill_point("history.partition_written")
         return dg.MaterializeResult(
             metadata={
                 **table_metadata(qualified, history_schema(entity), written),

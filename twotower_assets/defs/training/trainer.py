@@ -29,6 +29,7 @@ from twotower_assets.lib.tuned import newest_tuning
 from twotower_assets.defs.training.warm_start_source import resolve_warm_start
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore, write_references
+from twotower_assets.lib.kill_points import kill_point
 from twotower_assets.lib.layout import DatasetFiles, DatasetsManifest, ModelFiles, ModelSummary
 from twotower_assets.lib.metadata import rounded
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
@@ -297,6 +298,7 @@ def train_partition(
         )
         train_seconds = time.perf_counter() - started
         log_info(f"Trained on {result.device}: {result.epochs_run} epochs in {train_seconds:.1f}s")
+        kill_point("training.trained")
 
         user_key = feature_config.user_id_feature
         # One tower at a time, each table written and dropped before the next: the export
