@@ -107,6 +107,27 @@ def test_an_untagged_version_of_the_same_run_is_removed_when_the_run_registers_a
     assert {k: client.get_model_version(REGISTERED_MODEL_NAME, version).tags[k] for k in VERSION_TAGS} == VERSION_TAGS
 
 
+def test_a_changed_file_in_the_model_store_is_refused_by_every_loader_naming_it(tmp_path, monkeypatch):
+    """16 flipped bytes in the index's data file used to load and answer with the wrong items."""
+    from twotower_assets.lib.checksums import ArtifactIntegrityError
+    from twotower_assets.serving.retrieval import Retrieval
+
+    logged = log_tiny_retriever(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{REGISTERED_MODEL_NAME}/1", dst_path=str(tmp_path / "ok")))
+    Retrieval.load(local, "1")  # intact: loads
+    [data] = [p for p in (tmp_path / "mlartifacts").rglob("*.lance") if p.is_file() and "/item_index/" in p.as_posix()]
+    raw = bytearray(data.read_bytes())
+    raw[100:116] = bytes(b ^ 0xFF for b in raw[100:116])
+    data.write_bytes(bytes(raw))
+    relative = data.as_posix().split("/item_index/", 1)[1]
+    with pytest.raises(Exception, match=rf"artifact item_index, file {relative} does not match the SHA-256"):
+        mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL_NAME}/1")
+    changed = Path(mlflow.artifacts.download_artifacts(f"models:/{REGISTERED_MODEL_NAME}/1", dst_path=str(tmp_path / "bad")))
+    with pytest.raises(ArtifactIntegrityError, match="refusing to load it"):
+        Retrieval.load(changed, "1")  # the retrieval server's loader: it keeps its previous version
+
+
 def test_the_logged_model_carries_its_code_requirements_signature_and_example(logged, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{REGISTERED_MODEL_NAME}/1", dst_path=str(tmp_path)))

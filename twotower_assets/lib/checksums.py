@@ -74,3 +74,34 @@ def verify_checksums(root: Path, asset: str, partition: str) -> None:
             raise ArtifactIntegrityError(
                 f"{where}: file {name} does not match its SHA-256 in {CHECKSUMS_FILE} (corrupted or changed); {fix}"
             )
+
+
+def artifact_checksums(artifacts: dict[str, str]) -> dict[str, dict[str, dict]]:
+    """Size and SHA-256 of every file of each local artifact (a file or a directory), by
+    artifact name then path relative to it; what a logged model records at registration."""
+    listed = {}
+    for name, location in artifacts.items():
+        path = Path(location)
+        if path.is_file():
+            listed[name] = {path.name: {"bytes": path.stat().st_size, "sha256": sha256_of(path)}}
+        elif path.is_dir():
+            listed[name] = {p.relative_to(path).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+                            for p in _files(path)}
+    return listed
+
+
+def verify_artifacts(artifacts: dict[str, str], listed: dict[str, dict[str, dict]], what: str) -> None:
+    """Every file :func:`artifact_checksums` recorded is in ``artifacts`` (the loaded copies)
+    with its size and SHA-256; raises :class:`ArtifactIntegrityError` naming ``what``, the
+    artifact and the file."""
+    for name, files in listed.items():
+        path = Path(artifacts[name])
+        for relative, expected in files.items():
+            file = path if path.is_file() else path / relative
+            if not file.is_file():
+                raise ArtifactIntegrityError(f"{what}: artifact {name}, file {relative} is missing")
+            if file.stat().st_size != expected["bytes"] or sha256_of(file) != expected["sha256"]:
+                raise ArtifactIntegrityError(
+                    f"{what}: artifact {name}, file {relative} does not match the SHA-256 recorded at registration "
+                    "(corrupted or changed in the model store); refusing to load it"
+                )

@@ -81,6 +81,8 @@ POPULAR_ITEMS = "popular_items"
 SETTINGS = "settings"
 ITEM_ATTRIBUTES = "item_attributes"
 """Optional: item attributes (category, subcategory, ...) the retrieval server filters on."""
+CHECKSUMS = "checksums"
+"""SHA-256 of every other artifact file, recorded at registration and verified by every load."""
 
 # The models-from-code entry point logged with the model; MLflow runs it to get the model.
 MODEL_ENTRY_CODE = """\
@@ -148,8 +150,12 @@ class TwoTowerRetriever(mlflow.pyfunc.PythonModel):
     """Top-k items for users and similar items for items, from the two-tower vectors."""
 
     def load_context(self, context) -> None:
+        from twotower_assets.lib.checksums import verify_artifacts
         from twotower_assets.serving.ann_index import ItemIndex
 
+        if CHECKSUMS in context.artifacts:  # versions registered with their checksums
+            listed = json.loads(Path(context.artifacts[CHECKSUMS]).read_text())
+            verify_artifacts(context.artifacts, listed, "the retriever's files")
         settings = json.loads(Path(context.artifacts[SETTINGS]).read_text())
         self.max_batch = int(settings["max_batch"])
         self.index = ItemIndex.open(context.artifacts[ITEM_INDEX])
@@ -446,6 +452,7 @@ def log_retriever(
     retrieval server's filters read; ``predict`` does not use it. No alias is moved:
     promotion is not this step's decision. The model URI is ``models:/<name>/<version>``.
     """
+    from twotower_assets.lib.checksums import artifact_checksums
     from twotower_assets.serving.ann_index import ItemIndex
 
     client = tracking if isinstance(tracking, MlflowClient) else MlflowClient(tracking_uri=tracking)
@@ -468,19 +475,23 @@ def log_retriever(
         popular = popular_ranking(popular_items, index.item_ids.tolist())
         (tmp / "popular_items.json").write_text(json.dumps(popular))
         (tmp / "settings.json").write_text(json.dumps({"max_k": max_k, "max_batch": max_batch}))
+        artifacts = {
+            USER_VECTORS: str(user_embeddings_path),
+            ITEM_INDEX: str(item_index_uri),
+            SEEN_PAIRS: str(seen_pairs_path),
+            POPULAR_ITEMS: str(tmp / "popular_items.json"),
+            SETTINGS: str(tmp / "settings.json"),
+            **({ITEM_ATTRIBUTES: str(item_attributes_path)} if item_attributes_path is not None else {}),
+        }
+        # Recorded with the version, verified by every load (both servers): a changed file in
+        # the model store is refused, naming it, instead of answering from corrupted vectors.
+        (tmp / "checksums.json").write_text(json.dumps(artifact_checksums(artifacts)))
         return log_registered_pyfunc(
             client,
             run_id,
             name=LOGGED_MODEL_NAME,
             entry_code=MODEL_ENTRY_CODE,
-            artifacts={
-                USER_VECTORS: str(user_embeddings_path),
-                ITEM_INDEX: str(item_index_uri),
-                SEEN_PAIRS: str(seen_pairs_path),
-                POPULAR_ITEMS: str(tmp / "popular_items.json"),
-                SETTINGS: str(tmp / "settings.json"),
-                **({ITEM_ATTRIBUTES: str(item_attributes_path)} if item_attributes_path is not None else {}),
-            },
+            artifacts={**artifacts, CHECKSUMS: str(tmp / "checksums.json")},
             signature=SIGNATURE,
             input_example=example_requests(user_ids[0], str(index.item_ids[0]), min(10, max_k or len(index))),
             registered_model_name=registered_model_name,
