@@ -174,6 +174,16 @@ def test_the_retrieval_server_answers_the_published_tables_and_follows_a_rollbac
         assert answer["source"] == "item"
         assert answer["scores"] == pytest.approx([r["score"] for r in neighbours], abs=1e-4)
         assert set(answer["item_ids"]) == {r["similar_item_id"] for r in neighbours}
+        # The published version carries the items' categories: a filtered answer holds only
+        # the category's items, k of them when k exist.
+        categories = resources["warehouse"].query(
+            "SELECT DISTINCT item_id, offer_category_id FROM training_events WHERE train_date = $d",
+            {"d": dt.date.fromisoformat(date)}).to_pylist()
+        category = categories[0]["offer_category_id"]
+        members = {r["item_id"] for r in categories if r["offer_category_id"] == category}
+        filtered = server.post("/recommend", {"user_id": sample[0]["user_id"], "k": 5, "exclude_seen": False,
+                                              "filters": {"offer_category_id": category}}).json()
+        assert set(filtered["item_ids"]) <= members and len(filtered["item_ids"]) == min(5, len(members))
 
     with retrieval_server(resources["mlflow"].tracking_uri, tmp_path / "server.log", "--poll-interval", "0.2") as server:
         check_answers(server, served_date)

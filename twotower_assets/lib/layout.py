@@ -308,6 +308,11 @@ class RetrieverFiles:
         return self.root / "seen_pairs.parquet"
 
     @property
+    def item_attributes(self) -> Path:
+        """Parquet: ``item_id`` and the category columns the retrieval server filters on."""
+        return self.root / "item_attributes.parquet"
+
+    @property
     def registration_file(self) -> Path:
         return self.root / "registration.json"
 

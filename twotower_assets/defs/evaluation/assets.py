@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from pydantic import Field, field_validator
 
 from twotower_assets.lib import layout
+from twotower_assets.lib.item_attributes import item_categories
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
@@ -28,7 +29,7 @@ from twotower_assets.model import metrics, plots
 from twotower_assets.model.topk import top_k_items
 from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.errors import EmptyTableError
-from twotower_assets.warehouse.queries import item_attributes_query, pair_counts_query
+from twotower_assets.warehouse.queries import pair_counts_query
 from twotower_assets.serving.registry import logged_model_id
 
 MODEL_NAME = layout.EVALUATED_MODEL
@@ -174,22 +175,6 @@ def _event_counts_per_item(training_pairs: pa.Table, items: pa.Array) -> np.ndar
     cols = pc.index_in(training_pairs["item_id"], value_set=items).to_numpy(zero_copy_only=False)
     valid = ~np.isnan(cols.astype(float))
     return np.bincount(cols[valid].astype(np.int64), weights=training_pairs["events"].to_numpy()[valid], minlength=len(items))
-
-
-CATEGORY_COLUMNS = ("offer_category_id", "offer_subcategory_id")
-"""Item columns the embedding PCA is coloured by, when the training table has them
-(MovieLens: the first genre is its offer_category_id)."""
-
-
-def item_categories(warehouse: WarehouseResource, params: dict) -> dict[str, dict[str, str | None]]:
-    """Column -> {item_id: value} for each of CATEGORY_COLUMNS the training table has."""
-    table = warehouse.table_name(layout.TRAINING_EVENTS)
-    present = [c for c in CATEGORY_COLUMNS if c in warehouse.table_schema(table).names]
-    if not present:
-        return {}
-    rows = warehouse.query(item_attributes_query(warehouse.dialect, table, present), params)
-    ids = rows["item_id"].to_pylist()
-    return {c: dict(zip(ids, rows[c].to_pylist())) for c in present}
 
 
 def _figures(table: pd.DataFrame, item_embeddings: pa.Table, warehouse: WarehouseResource, params: dict) -> dict[str, bytes]:

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from twotower_assets.lib import layout
 from twotower_assets.lib.artifacts import ArtifactStore, write_references
+from twotower_assets.lib.item_attributes import item_categories
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.lineage import check_model_datasets
 from twotower_assets.lib.layout import DatasetFiles, ItemIndexFiles, MatchModelFiles, ModelFiles, Registration, RetrieverFiles
@@ -154,6 +155,9 @@ def two_tower_retriever(
         pq.write_table(layout.embeddings_table({"user_id": user_ids}, user_vectors), out.user_vectors)
         pairs = pq.read_table(seen_pairs)
         pq.write_table(pa.table({"user_id": pairs["user_key"], "item_id": pairs["item_id"]}), out.seen_pairs)
+        attributes = item_attributes_table(warehouse, {"train_date": training_date(context)}, index_files)
+        if attributes is not None:
+            pq.write_table(attributes, out.item_attributes)
         with mlflow.reporting_failures(f"registering the retriever of {context.partition_key}"):
             model_uri, version = retriever.log_retriever(
                 run.client, summary.mlflow_run_id, out.user_vectors, index_dir, out.seen_pairs, popular,
@@ -161,6 +165,7 @@ def two_tower_retriever(
                 tags={TRAIN_DATE_TAG: context.partition_key, DAGSTER_RUN_TAG: context.run_id,
                       "match_model_version": match.version, **gate_tags},
                 max_batch=config.max_batch,
+                item_attributes_path=out.item_attributes if attributes is not None else None,
             )
             # It serves the evaluated vectors: their evaluation is its own; the baselines' is not.
             run_logged = run.client.get_run(summary.mlflow_run_id).data.metrics
@@ -188,3 +193,15 @@ def two_tower_retriever(
             ),
         }
     )
+
+
+def item_attributes_table(warehouse: WarehouseResource, params: dict, index_files) -> pa.Table | None:
+    """``item_id`` and each category column the training table has (values as strings, a
+    missing value as ""), for the index's items: what the retrieval server's filters read."""
+    by_column = item_categories(warehouse, params)
+    if not by_column:
+        return None
+    item_ids = ItemIndex.open(index_files.uri()).item_ids.tolist()
+    return pa.table({"item_id": pa.array(item_ids, pa.string()),
+                     **{column: pa.array(["" if values.get(i) is None else str(values[i]) for i in item_ids], pa.string())
+                        for column, values in by_column.items()}})
