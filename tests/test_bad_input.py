@@ -442,3 +442,24 @@ def test_empty_and_mismatched_batches(saved_match_model):
     assert empty.shape == (0,)
     with pytest.raises(tf.errors.InvalidArgumentError, match="same number of user_id and item_id"):
         saved_match_model([np.array(["u0", "u1"]), np.array(["i0", "i1", "i2"])])
+
+
+def test_a_feature_config_is_a_packaged_name_or_an_explicit_config_path(tmp_path):
+    import json
+
+    from twotower_assets.defs.splits.assets import SplitConfig
+    from twotower_assets.defs.training.datasets import DatasetConfig
+    from twotower_assets.lib.retries import RunConfigError
+    from twotower_assets.model.features import _config_dir
+
+    own = tmp_path / "mine.json"
+    own.write_text((_config_dir(None) / "tiny-features.json").read_text())
+    for config_class in (SplitConfig, DatasetConfig):
+        assert config_class(config_path=str(own)).feature_config().name == "mine"
+        assert config_class(config_name="tiny-features").feature_config().name == "tiny-features"
+        # A path in config_name is not read as a path (any readable .json used to be accepted).
+        with pytest.raises(RunConfigError, match=r"config_name: .*is not a packaged feature config.*config_path"):
+            config_class(config_name=str(own))
+        with pytest.raises(RunConfigError, match=r"config_path: .*is not a readable \.json file"):
+            config_class(config_path=str(tmp_path / "missing.json"))
+    assert json.loads(own.read_text())

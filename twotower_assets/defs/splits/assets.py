@@ -16,6 +16,7 @@ from pydantic import Field
 
 from twotower_assets import settings
 from twotower_assets.lib import layout
+from twotower_assets.lib.feature_choice import FeatureConfigChoice
 from twotower_assets.lib.conditions import RETRAIN_FRESHNESS, TRAINING_DATA_CONDITION
 from twotower_assets.lib.metadata import table_metadata
 from twotower_assets.lib.partitions import (
@@ -27,8 +28,7 @@ from twotower_assets.lib.partitions import (
     training_date,
     training_date_partitions,
 )
-from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, StepConfig, retry_transient_errors_only
-from twotower_assets.model.features import load_feature_config
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.errors import EmptyTableError, WarehouseError
 from twotower_assets.warehouse.event_days import event_day_counts_query
@@ -36,18 +36,15 @@ from twotower_assets.warehouse.queries import events_in_window_count
 from twotower_assets.warehouse.sql import split_queries
 
 
-class SplitConfig(StepConfig):
+class SplitConfig(FeatureConfigChoice):
     train_set_size: float = Field(
         default=0.95, gt=0.0, lt=1.0, description="Share of each user's events that go to training."
     )
     event_day_number: int = Field(
         default=EVENT_WINDOW_DAYS, gt=0, description="Days of events before the training date."
     )
-    config_name: str = Field(
-        default="default-features",
-        description="Feature config (configs/, name without .json) whose history features the split "
-        "computes from the click events; give tf_datasets the same name.",
-    )
+    # config_name / config_path (lib/feature_choice.py): the feature config whose history features
+    # the split computes from the click events; give tf_datasets the same one.
 
 
 class MissingEventDaysError(ValueError):
@@ -112,7 +109,7 @@ def split_tables(
         )
     columns = warehouse.table_schema(source).names
     # History features are computed here, from the window's click events, never read from the source.
-    history = {name: spec.history_length for name, spec in load_feature_config(config.config_name).history_features.items()}
+    history = {name: spec.history_length for name, spec in config.feature_config().history_features.items()}
     params = {"start_date": start_date, "train_date": train_date}
     count = warehouse.query(events_in_window_count(warehouse.dialect, source), params)["n"][0].as_py()
     if count == 0:

@@ -8,17 +8,16 @@ input layers are built from. Training and embedding extraction load them from he
 
 import dagster as dg
 import pyarrow.parquet as pq
-from pydantic import Field
 
 from twotower_assets.lib import layout
+from twotower_assets.lib.feature_choice import FeatureConfigChoice
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.partitions import training_date, training_date_partitions
-from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, StepConfig, retry_transient_errors_only
+from twotower_assets.lib.retries import WAREHOUSE_RETRY_POLICY, retry_transient_errors_only
 from twotower_assets.defs.splits.input_validation import validate_training_input
 from twotower_assets.lib.layout import DatasetFiles, DatasetsManifest
 from twotower_assets.model.datasets import FeatureStatsBuilder, feature_kinds, save_dataset
-from twotower_assets.model.features import load_feature_config
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
 from twotower_assets.warehouse.base import WarehouseResource
 from twotower_assets.warehouse.sql import (
@@ -32,10 +31,8 @@ from twotower_assets.warehouse.sql import (
 BATCH_ROWS = 65_536
 
 
-class DatasetConfig(StepConfig):
-    config_name: str = Field(
-        default="default-features", description="Feature config in configs/ (name without .json)."
-    )
+class DatasetConfig(FeatureConfigChoice):
+    """The feature config the datasets are prepared for (``config_name`` or ``config_path``)."""
 
 
 @dg.asset(
@@ -56,7 +53,7 @@ def tf_datasets(
     warehouse: WarehouseResource,
     artifacts: ArtifactStore,
 ) -> dg.MaterializeResult:
-    feature_config = load_feature_config(config.config_name)
+    feature_config = config.feature_config()
     training_table = warehouse.table_name(layout.TRAINING_EVENTS)
     validation_table = warehouse.table_name(layout.VALIDATION_EVENTS)
     train_date = training_date(context)

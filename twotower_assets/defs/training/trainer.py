@@ -265,6 +265,10 @@ def train_partition(
             run.dict(warm_report, "warm_start.json")
 
         log_info(f"Recipe {recipe.name!r} (tuned from: {tuned_from}): {recipe.params()}")
+        fitted_rows = train_rows + validation_rows if refit_epochs else train_rows
+        if recipe.schedule.batch_size > fitted_rows:
+            log_warning(f"schedule.batch_size {recipe.schedule.batch_size:,} is more than the {fitted_rows:,} training "
+                        f"rows of {partition_key}: each step takes all {fitted_rows:,} rows (one batch per epoch)")
         if refit_epochs:
             log_info(f"Refit: training + validation rows for the tuning's best epoch count, {refit_epochs}")
         log_info(f"Warm start ({config.warm_start}): {start_from.reason}")
