@@ -184,6 +184,25 @@ def test_the_retrieval_server_answers_the_published_tables_and_follows_a_rollbac
         filtered = server.post("/recommend", {"user_id": sample[0]["user_id"], "k": 5, "exclude_seen": False,
                                               "filters": {"offer_category_id": category}}).json()
         assert set(filtered["item_ids"]) <= members and len(filtered["item_ids"]) == min(5, len(members))
+        # Request-time vectors: the user's own features, sent with the request, go through the
+        # published user tower and give the batch pipeline's vector (the same scores).
+        from twotower_assets.defs.training.trainer import _catalog
+        from twotower_assets.model.datasets import load_dataset
+
+        users = _catalog(load_dataset(resources["artifacts"].require("tf_datasets", date) / "users"))
+        user = sample[0]["user_id"]
+        row_of = [u.decode() if isinstance(u, bytes) else str(u) for u in users["user_id"]].index(user)
+        features = {name: (values[row_of].decode() if isinstance(values[row_of], bytes) else float(values[row_of]))
+                    for name, values in users.items() if name in ("booking_cnt", "user_queries")}
+        fresh = server.post("/recommend", {"user_id": user, "user_features": features, "k": 10}).json()
+        assert fresh.get("source") == "request", fresh
+        assert fresh["scores"] == pytest.approx(sample[0]["scores"][:10], abs=1e-4)
+        # A user the training never saw, with two clicks: personalised, the clicks left out, an
+        # unknown id ignored and named.
+        clicked = [r["item_id"] for r in categories[:2]]
+        new_user = server.post("/recommend", {"recent_item_ids": [*clicked, "no-such-item"], "k": 5}).json()
+        assert new_user["source"] == "request" and len(new_user["item_ids"]) == 5
+        assert not set(clicked) & set(new_user["item_ids"]) and new_user["ignored_item_ids"] == ["no-such-item"]
 
     with retrieval_server(resources["mlflow"].tracking_uri, tmp_path / "server.log", "--poll-interval", "0.2") as server:
         check_answers(server, served_date)

@@ -28,14 +28,18 @@ from twotower_assets.serving.candidates import (
     check_filter,
 )
 from twotower_assets.serving.retriever import (
+    FEATURE_CONFIG,
     ITEM_ATTRIBUTES,
+    USER_TOWER,
     REQUEST_COLUMNS,
     TwoTowerRetriever,
     check_request,
     problems_message,
 )
 
-REQUEST_FIELDS = REQUEST_COLUMNS + FILTER_FIELDS
+FRESH_FIELDS = ("recent_item_ids", "user_features")
+"""A request with either gets its user vector from the user tower at request time (user_encoder.py)."""
+REQUEST_FIELDS = REQUEST_COLUMNS + FILTER_FIELDS + FRESH_FIELDS
 
 DEFAULT_EXACT_MAX_ELEMENTS = 8_000_000
 """Exact search while items x dimensions is at most this (125,000 items at 64 dimensions).
@@ -63,7 +67,9 @@ class ProbeFailed(RuntimeError):
 class Retrieval:
     """Answers retrieval requests from one model version's data; safe for concurrent callers."""
 
-    def __init__(self, version: str, model: TwoTowerRetriever, attributes: ItemAttributes, *, exact: bool):
+    def __init__(self, version: str, model: TwoTowerRetriever, attributes: ItemAttributes, *, exact: bool,
+                 encoder=None):
+        self.encoder = encoder  # the user tower (UserEncoder), when the version carries it
         self.version = version
         self.model = model
         self.attributes = attributes
@@ -87,7 +93,12 @@ class Retrieval:
         table = pq.read_table(artifacts[ITEM_ATTRIBUTES]) if ITEM_ATTRIBUTES in artifacts else None
         item_position = {item_id: i for i, item_id in enumerate(model.index.item_ids.tolist())}
         exact = len(model.index) * model.index.dimension <= exact_max_elements
-        return cls(version, model, ItemAttributes(item_position, table), exact=exact)
+        encoder = None
+        if USER_TOWER in artifacts and FEATURE_CONFIG in artifacts:
+            from twotower_assets.serving.user_encoder import UserEncoder
+
+            encoder = UserEncoder(artifacts[USER_TOWER], artifacts[FEATURE_CONFIG], model.catalogue)
+        return cls(version, model, ItemAttributes(item_position, table), exact=exact, encoder=encoder)
 
     # ---------------------------------------------------------------- facts
 
@@ -118,7 +129,21 @@ class Retrieval:
         problems: list[str] = []
         checked = []
         for position, row in enumerate(rows):
-            request, problem = check_request(row, model.max_k, model.catalogue_size)
+            fresh = {name: row.get(name) for name in FRESH_FIELDS if row.get(name) is not None}
+            if fresh and self.encoder is None:
+                request, problem = {}, (f"{' and '.join(fresh)}: this version has no user tower to run at request "
+                                        "time; send user_id alone")
+            elif fresh and row.get("item_id") is not None:
+                request, problem = {}, f"{' and '.join(fresh)} go with a user, not with item_id"
+            elif fresh:
+                problem = self.encoder.check(fresh.get("user_features"), fresh.get("recent_item_ids"))
+                request, checked_problem = check_request({**row, "user_id": row.get("user_id") or "(request)"},
+                                                         model.max_k, model.catalogue_size)
+                problem = problem or checked_problem
+                if problem is None:
+                    request = {**request, "user_id": row.get("user_id"), "fresh": fresh}
+            else:
+                request, problem = check_request(row, model.max_k, model.catalogue_size)
             if problem is None:
                 candidate_filter, problem = check_filter(row, self.attributes)
             if problem:
@@ -135,13 +160,25 @@ class Retrieval:
         results: list[dict | None] = [None] * len(checked)
         masks = [allowed_mask(f, self.item_position, self.attributes) for _, f in checked]
 
-        by_user = [i for i, (r, _) in enumerate(checked) if r["user_id"] in model.user_rows]
+        by_request = [i for i, (r, _) in enumerate(checked) if "fresh" in r]
+        if by_request:
+            encoded = [self.encoder.vector(checked[i][0]["user_id"], checked[i][0]["fresh"].get("user_features"),
+                                           checked[i][0]["fresh"].get("recent_item_ids")) for i in by_request]
+            exclude = [self._excluded(*checked[i]) | (frozenset(checked[i][0]["fresh"].get("recent_item_ids") or ())
+                                                      if checked[i][0]["exclude_seen"] else frozenset())
+                       for i in by_request]
+            self._search(by_request, checked, np.stack([v for v, _ in encoded]), exclude, masks, "request", results)
+            for i, (_, ignored) in zip(by_request, encoded, strict=True):
+                if ignored:
+                    results[i]["ignored_item_ids"] = ignored
+
+        by_user = [i for i, (r, _) in enumerate(checked) if "fresh" not in r and r["user_id"] in model.user_rows]
         if by_user:
             vectors = model.user_vectors[[model.user_rows[checked[i][0]["user_id"]] for i in by_user]]
             exclude = [self._excluded(*checked[i]) for i in by_user]
             self._search(by_user, checked, vectors, exclude, masks, "user", results)
 
-        by_item = [i for i, (r, _) in enumerate(checked) if r["item_id"] in model.catalogue]
+        by_item = [i for i, (r, _) in enumerate(checked) if "fresh" not in r and r["item_id"] in model.catalogue]
         if by_item:
             vectors = model.index.vectors_of([checked[i][0]["item_id"] for i in by_item])
             exclude = [self._excluded(*checked[i]) | {checked[i][0]["item_id"]} for i in by_item]

@@ -81,6 +81,10 @@ POPULAR_ITEMS = "popular_items"
 SETTINGS = "settings"
 ITEM_ATTRIBUTES = "item_attributes"
 """Optional: item attributes (category, subcategory, ...) the retrieval server filters on."""
+USER_TOWER = "user_tower"
+"""Optional: the user tower (SavedModel) the retrieval server runs on a request's features and recent items."""
+FEATURE_CONFIG = "feature_config"
+"""Optional, with the user tower: the feature config it was trained with."""
 CHECKSUMS = "checksums"
 """SHA-256 of every other artifact file, recorded at registration and verified by every load."""
 
@@ -443,13 +447,17 @@ def log_retriever(
     max_k: int | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     item_attributes_path: str | os.PathLike | None = None,
+    user_tower_path: str | os.PathLike | None = None,
+    feature_config_path: str | os.PathLike | None = None,
 ) -> tuple[str, str]:
     """Log the retriever into ``run_id``, register it and tag the version; (model URI, version).
 
     ``popular_items`` maps item ids to their training interaction counts. ``tags`` go on the
     logged model and the registered version. ``item_attributes_path``, optional, is a Parquet
     file of ``item_id`` and string attribute columns (e.g. ``offer_category_id``) that the
-    retrieval server's filters read; ``predict`` does not use it. No alias is moved:
+    retrieval server's filters read; ``predict`` does not use it. ``user_tower_path`` (the
+    training's saved user tower) with ``feature_config_path`` lets the retrieval server compute
+    a user's vector from a request's features and recent items. No alias is moved:
     promotion is not this step's decision. The model URI is ``models:/<name>/<version>``.
     """
     from twotower_assets.lib.checksums import artifact_checksums
@@ -467,6 +475,8 @@ def log_retriever(
     if not user_ids:
         raise MlflowException(f"{user_embeddings_path}: there are no users")
     check_user_ids(user_ids, user_embeddings_path)
+    if (user_tower_path is None) != (feature_config_path is None):
+        raise ValueError("give user_tower_path and feature_config_path together (the tower reads that config's columns)")
     if item_attributes_path is not None:
         check_item_attributes(pq.read_table(item_attributes_path), set(index.item_ids.tolist()), item_attributes_path)
 
@@ -482,6 +492,8 @@ def log_retriever(
             POPULAR_ITEMS: str(tmp / "popular_items.json"),
             SETTINGS: str(tmp / "settings.json"),
             **({ITEM_ATTRIBUTES: str(item_attributes_path)} if item_attributes_path is not None else {}),
+            **({USER_TOWER: str(user_tower_path), FEATURE_CONFIG: str(feature_config_path)}
+               if user_tower_path is not None else {}),
         }
         # Recorded with the version, verified by every load (both servers): a changed file in
         # the model store is refused, naming it, instead of answering from corrupted vectors.

@@ -136,7 +136,8 @@ def two_tower_retriever(
     datasets_version = check_model_datasets(artifacts, context.partition_key, summary, "two_tower_retriever")
     index_files = ItemIndexFiles(artifacts.require(layout.ITEM_ANN_INDEX, context.partition_key))
     index_dir = index_files.uri()
-    seen_pairs = DatasetFiles(artifacts.require(layout.TF_DATASETS, context.partition_key, datasets_version)).seen_pairs
+    datasets = DatasetFiles(artifacts.require(layout.TF_DATASETS, context.partition_key, datasets_version))
+    seen_pairs = datasets.seen_pairs
     match = MatchModelFiles(artifacts.require(layout.MATCH_MODEL, context.partition_key)).registration()
     # The gate judged the MatchModel of this date; its verdict and numbers go on the retriever too.
     match_tags = mlflow.client().get_model_version(match.name, match.version).tags
@@ -166,6 +167,8 @@ def two_tower_retriever(
                       "match_model_version": match.version, **gate_tags},
                 max_batch=config.max_batch,
                 item_attributes_path=out.item_attributes if attributes is not None else None,
+                # The retrieval server runs it on a request's features and recent items.
+                user_tower_path=trained.user_tower, feature_config_path=datasets.feature_config,
             )
             # It serves the evaluated vectors: their evaluation is its own; the baselines' is not.
             run_logged = run.client.get_run(summary.mlflow_run_id).data.metrics
