@@ -60,7 +60,7 @@ def test_the_whole_graph_materialises_on_bigquery_and_reruns_replace_partitions(
             assert table.time_partitioning.type_ == bigquery.TimePartitioningType.DAY
             assert table.time_partitioning.field == "train_date"
             assert table.time_partitioning.expiration_ms == 183 * 86_400_000
-            assert client.get_table(warehouse.table_name(view_name)).table_type == "VIEW"
+            assert client.get_table(warehouse.table_name(view_name)).table_type == "TABLE"  # the champion run's rows, copied
             latest = warehouse.query(f"SELECT train_date, {entity}_embedding FROM `{warehouse.table_name(view_name)}`")
             assert latest.num_rows > 0 and set(latest["train_date"].to_pylist()) == {TRAIN_DATE}
             assert set(pa.compute.list_value_length(latest[f"{entity}_embedding"]).to_pylist()) == {8}

@@ -121,6 +121,14 @@ class MlflowTracking(dg.ConfigurableResource):
         check_mlflow_store(checked_tracking_uri(self.tracking_uri), self.tracking_uri_setting)
         check_artifact_root(self.artifact_root, self.artifact_root_setting)
 
+    def store_exists(self) -> bool:
+        """Whether the tracking store is there to read: a server, or a SQLite file already
+        created (opening a missing file would create it, racing the run that is creating it)."""
+        uri = checked_tracking_uri(self.tracking_uri)
+        if not uri.startswith("sqlite:///"):
+            return True
+        return Path(uri.removeprefix("sqlite:///")).is_file()
+
     def client(self):
         from mlflow import MlflowClient
 

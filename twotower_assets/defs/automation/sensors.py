@@ -33,6 +33,8 @@ def champion_reconciler(context: dg.SensorEvaluationContext, mlflow: MlflowTrack
     from twotower_assets.serving.match_scorer import REGISTERED_MODEL_NAME as MATCH_MODEL_NAME
     from twotower_assets.serving.retriever import REGISTERED_MODEL_NAME as RETRIEVER_NAME
 
+    if not mlflow.store_exists():
+        return dg.SkipReason("no MLflow store yet: nothing has been published")  # the first run creates it
     state = alias_state(mlflow.client(), MATCH_MODEL_NAME, RETRIEVER_NAME)
     if state.agree:
         return dg.SkipReason(f"the aliases agree ({state.describe(MATCH_MODEL_NAME, RETRIEVER_NAME)})")

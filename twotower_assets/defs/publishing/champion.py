@@ -81,6 +81,7 @@ def champion(
 @dg.asset_check(
     asset=layout.CHAMPION,
     name="champion_aliases_agree",
+    blocking=True,
     description="two_tower_match@champion is the MatchModel of the run two_tower_retriever@champion (the "
     "record) serves; fails while a promotion is half done (the champion_reconciler sensor finishes it).",
 )
