@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Materialise one partition of the whole graph on the BigQuery warehouse, from the CLI,
 # against a bqemulator process on free loopback ports, then read the tables back through
-# the BigQuery client and check them (schema, DAY partitioning, expiration, latest views).
+# the BigQuery client and check them (schema, DAY partitioning, expiration, the _latest tables).
 #
 #   .ci/bigquery.sh            (from the repository root; about a minute on 2 cores)
 set -euo pipefail
@@ -71,10 +71,10 @@ with warehouse.client() as client:
                                     ("item", tables.ITEM_EMBEDDING_HISTORY, tables.ITEM_EMBEDDING_LATEST)):
         columns = [(f.name, f.field_type, f.mode) for f in client.get_table(warehouse.table_name(history)).schema]
         assert columns[-1] == (f"{entity}_embedding", "FLOAT64", "REPEATED"), columns
-        assert client.get_table(warehouse.table_name(latest)).table_type == "VIEW", latest
-    # The _latest views follow the champion (the only date here).
-    for view in tables.LATEST_VIEWS.values():
-        dates = warehouse.query(f"SELECT DISTINCT train_date FROM `{warehouse.table_name(view)}`")["train_date"].to_pylist()
-        assert dates == [day], (view, dates)
+        assert client.get_table(warehouse.table_name(latest)).table_type == "TABLE", latest
+    # The _latest tables are the champion's rows (the only date here).
+    for latest in tables.LATEST_TABLES.values():
+        dates = warehouse.query(f"SELECT DISTINCT train_date FROM `{warehouse.table_name(latest)}`")["train_date"].to_pylist()
+        assert dates == [day], (latest, dates)
 print("BigQuery (emulator) tables OK")
 PY
