@@ -53,7 +53,7 @@ TWO_TOWER_RETRIEVER = "two_tower_retriever"
 MODEL_COMPARISON = "model_comparison"
 """What changed between a date's model and the champion before it (overlap, churn, drift)."""
 CHAMPION = "champion"
-"""The promotion step: moves the registry alias ``champion`` and the ``_latest`` views to a date."""
+"""The promotion step: moves the registry alias ``champion`` and the ``_latest`` tables to a date."""
 
 LATEST_TABLES = {
     USER_EMBEDDING_HISTORY: USER_EMBEDDING_LATEST,

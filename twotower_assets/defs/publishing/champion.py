@@ -3,7 +3,7 @@
 The asset runs after everything of the date (MatchModel, retriever, index, embedding tables,
 recommendations, similar items), and only for a model that passed the quality gate (the gate
 blocks everything downstream of ``evaluation_metrics``). It moves the champion record (the
-retriever's alias) to the date's run, then the MatchModel's alias and the ``_latest`` views
+retriever's alias) to the date's run, then the MatchModel's alias and the ``_latest`` tables
 follow it (:mod:`twotower_assets.lib.promotion`, which the ``rollback_champion`` job uses too).
 A promotion an earlier run left half done is finished first. A backfill of an older date does
 not take the alias from a newer champion; ``rollback_champion`` moves it back on purpose.
@@ -38,7 +38,7 @@ from twotower_assets.warehouse.base import WarehouseResource
     group_name="publishing",
     kinds={"mlflow", settings.warehouse_kind()},
     description="Moves the registry alias `champion` (two_tower_match, two_tower_retriever) and the _latest "
-    "views to this date, unless a newer date is champion.",
+    "tables (the champion run's rows) to this date, unless a newer date is champion.",
     automation_condition=DOWNSTREAM_CONDITION,
     code_version="1",
     retry_policy=WAREHOUSE_RETRY_POLICY,

@@ -1,6 +1,6 @@
 """The embedding history tables: every published model's user and item vectors, by training date.
 
-One partition per training date. The ``_latest`` views show the champion's partition; the
+One partition per training date. The ``_latest`` tables show the champion's partition; the
 ``champion`` step moves them (and a rollback moves them back). Keyed like the
 MatchModel (``item_id``; the config's user key for users). The unknown-id zero vector is never
 written: it is not a user or an item. Written only for a model that passed the quality gate
@@ -67,8 +67,8 @@ def _embedding_history_asset(entity: str, table: str, view: str):
         deps=[layout.MATCH_MODEL, layout.EVALUATION_METRICS],
         group_name="publishing",
         kinds={settings.warehouse_kind()},
-        description=f"{entity.capitalize()} embeddings, one partition per training date; view {view} shows the "
-        "champion's (moved by the champion step).",
+        description=f"{entity.capitalize()} embeddings, one partition per training date; table {view} holds the "
+        "champion's rows (copied by the champion step).",
         automation_condition=DOWNSTREAM_CONDITION,
         freshness_policy=RETRAIN_FRESHNESS,
         code_version="1",
@@ -92,7 +92,7 @@ def _embedding_history_asset(entity: str, table: str, view: str):
         return dg.MaterializeResult(
             metadata={
                 **table_metadata(qualified, history_schema(entity), written),
-                "latest_view": warehouse.table_name(view),
+                "latest_table": warehouse.table_name(view),
                 "embedding_size": int(vectors.shape[1]),
                 "mlflow_run_id": summary.mlflow_run_id,
                 "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(summary.mlflow_experiment_id, summary.mlflow_run_id)),

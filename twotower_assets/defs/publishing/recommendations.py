@@ -170,7 +170,7 @@ def recommendations(
     return dg.MaterializeResult(
         metadata={
             **metadata,
-            "latest_view": warehouse.table_name(layout.RECOMMENDATIONS_LATEST),
+            "latest_table": warehouse.table_name(layout.RECOMMENDATIONS_LATEST),
             "mlflow_run_id": summary.mlflow_run_id,
             "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(summary.mlflow_experiment_id, summary.mlflow_run_id)),
         }

@@ -6,7 +6,7 @@ Launch it from the Dagster UI (Jobs -> rollback_champion) or the CLI::
       -c <(echo 'ops: {set_champion: {config: {match_model_version: "3"}}}')
 
 It points ``two_tower_match@champion`` at that version, ``two_tower_retriever@champion`` at the
-retriever of the same training run, and the ``_latest`` views at its training date, so the
+retriever of the same training run, and the ``_latest`` tables at its training date, so the
 server (after a restart) and every table consumer read the rolled-back model. Only versions
 the quality gate passed can be chosen.
 """
