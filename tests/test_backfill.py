@@ -48,7 +48,8 @@ def test_a_backfill_of_three_dates_publishes_three_partitions(tmp_path, monkeypa
     # Backfilling events and backfilling trainings are separate operations (docs/operations.md):
     # first the event days the three dates read (30 days before each), in one run, ...
     resources = make_resources(tmp_path / "home")
-    source = {"ops": {layout.CLICK_EVENTS: tiny_run_config()["ops"][layout.CLICK_EVENTS]}}
+    # Events up to the last day the trainings read (no event is written after end_date).
+    source = {"ops": {layout.CLICK_EVENTS: tiny_run_config(click_events={"end_date": "2026-06-02"})["ops"][layout.CLICK_EVENTS]}}
     events = dg.materialize(ALL_ASSETS, selection=[layout.CLICK_EVENTS], resources=resources, run_config=source,
                             tags={ASSET_PARTITION_RANGE_START_TAG: "2026-05-02", ASSET_PARTITION_RANGE_END_TAG: "2026-06-02"})
     assert events.success

@@ -341,6 +341,25 @@ def test_an_events_backfill_rewrites_exactly_its_days(tmp_path):
     assert all(_events_by_day(warehouse)[d].equals(before[d]) for d in before)
 
 
+def test_an_events_backfill_past_end_date_writes_no_later_day_as_a_training_run(tmp_path):
+    """Both ways of backfilling give the same data: the events backfill used to generate days
+    after the run config's end_date, which a training run never writes."""
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+    from twotower_assets.definitions import ALL_ASSETS
+
+    resources = make_resources(tmp_path)
+    result = dg.materialize(
+        ALL_ASSETS, selection=[layout.CLICK_EVENTS], resources=resources, run_config=config_for("click_events"),
+        tags={ASSET_PARTITION_RANGE_START_TAG: "2026-05-30", ASSET_PARTITION_RANGE_END_TAG: "2026-06-02"},
+    )
+    assert result.success
+    assert set(_events_by_day(resources["warehouse"])) == {dt.date(2026, 5, 30), dt.date(2026, 5, 31)}
+    # One materialisation per day of the range, each with the run's metadata.
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["written_days"].value == "2026-05-30..2026-05-31"
+    assert metadata["days_after_end_date"].value == "2026-06-01..2026-06-02"
+
+
 def test_the_split_of_a_date_reads_exactly_its_window_of_event_days(tmp_path):
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
     from twotower_assets.definitions import ALL_ASSETS, defs

@@ -111,7 +111,8 @@ def days_to_write(
     window = context.partition_time_window
     first, last = window.start.date(), window.end.date() - dt.timedelta(days=1)
     if not _is_training_run(context):
-        return day_range(first, last), []
+        # No day after end_date, as a training run: both ways of backfilling give the same data.
+        return [d for d in day_range(first, last) if d <= config.last_event_date()], []
     # A training run for D: the window of D plus D itself (the partition this step records).
     wanted = [d for d in day_range(last - dt.timedelta(days=_window_of_this_run(context)), last)
               if d <= config.last_event_date()]
@@ -188,10 +189,16 @@ def click_events(
                 asset_key=context.asset_key, partition=key,
                 metadata={"dagster/row_count": count, "source": config.source, "written_by_training_run": True},
             ))
+    after_end = [d for d in (context.partition_time_window.start.date() + dt.timedelta(days=n)
+                             for n in range((context.partition_time_window.end - context.partition_time_window.start).days))
+                 if d > config.last_event_date()]
+    if after_end:
+        context.log.info(f"{describe_days(after_end)}: after end_date {config.last_event_date()}, no events written")
     metadata = {
         "dagster/row_count": sum(rows.values()),
         "source": config.source,
         "written_days": describe_days(list(rows)) or "none",
+        "days_after_end_date": describe_days(after_end) or "none",
         "kept_days": describe_days(kept) or "none",
         "dagster/column_schema": column_schema(schema or CLICK_EVENT_SCHEMA),
     }
