@@ -442,21 +442,26 @@ def main() -> int:
     print_header("Retrieval endpoint (mlflow models serve) under load vs exact search in-process",
                  ".venv/bin/python -m bench.serving_load " + " ".join(sys.argv[1:]))
     print(f"/proc/loadavg at start: {loadavg()}\n", flush=True)
-    workdir = Path(args.dir or tempfile.mkdtemp(prefix="serving-load-bench-")).resolve()
+    run_in_workdir(args.dir, "serving-load-bench-", lambda workdir: run(args, workdir))
+    return 0
+
+
+def run_in_workdir(directory: str | None, prefix: str, work: Callable[[Path], None]) -> None:
+    """``work(workdir)`` in ``directory`` (kept) or a temporary directory (removed after), then
+    the load average. Everything MLflow copies (artifact downloads for an in-process model, a
+    server's own copy) lands under workdir and goes with it."""
+    workdir = Path(directory or tempfile.mkdtemp(prefix=prefix)).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    # Everything MLflow copies (artifact downloads for the in-process model, the server's own
-    # copy) lands under workdir and goes with it.
     (workdir / "tmp").mkdir(exist_ok=True)
     os.environ["TMPDIR"] = str(workdir / "tmp")
     tempfile.tempdir = str(workdir / "tmp")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # also the server's
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # also the servers'
     try:
-        run(args, workdir)
+        work(workdir)
     finally:
-        if not args.dir:
+        if not directory:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n/proc/loadavg at end: {loadavg()}")
-    return 0
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:

@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,6 +50,8 @@ from bench.serving_load import (
     free_port,
     loadavg,
     over_http,
+    recall,
+    run_in_workdir,
     say,
     start_server,
     stop,
@@ -93,10 +93,6 @@ def top_k_of(url: str, route: str, user_ids: list[str], k: int) -> list[list[str
             body = requests.post(url + route, json={"dataframe_records": [{"user_id": user, "k": k}]}, timeout=60).json()
             found.append(body["predictions"][0]["item_ids"])
     return found
-
-
-def recall(found: list[list[str]], exact: list[tuple[list[str], list[float]]], k: int) -> float:
-    return float(np.mean([len(set(f) & set(e[0][:k])) / k for f, e in zip(found, exact)]))
 
 
 def promotion_under_load(url: str, promote, clients: int, seconds: float, k: int, user_ids: list[str]) -> dict:
@@ -165,18 +161,7 @@ def main() -> int:
     command = ".venv/bin/python -m bench.serving_server " + " ".join(sys.argv[1:])
     print("## Retrieval server vs mlflow models serve vs minimal FastAPI\n")
     print(f"Machine: {machine()}  \nCommand: `{command}`  \n/proc/loadavg at start: {loadavg()}\n", flush=True)
-    workdir = Path(args.dir or tempfile.mkdtemp(prefix="serving-server-bench-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "tmp").mkdir(exist_ok=True)
-    os.environ["TMPDIR"] = str(workdir / "tmp")
-    tempfile.tempdir = str(workdir / "tmp")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        run(args, workdir)
-    finally:
-        if not args.dir:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n/proc/loadavg at end: {loadavg()}")
+    run_in_workdir(args.dir, "serving-server-bench-", lambda workdir: run(args, workdir))
     return 0
 
 
