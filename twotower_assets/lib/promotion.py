@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from twotower_assets.lib import layout
 from twotower_assets.lib.kill_points import kill_point
-from twotower_assets.serving.registry import GATE_TAG, TRAIN_DATE_TAG, champion, promote, version_of_date
+from twotower_assets.serving.registry import TRAIN_DATE_TAG, champion, check_gate_passed, promote, version_of_date
 from twotower_assets.warehouse.base import WarehouseResource
 
 
@@ -47,6 +47,7 @@ class AliasState:
     match: str | None  # the MatchModel's champion version
     expected_match: str | None  # the MatchModel version of the record's run
     train_date: str | None
+    run_id: str | None = None  # the record's training run
 
     @property
     def agree(self) -> bool:
@@ -71,13 +72,13 @@ def move_champion(
 
     Refuses a version the quality gate did not pass, or one whose run has no retriever. The
     record (the retriever's alias) is written in one call, then the MatchModel's alias and the
-    views follow it (:func:`reconcile_champion`).
+    ``_latest`` tables follow it (:func:`reconcile_champion`).
     """
     version = client.get_model_version(match_model, match_version)
     train_date = version.tags.get(TRAIN_DATE_TAG)
     if not train_date:
         raise ValueError(f"{match_model} version {match_version} has no {TRAIN_DATE_TAG} tag: not a version this graph registered")
-    _check_passed(client, match_model, match_version)
+    check_gate_passed(version)
     served = version_of_date(client, retriever, train_date, mlflow_run_id=version.run_id)
     if served is None:
         raise ValueError(
@@ -90,15 +91,6 @@ def move_champion(
     return reconcile_champion(warehouse, client, match_model, retriever)
 
 
-def _check_passed(client: MlflowClient, name: str, version: str) -> None:
-    tags = client.get_model_version(name, str(version)).tags
-    if tags.get(GATE_TAG) != "passed":
-        raise ValueError(
-            f"{name} version {version} (train_date {tags.get(TRAIN_DATE_TAG)}) has gate={tags.get(GATE_TAG) or 'unset'}: "
-            "only a version that passed the quality gate can be champion"
-        )
-
-
 def alias_state(client: MlflowClient, match_model: str, retriever: str) -> AliasState:
     """Where both aliases point, and where the MatchModel's should point given the record."""
     record = champion(client, retriever)
@@ -108,13 +100,13 @@ def alias_state(client: MlflowClient, match_model: str, retriever: str) -> Alias
     train_date = record.tags.get(TRAIN_DATE_TAG)
     paired = version_of_date(client, match_model, train_date, mlflow_run_id=record.run_id) if train_date else None
     return AliasState(str(record.version), str(match.version) if match else None,
-                      str(paired.version) if paired else None, train_date)
+                      str(paired.version) if paired else None, train_date, record.run_id)
 
 
 def reconcile_champion(warehouse: WarehouseResource, client: MlflowClient, match_model: str, retriever: str) -> Champion | None:
-    """Bring ``match_model@champion`` and the ``_latest`` views in line with the record; None
-    when there is no champion. Safe to repeat: it writes only what differs (the views are
-    always re-pointed, which is idempotent)."""
+    """Bring ``match_model@champion`` and the ``_latest`` tables in line with the record; None
+    when there is no champion. Safe to repeat: the alias is written only when it differs, the
+    tables are rewritten from the same rows."""
     state = alias_state(client, match_model, retriever)
     if state.record is None:
         return None
@@ -123,9 +115,8 @@ def reconcile_champion(warehouse: WarehouseResource, client: MlflowClient, match
     if not state.agree:
         promote(client, match_model, state.expected_match)
         kill_point("promotion.match_alias_moved")
-    run_id = client.get_model_version(retriever, state.record).run_id
-    write_latest_tables(warehouse, dt.date.fromisoformat(state.train_date), run_id)
-    return Champion(state.train_date, match_model, state.expected_match, retriever, state.record, run_id)
+    write_latest_tables(warehouse, dt.date.fromisoformat(state.train_date), state.run_id)
+    return Champion(state.train_date, match_model, state.expected_match, retriever, state.record, state.run_id)
 
 
 def check_tables_can_follow(warehouse: WarehouseResource, train_date: dt.date, run_id: str) -> None:

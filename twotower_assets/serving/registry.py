@@ -242,11 +242,18 @@ def passed_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
 def promote(client: MlflowClient, name: str, version: str, *, require_passed: bool = True) -> ModelVersion:
     """Point ``name@champion`` at ``version``; refuses a version the gate did not pass."""
     model_version = client.get_model_version(name, str(version))
-    gate = model_version.tags.get(GATE_TAG)
-    if require_passed and gate != "passed":
-        raise ValueError(
-            f"{name} version {version} (train_date {model_version.tags.get(TRAIN_DATE_TAG)}) has gate="
-            f"{gate or 'unset'}: only a version that passed the quality gate can be champion"
-        )
+    if require_passed:
+        check_gate_passed(model_version)
     client.set_registered_model_alias(name, CHAMPION, str(version))
     return model_version
+
+
+def check_gate_passed(model_version: ModelVersion) -> None:
+    """Refuse (ValueError) a version the quality gate did not tag ``gate=passed``."""
+    gate = model_version.tags.get(GATE_TAG)
+    if gate != "passed":
+        raise ValueError(
+            f"{model_version.name} version {model_version.version} (train_date "
+            f"{model_version.tags.get(TRAIN_DATE_TAG)}) has gate={gate or 'unset'}: only a version that passed "
+            "the quality gate can be champion"
+        )
