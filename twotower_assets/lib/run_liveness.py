@@ -6,8 +6,8 @@ a STARTED run's process is alive: a run killed by SIGKILL or the OOM killer stay
 ever, holding its concurrency slot. The run worker's pid is in the run's own engine events
 (``Started process for run (pid: N)`` from the launcher, ``Executing steps in process (pid:
 N)`` from the in-process executor) and its host in the tag :data:`WORKER_HOST_TAG`, which the
-artifact store and MLflow resources write when a run starts (:func:`record_run_host`; a run
-that uses neither, e.g. events alone, is not judged). The ``dead_run_detector`` sensor
+artifact store resource writes when a run starts (:func:`record_run_host`; a run that does
+not use it, e.g. events alone, is not judged). The ``dead_run_detector`` sensor
 marks a STARTED run FAILED when its worker on this host is gone, so run retries and the
 automation conditions take over.
 """

@@ -26,9 +26,10 @@ class UserEncoder:
     def __init__(self, tower_dir: str | Path, feature_config_path: str | Path, catalogue: set[str]):
         import tensorflow as tf
 
-        from twotower_assets.model.datasets import feature_kinds
+        from twotower_assets.model.datasets import batch_to_features, feature_kinds
         from twotower_assets.model.features import FeatureConfig
 
+        self._to_features = batch_to_features  # imported here: TensorFlow only for versions with a tower
         self.config = FeatureConfig.model_validate_json(Path(feature_config_path).read_text())
         kinds = feature_kinds(self.config)
         self.kinds = {name: kinds[name] for name in self.config.user_columns if name in kinds}
@@ -68,8 +69,6 @@ class UserEncoder:
     def vector(self, user_id: str | None, user_features: dict | None, recent_item_ids: list[str] | None
                ) -> tuple[np.ndarray, list[str]]:
         """(the user's unit vector, the recent ids ignored as unknown)."""
-        from twotower_assets.model.datasets import batch_to_features
-
         recent = list(recent_item_ids or [])
         known = [item for item in recent if item in self.catalogue]
         values: dict[str, Any] = dict(user_features or {})
@@ -80,7 +79,7 @@ class UserEncoder:
             name: pa.array([values.get(name)], pa.float64() if kind == "number" else pa.string())
             for name, kind in self.kinds.items()
         }
-        features = batch_to_features(pa.record_batch(columns), self.kinds)
+        features = self._to_features(pa.record_batch(columns), self.kinds)
         tf = self._tf
         inputs = {
             name: tf.constant(features[name], spec.dtype) if name in features
