@@ -42,6 +42,52 @@ def test_random_split_is_seeded_and_disjoint():
         in_memory.random_split(events, 1.0)
 
 
+HISTORY_CONFIG = parse_feature_config({
+    "user_embedding_layers": {"user_id": {"type": "string", "embedding_size": 4},
+                              "user_recent_items": {"type": "history", "embedding_size": 4, "length": 2}},
+    "item_embedding_layers": {"item_id": {"type": "string", "embedding_size": 4}},
+}, "history-test", "test")
+
+
+def test_history_from_gives_each_row_its_users_other_latest_items_of_the_history_only():
+    history = pa.table({
+        "user_id": ["u1", "u1", "u1", "u1", "u2"],
+        "item_id": ["a", "b", "c", "d", "a"],
+        "event_timestamp": [1, 4, 3, 2, 7],
+        "user_recent_items": ["stale"] * 5,
+    })
+    # Rows: two of the history (their own item is left out), a held-out one (not in the
+    # history: never an input), a user the history lacks.
+    rows = pa.table({"user_id": ["u1", "u1", "u1", "u2", "u9"], "item_id": ["b", "c", "z", "a", "a"],
+                     "event_timestamp": [4, 3, 0, 7, 1], "user_recent_items": ["stale"] * 5})
+    out = in_memory.history_from(HISTORY_CONFIG, rows, history)
+    # u1 newest first: b (4), c (3), d (2), a (1); length 2, the row's own item skipped.
+    assert out["user_recent_items"].to_pylist() == ["c d", "b d", "b c", "", ""]
+    assert out.column_names == rows.column_names and out["item_id"].to_pylist() == rows["item_id"].to_pylist()
+    # A table without the column gets it.
+    assert in_memory.history_from(HISTORY_CONFIG, rows.drop_columns(["user_recent_items"]), history)[
+        "user_recent_items"].to_pylist() == ["c d", "b d", "b c", "", ""]
+    with pytest.raises(ValueError, match="no column 'event_timestamp'"):
+        in_memory.history_from(HISTORY_CONFIG, rows, history.drop_columns(["event_timestamp"]))
+
+
+def test_history_from_keeps_a_random_splits_test_ratings_out_of_the_training_rows():
+    rng = np.random.default_rng(1)
+    events = pa.table({"user_id": [f"u{n % 5}" for n in range(200)], "item_id": [f"i{n}" for n in range(200)],
+                       "event_timestamp": rng.permutation(200)})
+    split = in_memory.random_split(events, 0.2, seed=4)
+    train = in_memory.history_from(HISTORY_CONFIG, split.train, split.train)
+    seen = {i for s in train["user_recent_items"].to_pylist() for i in s.split()}
+    assert seen and seen <= set(split.train["item_id"].to_pylist())
+    # Each user's rows share the user's latest two training items, minus their own.
+    state = in_memory.user_state(HISTORY_CONFIG, split.train)
+    latest = dict(zip(state["user_id"].to_pylist(), state["user_recent_items"].to_pylist()))
+    for user, item, recent in zip(*(train[c].to_pylist() for c in ("user_id", "item_id", "user_recent_items"))):
+        assert item not in recent.split()
+        if item not in latest[user].split():
+            assert recent == latest[user]
+
+
 @pytest.mark.slow
 def test_fit_on_a_leave_last_out_split_learns_the_groups():
     # Users of group g click only items of group g (as tests/test_model.py's learnable table):

@@ -19,6 +19,10 @@ module is the public way to do that without the graph::
     fitted = in_memory.fit(config, split.train, split.validation, TrainingParams(recipe=recipe))
     print(in_memory.rank_held_out(fitted, split.train, split.test, ks=(10, 100)))   # HR, recall, NDCG
 
+After :func:`random_split`, recompute the history features of the rows a model trains on
+from those rows (:func:`history_from`): the events' own are computed over every event, test
+ratings included.
+
 The model, loss, optimiser and feature layers are the product's own (:func:`train_two_tower`);
 only the input pipeline differs. Pure TensorFlow / pyarrow: no Dagster, no warehouse.
 """
@@ -49,7 +53,7 @@ from twotower_assets.model.training import SeenPairs, TrainingParams, TrainingRe
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Split", "random_split", "leave_last_out", "FittedModel", "fit", "tower_vectors", "user_state",
+    "Split", "random_split", "leave_last_out", "history_from", "FittedModel", "fit", "tower_vectors", "user_state",
     "ranking_evaluator", "rank_held_out", "tune",
 ]
 
@@ -119,6 +123,42 @@ def leave_last_out(
         test=events.take(pa.array(test_rows)),
         validation=events.take(pa.array(validation_rows)) if validation else None,
     )
+
+
+def history_from(config: FeatureConfig, rows: pa.Table, history: pa.Table, time_column: str = "event_timestamp") -> pa.Table:
+    """``rows`` with each history feature of ``config`` recomputed from ``history`` alone: the
+    user's latest items in ``history`` (newest first, ties as :func:`user_state` breaks them,
+    the feature's ``length``), the row's own item left out; ``""`` for a user ``history`` lacks.
+
+    The query of one vector per user on a random split, for the rows a model trains and
+    validates on: every other rating of the user in the training rows, the one :func:`user_state`
+    gives the user after training. The events' own history columns are causal over *all*
+    events, so after :func:`random_split` they hold test ratings (a rating is any of the
+    user's, earlier or later than the test ones): recompute them from the training rows.
+    """
+    user_key = config.user_id_feature
+    for table, label in ((rows, "rows"), (history, "history")):
+        needed = (user_key, ITEM_ID, time_column) if label == "history" else (user_key, ITEM_ID)
+        for column in needed:
+            if column not in table.column_names:
+                raise ValueError(f"the {label} have no column {column!r} (columns: {table.column_names})")
+    ordered = history.select([user_key, time_column, ITEM_ID]).append_column(
+        "_item_key", _item_sort_key(history[ITEM_ID])
+    ).sort_by([(user_key, "ascending"), (time_column, "descending"), ("_item_key", "descending")])
+    users = ordered[user_key].to_numpy(zero_copy_only=False).astype(str)
+    items = ordered[ITEM_ID].to_numpy(zero_copy_only=False).astype(str)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], np.int64)
+    ends = np.r_[starts[1:], len(users)]
+    row_users = rows[user_key].to_numpy(zero_copy_only=False).astype(str)
+    own = rows[ITEM_ID].to_numpy(zero_copy_only=False).astype(str)
+    for name, spec in config.history_features.items():
+        length = spec.history_length
+        latest = {users[a]: items[a:min(b, a + length + 1)].tolist() for a, b in zip(starts, ends)}
+        values = pa.array([" ".join([m for m in latest.get(u, ()) if m != item][:length]) for u, item in zip(row_users, own)],
+                          pa.string())
+        index = rows.schema.get_field_index(name)
+        rows = rows.set_column(index, name, values) if index >= 0 else rows.append_column(name, values)
+    return rows
 
 
 def _item_sort_key(ids: pa.ChunkedArray | pa.Array) -> pa.Array:
