@@ -22,6 +22,9 @@ options; the defaults are the production sizes, which take minutes to an hour):
   (synthetic or MovieLens): epochs and seconds to the cold best, recall@50, stability.
 * ``python -m bench.movielens``: model quality on MovieLens 100K against the TFRS tutorial,
   popularity and EASE.
+* ``python -m bench.movielens_tuned``: the product's tuning on MovieLens 100K (leave-last-out,
+  or the TFRS tutorial's random split with one vector per user) against EASE, item-kNN and
+  popularity; ``--refit`` measures the refit on training + validation rows.
 * ``python -m bench.embeddings_export``: tower outputs for 1M users / 200k items and their
   warehouse write (DuckDB, the BigQuery emulator) against a plain numpy + pyarrow write.
 * ``python -m bench.topk``: top-k for all users (the recommendations asset) against this
