@@ -30,6 +30,8 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 from pydantic import Field
 
+from twotower_assets.model.retrieval_task import Retrieval
+
 if TYPE_CHECKING:
     from twotower_assets.model.towers import TwoTowerModel
 
@@ -44,14 +46,11 @@ class _Strategy(pydantic.BaseModel):
     """Whether training needs every item's features (the model's ``catalog``)."""
 
     def build_task(self, temperature: float) -> tfrs.tasks.Retrieval:
-        """TFRS's retrieval task, one loss per row: the model averages them over the global
-        batch (:meth:`TwoTowerModel.compute_loss`), which the Keras reductions cannot do under
-        a distribution strategy."""
-        return tfrs.tasks.Retrieval(
-            loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
-            temperature=temperature,
-            remove_accidental_hits=getattr(self, "remove_accidental_hits", False),
-        )
+        """TFRS's retrieval task with its softmax fused (:mod:`twotower_assets.model.retrieval_task`),
+        one loss per row: the model averages them over the global batch
+        (:meth:`TwoTowerModel.compute_loss`), which the Keras reductions cannot do under a
+        distribution strategy."""
+        return Retrieval(temperature=temperature, remove_accidental_hits=getattr(self, "remove_accidental_hits", False))
 
     def losses(self, model: TwoTowerModel, features, training: bool):
         """Each row's loss; by default the in-batch softmax (training items masked in validation)."""
