@@ -9,10 +9,11 @@ the same data (production shape: 200,000 items, 64 dimensions, ~7 seen items per
 * the same-shape product alone (blocks of 1024 users x all items, no selection);
 * ``recommendation_batches`` (what the recommendations asset computes before the
   warehouse write: top-k, seen removed, scores, Arrow batches) and ``top_k_items`` alone;
-* the plain pass (partition every score; the code before this bench) and TFRS
-  ``BruteForce.query_with_exclusions`` on the same vectors, for comparison.
+* the plain pass (partition every score) and TFRS ``BruteForce.query_with_exclusions`` on the
+  same vectors, for comparison.
 
-Every rate is best-of-``--repeats`` (the machine is shared; the load average is printed).
+Every rate is best-of-``--repeats``, TFRS's included, after a warm-up call that traces its
+query function (the machine is shared; the load average is printed).
 Target: the asset's rate >= 50% of the machine's matmul rate.
 
     python -m bench.topk                 # 20,000 users x 200,000 items, k = 100
@@ -180,7 +181,10 @@ def main() -> int:
             found.append(identifiers.numpy())
         return np.concatenate(found)
 
-    brute_seconds, theirs = best_time(brute_force, 1)
+    # Timed as the product is: warmed up (the first call traces the query function), then the
+    # best of the same number of repeats.
+    index.query_with_exclusions(tf.constant(users[:1024]), tf.constant(seen_lists[:1024]), k=args.k)
+    brute_seconds, theirs = best_time(brute_force, args.repeats)
     agree = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ours[:2000], theirs[:2000])]))
     add("TFRS BruteForce.query_with_exclusions (1024-user batches)", brute_seconds, f"same top-k sets: {agree:.4f}")
 
@@ -196,7 +200,9 @@ def main() -> int:
         f"{asset_rate:.1f} GFLOP/s = {asset_rate / machine_rate:.2f} x the yardstick "
         f"(target >= 0.50: {'met' if asset_rate >= 0.5 * machine_rate else 'NOT met'}); "
         f"{asset_rate / same_shape:.2f} x the same-shape products alone; "
-        f"{brute_seconds / asset_seconds:.1f}x faster than TFRS BruteForce."
+        f"top_k_items {brute_seconds / topk_seconds:.1f}x faster than TFRS BruteForce on the same lists "
+        f"(the asset, with its scores and Arrow batches, {brute_seconds / asset_seconds:.1f}x); both warmed up, "
+        f"best of {args.repeats}."
     )
     return 0
 

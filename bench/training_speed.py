@@ -1,37 +1,50 @@
-"""Training speed at production size: a bare TFRS script vs this project's training code.
+"""Training speed at production size: the TFRS script a competent user writes vs this project's training code.
 
 One run, one synthetic data set (``--users`` 1M user ids, ``--items`` 200k item ids,
 ``--rows`` training rows; users drawn uniformly, items from a power law, the item's share of
 rows as the logQ sampling probability), one model, one loss, a fixed number of steps:
 
-* **tfrs**: the script a TFRS user would write with stock Keras Adam: ``tfrs.Model``, two
+* **tfrs-adagrad** (the baseline): the script TFRS's documentation teaches: ``tfrs.Model``, two
   ``Sequential`` towers (``StringLookup`` -> ``Embedding(vocab + 1, E)`` -> ``Dense(2E, relu)``
-  -> ``Dense(E)`` -> ``UnitNormalization``), ``tfrs.tasks.Retrieval`` (temperature 0.05, logQ
-  correction, accidental hits removed), ``tf.keras.optimizers.Adam(0.1)``, fed by
-  ``from_tensor_slices(...).shuffle(100_000).repeat().batch(B)``;
+  -> ``Dense(E)`` -> ``UnitNormalization``; the item tower's lookup output, an integer, is also
+  the accidental-hit id), ``tfrs.tasks.Retrieval`` (temperature 0.05, logQ correction,
+  accidental hits removed), ``tf.keras.optimizers.Adagrad(0.1)`` as the tutorials compile it
+  (tf-keras's Adagrad updates only a batch's embedding rows), fed by
+  ``from_tensor_slices(...).shuffle(100_000).repeat().batch(B).prefetch(AUTOTUNE)``;
+* **tfrs-adam**: the same script with stock Keras Adam (which moves every row of both id
+  tables on every step), for those who use it;
 * **product**: ``twotower_assets.model.training.train_two_tower`` (``build_model``, the
   product's callbacks, its saved-block input pipeline) with the ``production`` model recipe
   except batch and embedding size, on a feature config of the two id features only
   (``user_id`` and ``item_id``, string, E each): the same towers (concat -> Dense(2E, relu)
-  -> Dense(E) -> L2 normalisation), the same Retrieval task and hyperparameters;
-* **product, optimizer=adam**: the same with the recipe's ``optimizer.name: adam`` (stock Keras Adam), to
-  show what the optimizer alone is worth.
+  -> Dense(E) -> L2 normalisation), the same loss (its retrieval task is TFRS's with the
+  softmax fused, twotower_assets/model/retrieval_task.py) and hyperparameters, LazyAdam.
 
 Each variant runs in its own process (same data files, same conditions); ``--warmup`` steps
 are left out, the next ``--steps`` are timed (wall clock between the ends of the first and
 the last timed step). The steps all lie in the first epoch (``--rows`` makes an epoch, a fifth
 of the rows, as long as warm-up + timed steps); the pause at the epoch's end (callbacks: the
-product's EarlyStopping copies every weight there) is printed apart. ``--rounds`` repeats the three in turn and keeps each one's best.
-The last line printed is ``speedup_vs_tfrs: X`` (product examples/s / tfrs examples/s).
+product's EarlyStopping copies every weight there) is printed apart. ``--rounds`` repeats the
+variants in turn and keeps each one's best.
+
+The run also prints the step's **floor** on this machine: the step's floating-point work (the
+batch x batch logits' three matrix products and the towers' dense layers, forward and
+backward) at the machine's measured float32 matrix-product rate, plus the least traffic over
+the logits (written once by the forward product, read once by the softmax, read and written
+once by its gradient) at the machine's measured memory bandwidth; and each variant's step as
+a multiple of it. The last line printed is ``speedup_vs_tfrs: X`` (product examples/s /
+tfrs-adagrad examples/s).
 
 ``--breakdown`` also times the sub-graphs of one production-size step of the product's
-model (id lookups, embedding gathers, towers, logits + loss, gradients, the accidental-hit
-mask, optimizer apply for lazy_adam and adam, the whole step), and tries ``jit_compile=True``
-on the train step and on the step after the string lookups.
+model (id lookups, embedding gathers, towers, logits + loss, gradients, TFRS's task against
+the fused one, optimizer apply, the whole step).
 
 ``--quality`` instead runs the default synthetic graph of ``bench.pipeline`` (its data
-and run config, through ``bench.scale``) once per (seed, optimizer) and prints recall@50
-per run with mean and spread per optimizer (training steps only are re-run per seed).
+and run config, through ``bench.scale``) once per (seed, optimizer: ``--optimizers``, the
+product's ``lazy_adam`` and the baseline's ``adagrad`` by default, both at the recipe's
+learning rate) and prints recall@50 per run with mean and spread per optimizer (training
+steps only are re-run per seed). The fused task computes TFRS's loss (tested), so the
+optimizer is the one difference in what the two variants learn.
 
     python -m bench.training_speed                       # 1M users, 200k items, batch 4096
     python -m bench.training_speed --breakdown
@@ -55,10 +68,16 @@ from pathlib import Path
 from bench._common import PYTHON, REPO, markdown_table, print_header
 
 VARIANTS = {
-    "tfrs": "bare TFRS script, stock Keras Adam",
-    "product": "product training code (train_two_tower, default optimizer)",
-    "product-adam": "product training code, optimizer=adam",
+    "tfrs-adagrad": "TFRS script as its docs teach: Adagrad(0.1), integer candidate ids",
+    "tfrs-adam": "the same TFRS script with stock Keras Adam(0.1)",
+    "product": "product training code (train_two_tower, default recipe optimizer)",
 }
+EXTRA_VARIANTS = {
+    # Threading on 2 cores: TensorFlow's default runs 2 inter-op and 2 intra-op threads.
+    "product-interop1": ("product training code, 1 inter-op thread", {"TF_NUM_INTEROP_THREADS": "1"}),
+    "product-intraop1": ("product training code, 1 intra-op thread", {"TF_NUM_INTRAOP_THREADS": "1"}),
+}
+BASELINE = "tfrs-adagrad"
 PROBABILITY = "item_sampling_probability"
 
 
@@ -159,10 +178,10 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     steps_per_epoch = math.ceil(rows / args.batch_size / EPOCH_FRACTION)
     epochs = math.ceil((args.warmup + args.steps) / steps_per_epoch)
     timer = step_timer(args.warmup, args.steps)
-    params = TrainingParams(recipe=product_recipe(args, epochs=epochs, adam=variant == "product-adam"), seed=args.seed)
+    params = TrainingParams(recipe=product_recipe(args, epochs=epochs), seed=args.seed)
     recipe = params.recipe
 
-    if variant == "tfrs":
+    if variant.startswith("tfrs"):
         features = {
             "user_id": np.char.add("u", ids["users"].astype(str)).astype(object),
             "item_id": np.char.add("i", ids["items"].astype(str)).astype(object),
@@ -175,7 +194,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
         tf.keras.utils.set_random_seed(args.seed)
         model = tfrs_model(users, items, args.embedding_size, recipe.task.temperature)
-        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=recipe.optimizer.learning_rate))
+        optimizers = {"tfrs-adagrad": tf.keras.optimizers.Adagrad, "tfrs-adam": tf.keras.optimizers.Adam}
+        model.compile(optimizer=optimizers[variant](learning_rate=recipe.optimizer.learning_rate))
         model.fit(pipeline(), epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=[timer], verbose=0)
         optimizer = type(model.optimizer).__name__
     else:
@@ -202,28 +222,24 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
             "input_only_examples_per_s": input_rate}
 
 
-def product_recipe(args: argparse.Namespace, epochs: int | None = None, adam: bool = False):
-    """The production recipe with this run's embedding and batch size (and epochs; ``adam``: the
-    stock Keras Adam instead of the recipe's optimizer)."""
+def product_recipe(args: argparse.Namespace, epochs: int | None = None):
+    """The production recipe with this run's embedding and batch size (and epochs)."""
     from twotower_assets.model.recipes import load_recipe
 
     overrides: dict = {"towers": {"embedding_size": args.embedding_size}, "schedule": {"batch_size": args.batch_size}}
     if epochs is not None:
         overrides["schedule"]["epochs"] = epochs
-    if adam:
-        overrides["optimizer"] = {"name": "adam"}
     return load_recipe("production", overrides)
 
 
 def tfrs_model(users: list[str], items: list[str], dim: int, temperature: float):
-    """The bare TFRS model (module docstring): what a TFRS user writes."""
+    """The TFRS model a user writes from TFRS's docs (module docstring)."""
     import tensorflow as tf
     import tensorflow_recommenders as tfrs
 
-    def tower(vocabulary):
+    def tower(size):
         return tf.keras.Sequential([
-            tf.keras.layers.StringLookup(vocabulary=vocabulary),
-            tf.keras.layers.Embedding(len(vocabulary) + 1, dim),
+            tf.keras.layers.Embedding(size + 1, dim),
             tf.keras.layers.Dense(2 * dim, activation="relu"),
             tf.keras.layers.Dense(dim),
             tf.keras.layers.UnitNormalization(),
@@ -232,14 +248,17 @@ def tfrs_model(users: list[str], items: list[str], dim: int, temperature: float)
     class RetrievalModel(tfrs.Model):
         def __init__(self):
             super().__init__()
-            self.user_model = tower(users)
-            self.item_model = tower(items)
+            self.user_lookup = tf.keras.layers.StringLookup(vocabulary=users)
+            self.item_lookup = tf.keras.layers.StringLookup(vocabulary=items)
+            self.user_model = tower(len(users))
+            self.item_model = tower(len(items))
             self.task = tfrs.tasks.Retrieval(temperature=temperature, remove_accidental_hits=True)
 
         def compute_loss(self, features, training=False):
+            item_index = self.item_lookup(features["item_id"])
             return self.task(
-                self.user_model(features["user_id"]), self.item_model(features["item_id"]),
-                candidate_sampling_probability=features["probability"], candidate_ids=features["item_id"],
+                self.user_model(self.user_lookup(features["user_id"])), self.item_model(item_index),
+                candidate_sampling_probability=features["probability"], candidate_ids=item_index,
                 compute_metrics=False,
             )
 
@@ -354,6 +373,34 @@ def run_breakdown(args: argparse.Namespace) -> dict:
         grads = tape.gradient(loss, variables)
         return loss, [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
 
+    # The in-batch softmax alone, from fixed tower outputs: TFRS's task against the product's.
+    import tensorflow_recommenders as tfrs
+
+    user_vectors, item_vectors = (tf.Variable(t) for t in model(batch))
+    fingerprints = tf.strings.to_hash_bucket_fast(item_ids, tf.int64.max)
+    tfrs_task = tfrs.tasks.Retrieval(
+        loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
+        temperature=params.recipe.task.temperature, remove_accidental_hits=True)
+
+    def softmax_gradients(task):
+        @tf.function
+        def run_task():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(task(user_vectors, item_vectors, candidate_sampling_probability=batch[PROBABILITY],
+                                           candidate_ids=fingerprints, compute_metrics=False))
+            return loss, tape.gradient(loss, [user_vectors, item_vectors])
+        return run_task
+
+    # The step's three batch x batch matrix products alone (scores, and the gradients of both
+    # towers' vectors), on a fixed (batch x batch) gradient: what the floor's FLOPs cost at the
+    # rate these shapes reach, not the square product's.
+    score_gradient = tf.random.normal((args.batch_size, args.batch_size))
+
+    @tf.function
+    def logits_products():
+        return (tf.matmul(user_vectors, item_vectors, transpose_b=True), tf.matmul(score_gradient, item_vectors),
+                tf.matmul(score_gradient, user_vectors, transpose_a=True))
+
     # Learning rate 1e-6: the timed steps barely move the weights.
     lazy, stock = make_optimizer("lazy_adam", 1e-6), make_optimizer("adam", 1e-6)
     fns = {
@@ -364,7 +411,10 @@ def run_breakdown(args: argparse.Namespace) -> dict:
         "towers forward (lookups + gathers + MLP + L2 norm)": tf.function(lambda: model(batch)),
         "forward + logits + loss (compute_loss)": tf.function(lambda: model.compute_loss(batch, training=True)),
         "forward + loss + gradients": gradient_outputs,
-        "accidental-hit mask alone, string item ids (as the task gets them)": tf.function(lambda: mask_of(item_ids)),
+        "in-batch softmax + gradients from the tower outputs, tfrs.tasks.Retrieval": softmax_gradients(tfrs_task),
+        "the same, the product's fused task": softmax_gradients(model.task),
+        "the three batch x batch matrix products alone": logits_products,
+        "accidental-hit mask alone, string item ids": tf.function(lambda: mask_of(item_ids)),
         "accidental-hit mask alone, integer item ids": tf.function(lambda: mask_of(item_index)),
         "after lookups, integer ids: gathers + MLP + loss + gradients": tf.function(post_lookup),
         "the same, jit_compile=True": tf.function(post_lookup, jit_compile=True),
@@ -397,6 +447,44 @@ def run_breakdown(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# The step's floor on this machine
+
+
+def memory_bandwidth(size: int, repeats: int = 5) -> float:
+    """GB/s of one streaming pass (read a float32 size x size matrix, write another, both allocated
+    once), the best of ``repeats``: the rate a pass over the logits can reach."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    out = np.empty_like(a)
+    np.multiply(a, 1.0001, out=out)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        np.multiply(a, 1.0001, out=out)
+        times.append(time.perf_counter() - started)
+    return 2 * a.nbytes / min(times) / 1e9
+
+
+def step_floor(args: argparse.Namespace) -> dict:
+    """The least time one training step can take here (module docstring): its FLOPs at the
+    measured matrix-product rate plus four passes over the logits at the measured bandwidth."""
+    from bench._common import float32_matmul_rate
+
+    batch, dim = args.batch_size, args.embedding_size
+    logits_flops = 3 * 2 * batch * batch * dim  # scores, and the gradients of both towers' vectors
+    # Each tower: Dense(dim -> 2 dim) and Dense(2 dim -> dim); backward is twice the forward.
+    tower_flops = 2 * 3 * 2 * batch * (dim * 2 * dim + 2 * dim * dim)
+    logits_bytes = 4 * batch * batch * 4
+    rate = max(float32_matmul_rate().values())
+    bandwidth = memory_bandwidth(batch)
+    compute_ms = 1000 * (logits_flops + tower_flops) / (rate * 1e9)
+    traffic_ms = 1000 * logits_bytes / (bandwidth * 1e9)
+    return {"gflop": (logits_flops + tower_flops) / 1e9, "rate_gflops": rate, "bandwidth_gbs": bandwidth,
+            "compute_ms": compute_ms, "traffic_ms": traffic_ms, "floor_ms": compute_ms + traffic_ms, "load": loads()}
+
+
+# --------------------------------------------------------------------------------------------
 # Quality: the default synthetic graph per seed and optimizer
 
 
@@ -415,7 +503,7 @@ def run_quality(args: argparse.Namespace) -> int:
         base["ops"]["click_events"] = {"config": SOURCE}
         source = f"bench.pipeline's ({SOURCE}; configs/run/quickstart.yaml)"
     base["ops"].setdefault("two_tower_model", {"config": {}}).setdefault("config", {})
-    print_header("Recall@50 per seed: adam vs lazy_adam", "python -m bench.training_speed " + " ".join(sys.argv[1:]))
+    print_header(f"Recall@50 per seed: {' vs '.join(args.optimizers)}", "python -m bench.training_speed " + " ".join(sys.argv[1:]))
     print(f"Data and run config: {source}; the training seed and the optimizer set per run; data prepared "
           f"once, then two_tower_model, match_model, evaluation_metrics re-run per (seed, optimizer).\n", flush=True)
 
@@ -433,10 +521,11 @@ def run_quality(args: argparse.Namespace) -> int:
     scale(base, "click_events,split_tables,tf_datasets", keep=False, log_name="data")
     results = []
     for seed in args.seeds:
-        for optimizer in ("adam", "lazy_adam"):
+        for optimizer in args.optimizers:
             run_config = json.loads(json.dumps(base))
             model_config = run_config["ops"]["two_tower_model"]["config"]
             model_config["seed"] = seed
+            model_config["tuned"] = "none"  # the recipe's own values: the optimizer is the one difference
             model_config.setdefault("optimizer", {})["name"] = optimizer  # the recipe's optimizer section
             load = loads()
             started = time.perf_counter()
@@ -457,7 +546,7 @@ def run_quality(args: argparse.Namespace) -> int:
         [[r["seed"], r["optimizer"], f"{r['recall@50']:.4f}", f"{r['popularity@50']:.4f}", r["epochs"],
           f"{r['train_s']:.0f}", f"{r['examples_per_s']:,.0f}", r["load"]] for r in results]))
     summary_rows = []
-    for optimizer in ("adam", "lazy_adam"):
+    for optimizer in args.optimizers:
         values = [r["recall@50"] for r in results if r["optimizer"] == optimizer]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         summary_rows.append([optimizer, len(values), f"{statistics.mean(values):.4f}", f"{spread:.4f}",
@@ -476,7 +565,7 @@ def child(args: argparse.Namespace, kind: str) -> dict:
     for name in ("users", "items", "batch_size", "embedding_size", "warmup", "steps", "seed", "breakdown_repeats"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     log = Path(args.data) / f"{kind}.log"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **EXTRA_VARIANTS.get(kind, ("", {}))[1]}
     with open(log, "w") as out:
         completed = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=out, text=True, env=env,
                                    timeout=args.child_timeout_s)
@@ -496,12 +585,15 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing (tracing, caches)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, keep each one's best")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated: {', '.join(VARIANTS)} (default), or also {', '.join(EXTRA_VARIANTS)}")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--breakdown", action="store_true", help="also time the sub-graphs of one step")
     parser.add_argument("--breakdown-repeats", type=int, default=5)
     parser.add_argument("--quality", action="store_true", help="recall@50 per seed and optimizer instead")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--optimizers", nargs="+", default=["lazy_adam", "adagrad"],
+                        help="--quality: the recipe optimizers compared (lazy_adam: the product's; adagrad: TFRS's tutorials')")
     parser.add_argument("--run-config", help="--quality: this run config instead of bench.pipeline's data and config")
     parser.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "twotower-training-speed"))
     parser.add_argument("--child-timeout-s", type=float, default=900)
@@ -510,7 +602,8 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.child:
-        result = run_breakdown(args) if args.child == "breakdown" else run_variant(args.child, args)
+        variant = "product" if args.child in EXTRA_VARIANTS else args.child
+        result = run_breakdown(args) if args.child == "breakdown" else run_variant(variant, args)
         print(json.dumps(result))
         return 0
     if args.quality:
@@ -539,20 +632,26 @@ def main() -> int:
                   f"(load {result['load_start']} -> {result['load_end']}; process {time.perf_counter() - started:.0f} s)",
                   file=sys.stderr, flush=True)
     best = {v: max(r, key=lambda x: x["examples_per_s"]) for v, r in runs.items()}
-    base = best.get("tfrs")
+    base = best.get(BASELINE)
+    floor = step_floor(args)
     rows = []
     for variant, result in best.items():
         rows.append([
-            VARIANTS.get(variant, variant), result["optimizer"], f"{result['examples_per_s']:,.0f}",
+            VARIANTS.get(variant) or EXTRA_VARIANTS.get(variant, (variant,))[0], result["optimizer"], f"{result['examples_per_s']:,.0f}",
             f"{result['step_ms_median']:.0f}",
             f"{result['examples_per_s'] / base['examples_per_s']:.2f}" if base else "",
+            f"{result['step_ms_median'] / floor['floor_ms']:.1f}",
             f"{result['input_only_examples_per_s']:,.0f}",
             f"{result['first_loss']:.2f} -> {result['last_loss']:.2f}", f"{result['epoch_end_s']:.1f}",
             f"{result['load_start']} -> {result['load_end']}",
         ])
-    print(markdown_table(["training", "optimizer class", "examples/s", "median ms/step", "x tfrs",
+    print(markdown_table(["training", "optimizer class", "examples/s", "median ms/step", f"x {BASELINE}", "x floor",
                           "input pipeline alone, examples/s", "loss (step 1 -> last timed)", "epoch-end pause s", "load 1/5/15 (start -> end)"],
                          rows))
+    print(f"\nStep floor: {floor['floor_ms']:.0f} ms = {floor['gflop']:.1f} GFLOP at {floor['rate_gflops']:.0f} GFLOP/s "
+          f"(best square float32 product now; {floor['compute_ms']:.0f} ms) + 4 passes over the {args.batch_size} x "
+          f"{args.batch_size} float32 logits at {floor['bandwidth_gbs']:.1f} GB/s ({floor['traffic_ms']:.0f} ms); "
+          f"load {floor['load']}")
     if args.rounds > 1:
         print("\nAll rounds (examples/s): " + "; ".join(
             f"{v}: " + ", ".join(f"{r['examples_per_s']:,.0f}" for r in rs) for v, rs in runs.items()))
@@ -568,6 +667,7 @@ def main() -> int:
         print("\njit_compile=True: " + "; ".join(f"{k}: {v}" for k, v in result["jit_compile"].items()))
 
     if base and "product" in best:
+        print(f"\nproduct step / floor: {best['product']['step_ms_median'] / floor['floor_ms']:.1f}")
         print(f"\nspeedup_vs_tfrs: {best['product']['examples_per_s'] / base['examples_per_s']:.2f}")
     return 0
 

@@ -79,13 +79,16 @@ class LazyAdam(tf.keras.optimizers.Adam):
         return super()._update_step_xla(gradient, variable, key)
 
 
-OPTIMIZERS = ("lazy_adam", "adam")
+OPTIMIZERS = ("lazy_adam", "adam", "adagrad")
 
 
 def make_optimizer(name: str, learning_rate: float) -> tf.keras.optimizers.Optimizer:
-    """The optimizer a run config names: ``lazy_adam`` (:class:`LazyAdam`) or ``adam`` (stock Keras Adam)."""
+    """The optimizer a run config names: ``lazy_adam`` (:class:`LazyAdam`), ``adam`` (stock Keras
+    Adam) or ``adagrad`` (stock Keras Adagrad, what TFRS's tutorials compile with)."""
     if name == "lazy_adam":
         return LazyAdam(learning_rate=learning_rate)
     if name == "adam":
         return tf.keras.optimizers.Adam(learning_rate=learning_rate)
+    if name == "adagrad":
+        return tf.keras.optimizers.Adagrad(learning_rate=learning_rate)
     raise ValueError(f"unknown optimizer {name!r}: one of {', '.join(OPTIMIZERS)}")

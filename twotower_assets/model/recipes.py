@@ -4,7 +4,7 @@ A recipe is a YAML file in ``configs/models/`` (installed with the package, like
 configs) with four sections and an optional feature config::
 
     name: production
-    description: SPEC's model ...
+    description: the production model ...
     features: null                  # the feature config it needs (null: whichever the data has)
     towers:    {embedding_size: 64, user_head: mlp, item_head: mlp, item_bias: false}
     task:      {temperature: 0.05, negatives: {kind: in_batch, remove_accidental_hits: true}}
@@ -15,7 +15,7 @@ configs) with four sections and an optional feature config::
 ``towers`` is the architecture (each tower is its features plus a head,
 :mod:`twotower_assets.model.heads`), ``task`` the retrieval loss (the negatives strategy,
 :mod:`twotower_assets.model.negatives`), ``optimizer`` and ``schedule`` how it is fitted.
-Sections left out of a file take the defaults below, which are production's (SPEC).
+Sections left out of a file take the defaults below, which are production's (``configs/models/production.yaml``).
 
 :func:`load_recipe` is the one loader: the ``two_tower_model`` asset, ``in_memory`` and the
 benchmarks all call it, by name or path, with optional overrides in the same nested shape::
@@ -50,7 +50,7 @@ RECIPE_DIRECTORY = "models"
 
 DEFAULT_RECIPE = "production"
 
-OptimizerName = Literal["lazy_adam", "adam"]
+OptimizerName = Literal["lazy_adam", "adam", "adagrad"]
 
 
 class RecipeError(ValueError):
@@ -97,7 +97,8 @@ class Optimizer(_Section):
     name: OptimizerName = Field(
         default="lazy_adam",
         description="lazy_adam: Adam that updates only the embedding rows (and their moments) a batch "
-        "touched, much faster on large id tables (twotower_assets/model/optimizers.py). adam: stock Keras Adam.",
+        "touched, much faster on large id tables (twotower_assets/model/optimizers.py). adam: stock Keras Adam. adagrad: stock Keras Adagrad "
+        "(sparse updates; what TFRS's tutorials use).",
     )
     learning_rate: float = Field(default=0.1, gt=0, description="The optimiser's learning rate.")
     weight_averaging: float = Field(
