@@ -1,6 +1,7 @@
 """Model recipes (twotower_assets/model/recipes.py): packaged files, overrides, refusals that name
 the fields, and the run config of the model asset that names a recipe."""
 
+import itertools
 from pathlib import Path
 
 import pydantic
@@ -9,7 +10,7 @@ import pytest
 from twotower_assets.defs.training.trainer import TrainingConfig
 from twotower_assets.model.features import load_feature_config, parse_feature_config
 from twotower_assets.model.negatives import FullCatalogNegatives, InBatchNegatives, MixedNegatives
-from twotower_assets.model.recipes import ModelRecipe, RecipeError, load_recipe, recipe_names
+from twotower_assets.model.recipes import ModelRecipe, RecipeError, load_recipe, overrides_from_fields, recipe_names
 
 
 def test_the_packaged_recipes_load_and_production_is_the_default_model():
@@ -134,6 +135,20 @@ def test_heads_that_do_not_fit_the_features_are_refused_naming_the_fields():
 def test_a_search_space_names_fields_and_valid_values(search, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe("production", {"search": search})
+
+
+def test_every_corner_of_the_one_vector_search_space_fits_its_features_and_caps_the_epochs():
+    # Tuning keeps the 600-d towers the residual head needs, and a trial ends within the epoch cap
+    # that fits a 30-minute search (the recipe's own 80 epochs are outside it).
+    recipe = load_recipe("movielens-one-vector")
+    assert "towers.embedding_size" not in recipe.search
+    assert recipe.search["schedule.epochs"].high <= 24 < recipe.schedule.epochs
+    features = load_feature_config(recipe.features)
+    corners = itertools.product(*(d.choices or [d.low, d.high] for d in recipe.search.values()))
+    for corner in corners:
+        candidate = recipe.with_overrides(overrides_from_fields(dict(zip(recipe.search, corner))))
+        candidate.check_features(features)
+        assert candidate.schedule.epochs <= 24 and candidate.towers.embedding_size == 600
 
 
 def test_mlflow_params_name_every_field_by_section():
