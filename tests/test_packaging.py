@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 FEATURE_CONFIGS = [
-    # The eight of the production system.
+    # The eight production feature configs.
     "default-features",
     "pretrained-feature-with-ts",
     "pretrained-features",

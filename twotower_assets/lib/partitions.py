@@ -29,7 +29,7 @@ DEFAULT_PARTITIONS_START = "2026-03-03"
 partition health bar counts days that can have data, not the months before it."""
 
 EVENT_WINDOW_DAYS = 90
-"""Event days a training date reads by default (SPEC's ``event_day_number``), and the window
+"""Event days a training date reads by default (``split_tables``' ``event_day_number``), and the window
 its split declares on ``click_events``. A run config may read a shorter window."""
 
 

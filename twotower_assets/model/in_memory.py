@@ -1,7 +1,7 @@
 """Train and evaluate the two-tower model on Arrow tables, on a split of your choice.
 
-The asset graph splits events in the warehouse (SPEC's split, one partition per training
-date) and trains from saved tf datasets. Research and benchmark protocols need other splits
+The asset graph splits events in the warehouse (the chronological per-user split, one partition per
+training date) and trains from saved tf datasets. Research and benchmark protocols need other splits
 (the TFRS tutorial's random 80/20, leave-last-out), and small data fits in memory, so this
 module is the public way to do that without the graph::
 

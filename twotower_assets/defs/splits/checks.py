@@ -6,7 +6,7 @@ the automation conditions (``all_deps_blocking_checks_passed``) do not start it 
 One SQL aggregate per table, run in the warehouse with the training date as a query
 parameter: every split is non-empty and has no null ids; validation and test users and
 items all occur in training; no (user, item) pair of training is in validation or test (the
-split rules of SPEC "Data and splits").
+split's rules: docs/decisions.md, "The split is SQL, the same on DuckDB and BigQuery").
 
 The quality gate on the model is in ``defs/evaluation/quality_gate.py``.
 """
