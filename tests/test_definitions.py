@@ -1,5 +1,7 @@
 """The code location: how Dagster finds it, and the lineage the README promises."""
 
+import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -24,6 +26,44 @@ def test_legacy_keras_is_switched_on_in_one_place_before_tensorflow():
     script = "import twotower_assets.model.towers as t, tensorflow as tf; print(type(tf.keras.layers.Dense(1)).__module__)"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip().startswith("tf_keras")
+
+
+def _python(script: str, **env: str) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter, without the variables a user's shell may set to quiet
+    TensorFlow or choose its devices, plus ``env``."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("TF_ENABLED_DEVICE_TYPES", "TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES",
+                         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**base, **env})
+
+
+def test_tensorflow_without_a_gpu_logs_no_cuda_error():
+    """The tensorflow wheel calls cuInit when asked for devices and logs an E-level "failed call to
+    cuInit" on a machine without an NVIDIA driver. Without one, the package lets TensorFlow register
+    its CPU only: no error line, and the CPU is there. With a GPU nothing is changed."""
+    script = ("import os, twotower_assets, tensorflow as tf; print(twotower_assets.no_nvidia_gpu_here()); "
+              "print([d.device_type for d in tf.config.list_physical_devices()]); "
+              "print(os.environ.get('TF_ENABLED_DEVICE_TYPES'))")
+    out = _python(script)
+    no_gpu, devices, enabled = out.stdout.splitlines()[-3:]
+    if no_gpu == "True":
+        assert enabled == "CPU" and devices == "['CPU']"
+        assert "cuInit" not in out.stderr
+        assert not [line for line in out.stderr.splitlines() if re.match(r"^[EF]\d{4} ", line)], out.stderr
+    else:
+        assert enabled == "None" and "'GPU'" in devices
+
+
+def test_a_chosen_device_setting_is_left_alone():
+    """CUDA_VISIBLE_DEVICES (someone chose the GPUs) or TF_ENABLED_DEVICE_TYPES set: not overridden."""
+    script = "import os, twotower_assets; print(os.environ.get('TF_ENABLED_DEVICE_TYPES'))"
+    assert _python(script, CUDA_VISIBLE_DEVICES="0").stdout.strip() == "None"
+    assert _python(script, TF_ENABLED_DEVICE_TYPES="CPU,GPU").stdout.strip() == "CPU,GPU"
+    # MLflow's download progress bars are off unless asked for.
+    bars = "import os, twotower_assets; print(os.environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'])"
+    assert _python(bars).stdout.strip() == "false"
+    assert _python(bars, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="true").stdout.strip() == "true"
 
 
 def test_lineage_runs_from_click_events_to_the_embedding_tables():

@@ -40,6 +40,12 @@ with warnings.catch_warnings():
         dg.Definitions(executor=dg.in_process_executor),
     ).map_asset_specs(func=with_owners_and_tags)
 
+# Dagster's own parser of an asset selection ("--select '*'", the UI's selection box) calls a
+# beta parameter of AssetSelection.all and warns about it on every CLI run; nothing here uses it.
+warnings.filterwarnings(
+    "ignore", message="Parameter `include_sources` of function `AssetSelection.all`", category=dg.BetaWarning
+)
+
 ALL_ASSETS = list(defs.assets or [])
 """The assets, for materialising the graph in process (tests, benches)."""
 

@@ -15,6 +15,7 @@ the weekly training job does not retune.
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -207,13 +208,18 @@ def study_plots(study, directory: Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import optuna
     import optuna.visualization.matplotlib as ov
 
     plots = {}
     for name, draw in (("optimization_history", ov.plot_optimization_history),
                        ("param_importances", ov.plot_param_importances)):
         try:
-            axes = draw(study)
+            with warnings.catch_warnings():
+                # Optuna marks its matplotlib plots experimental (since v2.2.0); these two are
+                # what the asset shows, so the notice would only repeat on every tuning.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = draw(study)
         except (ValueError, RuntimeError):
             continue  # e.g. importances need two finished trials with different values
         figure = axes.figure if hasattr(axes, "figure") else plt.gcf()
