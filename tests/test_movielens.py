@@ -366,6 +366,6 @@ def test_whole_graph_on_movielens_files(tmp_path, tiny_resources):
     training = result.asset_materializations_for_node("two_tower_model")[0].metadata
     assert training["config_name"].value == "movielens-features" and training["items"].value == 40
     evaluation = result.asset_materializations_for_node("evaluation_metrics")[0].metadata
-    # MovieLens's first genre is its offer_category_id: the PCA is coloured by genre.
-    assert "plot_item_pca_by_offer_category_id" in evaluation
+    # MovieLens's first genre is its offer_category_id: the PCA is coloured, and titled, by genre.
+    assert evaluation["plot_item_pca_by_offer_category_id"].value.startswith("![Item embeddings (PCA) by genre](")
     assert evaluation["evaluated_users"].value > 0

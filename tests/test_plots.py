@@ -74,6 +74,10 @@ def test_embedding_pca_legend_is_ordered_by_count_and_beside_the_points():
     renderer = canvas.get_renderer()
     legend_box, axes_box = legend.get_window_extent(renderer), axis.get_window_extent(renderer)
     assert legend_box.x0 >= axes_box.x1  # to the right of the axes: it covers no point
+    assert legend.get_title().get_text() == "category (points)"
+    genre = plots.embedding_pca_figure(vectors, categories, title="by genre", category_label="genre")
+    assert genre.axes[0].get_legend().get_title().get_text() == "genre (points)"
+    assert genre.axes[0].get_title() == "by genre"
 
 
 def test_embedding_pca_errors():
@@ -145,6 +149,9 @@ def test_plots_reach_dagster_metadata_and_mlflow(tiny_resources):
         markdown = evaluation[f"plot_{name}"].value
         encoded = markdown.split("base64,", 1)[1].rstrip(")")
         assert base64.b64decode(encoded).startswith(b"\x89PNG")
+    # Titled by what the column holds, not by the schema's column name.
+    assert evaluation["plot_item_pca_by_offer_category_id"].value.startswith("![Item embeddings (PCA) by category](")
+    assert evaluation["plot_item_pca_by_offer_subcategory_id"].value.startswith("![Item embeddings (PCA) by subcategory](")
     # The per-segment breakdown: one table per segment, same layout as the overall one.
     for segment in ("cold", "warm"):
         table = evaluation[f"metrics_{segment}_users"].value

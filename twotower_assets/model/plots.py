@@ -112,9 +112,10 @@ def embedding_pca_png(
     categories: Sequence[str] | None = None,
     title: str = "Item embeddings (PCA)",
     seed: int = 0,
+    category_label: str = "category",
 ) -> bytes:
     """Scatter of the vectors' 2-D PCA, one colour per category (the most frequent ones)."""
-    return _png(embedding_pca_figure(vectors, categories, title, seed))
+    return _png(embedding_pca_figure(vectors, categories, title, seed, category_label))
 
 
 def embedding_pca_figure(
@@ -122,9 +123,10 @@ def embedding_pca_figure(
     categories: Sequence[str] | None = None,
     title: str = "Item embeddings (PCA)",
     seed: int = 0,
+    category_label: str = "category",
 ) -> Figure:
-    """The figure of :func:`embedding_pca_png`: the legend lists the largest category first,
-    with its count, beside the axes."""
+    """The figure of :func:`embedding_pca_png`: the legend (titled ``category_label``) lists the
+    largest category first, with its count, beside the axes."""
     vectors = np.asarray(vectors)
     labels = None
     if categories is not None:
@@ -153,7 +155,7 @@ def embedding_pca_figure(
                          color=colours(number))
         # Largest category first, with its count; outside the axes so it never covers points.
         axis.legend(fontsize="x-small", markerscale=2, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                    borderaxespad=0.0, title="category (points)", title_fontsize="x-small")
+                    borderaxespad=0.0, title=f"{category_label} (points)", title_fontsize="x-small")
     axis.set_xlabel("PC 1")
     axis.set_ylabel("PC 2")
     axis.set_title(title)

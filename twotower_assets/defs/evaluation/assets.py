@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from pydantic import Field, field_validator
 
 from twotower_assets.lib import layout
-from twotower_assets.lib.item_attributes import item_categories
+from twotower_assets.lib.item_attributes import category_labels, item_categories
 from twotower_assets.lib.artifacts import ArtifactStore
 from twotower_assets.lib.conditions import DOWNSTREAM_CONDITION
 from twotower_assets.lib.mlflow_tracking import MlflowTracking
@@ -177,16 +177,23 @@ def _event_counts_per_item(training_pairs: pa.Table, items: pa.Array) -> np.ndar
     return np.bincount(cols[valid].astype(np.int64), weights=training_pairs["events"].to_numpy()[valid], minlength=len(items))
 
 
-def _figures(table: pd.DataFrame, item_embeddings: pa.Table, warehouse: WarehouseResource, params: dict) -> dict[str, bytes]:
-    """PNG plots: metric vs k (all users), and the item-embedding PCA by each category column."""
-    figures = {"metric_vs_k": plots.metric_vs_k_png(table, title="Full catalogue, seen items removed")}
+def _figures(
+    table: pd.DataFrame, item_embeddings: pa.Table, warehouse: WarehouseResource, params: dict
+) -> dict[str, tuple[bytes, str]]:
+    """PNG plots and their titles: metric vs k (all users), and the item-embedding PCA by each
+    category column, titled by what the column holds (MovieLens: genre)."""
+    title = "Full catalogue, seen items removed"
+    figures = {"metric_vs_k": (plots.metric_vs_k_png(table, title=title), f"Metrics against k: {title}")}
     ids = _flat(item_embeddings["item_id"]).to_pylist()
     if len(ids) < 2:
         return figures
     vectors = _vectors(item_embeddings, np.arange(len(ids)))
+    labels = category_labels(warehouse)
     for column, by_item in item_categories(warehouse, params).items():
-        figures[f"item_pca_by_{column}"] = plots.embedding_pca_png(
-            vectors, [by_item.get(i) for i in ids], title=f"Item embeddings (PCA) by {column}"
+        title = f"Item embeddings (PCA) by {labels[column]}"
+        figures[f"item_pca_by_{column}"] = (
+            plots.embedding_pca_png(vectors, [by_item.get(i) for i in ids], title=title, category_label=labels[column]),
+            title,
         )
     return figures
 
@@ -280,7 +287,7 @@ def evaluation_metrics(
     with artifacts.writing(layout.EVALUATION_METRICS, context.partition_key) as directory, mlflow.active(summary.mlflow_run_id) as run:
         out = EvaluationFiles(directory)
         table.to_csv(out.metrics, index=False)
-        for name, png in figures.items():
+        for name, (png, _) in figures.items():
             out.plot(name).write_bytes(png)
             run.artifact(out.plot(name), "plots")
         out.write_counts(counts)
@@ -306,7 +313,7 @@ def evaluation_metrics(
         metadata={
             "metrics": dg.MetadataValue.md(markdown),
             **{f"metrics_{segment}_users": dg.MetadataValue.md(text) for segment, text in segment_markdown.items()},
-            **{f"plot_{name}": dg.MetadataValue.md(plots.markdown_image(png, name)) for name, png in figures.items()},
+            **{f"plot_{name}": dg.MetadataValue.md(plots.markdown_image(png, title)) for name, (png, title) in figures.items()},
             f"recall_at_{headline_k}": rounded(overall.loc[(MODEL_NAME, headline_k), "recall"]),
             f"popularity_recall_at_{headline_k}": rounded(overall.loc[("popularity", headline_k), "recall"]),
             f"lift_over_popularity_at_{headline_k}": rounded(
