@@ -13,7 +13,7 @@ import pytest
 
 from helpers.graph import TINY_PARTITION, make_resources, materialize_all, tiny_run_config
 from twotower_assets.lib import layout
-from twotower_assets.defs.evaluation.quality_gate import PreviousModel, QualityGateConfig, decide
+from twotower_assets.defs.evaluation.quality_gate import PreviousModel, QualityGateConfig, decide, logged_recall
 from twotower_assets.defs.splits.checks import (
     KNOWN_USERS_AND_ITEMS,
     NO_NULL_IDS,
@@ -93,6 +93,26 @@ def test_gate_compares_nothing_when_the_previous_model_logged_no_recall():
     decision = decide(metrics_table({50: 0.6}, {50: 0.3}), QualityGateConfig(), PreviousModel("d", "r", None))
     assert decision.passed
     assert "has no recall_at_50 logged" in decision.metadata["previous_model"]
+
+
+def test_the_previous_models_recall_is_read_from_its_curve_at_the_gates_k(tmp_path):
+    """The evaluation logs recall over k as one curve (``recall_at_k``, step = k); a run logged
+    before that has plain ``recall_at_<k>`` keys only. Both give the gate the previous recall@k."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("gate")
+    curve = client.create_run(experiment).info.run_id
+    client.log_batch(curve, metrics=[Metric("recall_at_k", value, 0, k) for k, value in ((10, 0.2), (20, 0.3), (50, 0.6))]
+                     + [Metric("popularity_recall_at_k", 0.9, 0, 20), Metric("recall_at_50", 0.6, 0, 0)])
+    assert logged_recall(client, curve, 20) == pytest.approx(0.3)  # a k with no plain key
+    assert logged_recall(client, curve, 50) == pytest.approx(0.6)
+    assert logged_recall(client, curve, 100) is None
+    older = client.create_run(experiment).info.run_id
+    client.log_batch(older, metrics=[Metric("recall_at_20", 0.25, 0, 0), Metric("popularity_recall_at_20", 0.9, 0, 0)])
+    assert logged_recall(client, older, 20) == pytest.approx(0.25)
+    assert logged_recall(client, older, 50) is None
 
 
 def _with(table: pd.DataFrame, model: str, recall_at: dict[int, float]) -> pd.DataFrame:

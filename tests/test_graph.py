@@ -2,6 +2,7 @@
 
 import datetime as dt
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from mlflow import MlflowClient
 from helpers.graph import TINY_PARTITION, make_resources, materialize_all, metadata_of, tiny_run_config
 from twotower_assets.lib import layout
 from twotower_assets.model.recipes import load_recipe
+from twotower_assets.serving import match_scorer
+from twotower_assets.serving import retriever as retriever_module
 from twotower_assets.serving.registry import logged_model_id
 from twotower_assets.warehouse.errors import EmptyTableError
 
@@ -149,6 +152,10 @@ def test_each_logged_model_carries_its_own_metrics(graph):
                 for name, asset in (("two_tower_match", "match_model"), ("two_tower_retriever", "two_tower_retriever"))}
     models = {name: client.get_logged_model(logged_model_id(client, name, v.version)) for name, v in versions.items()}
     assert {m.name for m in models.values()} == {"match_model", "retriever"}
+    # The registry's page of each model says what it is, its input and output, and who moves champion.
+    for name, description in (("two_tower_match", match_scorer.DESCRIPTION), ("two_tower_retriever", retriever_module.DESCRIPTION)):
+        assert client.get_registered_model(name).description == description
+        assert "Input:" in description and "Output" in description and "quality gate" in description
     for name, model in models.items():
         assert model.source_run_id == run.info.run_id, name
         keys = {m.key for m in model.metrics}
@@ -168,14 +175,15 @@ def test_each_logged_model_carries_its_own_metrics(graph):
     # The evaluation the quality gate judged: the CSV it read, to full precision.
     csv = pd.read_csv(layout.EvaluationFiles(resources["artifacts"].path("evaluation_metrics", TINY_PARTITION)).metrics)
     overall = csv[(csv["segment"] == "all") & (csv["model"] == layout.EVALUATED_MODEL)].set_index("k")
-    for k in (10, 50, 100):
-        for name in ("recall", "precision", "ndcg"):
-            assert match[f"{name}_at_{k}"].value == pytest.approx(overall.loc[k, name]), (name, k)
+    # Its single numbers: recall@50 (what the gate judged) and NDCG@10, not a column per k.
+    assert {k for k in match if layout.MODEL_EVALUATION_METRIC.fullmatch(k)} == {"recall_at_50", "ndcg_at_10"}
+    assert match["recall_at_50"].value == pytest.approx(overall.loc[50, "recall"])
+    assert match["ndcg_at_10"].value == pytest.approx(overall.loc[10, "ndcg"])
     assert match["recall_at_50"].value == pytest.approx(metadata_of(result, "evaluation_metrics")["recall_at_50"].value,
                                                         abs=1e-4)
     retriever = {m.key: m.value for m in models["two_tower_retriever"].metrics}
-    assert retriever["recall_at_50"] == pytest.approx(overall.loc[50, "recall"])
-    assert "val_loss" not in retriever
+    assert retriever == {"recall_at_50": pytest.approx(overall.loc[50, "recall"]),
+                         "ndcg_at_10": pytest.approx(overall.loc[10, "ndcg"])}
     # Linking metrics to a model adds no points to the run's own curves.
     assert len(val_loss) == metadata_of(result, "two_tower_model")["epochs_run"].value
     assert len(client.get_metric_history(run.info.run_id, "recall_at_50")) == 1
@@ -437,10 +445,22 @@ def test_metadata_and_mlflow_a_person_reads(graph):
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "Two-tower" in experiment.tags["mlflow.note.content"]
-    # One point per k, so MLflow draws recall against k; the flat name stays.
-    steps = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "recall")}
-    assert steps[50] == pytest.approx(run.data.metrics["recall_at_50"])
-    assert len(steps) >= 3
+    assert "EASE" in experiment.tags["mlflow.note.content"] and "recall_at_k" in experiment.tags["mlflow.note.content"]
+    # Each metric of each model is one curve over k (step = k): one chart per family on the run
+    # page, not one per k. Only the single numbers recall@50 and NDCG@10 have plain keys.
+    csv = pd.read_csv(layout.EvaluationFiles(resources["artifacts"].path("evaluation_metrics", TINY_PARTITION)).metrics)
+    overall = csv[csv["segment"] == "all"].set_index(["model", "k"])
+    evaluated = sorted(set(overall.index.get_level_values("model")))
+    assert {"two_tower", "popularity", "ease"} <= set(evaluated)
+    for model in evaluated:
+        prefix = "" if model == layout.EVALUATED_MODEL else f"{model}_"
+        for name in layout.EVALUATION_METRICS_PER_K:
+            steps = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"{prefix}{name}_at_k")}
+            assert steps == {k: pytest.approx(overall.loc[(model, k), name]) for k in (10, 50, 100)}, (model, name)
+    plain = {key for key in run.data.metrics if re.search(r"_at_\d+$", key) and not key.startswith("comparison_")}
+    assert plain == {f"{'' if m == layout.EVALUATED_MODEL else m + '_'}{key}" for m in evaluated
+                     for key in ("recall_at_50", "ndcg_at_10")}
+    assert run.data.metrics["recall_at_50"] == pytest.approx(overall.loc[(layout.EVALUATED_MODEL, 50), "recall"])
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {f"training_events@{TINY_PARTITION}", f"validation_events@{TINY_PARTITION}"}
     training = inputs[f"training_events@{TINY_PARTITION}"]

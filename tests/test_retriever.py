@@ -28,6 +28,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
 from helpers.retriever import VERSION_TAGS, LoggedRetriever, log_tiny_retriever, request, write_catalogue
+from twotower_assets.serving import retriever as retriever_module
 from twotower_assets.serving.retriever import REGISTERED_MODEL_NAME, log_retriever
 
 # Training interactions from SEEN (the catalogue in helpers/retriever.py): i05 6, i12 5, i07 4,
@@ -86,6 +87,22 @@ def test_logging_again_makes_version_2_and_leaves_the_processs_tracking_uri_alon
     assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere
     assert mlflow.get_tracking_uri() == elsewhere
     assert not (tmp_path / "elsewhere.db").exists()
+
+
+def test_the_registered_model_says_what_it_is_and_keeps_a_description_someone_wrote(tmp_path):
+    """The registry's page of the model describes it (what it is, its input and output, who moves
+    champion); a description someone wrote there instead is not overwritten by the next version."""
+    (tmp_path / "first").mkdir()
+    first = log_tiny_retriever(tmp_path / "first")
+    client = MlflowClient(tracking_uri=first.tracking_uri)
+    description = client.get_registered_model(REGISTERED_MODEL_NAME).description
+    assert description == retriever_module.DESCRIPTION
+    for said in ("two-tower", "Input: rows of `user_id` or `item_id`", "Output per row: `item_ids`",
+                 "`champion`", "quality gate"):
+        assert said in description, said
+    client.update_registered_model(REGISTERED_MODEL_NAME, description="ours")
+    log_retriever(first.tracking_uri, first.run_id, **write_catalogue(tmp_path / "again"), tags=VERSION_TAGS)
+    assert client.get_registered_model(REGISTERED_MODEL_NAME).description == "ours"
 
 
 def test_an_untagged_version_of_the_same_run_is_removed_when_the_run_registers_again(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,26 @@ EVALUATED_MODEL = "two_tower"
 """The trained model's name in the evaluation metrics table (beside random, popularity, svd)."""
 
 EVALUATION_METRICS_PER_K = ("precision", "recall", "ndcg", "coverage", "novelty")
+HEADLINE_METRICS = {"recall": 50, "ndcg": 10}
+"""The evaluation's single numbers, logged to MLflow under plain keys (``recall_at_50``,
+``popularity_ndcg_at_10``): recall@50, what the quality gate judges by default, and NDCG@10.
+At a k the evaluation did not reach (a small catalogue), the largest evaluated k below it."""
 MODEL_EVALUATION_METRIC = re.compile(rf"(?:{'|'.join(EVALUATION_METRICS_PER_K)})_at_\d+")
-"""The MLflow names of the evaluated model's own metrics (``recall_at_50``); baselines' have a prefix."""
+"""The MLflow names of the evaluated model's single numbers (``recall_at_50``); baselines' have a prefix."""
+
+
+def evaluation_metric_key(model: str, metric: str, k: int | None = None) -> str:
+    """The MLflow key of ``metric`` of ``model`` at ``k`` (``recall_at_50``, ``ease_recall_at_50``),
+    or with ``k`` None of its curve over k (``recall_at_k``, ``ease_recall_at_k``: one point per
+    evaluated k, MLflow's step = k). The evaluated model's keys have no prefix."""
+    prefix = "" if model == EVALUATED_MODEL else f"{model}_"
+    return f"{prefix}{metric}_at_{'k' if k is None else k}"
+
+
+def largest_k_up_to(evaluated: Iterable[int], k: int) -> int | None:
+    """The largest evaluated k not above ``k`` (evaluation caps ks at the catalogue size)."""
+    below = sorted(int(x) for x in evaluated if int(x) <= k)
+    return below[-1] if below else None
 
 QUALITY_GATE = "quality_gate"
 """The blocking check on ``evaluation_metrics`` that decides whether a model is published."""

@@ -53,8 +53,10 @@ EXPERIMENT_TAGS = {
     "mlflow.note.content": (
         "Two-tower retrieval models (TensorFlow Recommenders), one run per training date, trained "
         "and published by the twotower-assets Dagster graph. Each run holds the training losses per "
-        "epoch, the evaluation against random, popularity and SVD baselines (metrics per k), the "
-        "logged MatchModel and retriever, and the training data it read."
+        "epoch; the evaluation against the random, popularity, SVD and EASE baselines (item-kNN above "
+        "EASE's 10,000 items): each metric as one curve over k (`recall_at_k`, step = k) and the "
+        "single numbers `recall_at_50` and `ndcg_at_10` (baselines prefixed, `ease_recall_at_50`); "
+        "the logged MatchModel and retriever with their own evaluation; and the training data it read."
     ),
     "project": "twotower-assets",
     "model_family": "two_tower_retrieval",

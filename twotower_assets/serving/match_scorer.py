@@ -27,6 +27,18 @@ from twotower_assets.serving.registry import log_registered_pyfunc, requirements
 REGISTERED_MODEL_NAME = "two_tower_match"
 LOGGED_MODEL_NAME = "match_model"
 SAVED_MODEL = "saved_model"
+DESCRIPTION = (
+    "The MatchModel of the two-tower retrieval model (TensorFlow Recommenders): the user and item "
+    "vectors of one training date, frozen, scored by dot product. One version per training date, "
+    "logged by the twotower-assets Dagster graph.\n\n"
+    "Input: a table of `user_id` and `item_id` (strings). Output: one `score` per row, the dot "
+    "product of the two vectors (0 for an id the model does not know). The TensorFlow SavedModel "
+    "inside (`artifacts/model`) loads with TensorFlow alone.\n\n"
+    "The alias `champion` names the version consumers read; only the graph's quality gate moves it "
+    "(a version tagged `gate=passed`), or the `rollback_champion` job. Each version's model page "
+    "carries its evaluation (`recall_at_50`, `ndcg_at_10`)."
+)
+"""The registered model's description in the registry."""
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(DataType.string, "user_id"), ColSpec(DataType.string, "item_id")]),
@@ -81,4 +93,5 @@ def log_match_model(
         registered_model_name=registered_model_name,
         pip_requirements=requirements("mlflow", "tensorflow", "tf-keras", "pandas", "numpy"),
         tags=tags,
+        description=DESCRIPTION,
     )

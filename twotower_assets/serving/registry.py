@@ -81,12 +81,15 @@ def log_registered_pyfunc(
     registered_model_name: str,
     pip_requirements: list[str],
     tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
 ) -> tuple[str, str]:
     """Log a models-from-code pyfunc into ``run_id``, register a version, tag both; (URI, version).
 
     The model carries a copy of this package (``code_paths``), so a served version, or a
     rollback to an older one, runs the code it was logged with; the entry file is code, not a
-    pickle, so servers that refuse pickles load it.
+    pickle, so servers that refuse pickles load it. ``description`` becomes the registered
+    model's (what the registry's page of the model says it is) when it has none yet, so a text
+    someone wrote there is kept.
     """
     tags = {k: str(v) for k, v in (tags or {}).items()}
     # A version of this run left untagged by an attempt that died before tagging goes first.
@@ -128,6 +131,8 @@ def log_registered_pyfunc(
     kill_point("registration.registered")
     for key, value in tags.items():
         client.set_model_version_tag(registered_model_name, version, key, value)
+    if description and not client.get_registered_model(registered_model_name).description:
+        client.update_registered_model(registered_model_name, description=description)
     return f"models:/{registered_model_name}/{version}", version
 
 

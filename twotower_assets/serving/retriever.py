@@ -66,6 +66,20 @@ from twotower_assets.serving.registry import log_registered_pyfunc, requirements
 
 REGISTERED_MODEL_NAME = "two_tower_retriever"
 LOGGED_MODEL_NAME = "retriever"
+DESCRIPTION = (
+    "The retriever of the two-tower retrieval model (TensorFlow Recommenders): the user vectors, an "
+    "ANN index of the item vectors, each user's training items and the popular items of one training "
+    "date. One version per training date, logged by the twotower-assets Dagster graph; served by "
+    "`python -m twotower_assets.serving` or `mlflow models serve`.\n\n"
+    "Input: rows of `user_id` or `item_id` (strings), `k` (integer) and optionally `exclude_seen`. "
+    "Output per row: `item_ids` (best first), `scores` and `source` (`user`: the user's vector; "
+    "`item`: the item's neighbours; `popular`: the most popular items, for an id the model does not "
+    "know).\n\n"
+    "The alias `champion` names the version served; only the graph's quality gate moves it (with the "
+    "`two_tower_match` version of the same training run), or the `rollback_champion` job. Each "
+    "version's model page carries the evaluation of the vectors it serves (`recall_at_50`, `ndcg_at_10`)."
+)
+"""The registered model's description in the registry."""
 DEFAULT_MAX_BATCH = 1_000
 # Bad requests listed in one error message; the rest are counted.
 MAX_PROBLEMS_SHOWN = 10
@@ -509,6 +523,7 @@ def log_retriever(
             registered_model_name=registered_model_name,
             pip_requirements=requirements(*SERVING_REQUIREMENTS),
             tags=tags,
+            description=DESCRIPTION,
         )
 
 

@@ -220,17 +220,35 @@ def metrics_markdown(table: pd.DataFrame, segment: str = "all") -> str:
 
 
 def log_metric_curves(run, overall: pd.DataFrame) -> None:
-    """Each metric of each model as a curve over k (MLflow step = k), beside the flat names.
-
-    ``recall`` (the model) and ``popularity_recall`` etc. draw one chart per metric with k on
-    the x axis; ``recall_at_50`` etc. stay for comparisons across runs and the quality gate.
-    """
+    """Each metric of each model as one curve over k: ``recall_at_k``, ``popularity_recall_at_k``,
+    ... with MLflow's step = k, so the run page draws one chart per metric and model instead of
+    one per k. The run's only: a logged model shows single numbers (:func:`log_headline_metrics`)."""
     for k, rows in overall.groupby("k"):
         run.metrics(
-            {(name if row.model == MODEL_NAME else f"{row.model}_{name}"): getattr(row, name)
+            {layout.evaluation_metric_key(row.model, name): getattr(row, name)
              for row in rows.itertuples() for name in METRICS_SHOWN},
             step=int(k),
         )
+
+
+def headline_metrics(overall: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """model -> {plain key: value} of :data:`layout.HEADLINE_METRICS` (``recall_at_50``,
+    ``ndcg_at_10``; ``popularity_recall_at_50``, ...), each at its k or the largest evaluated k below."""
+    evaluated = overall["k"].unique()
+    values = overall.set_index(["model", "k"])
+    headline: dict[str, dict[str, float]] = {}
+    for model in overall["model"].unique():
+        for name, wanted in layout.HEADLINE_METRICS.items():
+            k = layout.largest_k_up_to(evaluated, wanted) or int(min(evaluated))
+            headline.setdefault(model, {})[layout.evaluation_metric_key(model, name, k)] = float(values.loc[(model, k), name])
+    return headline
+
+
+def log_headline_metrics(run, overall: pd.DataFrame, match_model_id: str | None) -> None:
+    """The single numbers under plain keys; the evaluated model's are also the registered
+    MatchModel's own (MLflow's Models view), the baselines' stay the run's."""
+    for model, values in headline_metrics(overall).items():
+        run.metrics(values, model_id=match_model_id if model == MODEL_NAME else None)
 
 
 def _match_model_id(artifacts: ArtifactStore, mlflow: MlflowTracking, partition_key: str) -> str | None:
@@ -292,17 +310,7 @@ def evaluation_metrics(
             run.artifact(out.plot(name), "plots")
         out.write_counts(counts)
         overall = table[table["segment"] == "all"]
-        # The model's own numbers are also the registered MatchModel's (MLflow's Models view);
-        # the baselines' stay the run's only.
-        for is_model, rows in ((True, overall[overall["model"] == MODEL_NAME]), (False, overall[overall["model"] != MODEL_NAME])):
-            run.metrics(
-                {
-                    f"{name}_at_{row.k}" if is_model else f"{row.model}_{name}_at_{row.k}": getattr(row, name)
-                    for row in rows.itertuples()
-                    for name in layout.EVALUATION_METRICS_PER_K
-                },
-                model_id=match_model_id if is_model else None,
-            )
+        log_headline_metrics(run, overall, match_model_id)
         log_metric_curves(run, overall)
         run.artifact(out.metrics, "evaluation")
         run.text(markdown, "metrics.md", "evaluation")

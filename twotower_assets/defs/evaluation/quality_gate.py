@@ -86,8 +86,7 @@ class GateDecision:
 
 def gated_k(metrics: pd.DataFrame, k: int) -> int | None:
     """The largest evaluated k not above ``k`` (evaluation caps ks at the catalog size)."""
-    evaluated = sorted(int(x) for x in metrics["k"].unique() if int(x) <= k)
-    return evaluated[-1] if evaluated else None
+    return layout.largest_k_up_to(metrics["k"].unique(), k)
 
 
 def decide(metrics: pd.DataFrame, config: QualityGateConfig, previous: PreviousModel | None) -> GateDecision:
@@ -177,9 +176,18 @@ def previous_published_model(
     if not rows:
         return None
     run_id = rows[0]["mlflow_run_id"]
-    logged = mlflow.client().get_run(run_id).data.metrics
-    recall = logged.get(f"recall_at_{k}")
-    return PreviousModel(str(rows[0]["train_date"]), run_id, None if recall is None else float(recall))
+    return PreviousModel(str(rows[0]["train_date"]), run_id, logged_recall(mlflow.client(), run_id, k))
+
+
+def logged_recall(client, run_id: str, k: int) -> float | None:
+    """The model's recall@k that the evaluation logged to ``run_id``: the point at step k of its
+    ``recall_at_k`` curve, else a plain ``recall_at_<k>`` (older runs logged every k that way)."""
+    curve = [m for m in client.get_metric_history(run_id, layout.evaluation_metric_key(layout.EVALUATED_MODEL, "recall"))
+             if m.step == k]
+    if curve:
+        return float(max(curve, key=lambda m: m.timestamp).value)
+    recall = client.get_run(run_id).data.metrics.get(layout.evaluation_metric_key(layout.EVALUATED_MODEL, "recall", k))
+    return None if recall is None else float(recall)
 
 
 @dg.asset_check(
