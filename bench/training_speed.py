@@ -503,9 +503,13 @@ def run_quality(args: argparse.Namespace) -> int:
         base["ops"]["click_events"] = {"config": SOURCE}
         source = f"bench.pipeline's ({SOURCE}; configs/run/quickstart.yaml)"
     base["ops"].setdefault("two_tower_model", {"config": {}}).setdefault("config", {})
+    # The bench reads every run's recall, including a model the gate would stop (the recipe untuned).
+    base["ops"]["evaluation_metrics_quality_gate"] = {"config": {"min_lift_over_popularity": -1.0, "max_relative_drop": 1.0}}
     print_header(f"Recall@50 per seed: {' vs '.join(args.optimizers)}", "python -m bench.training_speed " + " ".join(sys.argv[1:]))
     print(f"Data and run config: {source}; the training seed and the optimizer set per run; data prepared "
-          f"once, then two_tower_model, match_model, evaluation_metrics re-run per (seed, optimizer).\n", flush=True)
+          f"once, then two_tower_model, match_model, evaluation_metrics re-run per (seed, optimizer); the recipe "
+          f"untuned{', with ' + ' '.join(args.recipe_set) if args.recipe_set else ''}"
+          f"{'; learning rates ' + ' '.join(args.learning_rate) if args.learning_rate else ''}.\n", flush=True)
 
     def scale(run_config: dict, only: str, keep: bool, log_name: str) -> None:
         path = home.parent / f"quality-{log_name}.yaml"
@@ -527,6 +531,13 @@ def run_quality(args: argparse.Namespace) -> int:
             model_config["seed"] = seed
             model_config["tuned"] = "none"  # the recipe's own values: the optimizer is the one difference
             model_config.setdefault("optimizer", {})["name"] = optimizer  # the recipe's optimizer section
+            learning_rates = dict(x.split("=") for x in args.learning_rate)
+            settings = args.recipe_set + ([f"optimizer.learning_rate={learning_rates[optimizer]}"]
+                                          if optimizer in learning_rates else [])
+            for setting in settings:
+                path, raw = setting.split("=")
+                section, name = path.split(".")
+                model_config.setdefault(section, {})[name] = yaml.safe_load(raw)
             load = loads()
             started = time.perf_counter()
             scale(run_config, "two_tower_model,match_model,evaluation_metrics", keep=True, log_name=f"{optimizer}-{seed}")
@@ -594,6 +605,10 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--optimizers", nargs="+", default=["lazy_adam", "adagrad"],
                         help="--quality: the recipe optimizers compared (lazy_adam: the product's; adagrad: TFRS's tutorials')")
+    parser.add_argument("--recipe-set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="--quality: recipe values for every run (e.g. task.temperature=0.1 schedule.batch_size=256)")
+    parser.add_argument("--learning-rate", nargs="*", default=[], metavar="OPTIMIZER=LR",
+                        help="--quality: one optimizer's learning rate (e.g. adagrad=0.1 lazy_adam=0.002)")
     parser.add_argument("--run-config", help="--quality: this run config instead of bench.pipeline's data and config")
     parser.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "twotower-training-speed"))
     parser.add_argument("--child-timeout-s", type=float, default=900)
