@@ -67,16 +67,22 @@ from pathlib import Path
 
 from bench._common import PYTHON, REPO, markdown_table, print_header
 
+BFC = "TF_CPU_ALLOCATOR_USE_BFC"
+"""TensorFlow's pooling CPU allocator, which the product switches on (twotower_assets/__init__.py)."""
 VARIANTS = {
-    "tfrs-adagrad": "TFRS script as its docs teach: Adagrad(0.1), integer candidate ids",
-    "tfrs-adam": "the same TFRS script with stock Keras Adam(0.1)",
-    "product": "product training code (train_two_tower, default recipe optimizer)",
+    # name: (what it is, its environment, the training code it runs)
+    "tfrs-adagrad": ("TFRS script as its docs teach: Adagrad(0.1), integer candidate ids", {BFC: "false"}, "tfrs"),
+    "tfrs-adam": ("the same TFRS script with stock Keras Adam(0.1)", {BFC: "false"}, "tfrs"),
+    "product": ("product training code (train_two_tower, default recipe optimizer)", {}, "product"),
 }
 EXTRA_VARIANTS = {
+    "tfrs-adagrad-bfc": ("the TFRS Adagrad script with the product's allocator setting", {BFC: "true"}, "tfrs"),
+    "product-no-bfc": ("product training code, TensorFlow's default CPU allocator", {BFC: "false"}, "product"),
     # Threading on 2 cores: TensorFlow's default runs 2 inter-op and 2 intra-op threads.
-    "product-interop1": ("product training code, 1 inter-op thread", {"TF_NUM_INTEROP_THREADS": "1"}),
-    "product-intraop1": ("product training code, 1 intra-op thread", {"TF_NUM_INTRAOP_THREADS": "1"}),
+    "product-interop1": ("product training code, 1 inter-op thread", {"TF_NUM_INTEROP_THREADS": "1"}, "product"),
+    "product-intraop1": ("product training code, 1 intra-op thread", {"TF_NUM_INTRAOP_THREADS": "1"}, "product"),
 }
+ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
 BASELINE = "tfrs-adagrad"
 PROBABILITY = "item_sampling_probability"
 
@@ -181,7 +187,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     params = TrainingParams(recipe=product_recipe(args, epochs=epochs), seed=args.seed)
     recipe = params.recipe
 
-    if variant.startswith("tfrs"):
+    if ALL_VARIANTS[variant][2] == "tfrs":
         features = {
             "user_id": np.char.add("u", ids["users"].astype(str)).astype(object),
             "item_id": np.char.add("i", ids["items"].astype(str)).astype(object),
@@ -194,8 +200,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
         tf.keras.utils.set_random_seed(args.seed)
         model = tfrs_model(users, items, args.embedding_size, recipe.task.temperature)
-        optimizers = {"tfrs-adagrad": tf.keras.optimizers.Adagrad, "tfrs-adam": tf.keras.optimizers.Adam}
-        model.compile(optimizer=optimizers[variant](learning_rate=recipe.optimizer.learning_rate))
+        optimizer_class = tf.keras.optimizers.Adam if "adam" in variant else tf.keras.optimizers.Adagrad
+        model.compile(optimizer=optimizer_class(learning_rate=recipe.optimizer.learning_rate))
         model.fit(pipeline(), epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=[timer], verbose=0)
         optimizer = type(model.optimizer).__name__
     else:
@@ -218,7 +224,11 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     for _ in range(args.steps):
         next(iterator)
     input_rate = args.steps * args.batch_size / (time.perf_counter() - started)
+    import resource
+
     return {"variant": variant, "optimizer": optimizer, **timer.result(args.batch_size),
+            "allocator": "BFC (pooling)" if os.environ.get(BFC, "").lower() in ("1", "true") else "default",
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "input_only_examples_per_s": input_rate}
 
 
@@ -576,7 +586,7 @@ def child(args: argparse.Namespace, kind: str) -> dict:
     for name in ("users", "items", "batch_size", "embedding_size", "warmup", "steps", "seed", "breakdown_repeats"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     log = Path(args.data) / f"{kind}.log"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **EXTRA_VARIANTS.get(kind, ("", {}))[1]}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **ALL_VARIANTS.get(kind, ("", {}, ""))[1]}
     with open(log, "w") as out:
         completed = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=out, text=True, env=env,
                                    timeout=args.child_timeout_s)
@@ -617,8 +627,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.child:
-        variant = "product" if args.child in EXTRA_VARIANTS else args.child
-        result = run_breakdown(args) if args.child == "breakdown" else run_variant(variant, args)
+        result = run_breakdown(args) if args.child == "breakdown" else run_variant(args.child, args)
         print(json.dumps(result))
         return 0
     if args.quality:
@@ -652,16 +661,16 @@ def main() -> int:
     rows = []
     for variant, result in best.items():
         rows.append([
-            VARIANTS.get(variant) or EXTRA_VARIANTS.get(variant, (variant,))[0], result["optimizer"], f"{result['examples_per_s']:,.0f}",
+            ALL_VARIANTS[variant][0], result["optimizer"], result["allocator"], f"{result['examples_per_s']:,.0f}",
             f"{result['step_ms_median']:.0f}",
             f"{result['examples_per_s'] / base['examples_per_s']:.2f}" if base else "",
             f"{result['step_ms_median'] / floor['floor_ms']:.1f}",
             f"{result['input_only_examples_per_s']:,.0f}",
             f"{result['first_loss']:.2f} -> {result['last_loss']:.2f}", f"{result['epoch_end_s']:.1f}",
-            f"{result['load_start']} -> {result['load_end']}",
+            f"{result['peak_rss_mb']:,.0f}", f"{result['load_start']} -> {result['load_end']}",
         ])
-    print(markdown_table(["training", "optimizer class", "examples/s", "median ms/step", f"x {BASELINE}", "x floor",
-                          "input pipeline alone, examples/s", "loss (step 1 -> last timed)", "epoch-end pause s", "load 1/5/15 (start -> end)"],
+    print(markdown_table(["training", "optimizer class", "CPU allocator", "examples/s", "median ms/step", f"x {BASELINE}", "x floor",
+                          "input pipeline alone, examples/s", "loss (step 1 -> last timed)", "epoch-end pause s", "peak RSS MB", "load 1/5/15 (start -> end)"],
                          rows))
     print(f"\nStep floor: {floor['floor_ms']:.0f} ms = {floor['gflop']:.1f} GFLOP at {floor['rate_gflops']:.0f} GFLOP/s "
           f"(best square float32 product now; {floor['compute_ms']:.0f} ms) + 4 passes over the {args.batch_size} x "
