@@ -175,7 +175,9 @@ def main(default_split: str = "last") -> int:
             baseline_scores(ease(lam, refit_matrix, refit_test_rows), refit_eval, KS)]
     baselines_seconds = time.perf_counter() - started
     ease_name = f"EASE (λ {lam:g})"
-    log(f"baselines: {baselines_seconds:.0f} s")
+    columns = COLUMNS[args.split]
+    log(f"baselines: {baselines_seconds:.0f} s; " + "; ".join(
+        f"{name}: " + " / ".join(f"{runs[0][k][m]:.4f}" for k, m, _ in columns) for name, runs in results.items()))
 
     def two_tower_scores(fitted, train_rows):
         scores = in_memory.rank_held_out(fitted, train_rows, split.test, KS, catalog)
@@ -187,7 +189,6 @@ def main(default_split: str = "last") -> int:
             f"{outcome.best_epoch} of {len(outcome.values)}{' (pruned)' if outcome.pruned else ''}, "
             f"{outcome.seconds:.0f} s")
 
-    columns = COLUMNS[args.split]
     searches, timings = [], []
     for seed in args.seeds:
         recipe = load_recipe(recipe_name)
@@ -222,7 +223,8 @@ def main(default_split: str = "last") -> int:
                          tuned.best_value))
         log(f"seed {seed}: " + "; ".join(
             f"{name}: " + " / ".join(f"{runs[-1][k][m]:.4f}" for k, m, _ in columns[:2])
-            for name, runs in results.items() if name.startswith("two-tower")) + f" ({time.perf_counter() - t0:.0f} s)")
+            for name, runs in results.items() if name.startswith("two-tower")) + f" ({time.perf_counter() - t0:.0f} s); "
+            f"best {tuned.best_overrides}, epoch {tuned.best_epoch}, {tuned.trials_run} trials in {search_seconds:.0f} s")
 
     def summary(values):
         return f"{statistics.mean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
