@@ -378,7 +378,9 @@ def validation_evaluator(datasets: DatasetFiles, feature_config, items: dict, se
     held_users = _strings(validation[user_key])
     users = _catalog(load_dataset(datasets.users))
     user_ids = _strings(users[user_key])
-    keep = np.flatnonzero(np.isin(user_ids, np.unique(held_users)))
+    # As fixed-width strings: np.isin compares object arrays element by element (users x held
+    # users comparisons, hours at a million users), and sorts strings.
+    keep = np.flatnonzero(np.isin(user_ids.astype(str), np.unique(held_users.astype(str))))
     if len(keep) > max_users:
         keep = np.sort(np.random.default_rng(seed).choice(keep, max_users, replace=False))
     users = {name: values[keep] for name, values in users.items()}
