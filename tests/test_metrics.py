@@ -397,6 +397,11 @@ def test_item_knn_similarities_and_recommendations_by_hand():
     assert weights[:, 2] == pytest.approx([0.5, 0, 0, 0.5])
     assert weights[:, 3] == pytest.approx([0, c, 0.5, 0])
     assert np.count_nonzero(weights[:, 1]) == 2 and weights[0, 1] == pytest.approx(2 * c)  # b's tie: one of c, d
+    assert weights[2, 1] == pytest.approx(c)  # the tie goes to the lower item row
+    # Built one column at a time, or in uneven blocks, the weights are the same.
+    for block_items in (1, 3):
+        blocked = metrics.item_knn_similarities(train, neighbours=2, block_items=block_items).toarray()
+        np.testing.assert_array_equal(blocked, weights)
     # With every neighbour kept: u2 has c and d, scores a 1/2, b 2/sqrt(6) (from c and d): b first.
     top = metrics.item_knn_recommendations(train, np.array([2]), 2, exclude=train[[2]], neighbours=3)
     assert top.tolist() == [[1, 0]]
