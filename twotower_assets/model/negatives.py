@@ -115,7 +115,7 @@ class MixedNegatives(_Strategy):
             # TFRS clips probabilities to [1e-6, 1]; an expected count can exceed 1, so all are
             # divided by the largest (a shift of every logit by one constant: same softmax).
             candidate_sampling_probability=expected_counts / tf.reduce_max(expected_counts),
-            candidate_ids=tf.concat([integer_ids(features[id_feature]), integer_ids(sampled[id_feature])], axis=0)
+            candidate_ids=tf.concat([features[id_feature], sampled[id_feature]], axis=0)
             if self.remove_accidental_hits else None,
             compute_metrics=False,
         )
@@ -135,7 +135,7 @@ def in_batch_losses(model: TwoTowerModel, features, mask_seen_pairs: bool, train
         user_vectors,
         item_vectors,
         candidate_sampling_probability=features[SAMPLING_PROBABILITY_COLUMN],
-        candidate_ids=integer_ids(features[model.config.item_id_feature]) if remove_hits else None,
+        candidate_ids=features[model.config.item_id_feature] if remove_hits else None,
         compute_metrics=False,
         score_mask=model.unseen_pairs(features) if mask_seen_pairs else None,
     )
@@ -153,16 +153,3 @@ def catalog_losses(model: TwoTowerModel, features, training=False):
         )
         logits = tf.where(in_history, tf.fill(tf.shape(logits), -1e9), logits)
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-
-
-def integer_ids(ids: tf.Tensor) -> tf.Tensor:
-    """Item ids as int64 fingerprints, for the task's accidental-hit mask.
-
-    The mask compares every pair of candidates in the batch (4096 x 4096 at production
-    size): 440 ms a step on strings, 17 ms on integers (docs/benchmarks-training.md). Two
-    different ids collide with probability ~2^-63 per pair, and a collision only drops one
-    negative from one row's softmax.
-    """
-    if ids.dtype != tf.string:
-        return ids
-    return tf.strings.to_hash_bucket_fast(ids, tf.int64.max)

@@ -32,6 +32,19 @@ import tensorflow_recommenders as tfrs
 _SMALLEST = tf.float32.min
 
 
+def integer_ids(ids: tf.Tensor) -> tf.Tensor:
+    """Candidate ids as int64 fingerprints, for the accidental-hit mask.
+
+    The mask compares every pair of candidates in the batch (4096 x 4096 at production size),
+    which on strings costs far more than the rest of the softmax, and XLA compares integers
+    only. Two different ids collide with probability ~2^-63 per pair, and a collision only
+    drops one negative from one row's softmax.
+    """
+    if ids.dtype != tf.string:
+        return ids
+    return tf.strings.to_hash_bucket_fast(ids, tf.int64.max)
+
+
 @tf.function(jit_compile=True, reduce_retracing=True)
 def softmax_losses(queries, candidates, inverse_temperature, log_probability=None, candidate_ids=None, score_mask=None):
     """Each query row's cross-entropy of its own candidate (same row) among all candidates.
@@ -84,6 +97,8 @@ class Retrieval(tfrs.tasks.Retrieval):
         compute_batch_metrics=True,
         score_mask=None,
     ):
+        if candidate_ids is not None:
+            candidate_ids = integer_ids(tf.convert_to_tensor(candidate_ids))
         fused = sample_weight is None and not compute_metrics and query_embeddings.shape.rank == 2
         if not fused:
             return super().call(
@@ -97,11 +112,7 @@ class Retrieval(tfrs.tasks.Retrieval):
         if candidate_sampling_probability is not None:
             # TFRS's SamplingProbablityCorrection clips the same way.
             log_probability = tf.math.log(tf.clip_by_value(tf.cast(candidate_sampling_probability, tf.float32), 1e-6, 1.0))
-        ids = None
-        if self._remove_accidental_hits:
-            # XLA compares integers only: string ids become int64 fingerprints (two ids collide
-            # with probability ~2^-63 per pair, and a collision drops one negative of one row).
-            ids = tf.strings.to_hash_bucket_fast(candidate_ids, tf.int64.max) if candidate_ids.dtype == tf.string else candidate_ids
+        ids = candidate_ids if self._remove_accidental_hits else None
         temperature = self._temperature if self._temperature is not None else 1.0
         return softmax_losses(
             tf.cast(query_embeddings, tf.float32), tf.cast(candidate_embeddings, tf.float32),
