@@ -132,14 +132,29 @@ class EpochRanking(tf.keras.callbacks.Callback):
     and, for a tuning trial, the chosen one reported to Optuna, stopping the fit when pruned.
 
     Placed after the weight-averaging callback, it sees the weights validation sees.
+
+    ``deadline`` (a ``time.perf_counter()`` value): past it, the fit stops after the current
+    batch and the partial epoch is still scored, so a search's budget holds inside a long
+    trial, not only between trials (``stopped_at_deadline`` then says so).
     """
 
-    def __init__(self, evaluator: Evaluator, metric: RankingMetric = "recall", trial: optuna.Trial | None = None):
+    def __init__(self, evaluator: Evaluator, metric: RankingMetric = "recall", trial: optuna.Trial | None = None,
+                 deadline: float | None = None):
         super().__init__()
-        self.evaluator, self.metric, self.trial = evaluator, metric, trial
+        self.evaluator, self.metric, self.trial, self.deadline = evaluator, metric, trial, deadline
         self.k = getattr(evaluator, "k", "k")
         self.values: list[float] = []
         self.pruned = False
+        self.stopped_at_deadline = False
+
+    def _past_deadline(self) -> bool:
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.stopped_at_deadline = True
+            self.model.stop_training = True
+        return self.stopped_at_deadline
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._past_deadline()
 
     @property
     def name(self) -> str:
@@ -165,6 +180,7 @@ class EpochRanking(tf.keras.callbacks.Callback):
             if self.trial.should_prune():
                 self.pruned = True
                 self.model.stop_training = True
+        self._past_deadline()
 
 
 @dataclass
@@ -233,6 +249,10 @@ def tune(
     """Search ``recipe.search`` with TPE and median pruning; at most ``n_trials`` trials in the
     study (earlier runs' finished trials included) and ``timeout_seconds`` for this call.
 
+    The budget holds inside a trial too: at ``timeout_seconds`` the running trial stops after
+    its current batch, is scored on what it trained, and ends the search as a finished trial
+    (user attribute ``stopped_at_deadline``), unless the pruner stops it first.
+
     ``storage``: an Optuna storage URL (``sqlite:///path``) to keep the study in and resume
     it from; None keeps it in memory. ``on_trial_end`` is called after every trial (finished
     or pruned), e.g. to log it to MLflow. Refuses a recipe with no ``search`` section.
@@ -258,15 +278,18 @@ def tune(
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     remaining = n_trials - len(done)
     started = time.perf_counter()
+    deadline = None if timeout_seconds is None else started + timeout_seconds
 
     def objective(trial: optuna.Trial) -> float:
         overrides = sample_overrides(trial, recipe.search)
         candidate = recipe.with_overrides(overrides)
-        ranking = EpochRanking(evaluator, metric, trial)
+        ranking = EpochRanking(evaluator, metric, trial, deadline=deadline)
         trial_started = time.perf_counter()
         result = train(candidate, ranking)
         trial.set_user_attr("best_epoch", ranking.best_epoch)
         trial.set_user_attr("values", ranking.values)
+        if ranking.stopped_at_deadline:
+            trial.set_user_attr("stopped_at_deadline", True)
         outcome = TrialOutcome(
             number=trial.number, overrides=overrides, recipe=candidate, values=list(ranking.values),
             best_epoch=ranking.best_epoch, best_value=ranking.best_value, pruned=ranking.pruned,
