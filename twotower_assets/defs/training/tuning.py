@@ -112,9 +112,8 @@ def tune_partition(partition_key: str, config: TuningConfig, artifacts: Artifact
     if not validation_rows:
         raise ValueError(f"{partition_key} has no validation rows: tuning scores trials on them")
     catalog = _catalog(load_dataset(datasets.items))
-    seen = _seen_pairs(datasets.seen_pairs)
-    evaluator = validation_evaluator(datasets, feature_config, catalog, seen, config.k, config.max_validation_users,
-                                     config.seed)
+    evaluator = validation_evaluator(datasets, feature_config, catalog, _seen_pairs(datasets.seen_pairs), config.k,
+                                     config.max_validation_users, config.seed)
     study_name = f"{config.experiment_name}/{partition_key}/{recipe.name}/{config.metric}@{config.k}"
     run_name = f"tuning_{partition_key}"
     experiment_id, parent_id = mlflow.find_or_create_run(
@@ -128,7 +127,10 @@ def tune_partition(partition_key: str, config: TuningConfig, artifacts: Artifact
         return train_two_tower(
             feature_config, stats, load_blocks(datasets.training), train_rows, load_blocks(datasets.validation),
             TrainingParams(recipe=candidate, seed=config.seed), ranking=ranking,
-            catalog=catalog if candidate.task.negatives.needs_catalog else None, seen_pairs=seen,
+            catalog=catalog if candidate.task.negatives.needs_catalog else None,
+            # Read while each trial's model is built and freed before it fits, as the trainer does:
+            # at 10M events the pairs are a few hundred MB a whole search would otherwise hold.
+            seen_pairs=lambda: _seen_pairs(datasets.seen_pairs),
         )
 
     def log_trial(outcome: tuning.TrialOutcome) -> None:
