@@ -405,3 +405,64 @@ def test_item_knn_similarities_and_recommendations_by_hand():
     # With every neighbour kept: u2 has c and d, scores a 1/2, b 2/sqrt(6) (from c and d): b first.
     top = metrics.item_knn_recommendations(train, np.array([2]), 2, exclude=train[[2]], neighbours=3)
     assert top.tolist() == [[1, 0]]
+
+
+def _item_knn_dense_reference(train, user_rows, k, exclude, neighbours):
+    """Item-kNN ranked the plain way: every item scored (binary @ weights, densified), excluded
+    items -inf, each row sorted stably by descending score, so ties go to the lower item index."""
+    weights = metrics.item_knn_similarities(train, neighbours)
+    binary = metrics._binary(train).astype(np.float32)
+    scores = (binary[user_rows] @ weights).toarray()
+    if exclude is not None:
+        pairs = sp.coo_matrix(exclude)
+        hit = pairs.data != 0
+        scores[pairs.row[hit], pairs.col[hit]] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return order[:, : min(k, train.shape[1])]
+
+
+def _tied_train(rng, n_users, n_items):
+    """A random binary matrix whose items repeat a few base columns (so cosines and scores
+    tie), with one user who has no items."""
+    base = rng.random((n_users, max(2, n_items // 3))) < 0.3
+    dense = base[:, rng.integers(0, base.shape[1], size=n_items)].astype(np.float32)
+    dense[rng.integers(n_users)] = 0
+    return sp.csr_matrix(dense)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_item_knn_recommendations_match_the_dense_ranking(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    n_users, n_items = int(rng.integers(3, 12)), int(rng.integers(2, 25))
+    train = _tied_train(rng, n_users, n_items)
+    user_rows = rng.permutation(n_users)[: max(1, n_users - 2)]
+    user_rows = np.concatenate([user_rows, user_rows[:1]])  # a user asked for twice
+    empty = int(np.flatnonzero(train.getnnz(axis=1) == 0)[0])
+    user_rows = np.concatenate([user_rows, [empty]])
+    # Excluded: each user's training items, a few random pairs, explicit zeros (not excluded),
+    # and one user left with fewer unseen items than k (the -inf tail is ranked too).
+    excluded = (train[user_rows] != 0).toarray().astype(np.float32)
+    excluded[rng.random(excluded.shape) < 0.15] = 1
+    excluded[0, : max(1, n_items - 2)] = 1
+    exclude = sp.csr_matrix(excluded)
+    exclude.data[rng.random(exclude.nnz) < 0.2] = 0  # stored zeros: not excluded
+    for neighbours in (1, 3, 50):
+        for k in sorted({1, 3, n_items - 1, n_items, n_items + 7} - {0}):
+            for ex in (exclude, None, sp.csr_matrix(exclude.shape, dtype=np.float32)):
+                expected = _item_knn_dense_reference(train, user_rows, k, ex, neighbours)
+                for block_size in (1, 3, 2048):
+                    got = metrics.item_knn_recommendations(
+                        train, user_rows, k, exclude=ex, neighbours=neighbours, block_size=block_size
+                    )
+                    np.testing.assert_array_equal(got, expected, err_msg=f"{neighbours=} {k=} {block_size=}")
+    # Blocks cut by the number of scores rather than of users give the same lists.
+    monkeypatch.setattr(metrics, "_ITEM_KNN_BLOCK_SCORES", 5)
+    got = metrics.item_knn_recommendations(train, user_rows, 4, exclude=exclude, neighbours=3)
+    np.testing.assert_array_equal(got, _item_knn_dense_reference(train, user_rows, 4, exclude, 3))
+
+
+def test_item_knn_recommendations_of_no_users_or_k_zero():
+    train = _tied_train(np.random.default_rng(0), 5, 6)
+    assert metrics.item_knn_recommendations(train, np.array([], np.int64), 3).shape == (0, 3)
+    assert metrics.item_knn_recommendations(train, np.arange(5), 0).shape == (5, 0)
+    assert metrics.item_knn_recommendations(train, np.arange(5), 10).shape == (5, 6)

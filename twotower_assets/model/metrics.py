@@ -47,8 +47,6 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, eigsh, svds
 
 from twotower_assets.model.topk import (
-    _mask_excluded,
-    _top_k_of_scores,
     as_exclude_matrix,
     check_block_size,
     check_k,
@@ -351,6 +349,12 @@ def item_knn_similarities(train_matrix: sp.csr_matrix, neighbours: int = 100, bl
     )
 
 
+# Entries per block of item-kNN users, at most: a bound on each user's scores (from the
+# weights' row counts) plus the k places of its list. The product and the arrays that rank
+# it peak at ~50 MB a block (measured; twice the entries was no faster).
+_ITEM_KNN_BLOCK_SCORES = 1 << 20
+
+
 def item_knn_recommendations(
     train_matrix: sp.csr_matrix,
     user_rows: np.ndarray,
@@ -360,22 +364,101 @@ def item_knn_recommendations(
     block_size: int = 2048,
 ) -> np.ndarray:
     """Top k of item-kNN (:func:`item_knn_similarities`) for the training users at ``user_rows``;
-    ``exclude`` is aligned with ``user_rows``. Any catalogue size: the weights are sparse."""
+    ``exclude`` is aligned with ``user_rows``. Any catalogue size: the weights are sparse.
+
+    The lists are those of scoring every item (descending score, ties to the lower item
+    index, excluded items -inf and so only in the tail of a user with fewer than k others),
+    but no dense scores are made: a user's score is non-zero only for the neighbours of its
+    items (every weight is > 0), a few thousand of 200,000 items, so the top k is sorted out
+    of the stored entries of the sparse product ``binary[rows] @ weights``. A user with fewer
+    than k of them gets the zero-score items next, lowest index first, then the excluded
+    items, lowest index first, as the full ranking orders them. Blocks of at most
+    ``block_size`` users are cut so that their scores and lists hold at most
+    ``_ITEM_KNN_BLOCK_SCORES`` entries, so memory does not grow with the catalogue.
+    """
     user_rows = np.asarray(user_rows, dtype=np.int64).ravel()
     k, block_size = check_k(k), check_block_size(block_size)
     n_items = train_matrix.shape[1]
     exclude = as_exclude_matrix(exclude, len(user_rows), n_items)
     weights = item_knn_similarities(train_matrix, neighbours)
-    binary = _binary(train_matrix).astype(np.float32)
-    out = np.empty((len(user_rows), min(k, n_items)), dtype=np.int64)
-    # Dense scores a block of users at a time, at most ~16M floats (64 MB) per block.
-    step = max(1, min(block_size, 16_000_000 // max(n_items, 1)))
-    for start in range(0, len(user_rows), step):
-        rows = user_rows[start : start + step]
-        scores = np.asarray((binary[rows] @ weights).todense(), dtype=np.float32)
-        if exclude is not None:
-            _mask_excluded(scores, exclude, start)
-        out[start : start + len(rows)] = _top_k_of_scores(scores, min(k, n_items))
+    k = min(k, n_items)
+    out = np.empty((len(user_rows), k), dtype=np.int64)
+    if k == 0 or len(user_rows) == 0:
+        return out
+    users = _binary(train_matrix).astype(np.float32)[user_rows]
+    # A user's scores are at most as many as the weight rows of its items hold; its list is k.
+    bound = np.minimum(users @ np.diff(weights.indptr).astype(np.float64), n_items) + k
+    ends = np.cumsum(bound)
+    start = 0
+    while start < len(user_rows):
+        fits = int(np.searchsorted(ends, ends[start] - bound[start] + _ITEM_KNN_BLOCK_SCORES, side="right"))
+        stop = min(max(fits, start + 1), start + block_size, len(user_rows))
+        out[start:stop] = _item_knn_block(
+            users[start:stop] @ weights, None if exclude is None else exclude[start:stop], k
+        )
+        start = stop
+    return out
+
+
+def _item_knn_block(scores: sp.csr_matrix, exclude: sp.csr_matrix | None, k: int) -> np.ndarray:
+    """The (rows, k) ranked items of a block's sparse scores (the full ranking: see
+    :func:`item_knn_recommendations`); ``exclude`` is aligned with the block's rows."""
+    n_rows, n_items = scores.shape
+    out = np.empty((n_rows, k), dtype=np.int64)
+    scores.sort_indices()
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(scores.indptr))
+    items = scores.indices.astype(np.int64)
+    values = scores.data.astype(np.float32, copy=False)
+    # Keys (row, item), sorted: candidates are the positive scores, excluded pairs removed.
+    keys = rows * n_items + items
+    positive = values > 0
+    if exclude is not None:
+        ex_rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(exclude.indptr))
+        ex_keys = np.unique((ex_rows * n_items + exclude.indices)[exclude.data != 0])
+        at = np.searchsorted(keys, ex_keys)
+        hit = at < keys.size
+        hit[hit] = keys[at[hit]] == ex_keys[hit]
+        positive[at[hit]] = False
+    else:
+        ex_keys = np.empty(0, dtype=np.int64)
+    if not positive.all():
+        rows, items, values, keys = rows[positive], items[positive], values[positive], keys[positive]
+    # Best first inside each row: a stable sort on (row, descending score) keeps the items of
+    # a tie in ascending order. A positive float32's bits order like the float.
+    descending = np.int64(0x7FFFFFFF) - values.view(np.int32)
+    order = np.argsort((rows << 31) | descending, kind="stable")
+    counts = np.bincount(rows, minlength=n_rows)
+    rank = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows[order]]
+    top = rank < k
+    out[rows[order[top]], rank[top]] = items[order[top]]
+
+    # Rows with fewer than k candidates: the rest is the zero-score items, ascending, then the
+    # excluded ones, ascending. The j-th (from 0) item outside a row's sorted blocked items
+    # b_0 < b_1 < ... (candidates and excluded) is j plus the number of i with b_i - i <= j.
+    filled = np.minimum(counts, k)
+    need = k - filled
+    if not need.any():
+        return out
+    short = need[rows] > 0
+    ex_rows, ex_items = np.divmod(ex_keys, n_items)
+    blocked = np.sort(np.concatenate([keys[short], ex_keys[need[ex_rows] > 0]]), kind="stable")
+    blocked_rows, blocked_items = np.divmod(blocked, n_items)
+    blocked_counts = np.bincount(blocked_rows, minlength=n_rows)
+    blocked_starts = np.cumsum(blocked_counts) - blocked_counts
+    gaps = blocked_items - (np.arange(blocked.size) - blocked_starts[blocked_rows])
+    stride = n_items + 1
+    free = np.minimum(need, n_items - blocked_counts)
+    fill_rows = np.repeat(np.arange(n_rows, dtype=np.int64), free)
+    j = np.arange(fill_rows.size) - np.repeat(np.cumsum(free) - free, free)
+    below = np.searchsorted(blocked_rows * stride + gaps, fill_rows * stride + j, side="right")
+    out[fill_rows, filled[fill_rows] + j] = j + below - blocked_starts[fill_rows]
+    # Then the excluded items, for a row with fewer unseen items than k.
+    rest = need - free
+    if rest.any():
+        ex_counts = np.bincount(ex_rows, minlength=n_rows)
+        ex_rank = np.arange(ex_rows.size) - (np.cumsum(ex_counts) - ex_counts)[ex_rows]
+        tail = ex_rank < rest[ex_rows]
+        out[ex_rows[tail], (filled + free)[ex_rows[tail]] + ex_rank[tail]] = ex_items[tail]
     return out
 
 
