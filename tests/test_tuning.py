@@ -216,3 +216,14 @@ def test_user_state_is_the_latest_event_and_the_newest_items():
                        "event_timestamp": [1, 3, 2, 4], "user_recent_items": ["", "a c", "a", ""]})
     state = in_memory.user_state(config, events).to_pylist()
     assert state == [{"user_id": "u1", "user_recent_items": "b c"}, {"user_id": "u2", "user_recent_items": "d"}]
+
+
+@pytest.mark.parametrize("as_arrow", [False, True])
+def test_pairs_matrix_marks_the_known_pairs_from_strings_or_arrow(as_arrow):
+    users, items = ["1", "2", "10"], ["a", "b"]
+    pairs_user, pairs_item = ["10", "2", "x", "1", "2"], ["b", "a", "a", "zz", "a"]  # unknowns dropped, a duplicate
+    if as_arrow:  # the saved training pairs are Arrow columns, looked up without Python strings
+        pairs_user, pairs_item = pa.chunked_array([pairs_user], pa.large_string()), pa.chunked_array([pairs_item])
+    matrix = tuning.pairs_matrix(users, items, pairs_user, pairs_item)
+    assert matrix.toarray().tolist() == [[0, 0], [1, 0], [0, 1]]
+    assert matrix.data.tolist() == [1.0, 1.0]

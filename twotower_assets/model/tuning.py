@@ -29,6 +29,8 @@ from typing import Literal
 import numpy as np
 import optuna
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 import tensorflow as tf
 
@@ -350,14 +352,25 @@ def trials_frame(study: optuna.Study) -> list[dict]:
     ]
 
 
-def pairs_matrix(user_ids: Sequence[str], item_ids: Sequence[str], pairs_user: Sequence[str],
-                 pairs_item: Sequence[str]) -> sp.csr_matrix:
-    """(users x items) binary matrix of the (user, item) pairs whose user and item are known."""
-    rows = pd.Index(np.asarray(user_ids, dtype=str)).get_indexer(np.asarray(pairs_user, dtype=str))
-    cols = pd.Index(np.asarray(item_ids, dtype=str)).get_indexer(np.asarray(pairs_item, dtype=str))
+def pairs_matrix(user_ids: Sequence[str], item_ids: Sequence[str], pairs_user, pairs_item) -> sp.csr_matrix:
+    """(users x items) binary matrix of the (user, item) pairs whose user and item are known.
+
+    ``pairs_user`` / ``pairs_item``: sequences of strings, or Arrow string arrays (the saved
+    training pairs), which are looked up in Arrow without one Python object per pair (9.5M
+    pairs at 10M events)."""
+    rows = _positions(user_ids, pairs_user)
+    cols = _positions(item_ids, pairs_item)
     known = (rows >= 0) & (cols >= 0)
     matrix = sp.csr_matrix((np.ones(int(known.sum()), np.float32), (rows[known], cols[known])),
                            shape=(len(user_ids), len(item_ids)))
     matrix.sum_duplicates()
     matrix.data[:] = 1.0
     return matrix
+
+
+def _positions(ids: Sequence[str], values) -> np.ndarray:
+    """Index of each of ``values`` in ``ids``, -1 where it is not there."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        found = pc.index_in(values, value_set=pa.array(np.asarray(ids, dtype=str), type=values.type))
+        return found.to_numpy(zero_copy_only=False) if found.null_count == 0 else pc.fill_null(found, -1).to_numpy()
+    return pd.Index(np.asarray(ids, dtype=str)).get_indexer(np.asarray(values, dtype=str))

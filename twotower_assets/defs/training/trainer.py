@@ -388,8 +388,7 @@ def validation_evaluator(datasets: DatasetFiles, feature_config, items: dict, se
     item_ids = _strings(items[item_key])
     seen_users, seen_items = seen_pairs
     relevant = pairs_matrix(user_ids, item_ids, held_users, _strings(validation[item_key]))
-    exclude = pairs_matrix(user_ids, item_ids, seen_users.to_numpy(zero_copy_only=False).astype(str),
-                           seen_items.to_numpy(zero_copy_only=False).astype(str))
+    exclude = pairs_matrix(user_ids, item_ids, seen_users, seen_items)
     return RankingEvaluator(users, items, relevant, exclude, k)
 
 
