@@ -245,7 +245,7 @@ def test_bigquery_history_sql_parses_as_bigquery():
 
 def test_a_history_column_is_a_string_input_without_its_own_vocabulary(tmp_path):
     config = load_feature_config("default-features-history")
-    assert config.history_features["user_recent_items"].history_length == 20
+    assert config.history_features["user_recent_items"].history_length == 50
     kinds = feature_kinds(config)
     assert kinds["user_recent_items"] == "history"
     table = pa.table({name: pa.array(["1"] * 2) for name in kinds}).set_column(
@@ -270,7 +270,7 @@ def test_the_history_config_is_default_features_plus_the_history():
         default = json.load(f)
     with open("configs/default-features-history.json") as f:
         history = json.load(f)
-    extra = {"user_recent_items": {"type": "history", "embedding_size": 64, "pooling": "mean", "length": 20}}
+    extra = {"user_recent_items": {"type": "history", "embedding_size": 64, "pooling": "mean", "length": 50}}
     assert history == {**default, "user_embedding_layers": {**default["user_embedding_layers"], **extra}}
 
 
@@ -334,12 +334,14 @@ def test_split_and_datasets_assets_carry_the_history(tmp_path):
     warehouse = resources["warehouse"]
     training = warehouse.query("SELECT * FROM training_events").to_pylist()
     assert all(isinstance(r["user_recent_items"], str) for r in training)
-    assert sum(1 for r in training if len(r["user_recent_items"].split()) == 20) > len(training) / 2
-    # Each user's dataset row: the 20 latest training items, newest first (hour, then item id).
+    length = load_feature_config("default-features-history").user_embedding_layers["user_recent_items"].length
+    assert all(len(r["user_recent_items"].split()) <= length for r in training)
+    assert sum(1 for r in training if len(r["user_recent_items"].split()) >= 20) > len(training) / 2
+    # Each user's dataset row: the `length` latest training items, newest first (hour, then item id).
     latest = {}
     for r in sorted(training, key=lambda r: (r["event_date"], r["event_hour"], r["item_id"]), reverse=True):
         latest.setdefault(r["user_id"], []).append(r["item_id"])
     users = resources["artifacts"].path(layout.TF_DATASETS, TINY_PARTITION) / "users"
     rows = {row["user_id"].numpy().decode(): row["user_recent_items"].numpy().decode() for row in load_dataset(users)}
     assert len(rows) == len(latest)
-    assert all(rows[user] == " ".join(items[:20]) for user, items in latest.items())
+    assert all(rows[user] == " ".join(items[:length]) for user, items in latest.items())
