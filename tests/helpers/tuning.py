@@ -1,5 +1,7 @@
 """A hand-made tuning objective with a known best point, for tests of the search."""
 
+import time
+
 import numpy as np
 
 SEARCH = {
@@ -25,18 +27,28 @@ class _Model:
     stop_training = False
 
 
-def hand_made_train(epochs: int = 8):
+def hand_made_train(epochs: int = 8, batches_per_epoch: int = 0, batch_seconds: float = 0.0):
     """A 'training' that runs the callbacks' epochs, each scored by hand_made_score (the
-    objective the search must maximise, in place of a trained model's recall)."""
+    objective the search must maximise, in place of a trained model's recall).
+
+    With ``batches_per_epoch``, each epoch first runs that many batches of ``batch_seconds``
+    each through the batch hook; the returned function's ``batches_run`` lists them."""
 
     def train(recipe, ranking):
         model = _Model()
         ranking.set_model(model)
         for epoch in range(epochs):
+            for batch in range(batches_per_epoch):
+                time.sleep(batch_seconds)
+                train.batches_run.append((epoch, batch))
+                ranking.on_train_batch_end(batch, {})
+                if model.stop_training:
+                    break
             ranking.evaluator = lambda _, e=epoch + 1: {"recall": hand_made_score(recipe, e)}
             ranking.on_epoch_end(epoch, {})
             if model.stop_training:
                 break
         return None
 
+    train.batches_run = []
     return train

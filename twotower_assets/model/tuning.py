@@ -148,15 +148,17 @@ class EpochRanking(tf.keras.callbacks.Callback):
         self.values: list[float] = []
         self.pruned = False
         self.stopped_at_deadline = False
+        # The batch hook reads no logs: Keras then passes them as they are, instead of copying
+        # every step's loss out of TensorFlow for it (which waits for the step to finish).
+        self._supports_tf_logs = True
 
-    def _past_deadline(self) -> bool:
+    def _stop_if_past_deadline(self) -> None:
         if self.deadline is not None and time.perf_counter() >= self.deadline:
             self.stopped_at_deadline = True
             self.model.stop_training = True
-        return self.stopped_at_deadline
 
     def on_train_batch_end(self, batch, logs=None):
-        self._past_deadline()
+        self._stop_if_past_deadline()
 
     @property
     def name(self) -> str:
@@ -182,7 +184,7 @@ class EpochRanking(tf.keras.callbacks.Callback):
             if self.trial.should_prune():
                 self.pruned = True
                 self.model.stop_training = True
-        self._past_deadline()
+        self._stop_if_past_deadline()
 
 
 @dataclass
