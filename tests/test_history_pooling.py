@@ -81,6 +81,33 @@ def test_attention_weights_sum_to_one_over_valid_positions_and_pool_by_them():
     np.testing.assert_allclose(out, np.einsum("bl,ble->be", weights, embedded.numpy()), rtol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "sqrtn"])
+def test_the_matrix_product_and_the_segment_sum_pool_to_the_same_vectors_and_gradients(pooling):
+    """Long histories over a small catalogue are pooled by one matrix product over the batch's
+    distinct ids, other batches by a segment sum per id: both give the same vectors, and the
+    same gradient on the same rows of the id table."""
+    rng = np.random.default_rng(0)
+    rows = tf.constant([" ".join(rng.choice(ITEMS + ["zzz"], size=n)) for n in rng.integers(0, 12, size=40)])
+    upstream = tf.constant(rng.normal(size=(40, 3)), tf.float32)
+    pooled = {}
+    for way, (per_id, cap) in {"product": (10**9, 10**9), "segments": (0, 0)}.items():
+        ids = item_layer()
+        history = HistoryFeature(ids, length=8, pooling=pooling)
+        history.MATRIX_ENTRIES_PER_ID, history.MAX_MATRIX_ENTRIES = per_id, cap
+        with tf.GradientTape() as tape:
+            out = history(rows)
+            loss = tf.reduce_sum(out * upstream)
+        pooled[way] = (out.numpy(), tape.gradient(loss, ids.embedding.embeddings))
+    (product, product_gradient), (segments, segments_gradient) = pooled["product"], pooled["segments"]
+    np.testing.assert_allclose(product, segments, rtol=1e-5, atol=1e-6)
+    # Sparse both ways (a lazy optimizer updates only these rows); the product's lists each id once.
+    assert isinstance(product_gradient, tf.IndexedSlices) and isinstance(segments_gradient, tf.IndexedSlices)
+    indices = product_gradient.indices.numpy()
+    assert len(indices) == len(set(indices.tolist()))
+    np.testing.assert_allclose(tf.convert_to_tensor(product_gradient).numpy(),
+                               tf.convert_to_tensor(segments_gradient).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_pooling_is_refused():
     with pytest.raises(ValueError, match="unknown history pooling"):
         HistoryFeature(item_layer(), length=3, pooling="max")

