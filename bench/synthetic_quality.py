@@ -12,6 +12,7 @@ tuned parameters, and how long each search took.
     .venv/bin/python -m bench.synthetic_quality                      # 3 seeds, 20 trials / 30 min
     .venv/bin/python -m bench.synthetic_quality --seeds 42 --trials 10 --minutes 8
     .venv/bin/python -m bench.synthetic_quality --features default-features-history
+    .venv/bin/python -m bench.synthetic_quality --recipe production --skip-untuned --seeds 42
 """
 
 import argparse
@@ -35,6 +36,8 @@ def main() -> int:
     parser.add_argument("--home", default=None, help="where the run's warehouse, MLflow and artifacts go")
     parser.add_argument("--features", default="default-features",
                         help="the feature config split_tables and tf_datasets prepare (configs/*.json)")
+    parser.add_argument("--recipe", default="production", help="the model recipe tuned and trained (configs/models)")
+    parser.add_argument("--skip-untuned", action="store_true", help="do not train the recipe's own values")
     args = parser.parse_args()
     print_header("Model quality on the synthetic data, tuned and untuned",
                  "python -m bench.synthetic_quality " + " ".join(sys.argv[1:]))
@@ -92,16 +95,18 @@ def main() -> int:
     searches = []
     for seed in args.seeds:
         started = time.perf_counter()
-        untuned, _ = evaluate({"recipe": "production", "tuned": "none", "seed": seed}, None)
-        rows["untuned"].append(untuned)
+        if not args.skip_untuned:
+            untuned, _ = evaluate({"recipe": args.recipe, "tuned": "none", "seed": seed}, None)
+            rows["untuned"].append(untuned)
         tuned, search = evaluate(
-            {"recipe": "production", "tuned": "newest", "seed": seed},
-            {"n_trials": args.trials, "timeout_minutes": args.minutes, "seed": seed,
+            {"recipe": args.recipe, "tuned": "newest", "seed": seed},
+            {"recipe": args.recipe, "n_trials": args.trials, "timeout_minutes": args.minutes, "seed": seed,
              "experiment_name": f"two_tower_tuning_seed_{seed}"},
         )
         rows["tuned"].append(tuned)
         searches.append({"seed": seed, **search})
-        print(f"  seed {seed}: untuned recall@50 {untuned['two_tower_recall@50']:.4f}, tuned "
+        untuned_recall = f"{rows['untuned'][-1]['two_tower_recall@50']:.4f}" if rows["untuned"] else "-"
+        print(f"  seed {seed}: untuned recall@50 {untuned_recall}, tuned "
               f"{tuned['two_tower_recall@50']:.4f}, EASE {tuned['ease_recall@50']:.4f} "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
 
@@ -111,7 +116,7 @@ def main() -> int:
 
     table = []
     for key in ("recall@50", "ndcg@10"):
-        for name in ("untuned", "tuned"):
+        for name in ("untuned", "tuned") if rows["untuned"] else ("tuned",):
             table.append([f"two-tower, {name}", key, summary([r[f"two_tower_{key}"] for r in rows[name]])])
         for baseline in BASELINES:
             table.append([baseline, key, summary([r[f"{baseline}_{key}"] for r in rows["tuned"]])])
