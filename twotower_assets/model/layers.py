@@ -255,7 +255,8 @@ class HistoryFeature(tf.keras.layers.Layer):
     def _pooled_sum(self, inputs, training=None):
         """``mean`` and ``sqrtn``: a weighted sum per row over the ids the row has, never over a
         (batch, length, size) padded tensor (a history of hundreds of items in a batch of 1,024
-        would be gigabytes of mostly padding). Computed one of two ways, chosen per batch:
+        would be gigabytes of mostly padding). Computed one of two ways, chosen per batch from its
+        rows, its ids and the catalogue's size:
 
         - long histories over a small catalogue (MovieLens: about 160 ids a row, 1,682 movies):
           a (rows x distinct ids) weight matrix times the distinct ids' vectors, one matrix
@@ -275,11 +276,11 @@ class HistoryFeature(tf.keras.layers.Layer):
         scale = tf.maximum(count, 1.0)
         scale = tf.sqrt(scale) if self.pooling == "sqrtn" else scale
         weights = valid / tf.gather(scale, rows)
-        distinct, slot = tf.unique(positions, out_idx=tf.int64)
-        n_distinct = tf.size(distinct, out_type=tf.int64)
 
         def by_matrix_product():
-            matrix = tf.scatter_nd(tf.stack([rows, slot], axis=1), weights, tf.stack([n_rows, n_distinct]))
+            distinct, slot = tf.unique(positions, out_idx=tf.int64)
+            shape = tf.stack([n_rows, tf.size(distinct, out_type=tf.int64)])
+            matrix = tf.scatter_nd(tf.stack([rows, slot], axis=1), weights, shape)
             return tf.matmul(matrix, tf.cast(self.item_ids.embedding(distinct), tf.float32))
 
         def by_segment_sum():
@@ -288,8 +289,10 @@ class HistoryFeature(tf.keras.layers.Layer):
 
         # The matrix's entries cost a multiply-add per vector value, an id of the segment sum
         # a copy of its vector several times over: the product wins while the matrix has at
-        # most MATRIX_ENTRIES_PER_ID entries per id, and is capped in memory.
-        entries = n_rows * n_distinct
+        # most MATRIX_ENTRIES_PER_ID entries per id, and is capped in memory. Bounded by the
+        # catalogue's size (the distinct ids never exceed it), so the segment sum, the large
+        # catalogue's way, does not pay for finding the distinct ids.
+        entries = n_rows * self.item_ids.lookup.vocabulary_size()
         by_product = (entries <= self.MATRIX_ENTRIES_PER_ID * tf.size(positions, out_type=tf.int64)) & (
             entries <= self.MAX_MATRIX_ENTRIES)
         return tf.cond(by_product, by_matrix_product, by_segment_sum)
