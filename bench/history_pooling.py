@@ -33,8 +33,6 @@ def main() -> int:
     print_header("History pooling: matrix product against segment sum",
                  "python -m bench.history_pooling " + " ".join(sys.argv[1:]))
 
-    import numpy as np
-    import pyarrow as pa
     import tensorflow as tf
 
     import twotower_assets  # noqa: F401  (TF environment switches)
@@ -50,8 +48,7 @@ def main() -> int:
     events = click_event_table(load_movielens(args.data))
     train = in_memory.random_split(events, 0.2, seed=42).train
     train = in_memory.history_from(config, train, train)
-    first = np.unique(events["item_id"].to_numpy(zero_copy_only=False).astype(str), return_index=True)[1]
-    catalog = events.take(pa.array(np.sort(first)))
+    catalog = in_memory.distinct_items(events, config)
     lengths = [len(h.split()) for h in train[next(iter(config.history_features))].to_pylist()]
     print(f"{train.num_rows:,} training rows, {catalog.num_rows:,} items, history {statistics.mean(lengths):.0f} ids a "
           f"row on average (max {max(lengths)}); recipe `{recipe.name}`, batch {recipe.schedule.batch_size}, "

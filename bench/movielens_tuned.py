@@ -118,9 +118,7 @@ def main(default_split: str = "last") -> int:
         split = in_memory.Split(train=histories(config, inner.train, inner.train),
                                 validation=histories(config, inner.test, inner.train), test=tutorial.test)
         known = refit_rows = histories(config, tutorial.train, tutorial.train)
-    # Every movie once (its first rating's row holds its columns): all of them are ranked.
-    first = np.unique(events["item_id"].to_numpy(zero_copy_only=False).astype(str), return_index=True)[1]
-    catalog = events.take(pa.array(np.sort(first)))
+    catalog = in_memory.distinct_items(events, config)  # every movie is ranked
     log(f"{split.train.num_rows} training, {split.validation.num_rows} validation, {split.test.num_rows} test "
         f"ratings; {catalog.num_rows} movies; recipe {recipe_name}, features {config.name}")
 

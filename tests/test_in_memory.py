@@ -42,6 +42,18 @@ def test_random_split_is_seeded_and_disjoint():
         in_memory.random_split(events, 1.0)
 
 
+def test_distinct_items_keeps_each_items_first_row_in_order_of_first_appearance():
+    config = parse_feature_config({
+        "user_embedding_layers": {"user_id": {"type": "string", "embedding_size": 4}},
+        "item_embedding_layers": {"item_id": {"type": "string", "embedding_size": 4}},
+    }, "ids", "test")
+    catalog = in_memory.distinct_items(EVENTS, config)
+    # a (row 0), b (row 1), c (row 2), d (row 4): the later rows of a and b are dropped.
+    assert catalog["item_id"].to_pylist() == ["a", "b", "c", "d"]
+    assert catalog["user_id"].to_pylist() == ["u1", "u1", "u1", "u2"]
+    assert catalog["event_timestamp"].to_pylist() == [1, 3, 3, 2]
+
+
 HISTORY_CONFIG = parse_feature_config({
     "user_embedding_layers": {"user_id": {"type": "string", "embedding_size": 4},
                               "user_recent_items": {"type": "history", "embedding_size": 4, "length": 2}},

@@ -53,8 +53,8 @@ from twotower_assets.model.training import SeenPairs, TrainingParams, TrainingRe
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Split", "random_split", "leave_last_out", "history_from", "FittedModel", "fit", "tower_vectors", "user_state",
-    "ranking_evaluator", "rank_held_out", "tune",
+    "Split", "random_split", "leave_last_out", "history_from", "FittedModel", "fit", "distinct_items", "tower_vectors",
+    "user_state", "ranking_evaluator", "rank_held_out", "tune",
 ]
 
 
@@ -234,7 +234,7 @@ def fit(
         validation_data = tf.data.Dataset.from_tensor_slices(_examples(validation, kinds, item_counts, train.num_rows))
     catalog_features = None
     if catalog is None and params.recipe.task.negatives.needs_catalog:
-        catalog = _distinct_items(train, config)
+        catalog = distinct_items(train, config)
     if catalog is not None:
         item_kinds = {name: kinds[name] for name in config.item_columns if name in kinds}
         catalog_batch = pa.table({name: catalog[name] for name in item_kinds}).combine_chunks().to_batches()[0]
@@ -261,8 +261,9 @@ class _ProgressLog(tf.keras.callbacks.Callback):
         log.info("epoch %d: %s", epoch + 1, shown)
 
 
-def _distinct_items(table: pa.Table, config: FeatureConfig) -> pa.Table:
-    """One row per item of ``table`` (its first), with the item tower's columns."""
+def distinct_items(table: pa.Table, config: FeatureConfig) -> pa.Table:
+    """The catalogue of ``table``: one row per item, its first, in the order items first appear
+    (pass it as ``catalog`` to rank every item, those a split left out of training included)."""
     ids = table[config.item_id_feature]
     first = np.unique(pc.cast(ids, pa.string()).to_numpy(zero_copy_only=False), return_index=True)[1]
     return table.take(pa.array(np.sort(first)))
@@ -322,7 +323,7 @@ def ranking_evaluator(
     state_users = states[user_key].to_numpy(zero_copy_only=False).astype(str)
     states = states.filter(pa.array([u in held_users for u in state_users]))
     if catalog is None:
-        catalog = _distinct_items(pa.concat_tables([train.select(held_out.column_names), held_out], promote_options="default")
+        catalog = distinct_items(pa.concat_tables([train.select(held_out.column_names), held_out], promote_options="default")
                                   if set(held_out.column_names) >= set(config.item_columns) else train, config)
     user_kinds = {name: kinds[name] for name in config.user_columns if name in kinds}
     item_kinds = {name: kinds[name] for name in config.item_columns if name in kinds}
