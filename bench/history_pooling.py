@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--recipe", default="movielens-one-vector")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error(f"--epochs must be at least 2 (the first epoch traces the graph and is not timed), got {args.epochs}")
     print_header("History pooling: matrix product against segment sum",
                  "python -m bench.history_pooling " + " ".join(sys.argv[1:]))
 
