@@ -223,3 +223,42 @@ def test_pairs_matrix_marks_the_known_pairs_from_strings_or_arrow(as_arrow):
     matrix = tuning.pairs_matrix(users, items, pairs_user, pairs_item)
     assert matrix.toarray().tolist() == [[0, 0], [1, 0], [0, 1]]
     assert matrix.data.tolist() == [1.0, 1.0]
+
+
+class _EvaluatorAt:
+    """A stand-in score with the cut-off a RankingEvaluator carries."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __call__(self, model):
+        return {"recall": 0.0, "ndcg": 0.0}
+
+
+def test_a_search_must_score_the_ranking_metric_its_recipe_monitors(tmp_path):
+    # Trials of a recipe that monitors ndcg@10 stop early on the search's own per-epoch ranking,
+    # so a search scored by recall@50 is refused before any trial, naming what to tune with.
+    recipe = load_recipe("production", {**SEARCH, "schedule": {"monitor": "ndcg@10"}})
+    train = hand_made_train()
+    with pytest.raises(ValueError, match=r"monitors ndcg@10 .* tune with metric 'ndcg' and k 10, not recall@50"):
+        tuning.tune(recipe, train, _EvaluatorAt(50), metric="recall", n_trials=2)
+    with pytest.raises(ValueError, match=r"tune with metric 'ndcg' and k 10, not ndcg@20"):
+        tuning.tune(recipe, train, _EvaluatorAt(20), metric="ndcg", n_trials=2)
+    assert train.batches_run == []
+    matching = load_recipe("production", {**SEARCH, "schedule": {"monitor": "recall@10"}})
+    result = tuning.tune(matching, hand_made_train(), _EvaluatorAt(10), metric="recall", n_trials=2)
+    assert result.metric == "recall@10" and result.trials_run == 2
+
+    # The tuning asset refuses it before reading any dataset or starting an MLflow run.
+    from twotower_assets.defs.training.tuning import TuningConfig, tune_partition
+    from twotower_assets.lib.artifacts import ArtifactStore
+    from twotower_assets.lib.mlflow_tracking import MlflowTracking
+
+    recipe_file = tmp_path / "monitors-ndcg.yaml"
+    recipe_file.write_text("schedule: {monitor: ndcg@10}\nsearch:\n  task.temperature: {low: 0.05, high: 0.5}\n")
+    mlflow_dir = tmp_path / "mlflow"
+    with pytest.raises(ValueError, match=r"recipe 'monitors-ndcg' monitors ndcg@10"):
+        tune_partition("2026-06-01", TuningConfig(recipe=str(recipe_file), metric="recall", k=50),
+                       ArtifactStore(base_dir=str(tmp_path / "artifacts")),
+                       MlflowTracking(tracking_uri=f"sqlite:///{mlflow_dir / 'mlflow.db'}"), "run-id")
+    assert not mlflow_dir.exists() and not (tmp_path / "artifacts").exists()

@@ -263,6 +263,7 @@ def tune(
     """
     if not recipe.search:
         raise ValueError(f"recipe {recipe.name!r} has no `search` section: nothing to tune")
+    check_scored_as_monitored(recipe, metric, getattr(evaluator, "k", None))
     if n_trials <= 0:
         raise ValueError(f"n_trials must be > 0, got {n_trials}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -322,6 +323,17 @@ def tune(
         trials_run=len([t for t in study.trials if t.state != optuna.trial.TrialState.RUNNING]),
         seconds=time.perf_counter() - started,
     )
+
+
+def check_scored_as_monitored(recipe: ModelRecipe, metric: str, k: int | None) -> None:
+    """Refuse a search whose score is not the ranking metric the recipe's trials monitor: their
+    early stopping reads the search's own per-epoch ranking, which is at one metric and k."""
+    monitored = recipe.schedule.ranking_monitor
+    if monitored is not None and k is not None and monitored != (metric, k):
+        raise ValueError(
+            f"recipe {recipe.name!r} monitors {recipe.schedule.monitor} (schedule.monitor), so its trials must be "
+            f"scored by it too: tune with metric {monitored[0]!r} and k {monitored[1]}, not {metric}@{k}"
+        )
 
 
 def recipe_point(recipe: ModelRecipe) -> dict:

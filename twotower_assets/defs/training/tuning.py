@@ -102,6 +102,7 @@ def tune_partition(partition_key: str, config: TuningConfig, artifacts: Artifact
     from twotower_assets.defs.training.trainer import _catalog, _seen_pairs, validation_evaluator
 
     recipe = load_recipe(config.recipe)
+    tuning.check_scored_as_monitored(recipe, config.metric, config.k)  # before any work
     if config.max_epochs is not None:
         recipe = recipe.with_overrides({"schedule": {"epochs": min(config.max_epochs, recipe.schedule.epochs)}})
     datasets = DatasetFiles(artifacts.require(layout.TF_DATASETS, partition_key))
