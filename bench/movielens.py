@@ -21,7 +21,7 @@ Side by side, in the same run:
 * ``two-tower``: this project's model (``twotower_assets.model``, trained through the public
   ``in_memory`` API) from a model recipe (``--recipe``, default ``movielens``: production's
   in-batch softmax with logQ correction, temperature 0.1, LazyAdam 0.01, batch 1024, on
-  ``configs/movielens-features.json``), early stopping on the same validation slice, then
+  ``configs/movielens-features.json``), early stopping on val_loss of the same validation slice, then
   refitted on all 80,000 for the best epoch count. Its query for a rating is the user's
   features plus ``user_recent_items``: the user's latest *training* ratings strictly before
   that rating's time (the test rating itself and every other test rating are never inputs).
@@ -547,7 +547,9 @@ def main() -> int:
     dense_train = train_matrix.toarray()
     results["ease"] = both_countings(dense_train[test_users], weights.T, test_items, seen_rows)
 
-    recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
+    # The protocol picks the refit's epoch count by val_loss (two_tower), so the first fit stops on
+    # val_loss too, whatever the recipe monitors; --override can still change it.
+    recipe = load_recipe(args.recipe, {"schedule": {"monitor": "val_loss"}}).with_overrides(parse_overrides(args.overrides))
     setup = TowerSetup(
         recipe=recipe, seed=seeds[0], training_history=args.training_history,
         recent_items=args.recent_items if args.recent_items is not None else default_recent_items(recipe),

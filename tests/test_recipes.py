@@ -42,7 +42,7 @@ def test_the_one_vector_recipe_is_the_model_that_beat_ease():
     assert recipe.optimizer.model_dump() == {"name": "lazy_adam", "learning_rate": 0.001, "weight_averaging": 0.995}
     assert recipe.schedule.model_dump(exclude={"shuffle_buffer"}) == {
         "batch_size": 1024, "epochs": 80, "reduce_lr_patience": 1000, "early_stopping_patience": 20, "min_delta": 0.0,
-        "monitor": "val_loss",
+        "monitor": "ndcg@10",
     }
     features = load_feature_config(recipe.features)
     recipe.check_features(features)  # fits its own features
