@@ -326,8 +326,9 @@ def tune(
 
 
 def check_scored_as_monitored(recipe: ModelRecipe, metric: str, k: int | None) -> None:
-    """Refuse a search whose score is not the ranking metric the recipe's trials monitor: their
-    early stopping reads the search's own per-epoch ranking, which is at one metric and k."""
+    """Refuse a search whose score is not the ranking metric the recipe's trials monitor: each
+    trial keeps its epoch by that metric, so the search scores the same one (and training reads
+    it from the search's own per-epoch ranking, which is at one k)."""
     monitored = recipe.schedule.ranking_monitor
     if monitored is not None and k is not None and monitored != (metric, k):
         raise ValueError(
