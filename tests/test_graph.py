@@ -106,7 +106,12 @@ def test_tuning_is_one_mlflow_run_with_a_nested_run_per_trial_and_the_model_trai
         assert {"optimizer.learning_rate", "task.temperature", "schedule.batch_size"} <= set(child.data.params)
         values = client.get_metric_history(child.info.run_id, "val_recall_at_50")
         assert 1 <= len(values) <= 3  # max_epochs 3
-        assert child.data.metrics["best_value"] == pytest.approx(max(v.value for v in values))
+        # Scored at the epoch its training kept (production monitors val_loss), not its best ranking.
+        kept = int(child.data.metrics["best_epoch"]) - 1
+        by_step = {v.step: v.value for v in values}
+        assert child.data.metrics["best_value"] == pytest.approx(by_step[kept])
+        losses = {v.step: v.value for v in client.get_metric_history(child.info.run_id, "val_loss")}
+        assert losses[kept] <= min(losses.values()) + 0.001  # the recipe's min_delta
     assert tuned["best_value"].value == pytest.approx(max(c.data.metrics["best_value"] for c in children), abs=1e-4)
     assert "optimization_history" in tuned and "data:image/png;base64," in tuned["optimization_history"].value
     plots = {a.path for a in client.list_artifacts(parent_id, "plots")}

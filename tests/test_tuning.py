@@ -32,11 +32,12 @@ def test_the_search_finds_the_known_best_point_within_its_budget():
     assert best.schedule.batch_size == 128
     assert abs(np.log10(best.optimizer.learning_rate) - np.log10(0.03)) < 0.35
     assert abs(np.log10(best.task.temperature) - np.log10(0.1)) < 0.35
-    assert result.best_epoch == 5  # the first epoch at the plateau
+    assert result.best_epoch == 5  # the peak
     assert result.best_value == pytest.approx(hand_made_score(best, 5))
-    # Pruning stopped trials whose curves fell below the median: fewer epochs than 8 for them.
+    # Pruning stopped trials that had stopped improving with their best below the median: after
+    # the peak at epoch 5 and three epochs without a new best, before the trial's 10 epochs.
     pruned = [t for t in trials if t.pruned]
-    assert pruned and all(len(t.values) < 8 for t in pruned)
+    assert pruned and all(8 <= len(t.values) < 10 for t in pruned)
     assert {t.state for t in result.study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     assert result.trials_run == 40
     # The first trial is the recipe's own point where it lies in the space (production: learning
@@ -45,6 +46,35 @@ def test_the_search_finds_the_known_best_point_within_its_budget():
     assert {k: first[k] for k in ("optimizer.learning_rate", "task.temperature", "towers.embedding_size")} == {
         "optimizer.learning_rate": 0.1, "task.temperature": 0.05, "towers.embedding_size": 64}
     assert first["schedule.batch_size"] in (64, 128, 256)
+
+
+def test_a_trial_is_scored_at_the_epoch_its_training_keeps_not_at_its_best_ranking():
+    # The 'training' keeps epoch 8 (0-based 7), past the ranking's peak at 5, as early stopping
+    # on val_loss can: the trial's score is what the kept model ranks, and its epoch count.
+    recipe = load_recipe("production", SEARCH)
+    trials = []
+    result = tuning.tune(recipe, hand_made_train(kept_epoch=lambda _: 7), lambda _: {"recall": 0.0}, n_trials=3,
+                         seed=3, on_trial_end=trials.append)
+    for outcome in trials:
+        assert outcome.best_epoch == 8
+        assert outcome.best_value == pytest.approx(hand_made_score(outcome.recipe, 8)) == outcome.values[7]
+        assert outcome.best_value < max(outcome.values)
+    assert result.best_epoch == 8
+    assert result.best_value == pytest.approx(hand_made_score(result.best_recipe(recipe), 8))
+
+
+def test_a_pruner_waits_for_a_slow_rising_trial_to_stop_improving():
+    study = optuna.create_study(direction="maximize", pruner=tuning.pruner())
+    for _ in range(3):  # the others reach 0.9 at epoch 4 and stay there
+        study.add_trial(optuna.trial.create_trial(
+            value=0.9, intermediate_values={e: min(0.9, 0.3 * (e + 1)) for e in range(10)}))
+    slow = study.ask()
+    for epoch in range(6):  # rising a little every epoch, far below the others
+        slow.report(0.1 + 0.05 * epoch, epoch)
+        assert not slow.should_prune()
+    for epoch in range(6, 9):  # three epochs below its best (0.35): no new best, below the median
+        slow.report(0.3, epoch)
+    assert slow.should_prune()
 
 
 def test_a_recipe_without_a_search_space_is_refused():

@@ -5,10 +5,12 @@ its dotted name, e.g. ``optimizer.learning_rate``). Each trial trains the recipe
 sampled values; after every epoch :class:`EpochRanking` ranks the whole catalogue for the
 validation users with their training items removed (the product's evaluation code,
 :mod:`twotower_assets.model.metrics`) and reports recall@k or NDCG@k to Optuna, whose pruner
-stops trials that fall behind the others' curves. A trial's score is its best epoch's metric,
-and that epoch count is kept, so the final model can be refit for exactly that many epochs.
-Trials are scored by ranking, not by val_loss: the two disagree (a lower temperature or a
-bigger batch changes the loss's scale, not only its quality).
+stops trials that fall behind the others' curves once they stop improving. A trial's score is
+the metric at the epoch its training keeps (the recipe's ``schedule.monitor`` picks it: val_loss
+by default), so the search judges the model the trial would publish, not the best of its noisy
+per-epoch values; that epoch count is kept, so the final model can be refit for exactly that
+many epochs. Trials are scored by ranking, not by val_loss: the two disagree (a lower
+temperature or a bigger batch changes the loss's scale, not only its quality).
 
 The study lives in Optuna's storage (an SQLite file by default), so a search that was killed
 resumes: its finished trials count against the budget, a trial it left running is marked
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -189,7 +192,10 @@ class EpochRanking(tf.keras.callbacks.Callback):
 
 @dataclass
 class TrialOutcome:
-    """What one trial trained: its recipe, per-epoch validation metric and losses."""
+    """What one trial trained: its recipe, per-epoch validation metric and losses.
+
+    ``best_epoch`` (1-based) is the epoch its training kept, the best by the recipe's
+    ``schedule.monitor``, and ``best_value`` the metric there: the trial's score."""
 
     number: int
     overrides: dict
@@ -250,8 +256,9 @@ def tune(
     seed: int = 42,
     on_trial_end: Callable[[TrialOutcome], None] | None = None,
 ) -> TuningResult:
-    """Search ``recipe.search`` with TPE and median pruning; at most ``n_trials`` trials in the
-    study (earlier runs' finished trials included) and ``timeout_seconds`` for this call.
+    """Search ``recipe.search`` with TPE and patient median pruning (:func:`pruner`); at most
+    ``n_trials`` trials in the study (earlier runs' finished trials included) and
+    ``timeout_seconds`` for this call.
 
     The budget holds inside a trial too: at ``timeout_seconds`` the running trial stops after
     its current batch, is scored on what it trained, and ends the search as a finished trial
@@ -273,7 +280,7 @@ def tune(
         load_if_exists=True,
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, n_trials)),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+        pruner=pruner(),
     )
     _fail_abandoned_trials(study)
     if not study.trials:
@@ -291,13 +298,14 @@ def tune(
         ranking = EpochRanking(evaluator, metric, trial, deadline=deadline)
         trial_started = time.perf_counter()
         result = train(candidate, ranking)
-        trial.set_user_attr("best_epoch", ranking.best_epoch)
+        epoch = scored_epoch(result, ranking)
+        trial.set_user_attr("best_epoch", epoch)
         trial.set_user_attr("values", ranking.values)
         if ranking.stopped_at_deadline:
             trial.set_user_attr("stopped_at_deadline", True)
         outcome = TrialOutcome(
             number=trial.number, overrides=overrides, recipe=candidate, values=list(ranking.values),
-            best_epoch=ranking.best_epoch, best_value=ranking.best_value, pruned=ranking.pruned,
+            best_epoch=epoch, best_value=ranking.values[epoch - 1] if epoch else float("nan"), pruned=ranking.pruned,
             seconds=time.perf_counter() - trial_started, history=dict(getattr(result, "history", {}) or {}),
         )
         if on_trial_end is not None:
@@ -323,6 +331,29 @@ def tune(
         trials_run=len([t for t in study.trials if t.state != optuna.trial.TrialState.RUNNING]),
         seconds=time.perf_counter() - started,
     )
+
+
+def pruner() -> optuna.pruners.BasePruner:
+    """Stops a trial that has not improved for three epochs while its best is below the median
+    of the other trials' values at the same epoch (from the fourth trial and third epoch).
+
+    The patience is why: a trial at a big batch or a small learning rate rises more slowly per
+    epoch than the others and was cut, still rising, by the median alone."""
+    with warnings.catch_warnings():  # PatientPruner is marked experimental since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.pruners.PatientPruner(
+            optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2), patience=2
+        )
+
+
+def scored_epoch(result, ranking: EpochRanking) -> int:
+    """The 1-based epoch a trial is scored at: the one its training kept (``result.kept_epoch``,
+    0-based: the schedule monitor's best, whose weights the model holds), or the ranking's best
+    when the training does not say; 0 when no epoch was ranked."""
+    kept = getattr(result, "kept_epoch", None)
+    if kept is not None and 0 <= kept < len(ranking.values):
+        return int(kept) + 1
+    return ranking.best_epoch
 
 
 def check_scored_as_monitored(recipe: ModelRecipe, metric: str, k: int | None) -> None:
