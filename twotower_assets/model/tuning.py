@@ -337,8 +337,8 @@ def pruner() -> optuna.pruners.BasePruner:
     """Stops a trial that has not improved for three epochs while its best is below the median
     of the other trials' values at the same epoch (from the fourth trial and third epoch).
 
-    The patience is why: a trial at a big batch or a small learning rate rises more slowly per
-    epoch than the others and was cut, still rising, by the median alone."""
+    Why the patience: a trial at a big batch or a small learning rate rises more slowly per
+    epoch than the others, and the median alone cuts it while it is still rising."""
     with warnings.catch_warnings():  # PatientPruner is marked experimental since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.pruners.PatientPruner(
