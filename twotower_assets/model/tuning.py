@@ -172,10 +172,6 @@ class EpochRanking(tf.keras.callbacks.Callback):
         """1-based epoch of the best value (the first, on ties)."""
         return int(np.argmax(self.values)) + 1 if self.values else 0
 
-    @property
-    def best_value(self) -> float:
-        return float(max(self.values)) if self.values else float("nan")
-
     def on_epoch_end(self, epoch, logs=None):
         scores = self.evaluator(self.model)
         if logs is not None:
