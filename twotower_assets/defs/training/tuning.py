@@ -3,13 +3,13 @@
 Each trial trains the recipe with sampled values on the date's training dataset and ranks the
 whole catalogue for the validation users after every epoch (recall@k or NDCG@k, training items
 removed: the product's evaluation code), so Optuna's pruner stops the trials that fall behind;
-each trial is scored at the epoch its training keeps (:mod:`twotower_assets.model.tuning`).
-The search is one parent MLflow run with a nested run per trial; the study is kept in
-Optuna's storage (``TWOTOWER_OPTUNA_STORAGE``, default an SQLite file beside the MLflow
-store), so a search that was stopped resumes where it was. The result (the best values and epoch count) is a file the model asset reads: ``two_tower_model``
-trains every later date with the newest tuning of its recipe at or before it, until the next
-tuning. Retuning has its own cadence (the monthly ``monthly_tuning`` schedule, or on demand):
-the weekly training job does not retune.
+each trial is scored at the epoch its training keeps (:mod:`twotower_assets.model.tuning`). The
+search is one parent MLflow run with a nested run per trial; the study is kept in Optuna's
+storage (``TWOTOWER_OPTUNA_STORAGE``, default an SQLite file beside the MLflow store), so a
+search that was stopped resumes where it was. The result (the best values and epoch count) is a
+file the model asset reads: ``two_tower_model`` trains every later date with the newest tuning
+of its recipe at or before it, until the next tuning. Retuning has its own cadence (the monthly
+``monthly_tuning`` schedule, or on demand): the weekly training job does not retune.
 """
 
 
