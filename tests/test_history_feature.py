@@ -265,12 +265,13 @@ def test_a_history_column_is_a_string_input_without_its_own_vocabulary(tmp_path)
     assert values == ["i1 i2", ""]  # no history is the empty list, not an id called "none"
 
 
-def test_the_history_config_is_default_features_plus_the_history():
+def test_the_history_config_is_default_features_plus_two_views_of_the_history():
     with open("configs/default-features.json") as f:
         default = json.load(f)
     with open("configs/default-features-history.json") as f:
         history = json.load(f)
-    extra = {"user_recent_items": {"type": "history", "embedding_size": 64, "pooling": "mean", "length": 50}}
+    extra = {"user_recent_items": {"type": "history", "embedding_size": 64, "pooling": "mean", "length": 50},
+             "user_latest_items": {"type": "history", "embedding_size": 64, "pooling": "attention", "length": 10}}
     assert history == {**default, "user_embedding_layers": {**default["user_embedding_layers"], **extra}}
 
 
@@ -337,11 +338,14 @@ def test_split_and_datasets_assets_carry_the_history(tmp_path):
     length = load_feature_config("default-features-history").user_embedding_layers["user_recent_items"].length
     assert all(len(r["user_recent_items"].split()) <= length for r in training)
     assert sum(1 for r in training if len(r["user_recent_items"].split()) >= 20) > len(training) / 2
+    # The config's second view of the same history: its 10 latest items, the first 10 of the 50.
+    assert all(r["user_latest_items"].split() == r["user_recent_items"].split()[:10] for r in training)
     # Each user's dataset row: the `length` latest training items, newest first (hour, then item id).
     latest = {}
     for r in sorted(training, key=lambda r: (r["event_date"], r["event_hour"], r["item_id"]), reverse=True):
         latest.setdefault(r["user_id"], []).append(r["item_id"])
     users = resources["artifacts"].path(layout.TF_DATASETS, TINY_PARTITION) / "users"
-    rows = {row["user_id"].numpy().decode(): row["user_recent_items"].numpy().decode() for row in load_dataset(users)}
+    rows = {row["user_id"].numpy().decode(): (row["user_recent_items"].numpy().decode(),
+                                              row["user_latest_items"].numpy().decode()) for row in load_dataset(users)}
     assert len(rows) == len(latest)
-    assert all(rows[user] == " ".join(items[:length]) for user, items in latest.items())
+    assert all(rows[user] == (" ".join(items[:length]), " ".join(items[:10])) for user, items in latest.items())
