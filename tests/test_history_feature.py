@@ -270,10 +270,7 @@ def test_the_history_config_is_default_features_plus_two_views_of_the_history():
         default = json.load(f)
     with open("configs/default-features-history.json") as f:
         history = json.load(f)
-    # The long view drops each history item with probability 0.5 while training (Mult-DAE's
-    # denoising); the short one hides nothing.
-    extra = {"user_recent_items": {"type": "history", "embedding_size": 64, "pooling": "mean", "length": 50,
-                                   "dropout": 0.5},
+    extra = {"user_recent_items": {"type": "history", "embedding_size": 64, "pooling": "mean", "length": 50},
              "user_latest_items": {"type": "history", "embedding_size": 64, "pooling": "attention", "length": 10}}
     assert history == {**default, "user_embedding_layers": {**default["user_embedding_layers"], **extra}}
 
