@@ -21,7 +21,7 @@ Two protocols (``--split``):
   them. Default recipe ``movielens-one-vector``.
 
 Per seed, the product tunes the recipe's search space on the validation rows
-(``in_memory.tune``, ``--trials`` / ``--minutes``: 20 trials or 30 minutes, the product's
+(``in_memory.tune``, ``--trials`` / ``--minutes``: 50 trials or 30 minutes, the product's
 default budget; scored by ``--metric`` at ``--k``), then trains the best recipe with early
 stopping on the validation rows and ranks the test items from each user's state
 (``in_memory.rank_held_out``): every movie ranked, the user's training movies removed.
@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from bench._common import load_average, machine, markdown_table, print_header
+from twotower_assets.model.recipes import DEFAULT_N_TRIALS
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
 KNN_NEIGHBOURS = (20, 50, 100, 200)
@@ -83,7 +84,7 @@ def main(default_split: str = "last") -> int:
     parser.add_argument("--recipe", default=None, help="default: movielens (last), movielens-one-vector (random)")
     parser.add_argument("--features", default=None, help="default: the recipe's own, else movielens-features")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=DEFAULT_N_TRIALS)
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--metric", choices=["recall", "ndcg"], default="ndcg")
     parser.add_argument("--k", type=int, default=10)

@@ -12,7 +12,7 @@ gives recall@50 and NDCG@10 (mean ± sample standard deviation over the seeds) w
 popularity's, item-kNN's and EASE's from the same evaluation, the tuned parameters, and how
 long each search took.
 
-    .venv/bin/python -m bench.synthetic_quality                      # 3 seeds, 20 trials / 30 min
+    .venv/bin/python -m bench.synthetic_quality                      # 3 seeds, 50 trials / 30 min
     .venv/bin/python -m bench.synthetic_quality --seeds 42 --trials 10 --minutes 8
     .venv/bin/python -m bench.synthetic_quality --features default-features-history
     .venv/bin/python -m bench.synthetic_quality --recipe production --skip-untuned --seeds 42
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench._common import load_average, machine, markdown_table, print_header
+from twotower_assets.model.recipes import DEFAULT_N_TRIALS
 
 PARTITION = "2026-06-01"
 BASELINES = ("popularity", "item_knn", "ease")
@@ -35,7 +36,7 @@ BASELINES = ("popularity", "item_knn", "ease")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    parser.add_argument("--trials", type=int, default=20, help="tuning budget: trials per seed")
+    parser.add_argument("--trials", type=int, default=DEFAULT_N_TRIALS, help="tuning budget: trials per seed")
     parser.add_argument("--minutes", type=float, default=30.0, help="tuning budget: minutes per seed")
     parser.add_argument("--home", default=None, help="where the run's warehouse, MLflow and artifacts go")
     parser.add_argument("--features", default="default-features",

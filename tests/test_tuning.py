@@ -292,3 +292,18 @@ def test_a_search_must_score_the_ranking_metric_its_recipe_monitors(tmp_path):
                        ArtifactStore(base_dir=str(tmp_path / "artifacts")),
                        MlflowTracking(tracking_uri=f"sqlite:///{mlflow_dir / 'mlflow.db'}"), "run-id")
     assert not mlflow_dir.exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_the_asset_and_in_memory_tune_have_one_default_budget():
+    # The graph's search and the research API's are documented as the same search under the
+    # same budget (50 trials or 30 minutes): a default changed in one place only would make the
+    # published benchmarks describe a search the graph does not run.
+    import inspect
+
+    from twotower_assets.defs.training.tuning import TuningConfig
+
+    asset = TuningConfig()
+    api = inspect.signature(in_memory.tune).parameters
+    assert (asset.n_trials, asset.timeout_minutes) == (50, 30.0)
+    assert (api["n_trials"].default, api["timeout_minutes"].default) == (50, 30.0)
+    assert inspect.signature(tuning.tune).parameters["n_trials"].default == 50

@@ -361,7 +361,7 @@ def tune(
     split: Split,
     recipe: ModelRecipe | str = "production",
     *,
-    n_trials: int = 20,
+    n_trials: int = tuning.DEFAULT_N_TRIALS,
     timeout_minutes: float | None = 30.0,
     metric: RankingMetric = "recall",
     k: int = 50,

@@ -38,7 +38,7 @@ import scipy.sparse as sp
 import tensorflow as tf
 
 from twotower_assets.model import metrics, topk
-from twotower_assets.model.recipes import ModelRecipe, SearchDimension, overrides_from_fields
+from twotower_assets.model.recipes import DEFAULT_N_TRIALS, ModelRecipe, SearchDimension, overrides_from_fields
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def tune(
     evaluator: Evaluator,
     *,
     metric: RankingMetric = "recall",
-    n_trials: int = 20,
+    n_trials: int = DEFAULT_N_TRIALS,
     timeout_seconds: float | None = None,
     storage: str | None = None,
     study_name: str = "two_tower",
