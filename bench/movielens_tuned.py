@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from bench._common import load_average, machine, markdown_table, print_header
-from twotower_assets.model.recipes import DEFAULT_N_TRIALS
+from twotower_assets.model.recipes import DEFAULT_N_TRIALS, DEFAULT_TIMEOUT_MINUTES
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
 KNN_NEIGHBOURS = (20, 50, 100, 200)
@@ -85,7 +85,7 @@ def main(default_split: str = "last") -> int:
     parser.add_argument("--features", default=None, help="default: the recipe's own, else movielens-features")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--trials", type=int, default=DEFAULT_N_TRIALS)
-    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES)
     parser.add_argument("--metric", choices=["recall", "ndcg"], default="ndcg")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--refit", action="store_true",

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench._common import load_average, machine, markdown_table, print_header
-from twotower_assets.model.recipes import DEFAULT_N_TRIALS
+from twotower_assets.model.recipes import DEFAULT_N_TRIALS, DEFAULT_TIMEOUT_MINUTES
 
 PARTITION = "2026-06-01"
 BASELINES = ("popularity", "item_knn", "ease")
@@ -37,7 +37,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--trials", type=int, default=DEFAULT_N_TRIALS, help="tuning budget: trials per seed")
-    parser.add_argument("--minutes", type=float, default=30.0, help="tuning budget: minutes per seed")
+    parser.add_argument("--minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES, help="tuning budget: minutes per seed")
     parser.add_argument("--home", default=None, help="where the run's warehouse, MLflow and artifacts go")
     parser.add_argument("--features", default="default-features",
                         help="the feature config split_tables and tf_datasets prepare (configs/*.json)")

@@ -44,7 +44,7 @@ from twotower_assets.model.datasets import FeatureStatsBuilder, batch_to_feature
 from twotower_assets.model import tuning
 from twotower_assets.model.features import ITEM_ID_FEATURE as ITEM_ID
 from twotower_assets.model.features import FeatureConfig
-from twotower_assets.model.recipes import ModelRecipe, load_recipe
+from twotower_assets.model.recipes import DEFAULT_N_TRIALS, DEFAULT_TIMEOUT_MINUTES, ModelRecipe, load_recipe
 from twotower_assets.model.layers import FeatureStats
 from twotower_assets.model.towers import SAMPLING_PROBABILITY_COLUMN
 from twotower_assets.model.tuning import RankingEvaluator, RankingMetric, TuningResult
@@ -361,8 +361,8 @@ def tune(
     split: Split,
     recipe: ModelRecipe | str = "production",
     *,
-    n_trials: int = tuning.DEFAULT_N_TRIALS,
-    timeout_minutes: float | None = 30.0,
+    n_trials: int = DEFAULT_N_TRIALS,
+    timeout_minutes: float | None = DEFAULT_TIMEOUT_MINUTES,
     metric: RankingMetric = "recall",
     k: int = 50,
     seed: int = 42,

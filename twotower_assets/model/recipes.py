@@ -50,10 +50,12 @@ RECIPE_DIRECTORY = "models"
 
 DEFAULT_RECIPE = "production"
 
-# Trials in a search of a recipe's space (with a timeout, whichever ends first). On the default
-# synthetic data the best of 20 trials moved from run to run by as much as the model's lead
-# over EASE (the search's path forks on training noise); 50 trials fit in 30 minutes there.
+# The default budget of a search of a recipe's space: trials or minutes, whichever ends first. On
+# the default synthetic data the best of 20 trials moved from run to run by as much as the
+# model's lead over EASE (the search's path forks on training noise); 50 trials fit in 30
+# minutes there.
 DEFAULT_N_TRIALS = 50
+DEFAULT_TIMEOUT_MINUTES = 30.0
 
 OptimizerName = Literal["lazy_adam", "adam", "adagrad"]
 

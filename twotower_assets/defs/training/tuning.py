@@ -33,7 +33,7 @@ from twotower_assets.lib.mlflow_tracking import MlflowTracking
 from twotower_assets.lib.partitions import training_date_partitions
 from twotower_assets.lib.tuned import TUNED_FILE
 from twotower_assets.defs.training.trainer import MAX_VALIDATION_USERS
-from twotower_assets.model.recipes import DEFAULT_N_TRIALS, DEFAULT_RECIPE, load_recipe
+from twotower_assets.model.recipes import DEFAULT_N_TRIALS, DEFAULT_RECIPE, DEFAULT_TIMEOUT_MINUTES, load_recipe
 
 
 
@@ -42,7 +42,7 @@ class TuningConfig(dg.Config):
 
     recipe: str = Field(default=DEFAULT_RECIPE, description="The recipe whose search space is tuned.")
     n_trials: int = Field(default=DEFAULT_N_TRIALS, gt=0, description="Trials in the study, those of a resumed search included.")
-    timeout_minutes: float = Field(default=30.0, gt=0, description="Wall-clock budget of this run's search.")
+    timeout_minutes: float = Field(default=DEFAULT_TIMEOUT_MINUTES, gt=0, description="Wall-clock budget of this run's search.")
     metric: Literal["recall", "ndcg"] = Field(default="recall", description="What ranks the trials, at k.")
     k: int = Field(default=50, gt=0, description="Cut-off of the ranking metric (the quality gate's k).")
     max_epochs: int | None = Field(
