@@ -55,6 +55,21 @@ def test_the_average_is_the_hand_computed_one_and_training_keeps_the_raw_weights
     assert abs(averages[6] - raw[6]) > 0.05
 
 
+def test_a_short_run_averages_the_same_whatever_the_momentum_above_its_warm_up():
+    # The decay of step t is min(momentum, (1 + t) / (10 + t)): below 0.995 for 1,790 steps, so a
+    # run of 40 steps has one average for 0.995 and 0.999; 0.8 binds from step 35 and differs.
+    def averaged(momentum):
+        model = tf.keras.Sequential([tf.keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros",
+                                                           input_shape=(1,))])
+        model.compile(optimizer=tf.keras.optimizers.SGD(0.01), loss="mse")
+        ones = np.ones((40, 1), np.float32)
+        model.fit(ones, ones, batch_size=1, epochs=1, shuffle=False, callbacks=[WeightAveraging(momentum)], verbose=0)
+        return float(model.get_weights()[0][0, 0])
+
+    assert averaged(0.995) == averaged(0.999)
+    assert averaged(0.8) != pytest.approx(averaged(0.995), rel=1e-4)
+
+
 def test_early_stopping_restores_the_best_epochs_average():
     # Growing a weight away from its target: the loss rises every epoch, so EarlyStopping
     # (patience 0) stops after epoch 2 and restores epoch 1's weights, which are an average.

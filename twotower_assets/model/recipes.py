@@ -112,7 +112,10 @@ class Optimizer(_Section):
         default=0.0, ge=0, lt=1,
         description="0: off. Otherwise the momentum of an exponential moving average of the weights "
         "(Polyak averaging), which validation, early stopping and the trained model use "
-        "(twotower_assets/model/averaging.py). It costs a copy of every weight, updated every step.",
+        "(twotower_assets/model/averaging.py). The t-th step's decay is min(momentum, (1 + t) / (10 + t)), "
+        "so a run of under about 9 / (1 - momentum) steps never reaches the momentum: the average then "
+        "spans roughly its last tenth of steps, whatever the value. It costs a copy of every weight, "
+        "updated every step.",
     )
 
 
