@@ -7,9 +7,9 @@ Two protocols (``--split``):
   validation=True)``: ties in time go to the larger movie id, as a number). Every model
   trains on the training rows; the test ranking starts from each user's training rows.
   Default recipe ``movielens``.
-* ``random`` (the TFRS basic-retrieval tutorial's split, one vector per user): the ratings
-  shuffled with seed 42 (``in_memory.random_split(events, 0.2, seed=42)``), 80% training and
-  20% test; the validation rows are a seeded random ``--validation-share`` (10%) of the
+* ``random`` (the TFRS basic-retrieval tutorial's protocol, one vector per user): the ratings
+  shuffled by a numpy permutation with seed 42 (``in_memory.random_split(events, 0.2,
+  seed=42)``), 80% training and 20% test; the validation rows are a seeded random ``--validation-share`` (10%) of the
   training ratings (``in_memory.random_split(train, 0.1, seed=42)``, the same rows for every
   seed). History features are recomputed from training ratings only: a training or
   validation row's history is its user's latest ratings among the rows the model trains on,
@@ -19,6 +19,9 @@ Two protocols (``--split``):
   test user's held-out movies (recall@k over several items). EASE and item-kNN choose their
   hyperparameter on the validation rows, then fit all the training ratings; popularity counts
   them. Default recipe ``movielens-one-vector``.
+* ``tutorial``: as ``random``, but the 80/20 cut is the tutorial's own shuffle (``tf.data``
+  with seed 42 over the ratings in file order, ``bench.movielens.tutorial_order``, the split of
+  ``bench.movielens``) instead of a numpy permutation.
 
 Per seed, the product tunes the recipe's search space on the validation rows
 (``in_memory.tune``, ``--trials`` / ``--minutes``: 50 trials or 30 minutes, the product's
@@ -33,6 +36,7 @@ and EASE fitted on them, so the refit's training and the longer query are told a
 Every model is scored by the same function, ``tuning.ranking_scores_at``.
 
     .venv/bin/python -m bench.movielens_tuned --data data/ml-100k --split random --seeds 42 43 44
+    .venv/bin/python -m bench.movielens_tuned --data data/ml-100k --split tutorial --refit --skip-as-is --seeds 42 43 44
     .venv/bin/python -m bench.movielens_tuned --data data/ml-100k --split last --refit --seeds 42 43 44
 """
 
@@ -49,13 +53,14 @@ from twotower_assets.model.recipes import DEFAULT_N_TRIALS, DEFAULT_TIMEOUT_MINU
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
 KNN_NEIGHBOURS = (20, 50, 100, 200)
-DEFAULT_RECIPE = {"last": "movielens", "random": "movielens-one-vector"}
+DEFAULT_RECIPE = {"last": "movielens", "random": "movielens-one-vector", "tutorial": "movielens-one-vector"}
 # (k, metric, label) printed per protocol; the first two are the ones compared with EASE.
 COLUMNS = {
     "last": ((10, "hit_rate", "HR@10"), (10, "ndcg", "NDCG@10"), (100, "hit_rate", "HR@100")),
     "random": ((100, "recall", "recall@100"), (10, "ndcg", "NDCG@10"), (10, "hit_rate", "HR@10"),
                (10, "recall", "recall@10")),
 }
+COLUMNS["tutorial"] = COLUMNS["random"]
 KS = (10, 100)
 TUTORIAL_SEED = 42
 
@@ -75,12 +80,29 @@ def histories(config, rows, history):
     return in_memory.history_from(config, rows, history)
 
 
+def tutorial_cut(data, events):
+    """The tutorial's 80,000 training and 20,000 test ratings (its shuffle of the ratings file's
+    rows) as rows of ``events`` (which ``click_event_table`` orders by time)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from bench.movielens import tutorial_order
+    from twotower_assets.model import in_memory
+
+    def pair(table):
+        return pc.binary_join_element_wise(table["user_id"].cast(pa.string()), table["item_id"].cast(pa.string()), ":")
+
+    event_row = pc.index_in(pair(data.ratings), value_set=pair(events)).to_numpy()  # pairs are unique
+    rows = event_row[tutorial_order(data.num_ratings)]
+    return in_memory.Split(train=events.take(pa.array(rows[:80_000])), test=events.take(pa.array(rows[80_000:100_000])))
+
+
 def main(default_split: str = "last") -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("data") / "ml-100k")
-    parser.add_argument("--split", choices=["last", "random"], default=default_split)
+    parser.add_argument("--split", choices=["last", "random", "tutorial"], default=default_split)
     parser.add_argument("--validation-share", type=float, default=0.1,
-                        help="random split: the share of training ratings held out for validation (seeded, 42)")
+                        help="random and tutorial splits: the share of training ratings held out for validation (seeded, 42)")
     parser.add_argument("--recipe", default=None, help="default: movielens (last), movielens-one-vector (random)")
     parser.add_argument("--features", default=None, help="default: the recipe's own, else movielens-features")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
@@ -92,7 +114,8 @@ def main(default_split: str = "last") -> int:
                         help="also refit the tuned recipe on training + validation for the best epoch count")
     parser.add_argument("--skip-as-is", action="store_true", help="do not train the recipe's own values")
     args = parser.parse_args()
-    title = {"last": "leave-last-out", "random": "the TFRS tutorial's random split, one vector per user"}[args.split]
+    title = {"last": "leave-last-out", "random": "a random 80/20 split, one vector per user",
+             "tutorial": "the TFRS tutorial's random split, one vector per user"}[args.split]
     print_header(f"MovieLens 100K, {title}, tuned", "python -m bench.movielens_tuned " + " ".join(sys.argv[1:]))
     started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
@@ -108,13 +131,15 @@ def main(default_split: str = "last") -> int:
 
     recipe_name = args.recipe or DEFAULT_RECIPE[args.split]
     config = load_feature_config(args.features or load_recipe(recipe_name).features or "movielens-features")
-    events = click_event_table(load_movielens(args.data))
+    data = load_movielens(args.data)
+    events = click_event_table(data)
     if args.split == "last":
         split = in_memory.leave_last_out(events, validation=True)
         known = split.train  # the rows the test users' state and removed movies come from
         refit_rows = pa.concat_tables([split.train, split.validation])
     else:
-        tutorial = in_memory.random_split(events, 0.2, seed=TUTORIAL_SEED)
+        tutorial = (in_memory.random_split(events, 0.2, seed=TUTORIAL_SEED) if args.split == "random"
+                    else tutorial_cut(data, events))
         inner = in_memory.random_split(tutorial.train, args.validation_share, seed=TUTORIAL_SEED)
         split = in_memory.Split(train=histories(config, inner.train, inner.train),
                                 validation=histories(config, inner.test, inner.train), test=tutorial.test)
