@@ -9,9 +9,9 @@ Two protocols (``--split``):
   Default recipe ``movielens``.
 * ``random`` (the TFRS basic-retrieval tutorial's protocol, one vector per user): the ratings
   shuffled by a numpy permutation with seed 42 (``in_memory.random_split(events, 0.2,
-  seed=42)``), 80% training and 20% test; the validation rows are a seeded random ``--validation-share`` (10%) of the
-  training ratings (``in_memory.random_split(train, 0.1, seed=42)``, the same rows for every
-  seed). History features are recomputed from training ratings only: a training or
+  seed=42)``), 80% training and 20% test; the validation rows are a seeded random
+  ``--validation-share`` (10%) of the training ratings (``in_memory.random_split(train, 0.1,
+  seed=42)``, the same rows for every seed). History features are recomputed from training ratings only: a training or
   validation row's history is its user's latest ratings among the rows the model trains on,
   without the row's own movie (the query the evaluation gives: every other rating of the
   user, newest first); no test rating is ever an input. The test ranking starts from each
@@ -103,7 +103,7 @@ def main(default_split: str = "last") -> int:
     parser.add_argument("--split", choices=["last", "random", "tutorial"], default=default_split)
     parser.add_argument("--validation-share", type=float, default=0.1,
                         help="random and tutorial splits: the share of training ratings held out for validation (seeded, 42)")
-    parser.add_argument("--recipe", default=None, help="default: movielens (last), movielens-one-vector (random)")
+    parser.add_argument("--recipe", default=None, help="default: movielens (last), movielens-one-vector (random, tutorial)")
     parser.add_argument("--features", default=None, help="default: the recipe's own, else movielens-features")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--trials", type=int, default=DEFAULT_N_TRIALS)
